@@ -1,0 +1,36 @@
+# The README's commands. Each creates its own virtual environment (.venv) and installs into it:
+# torch's CPU wheel first, pinned by constraints.txt, so no step can pull a multi-GB CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PIN := -c constraints.txt
+STAMP := $(VENV)/.peftkern-installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast kernels bench clean
+
+$(STAMP): pyproject.toml setup.py constraints.txt $(wildcard csrc/*/*.cu csrc/*/*.cuh csrc/*/*.cpp csrc/*.cpp)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q $(PIN) "setuptools>=68" wheel "pybind11>=2.12" ninja
+	$(PIP) install -q $(PIN) --no-build-isolation -e ".[dev,bench,peers]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/peftkern demo --out demo_out
+
+test: $(STAMP)
+	$(VENV)/bin/peftkern info
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+kernels: $(STAMP)
+	$(VENV)/bin/peftkern kernels
+
+bench: $(STAMP)
+	$(VENV)/bin/peftkern bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info peftkern/_host*.so peftkern/_kernels.fatbin

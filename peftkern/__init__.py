@@ -1,0 +1,8 @@
+"""peftkern: fused kernels for parameter-efficient fine-tuning (LoRA, DoRA, QLoRA), 8-bit and paged
+AdamW, and chunked log-prob losses, each op with a pure-PyTorch reference."""
+__version__ = "0.1.0"
+
+from peftkern import backend, ops  # noqa: E402
+from peftkern.nn import LoRALinear  # noqa: E402
+
+__all__ = ["__version__", "backend", "ops", "LoRALinear"]

@@ -1,0 +1,5 @@
+import sys
+
+from peftkern.cli import main
+
+sys.exit(main())

@@ -1,0 +1,117 @@
+"""Static check of every Triton kernel: compile each launchable config for sm_80 and sm_90 without
+a GPU (``triton.compile(ASTSource, target=GPUTarget("cuda", cc, 32))``) and read registers, spills
+(the cubin's STACK bytes, from Triton's bundled ``cuobjdump -res-usage``), shared memory and, on
+sm_90, whether wgmma is used. ``peftkern kernels`` prints it.
+
+Run it with ``TRITON_INTERPRET`` unset: the interpreter replaces kernels with Python callables.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import importlib
+import os
+import re
+import subprocess
+import tempfile
+
+# Every op module that defines Triton kernels exposes ``triton_kernel_specs() -> list[KernelSpec]``.
+OP_MODULES = (
+    "peftkern.ops.lora",
+)
+
+ARCHS = {"sm_80": 80, "sm_90": 90}
+
+
+@dataclasses.dataclass
+class KernelReport:
+    kernel: str
+    config: str
+    arch: str
+    registers: int | None
+    spill_bytes: int | None
+    shared_bytes: int | None
+    wgmma: bool | None
+    ok: bool
+    error: str = ""
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if not d["error"]:
+            d.pop("error")
+        return d
+
+
+def all_specs():
+    specs = []
+    for name in OP_MODULES:
+        module = importlib.import_module(name)
+        specs.extend(module.triton_kernel_specs())
+    return specs
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return path if os.path.exists(path) else "cuobjdump"
+
+
+def _resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers, stack bytes) of the one kernel in ``cubin``."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    regs = re.search(r"REG:(\d+)", out)
+    stack = re.search(r"STACK:(\d+)", out)
+    if not regs or not stack:
+        raise RuntimeError(f"cannot read cuobjdump -res-usage output: {out!r}")
+    return int(regs.group(1)), int(stack.group(1))
+
+
+def compile_spec(spec, arch: str) -> KernelReport:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    import triton
+
+    cc = ARCHS[arch]
+    try:
+        attrs = {(spec.kernel.arg_names.index(arg),): [["tt.divisibility", 16]]
+                 for arg, ty in spec.signature.items() if ty.startswith("*")}
+        signature = dict(spec.signature)
+        signature.update({k: "constexpr" for k in spec.constexprs})
+        src = ASTSource(fn=spec.kernel, signature=signature, constexprs=spec.constexprs, attrs=attrs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                                  options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+        regs, stack = _resource_usage(compiled.asm["cubin"])
+        wgmma = ("wgmma.mma_async" in compiled.asm["ptx"]) if cc >= 90 else None
+        shared = getattr(compiled.metadata, "shared", None)
+        return KernelReport(spec.name, spec.config, arch, regs, stack, shared, wgmma, ok=(stack == 0))
+    except Exception as exc:  # report, never hide: ok=False with the reason
+        return KernelReport(spec.name, spec.config, arch, None, None, None, None, ok=False,
+                            error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+
+def report(archs=("sm_80", "sm_90"), jobs: int | None = None) -> list[KernelReport]:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("peftkern kernels compiles for the GPU; unset TRITON_INTERPRET first")
+    for arch in archs:
+        if arch not in ARCHS:
+            raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
+    work = [(spec, arch) for spec in all_specs() for arch in archs]
+    jobs = jobs or 1  # triton.compile shares caches between threads; more jobs only when asked
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        return list(pool.map(lambda item: compile_spec(*item), work))
+
+
+def format_table(rows: list[KernelReport]) -> str:
+    header = f"{'kernel':<28} {'config':<44} {'arch':<6} {'regs':>5} {'spill':>6} {'smem':>7} {'wgmma':>6}  ok"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        wg = "-" if r.wgmma is None else ("yes" if r.wgmma else "no")
+        lines.append(f"{r.kernel:<28} {r.config:<44} {r.arch:<6} {r.registers if r.registers is not None else '?':>5} "
+                     f"{r.spill_bytes if r.spill_bytes is not None else '?':>6} "
+                     f"{r.shared_bytes if r.shared_bytes is not None else '?':>7} {wg:>6}  "
+                     f"{'yes' if r.ok else 'NO ' + r.error}")
+    return "\n".join(lines)

@@ -1,0 +1,196 @@
+"""LoRALinear: a drop-in replacement for ``nn.Linear`` (and transformers' GPT-2 ``Conv1D``) that adds
+low-rank adapters and runs through the fused ``peftkern.ops.lora_linear``.
+
+Its parameters are laid out as PEFT's ``LoraLayer`` lays them out (``base_layer``,
+``lora_A.<adapter>.weight`` [r, in], ``lora_B.<adapter>.weight`` [out, r]) so a state dict maps
+onto PEFT's key names one to one.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from peftkern.ops.lora import lora_linear
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 ``Conv1D``: a linear whose weight is stored [in, out]."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear, a Conv1D, or a module with those attributes."""
+    if is_conv1d(module):
+        fan_in, fan_out = module.weight.shape
+        return fan_in, fan_out
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return module.in_features, module.out_features
+    raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(module).__name__}")
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + sum over active adapters of s * (drop(x) A^T) B^T.
+
+    The base layer is frozen and kept as ``self.base_layer``. ``s = lora_alpha / r``
+    (``lora_alpha / sqrt(r)`` with rsLoRA). Build one with :meth:`from_linear`.
+    """
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool | None = None):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = linear_shape(base_layer)
+        self.fan_in_fan_out = is_conv1d(base_layer) if fan_in_fan_out is None else fan_in_fan_out
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+        for p in self.base_layer.parameters():
+            p.requires_grad_(False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, adapter_name: str = "default", init_lora_weights=True) -> "LoRALinear":
+        """Wrap ``linear`` (nn.Linear or GPT-2 Conv1D) with one adapter of rank ``r``."""
+        module = cls(linear)
+        module.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+        module.set_adapter(adapter_name)
+        return module
+
+    # -- adapters ---------------------------------------------------------------------------
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                     use_rslora: bool = False, init_lora_weights=True) -> None:
+        """Add (or replace) adapter ``adapter_name``; A Kaiming-uniform as PEFT does, B zeros."""
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
+        if not 0.0 <= float(lora_dropout) < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        weight = self.base_weight()
+        factory = {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else torch.float32}
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **factory)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, **factory)
+        self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.use_rslora[adapter_name] = use_rslora
+        self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.reset_lora_parameters(adapter_name, init_lora_weights)
+
+    def reset_lora_parameters(self, adapter_name: str, init_lora_weights=True) -> None:
+        """``True``: A ~ Kaiming-uniform(a=sqrt(5)), B = 0; ``"gaussian"``: A ~ N(0, 1/r); ``False``: both random."""
+        if init_lora_weights is False:
+            return  # nn.Linear's own init leaves B non-zero: an adapter that changes the output
+        a = self.lora_A[adapter_name].weight
+        if init_lora_weights == "gaussian":
+            nn.init.normal_(a, std=1.0 / self.r[adapter_name])
+        elif init_lora_weights is True:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        else:
+            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+        nn.init.zeros_(self.lora_B[adapter_name].weight)
+
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            if name not in self.lora_A:
+                raise KeyError(f"no adapter {name!r} in this layer (it has {list(self.lora_A.keys())})")
+        self.active_adapters = names
+        for name in self.lora_A:
+            trainable = name in names
+            self.lora_A[name].weight.requires_grad_(trainable)
+            self.lora_B[name].weight.requires_grad_(trainable)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            raise RuntimeError(f"adapter {adapter_name!r} is merged into the base weight; unmerge() first")
+        for table in (self.lora_A, self.lora_B, self.lora_dropout):
+            del table[adapter_name]
+        for table in (self.r, self.lora_alpha, self.scaling, self.use_rslora):
+            table.pop(adapter_name)
+        self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
+
+    # -- weights ----------------------------------------------------------------------------
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as stored (Conv1D: [in, out]; nn.Linear: [out, in])."""
+        return self.base_layer.weight
+
+    def _weight_out_in(self) -> torch.Tensor:
+        w = self.base_weight()
+        return w.t() if self.fan_in_fan_out else w
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """s * B A as [out, in], computed in fp32."""
+        a = self.lora_A[adapter_name].weight.float()
+        b = self.lora_B[adapter_name].weight.float()
+        return (b @ a) * self.scaling[adapter_name]
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @torch.no_grad()
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Add s B A into the base weight for the given (default: active) adapters."""
+        weight = self.base_weight()
+        for name in adapter_names if adapter_names is not None else self.active_adapters:
+            if name in self.merged_adapters:
+                continue
+            delta = self.delta_weight(name)
+            delta = delta.t() if self.fan_in_fan_out else delta
+            merged = weight.float() + delta
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"merging adapter {name!r} gives non-finite weights; the base layer is unchanged")
+            weight.copy_(merged.to(weight.dtype))
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract every merged adapter back out of the base weight."""
+        weight = self.base_weight()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            delta = self.delta_weight(name)
+            delta = delta.t() if self.fan_in_fan_out else delta
+            weight.copy_((weight.float() - delta).to(weight.dtype))
+
+    # -- forward ----------------------------------------------------------------------------
+    def _dropout_p(self, adapter_name: str) -> float:
+        drop = self.lora_dropout[adapter_name]
+        return drop.p if isinstance(drop, nn.Dropout) else 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x)
+        active = [n for n in self.active_adapters if n in self.lora_A]
+        if self.merged or not active:
+            return self.base_layer(x)
+        out_dtype = x.dtype
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.to(dtype)
+            weight = self._weight_out_in().to(dtype)
+            bias = self.base_layer.bias
+            bias = bias.to(dtype) if bias is not None else None
+            first, rest = active[0], active[1:]
+            y = lora_linear(x, weight, bias, self.lora_A[first].weight.to(dtype), self.lora_B[first].weight.to(dtype),
+                            self.scaling[first], self._dropout_p(first), self.training)
+            for name in rest:  # further active adapters: the plain rank-r path, added on
+                a, b = self.lora_A[name].weight.to(dtype), self.lora_B[name].weight.to(dtype)
+                y = y + self.scaling[name] * (self.lora_dropout[name](x) @ a.t()) @ b.t()
+        return y.to(out_dtype)
+
+    def extra_repr(self) -> str:
+        adapters = ", ".join(f"{n}: r={self.r[n]}, alpha={self.lora_alpha[n]:g}, scaling={self.scaling[n]:.4g}, "
+                             f"dropout={self._dropout_p(n):g}" for n in self.lora_A)
+        state = ", merged" if self.merged else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"fan_in_fan_out={self.fan_in_fan_out}, adapters=[{adapters}], active={self.active_adapters}{state}")
