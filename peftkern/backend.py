@@ -16,6 +16,8 @@ import functools
 import importlib.util
 import os
 
+import torch
+
 FACES = ("torch", "triton", "cuda")
 CHOICES = ("auto",) + FACES
 
@@ -69,8 +71,6 @@ def _triton_importable() -> str | None:
 
 
 def _cuda_present() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
@@ -106,8 +106,11 @@ def available(device_type: str | None = None) -> dict[str, bool]:
     return {face: why_unavailable(face, device_type) is None for face in FACES}
 
 
+@torch.compiler.assume_constant_result
 def pick(op_name: str, op_faces: tuple[str, ...], device_type: str) -> str:
     """The face ``op_name`` runs with for tensors on ``device_type``.
+
+    Under ``torch.compile`` the face is decided when the graph is traced and fixed in it.
 
     ``op_faces`` lists the faces the op has, fastest last. An explicit choice the op lacks, or one
     that cannot run here, raises :class:`BackendUnavailable`; auto never raises.

@@ -83,7 +83,8 @@ def compile_spec(spec, arch: str) -> KernelReport:
         signature.update({k: "constexpr" for k in spec.constexprs})
         src = ASTSource(fn=spec.kernel, signature=signature, constexprs=spec.constexprs, attrs=attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                                  options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+                                  options={"num_warps": spec.num_warps, "num_stages": spec.num_stages,
+                                           "enable_fp_fusion": True})
         regs, stack = _resource_usage(compiled.asm["cubin"])
         wgmma = ("wgmma.mma_async" in compiled.asm["ptx"]) if cc >= 90 else None
         shared = getattr(compiled.metadata, "shared", None)

@@ -1,0 +1,224 @@
+"""peftkern.ops.lora_linear: every available face against the float64 reference."""
+import pytest
+import torch
+
+from peftkern import backend
+from peftkern.ops import lora_linear
+from peftkern.ops.lora import FACES, dropout_keep_mask
+from peftkern.reference.lora import lora_linear as reference
+from tests.helpers import RTOL, rel_error
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+RUNNABLE_FACES = [f for f in FACES if backend.why_unavailable(f, DEVICE) is None]
+
+# (leading shape of x, in, out, rank): round, odd, tiny, empty batch, rank beyond one 64-wide chunk
+SHAPES = [
+    ((64,), 64, 64, 16),
+    ((37,), 45, 29, 5),
+    ((1,), 3, 2, 1),
+    ((0,), 16, 8, 4),
+    ((2, 9), 70, 50, 130),
+]
+
+
+def _inputs(lead, k, n, r, dtype, bias=True):
+    x = torch.randn(*lead, k, device=DEVICE, dtype=dtype)
+    w = (torch.randn(n, k, device=DEVICE) / k**0.5).to(dtype)
+    b = torch.randn(n, device=DEVICE, dtype=dtype) if bias else None
+    a = (torch.randn(r, k, device=DEVICE) / k**0.5).to(dtype)
+    bb = (torch.randn(n, r, device=DEVICE) / r**0.5).to(dtype)
+    return x, w, b, a, bb
+
+
+def _tolerance(dtype, own_error):
+    """ARCHITECTURE.md: the dtype's tolerance, or at most twice torch's own error in that dtype."""
+    return max(RTOL[dtype], 2.0 * own_error)
+
+
+def _run(face, x, w, b, a, bb, scaling, dropout_p, training, dy, grad_weight=False):
+    x = x.detach().requires_grad_()
+    a = a.detach().requires_grad_()
+    bb = bb.detach().requires_grad_()
+    w = w.detach().requires_grad_(grad_weight)
+    b = b.detach().requires_grad_(grad_weight) if b is not None else None
+    with backend.use(face):
+        y = lora_linear(x, w, b, a, bb, scaling, dropout_p, training)
+    y.backward(dy)
+    grads = {"x": x.grad, "lora_A": a.grad, "lora_B": bb.grad}
+    if grad_weight:
+        grads["weight"] = w.grad
+        if b is not None:
+            grads["bias"] = b.grad
+    return y.detach(), grads
+
+
+def _reference(x, w, b, a, bb, scaling, dy, keep=None, dropout_p=0.0, dtype=torch.float64, grad_weight=False):
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (x, a, bb)]
+    w_ = w.detach().to(dtype).requires_grad_(grad_weight)
+    b_ = b.detach().to(dtype).requires_grad_(grad_weight) if b is not None else None
+    y = reference(leaves[0], w_, b_, leaves[1], leaves[2], scaling, keep, dropout_p)
+    y.backward(dy.to(dtype))
+    grads = {"x": leaves[0].grad, "lora_A": leaves[1].grad, "lora_B": leaves[2].grad}
+    if grad_weight:
+        grads["weight"] = w_.grad
+        if b_ is not None:
+            grads["bias"] = b_.grad
+    return y.detach(), grads
+
+
+def _compare(face, dtype, out, grads, ref_out, ref_grads, own_out, own_grads):
+    for name, actual, expected, own in [("y", out, ref_out, own_out)] + [
+            (k, grads[k], ref_grads[k], own_grads[k]) for k in ref_grads]:
+        assert actual.shape == expected.shape, f"{face} {name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+        assert actual.dtype == dtype, f"{face} {name}: dtype {actual.dtype} != {dtype}"
+        err = rel_error(actual, expected)
+        tol = _tolerance(dtype, rel_error(own, expected))
+        assert err <= tol, f"{face} {name} ({dtype}): relative error {err:.3e} > {tol:.1e}"
+
+
+@pytest.mark.parametrize("face", RUNNABLE_FACES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[0] + s[1:])))
+def test_forward_and_gradients_match_reference(face, dtype, shape, seed):
+    lead, k, n, r = shape
+    x, w, b, a, bb = _inputs(lead, k, n, r, dtype)
+    dy = torch.randn(*lead, n, device=DEVICE, dtype=dtype)
+    out, grads = _run(face, x, w, b, a, bb, 1.7, 0.0, True, dy)
+    ref_out, ref_grads = _reference(x, w, b, a, bb, 1.7, dy)
+    own_out, own_grads = _reference(x, w, b, a, bb, 1.7, dy, dtype=dtype)
+    _compare(face, dtype, out, grads, ref_out, ref_grads, own_out, own_grads)
+
+
+@pytest.mark.parametrize("face", RUNNABLE_FACES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dropout_replays_the_faces_mask(face, dtype, seed):
+    """With dropout the face draws its own mask from a seed; replaying that mask in the reference
+    must give the same output and gradients (the mask itself is never stored)."""
+    lead, k, n, r, p = (3, 11), 40, 24, 6, 0.3
+    x, w, b, a, bb = _inputs(lead, k, n, r, dtype)
+    dy = torch.randn(*lead, n, device=DEVICE, dtype=dtype)
+    rng_state = torch.random.get_rng_state()
+    out, grads = _run(face, x, w, b, a, bb, 0.5, p, True, dy)
+    torch.random.set_rng_state(rng_state)
+    drop_seed = torch.randint(0, 2**31 - 1, (1,), device=DEVICE)  # the draw lora_linear made
+    keep = dropout_keep_mask(drop_seed, (33, k), p, face).view(*lead, k)
+    kept = keep.float().mean().item()
+    assert 0.5 < kept < 0.9, f"keep fraction {kept:.2f} is far from 1 - p = {1 - p}"
+    ref_out, ref_grads = _reference(x, w, b, a, bb, 0.5, dy, keep, p)
+    own_out, own_grads = _reference(x, w, b, a, bb, 0.5, dy, keep, p, dtype=dtype)
+    _compare(face, dtype, out, grads, ref_out, ref_grads, own_out, own_grads)
+
+
+@pytest.mark.parametrize("face", RUNNABLE_FACES)
+def test_dropout_is_off_in_eval(face, seed):
+    x, w, b, a, bb = _inputs((5,), 12, 7, 3, torch.float32)
+    with backend.use(face):
+        train_off = lora_linear(x, w, b, a, bb, 2.0, 0.5, training=False)
+    torch.testing.assert_close(train_off, reference(x, w, b, a, bb, 2.0))
+
+
+@pytest.mark.parametrize("face", RUNNABLE_FACES)
+def test_weight_and_bias_gradients_when_they_require_grad(face, seed):
+    x, w, b, a, bb = _inputs((19,), 23, 17, 4, torch.float32)
+    dy = torch.randn(19, 17, device=DEVICE)
+    out, grads = _run(face, x, w, b, a, bb, 0.9, 0.0, True, dy, grad_weight=True)
+    ref_out, ref_grads = _reference(x, w, b, a, bb, 0.9, dy, grad_weight=True)
+    own_out, own_grads = _reference(x, w, b, a, bb, 0.9, dy, dtype=torch.float32, grad_weight=True)
+    _compare(face, torch.float32, out, grads, ref_out, ref_grads, own_out, own_grads)
+
+
+@pytest.mark.parametrize("face", RUNNABLE_FACES)
+def test_non_contiguous_inputs(face, seed):
+    """x as a transposed view, W as a transposed view (GPT-2 Conv1D stores W as [in, out])."""
+    k, n, r = 21, 13, 3
+    x = torch.randn(k, 30, device=DEVICE).t()  # [30, k], strides (1, 30)
+    w = (torch.randn(k, n, device=DEVICE) / k**0.5).t()  # [n, k] view of an [in, out] buffer
+    a = torch.randn(r, k, device=DEVICE) / k**0.5
+    bb = torch.randn(n, r, device=DEVICE)
+    dy = torch.randn(30, n, device=DEVICE)
+    assert not x.is_contiguous() and not w.is_contiguous()
+    out, grads = _run(face, x, w, None, a, bb, 1.3, 0.0, True, dy)
+    ref_out, ref_grads = _reference(x, w, None, a, bb, 1.3, dy)
+    own_out, own_grads = _reference(x, w, None, a, bb, 1.3, dy, dtype=torch.float32)
+    _compare(face, torch.float32, out, grads, ref_out, ref_grads, own_out, own_grads)
+
+
+def test_input_without_grad_still_trains_the_adapter(seed):
+    """The first layer's input needs no gradient: dA and dB must still come out right."""
+    for face in RUNNABLE_FACES:
+        x, w, b, a, bb = _inputs((9,), 10, 6, 2, torch.float32)
+        a.requires_grad_()
+        bb.requires_grad_()
+        with backend.use(face):
+            lora_linear(x, w, b, a, bb, 1.0).square().sum().backward()
+        a_ref = a.detach().double().requires_grad_()
+        b_ref = bb.detach().double().requires_grad_()
+        reference(x.double(), w.double(), b.double(), a_ref, b_ref, 1.0).square().sum().backward()
+        assert rel_error(a.grad, a_ref.grad) < 1e-5 and rel_error(bb.grad, b_ref.grad) < 1e-5, face
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+def _good():
+    return _inputs((4,), 8, 6, 2, torch.float32)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda t: t.update(x=torch.randn(4, 9)), r"x has 9 features .* expects in=8"),
+    (lambda t: t.update(lora_A=torch.randn(2, 7)), r"lora_A has shape \(2, 7\), expected \(2, 8\)"),
+    (lambda t: t.update(lora_B=torch.randn(6, 3)), r"lora_B has shape \(6, 3\), expected \(6, 2\)"),
+    (lambda t: t.update(bias=torch.randn(5)), r"bias has shape \(5,\), expected \(6,\)"),
+    (lambda t: t.update(lora_A=torch.randn(0, 8), lora_B=torch.randn(6, 0)), r"rank r >= 1"),
+    (lambda t: t.update(weight=torch.randn(6, 8, dtype=torch.float64)), r"weight has dtype torch.float64"),
+    (lambda t: t.update(lora_B=torch.randn(6, 2, dtype=torch.float16)), r"dtypes differ .* lora_B is torch.float16"),
+    (lambda t: t.update(weight=torch.randn(6, 8, device="meta")), r"different devices"),
+    (lambda t: t.update(scaling=float("nan")), r"scaling must be finite"),
+    (lambda t: t.update(dropout_p=1.0), r"dropout_p must be in \[0, 1\)"),
+    (lambda t: t.update(x=torch.randint(0, 3, (4, 8))), r"x has dtype torch.int64"),
+])
+def test_bad_input_is_named(mutate, message):
+    x, w, b, a, bb = _good()
+    args = {"x": x, "weight": w, "bias": b, "lora_A": a, "lora_B": bb, "scaling": 1.0, "dropout_p": 0.0}
+    mutate(args)
+    with pytest.raises((ValueError, TypeError), match=message):
+        lora_linear(**args)
+
+
+def test_unavailable_face_says_why():
+    x, w, b, a, bb = _good()
+    with backend.use("cuda"), pytest.raises(backend.BackendUnavailable, match="has no 'cuda' face"):
+        lora_linear(x, w, b, a, bb, 1.0)
+
+
+# ---- torch.library integration ---------------------------------------------------------------
+
+@pytest.mark.parametrize("face", RUNNABLE_FACES)
+def test_opcheck(face, seed):
+    x, w, b, a, bb = _inputs((6,), 10, 7, 3, torch.float32)
+    a.requires_grad_()
+    bb.requires_grad_()
+    x.requires_grad_()
+    seed_t = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    torch.library.opcheck(torch.ops.peftkern.lora_linear_fwd.default, (x, w, b, a, bb, 1.5, 0.0, seed_t, face))
+    dy = torch.randn(6, 7, device=DEVICE)
+    u = torch.randn(6, 3, device=DEVICE)
+    torch.library.opcheck(torch.ops.peftkern.lora_linear_bwd.default,
+                          (dy, x.detach(), w, a.detach(), bb.detach(), u, 1.5, 0.0, seed_t, face, True))
+
+
+def test_compiles_without_graph_break(seed):
+    x, w, b, a, bb = _inputs((3, 5), 16, 8, 4, torch.float32)
+    a.requires_grad_()
+    bb.requires_grad_()
+
+    def step(x, a, bb):
+        return lora_linear(x, w, b, a, bb, 2.0, 0.1, True).square().mean()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss = compiled(x, a, bb)
+    loss.backward()
+    assert torch.isfinite(loss) and a.grad is not None and bb.grad is not None
+    eager = reference(x, w, b, a, bb, 2.0)  # dropout differs; the no-dropout path must agree exactly
+    compiled_eval = torch.compile(lambda x: lora_linear(x, w, b, a, bb, 2.0), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled_eval(x), eager.detach(), rtol=1e-5, atol=1e-5)
