@@ -4,5 +4,7 @@ __version__ = "0.1.0"
 
 from peftkern import backend, ops  # noqa: E402
 from peftkern.nn import LoRALinear  # noqa: E402
+from peftkern.tuners import LoraConfig, PeftKernModel, get_peft_model, load_adapter, save_adapter  # noqa: E402
 
-__all__ = ["__version__", "backend", "ops", "LoRALinear"]
+__all__ = ["__version__", "backend", "ops", "LoRALinear", "LoraConfig", "PeftKernModel", "get_peft_model",
+           "load_adapter", "save_adapter"]
