@@ -6,8 +6,9 @@ The row norm comes from the factored form, O(out * r + r^2) memory:
 
 and is detached in backward (DoRA paper section 4.3, as PEFT does), so the backward is LoRA's with
 dy scaled per output column by scale = m / norm, plus dm = rowsum_tokens(dy * (y - b)) / m: the
-pre-scale output is recovered from y itself, so nothing [tokens, out]-sized is stored beyond y
-(which the next layer often keeps anyway).
+pre-scale output is recovered from the scaled one, so without a bias nothing [tokens, out]-sized is
+stored beyond y itself (which the next layer often keeps anyway). With a bias, y - b is stored once
+beside y (recovering it by subtraction would cancel digits in 16-bit).
 
 Faces:
 * torch: the CPU face. Row norm from the factored form over row chunks of W (no copy of W at any
@@ -122,14 +123,14 @@ def _dora_row_scale(wsq_ptr, wa_ptr, gram_ptr, b_ptr, mag_ptr, cols, N, R, strid
 
 
 @triton.jit
-def _dora_fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, wsq_ptr, wa_ptr, gram_ptr, mag_ptr, y_ptr, norm_ptr,
+def _dora_fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, wsq_ptr, wa_ptr, gram_ptr, mag_ptr, y_ptr, ynb_ptr, norm_ptr,
                      M, N, K, R, stride_xm, stride_xk, stride_wn, stride_wk, stride_um, stride_ur,
                      stride_bn, stride_br, stride_ym, stride_yn, scaling,
                      HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
     """y = (m / norm) * (x W^T + s u B^T) + b: the rank-r term goes first into the GEMM's own
     accumulator; the epilogue finishes the row norm for this tile's columns, scales and adds the
-    bias. The first row of tiles also writes the norm."""
+    bias (also storing y - b to ``ynb`` when there is one). The first row of tiles writes the norm."""
     tile_m, tile_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -152,22 +153,25 @@ def _dora_fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, wsq_ptr, wa_ptr, gram
     scale, norm = _dora_row_scale(wsq_ptr, wa_ptr, gram_ptr, b_ptr, mag_ptr, cols, N, R, stride_bn, stride_br,
                                   scaling, BLOCK_N, BLOCK_R)
     acc = acc * scale[None, :]
+    tile_ok = (rows[:, None] < M) & (cols[None, :] < N)
     if HAS_BIAS:
+        tl.store(ynb_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn, acc.to(ynb_ptr.dtype.element_ty),
+                 mask=tile_ok)
         acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
-             mask=(rows[:, None] < M) & (cols[None, :] < N))
+             mask=tile_ok)
     if tile_m == 0:
         tl.store(norm_ptr + cols, norm, mask=cols < N)
 
 
 @triton.jit
-def _dora_bwd_g_kernel(dy_ptr, y_ptr, bias_ptr, scale_ptr, b_ptr, u_ptr, g_ptr, db_ptr, ydot_ptr, dbias_ptr,
+def _dora_bwd_g_kernel(dy_ptr, ynb_ptr, scale_ptr, b_ptr, u_ptr, g_ptr, db_ptr, ydot_ptr, dbias_ptr,
                        M, N, R, stride_dym, stride_dyn, stride_ym, stride_yn, stride_bn, stride_br,
                        stride_um, stride_ur, stride_gm, stride_gr, scaling,
-                       HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, PRECISION: tl.constexpr,
+                       NEED_DBIAS: tl.constexpr, PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """With dy' = dy * scale (per column, on the fly): g[M, R] = dy' B, dB += s dy'^T u, and from
-    the first rank block ydot[N] += rowsum_tokens(dy * (y - b)) (dm = ydot / m) and, when asked,
+    the first rank block ydot[N] += rowsum_tokens(dy * ynb), ynb = y - b (dm = ydot / m) and, when asked,
     dbias[N] += rowsum_tokens(dy); fp32 atomics, one read of dy and y."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -191,10 +195,8 @@ def _dora_bwd_g_kernel(dy_ptr, y_ptr, bias_ptr, scale_ptr, b_ptr, u_ptr, g_ptr, 
         part = tl.dot(tl.trans(dys), u, input_precision=PRECISION) * scaling
         tl.atomic_add(db_ptr + cols[:, None] * R + ranks[None, :], part, mask=col_ok[:, None] & rank_ok[None, :])
         if pid_r == 0:
-            y = tl.load(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn, mask=tile_ok,
+            y = tl.load(ynb_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn, mask=tile_ok,
                         other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                y -= tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             dyf = tl.where(tile_ok, dy.to(tl.float32), 0.0)
             tl.atomic_add(ydot_ptr + cols, tl.sum(dyf * y, axis=0), mask=col_ok)
             if NEED_DBIAS:
@@ -289,6 +291,7 @@ def _triton_forward(x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm
         return _torch_forward(x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, dropout_p, seed)
     dev = x2d.device
     y = x2d.new_empty(M, N)
+    ynb = x2d.new_empty(M, N) if bias is not None else x2d.new_empty(0)
     u = x2d.new_empty(M, R)
     wa = torch.empty((N, R), dtype=torch.float32, device=dev)
     wsq = weight_sq_norm.contiguous() if weight_sq_norm is not None else torch.empty(N, dtype=torch.float32,
@@ -308,20 +311,19 @@ def _triton_forward(x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _dora_fwd_kernel[grid](
         x2d, weight, bias if bias is not None else x2d, u, lora_B, wsq, wa, gram,
-        magnitude.detach().float().contiguous(), y, norm, M, N, K, R,
+        magnitude.detach().float().contiguous(), y, ynb if bias is not None else y, norm, M, N, K, R,
         x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), u.stride(0), u.stride(1),
         lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), scaling,
         HAS_BIAS=bias is not None, PRECISION=precision, BLOCK_R=block_r, **cfg, **meta)
-    return y, u, norm
+    return y, u, norm, ynb
 
 
-def _triton_backward(dy, x2d, y, weight, bias, lora_A, lora_B, u, scale, scaling, dropout_p, seed, need_dx,
-                     need_dbias):
-    """-> (dx or None, dA, dB, ydot [N] fp32 = rowsum_tokens(dy * (y - b)), dbias [N] fp32 or None)."""
+def _triton_backward(dy, x2d, ynb, weight, lora_A, lora_B, u, scale, scaling, dropout_p, seed, need_dx, need_dbias):
+    """ynb = y - b -> (dx or None, dA, dB, ydot [N] fp32 = rowsum_tokens(dy * ynb), dbias [N] fp32 or None)."""
     M, K = x2d.shape
     N, R = weight.shape[0], lora_A.shape[0]
     if M == 0 or N == 0 or K == 0:
-        return _torch_backward_dora(dy, x2d, y, weight, bias, lora_A, lora_B, u, scale, scaling, dropout_p, seed,
+        return _torch_backward_dora(dy, x2d, ynb, weight, lora_A, lora_B, u, scale, scaling, dropout_p, seed,
                                     need_dx, need_dbias)
     dev = x2d.device
     d_a = torch.zeros((R, K), dtype=torch.float32, device=dev)
@@ -334,10 +336,9 @@ def _triton_backward(dy, x2d, y, weight, bias, lora_A, lora_B, u, scale, scaling
     g = x2d.new_empty(M, R)
     gcfg, gmeta = _split(_G_CONFIG)
     _dora_bwd_g_kernel[(triton.cdiv(M, gcfg["BLOCK_M"]), triton.cdiv(R, block_r))](
-        dy, y, bias if bias is not None else y, scale, lora_B, u, g, d_b, ydot, dbias if dbias is not None else ydot,
-        M, N, R, dy.stride(0), dy.stride(1), y.stride(0), y.stride(1), lora_B.stride(0), lora_B.stride(1),
-        u.stride(0), u.stride(1), g.stride(0), g.stride(1), scaling,
-        HAS_BIAS=bias is not None, NEED_DBIAS=need_dbias, PRECISION=precision, BLOCK_R=block_r, **gcfg, **gmeta)
+        dy, ynb, scale, lora_B, u, g, d_b, ydot, dbias if dbias is not None else ydot,
+        M, N, R, dy.stride(0), dy.stride(1), ynb.stride(0), ynb.stride(1), lora_B.stride(0), lora_B.stride(1),
+        u.stride(0), u.stride(1), g.stride(0), g.stride(1), scaling, NEED_DBIAS=need_dbias, PRECISION=precision, BLOCK_R=block_r, **gcfg, **gmeta)
     cfg, meta = _split(_dx_config(x2d.dtype))
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
     out = dx if dx is not None else x2d
@@ -392,18 +393,18 @@ def triton_kernel_specs() -> list:
                     f"{t} r<={block_r} bias={int(has_bias)} {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}",
                     {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "bias_ptr": f"*{t}", "u_ptr": f"*{t}", "b_ptr": f"*{t}",
                      "wsq_ptr": "*fp32", "wa_ptr": "*fp32", "gram_ptr": "*fp32", "mag_ptr": "*fp32",
-                     "y_ptr": f"*{t}", "norm_ptr": "*fp32",
+                     "y_ptr": f"*{t}", "ynb_ptr": f"*{t}", "norm_ptr": "*fp32",
                      **_i32("M", "N", "K", "R", "stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_um",
                             "stride_ur", "stride_bn", "stride_br", "stride_ym", "stride_yn"), "scaling": "fp32"},
                     {"HAS_BIAS": has_bias, "PRECISION": precision, "BLOCK_R": block_r, **cfg}, **meta))
                 gcfg, meta = _split(_G_CONFIG)
                 specs.append(KernelSpec(
-                    _dora_bwd_g_kernel, f"{t} r<={block_r} bias={int(has_bias)} {gcfg['BLOCK_M']}x{gcfg['BLOCK_N']}",
-                    {"dy_ptr": f"*{t}", "y_ptr": f"*{t}", "bias_ptr": f"*{t}", "scale_ptr": "*fp32", "b_ptr": f"*{t}",
+                    _dora_bwd_g_kernel, f"{t} r<={block_r} dbias={int(has_bias)} {gcfg['BLOCK_M']}x{gcfg['BLOCK_N']}",
+                    {"dy_ptr": f"*{t}", "ynb_ptr": f"*{t}", "scale_ptr": "*fp32", "b_ptr": f"*{t}",
                      "u_ptr": f"*{t}", "g_ptr": f"*{t}", "db_ptr": "*fp32", "ydot_ptr": "*fp32", "dbias_ptr": "*fp32",
                      **_i32("M", "N", "R", "stride_dym", "stride_dyn", "stride_ym", "stride_yn", "stride_bn",
                             "stride_br", "stride_um", "stride_ur", "stride_gm", "stride_gr"), "scaling": "fp32"},
-                    {"HAS_BIAS": has_bias, "NEED_DBIAS": has_bias, "PRECISION": precision, "BLOCK_R": block_r,
+                    {"NEED_DBIAS": has_bias, "PRECISION": precision, "BLOCK_R": block_r,
                      **gcfg}, **meta))
     return specs
 
@@ -484,26 +485,24 @@ def _torch_forward(x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm,
     u = _torch_dropped(x2d, dropout_p, seed) @ lora_A.t()  # [M, r]
     y = x2d @ weight.t()
     y.addmm_(u, lora_B.t(), alpha=scaling).mul_(scale)
-    if bias is not None:
-        y.add_(bias)
-    return y, u, norm
+    if bias is None:
+        return y, u, norm, x2d.new_empty(0)
+    return y + bias, u, norm, y
 
 
-def _torch_ydot(dy, y, bias):
-    """rowsum over tokens of dy * (y - b), fp32 [out], in row chunks (small temporaries)."""
+def _torch_ydot(dy, ynb):
+    """rowsum over tokens of dy * ynb, fp32 [out], in row chunks (small temporaries)."""
     out = torch.zeros(dy.shape[1], dtype=torch.float32, device=dy.device)
-    b = bias.float() if bias is not None else None
     step = _chunk_rows(dy.shape[1])
     for start in range(0, dy.shape[0], step):
-        rows = y[start:start + step]
-        yb = rows - b if b is not None else rows.to(torch.float32, copy=True)
-        out.add_(yb.mul_(dy[start:start + step]).sum(0))
+        rows = ynb[start:start + step].to(torch.float32, copy=True)
+        out.add_(rows.mul_(dy[start:start + step]).sum(0))
     return out
 
 
-def _torch_backward_dora(dy, x2d, y, weight, bias, lora_A, lora_B, u, scale, scaling, dropout_p, seed, need_dx,
+def _torch_backward_dora(dy, x2d, ynb, weight, lora_A, lora_B, u, scale, scaling, dropout_p, seed, need_dx,
                          need_dbias):
-    ydot = _torch_ydot(dy, y, bias)
+    ydot = _torch_ydot(dy, ynb)
     dbias = dy.sum(0, dtype=torch.float32) if need_dbias else None
     dys = dy * scale.to(dy.dtype)
     dx, d_a, d_b = _torch_backward(dys, x2d, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx)
@@ -518,8 +517,9 @@ def _torch_backward_dora(dy, x2d, y, weight, bias, lora_A, lora_B, u, scale, sca
 def dora_linear_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
                     lora_B: torch.Tensor, magnitude: torch.Tensor, weight_sq_norm: torch.Tensor | None,
                     scaling: float, dropout_p: float, seed: torch.Tensor,
-                    face: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x2d [M, K] -> (y [M, N], u [M, r] = drop(x) A^T, norm [N] fp32 = ||W + s B A||_row)."""
+                    face: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x2d [M, K] -> (y [M, N], u [M, r] = drop(x) A^T, norm [N] fp32 = ||W + s B A||_row,
+    y - b [M, N] when there is a bias (else empty [0]), kept for dm)."""
     if face == "triton":
         return _triton_forward(x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, dropout_p, seed)
     return _torch_forward(x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, dropout_p, seed)
@@ -527,20 +527,21 @@ def dora_linear_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 @dora_linear_fwd.register_fake
 def _(x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, dropout_p, seed, face):
+    ynb = x2d.new_empty(x2d.shape[0], weight.shape[0]) if bias is not None else x2d.new_empty(0)
     return (x2d.new_empty(x2d.shape[0], weight.shape[0]), x2d.new_empty(x2d.shape[0], lora_A.shape[0]),
-            x2d.new_empty(weight.shape[0], dtype=torch.float32))
+            x2d.new_empty(weight.shape[0], dtype=torch.float32), ynb)
 
 
 @torch.library.custom_op("peftkern::dora_linear_bwd", mutates_args=())
-def dora_linear_bwd(dy: torch.Tensor, x2d: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
-                    bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor, u: torch.Tensor,
+def dora_linear_bwd(dy: torch.Tensor, x2d: torch.Tensor, ynb: torch.Tensor, weight: torch.Tensor,
+                    lora_A: torch.Tensor, lora_B: torch.Tensor, u: torch.Tensor,
                     scale: torch.Tensor, scaling: float, dropout_p: float, seed: torch.Tensor, face: str,
                     need_dx: bool, need_dbias: bool
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dx [M, K] (empty [0, K] when not needed), dA [r, K], dB [N, r],
-    ydot [N] fp32 = rowsum_tokens(dy * (y - b)), dbias [N] fp32 (empty when not needed))."""
+    ydot [N] fp32 = rowsum_tokens(dy * ynb), dbias [N] fp32 (empty when not needed)); ynb = y - b."""
     impl = _triton_backward if face == "triton" else _torch_backward_dora
-    dx, d_a, d_b, ydot, dbias = impl(dy, x2d, y, weight, bias, lora_A, lora_B, u, scale, scaling, dropout_p, seed,
+    dx, d_a, d_b, ydot, dbias = impl(dy, x2d, ynb, weight, lora_A, lora_B, u, scale, scaling, dropout_p, seed,
                                      need_dx, need_dbias)
     if dx is None:
         dx = x2d.new_empty(0, x2d.shape[1])
@@ -550,7 +551,7 @@ def dora_linear_bwd(dy: torch.Tensor, x2d: torch.Tensor, y: torch.Tensor, weight
 
 
 @dora_linear_bwd.register_fake
-def _(dy, x2d, y, weight, bias, lora_A, lora_B, u, scale, scaling, dropout_p, seed, face, need_dx, need_dbias):
+def _(dy, x2d, ynb, weight, lora_A, lora_B, u, scale, scaling, dropout_p, seed, face, need_dx, need_dbias):
     dx = x2d.new_empty(x2d.shape) if need_dx else x2d.new_empty(0, x2d.shape[1])
     n = weight.shape[0]
     return (dx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape),
@@ -567,21 +568,23 @@ def _magnitude_grad(ydot: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor
 
 def _setup_context(ctx, inputs, output):
     x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, dropout_p, seed, face = inputs
-    y, u, norm = output
-    ctx.save_for_backward(x2d, y, weight, bias, lora_A, lora_B, magnitude, u, norm, seed)
+    y, u, norm, ynb = output
+    ctx.save_for_backward(x2d, ynb if bias is not None else y, weight, lora_A, lora_B, magnitude, u, norm, seed)
     ctx.scaling, ctx.dropout_p, ctx.face = scaling, dropout_p, face
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
-def _backward(ctx, dy, _du, _dnorm):
-    x2d, y, weight, bias, lora_A, lora_B, magnitude, u, norm, seed = ctx.saved_tensors
+def _backward(ctx, dy, _du, _dnorm, _dynb):
+    x2d, ynb, weight, lora_A, lora_B, magnitude, u, norm, seed = ctx.saved_tensors
     need_dx, need_w, need_bias, need_a, need_lb, need_m = ctx.needs_input_grad[:6]
     dy = dy.contiguous()
     scale = magnitude.detach().float() / norm
     dx, d_a, d_b, ydot, dbias = torch.ops.peftkern.dora_linear_bwd(
-        dy, x2d, y, weight, bias, lora_A, lora_B, u, scale, ctx.scaling, ctx.dropout_p, seed, ctx.face,
-        need_dx, bool(need_bias and bias is not None))
+        dy, x2d, ynb, weight, lora_A, lora_B, u, scale, ctx.scaling, ctx.dropout_p, seed, ctx.face,
+        need_dx, bool(need_bias and ctx.has_bias))
     d_weight = (dy * scale.to(dy.dtype)).t() @ x2d if need_w else None
-    return (dx if need_dx else None, d_weight, dbias.to(bias.dtype) if (need_bias and bias is not None) else None,
+    return (dx if need_dx else None, d_weight, dbias.to(ctx.bias_dtype) if (need_bias and ctx.has_bias) else None,
             d_a if need_a else None, d_b if need_lb else None, _magnitude_grad(ydot, magnitude) if need_m else None,
             None, None, None, None, None)
 
@@ -592,30 +595,33 @@ dora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.custom_op("peftkern::dora_from_base_fwd", mutates_args=())
 def dora_from_base_fwd(base2d: torch.Tensor, x2d: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
                        lora_B: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, scaling: float,
-                       dropout_p: float, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """base2d [M, N] = x W^T (no bias) -> (y [M, N] = (m / norm) * (base + s u B^T) + b, u [M, r])."""
+                       dropout_p: float, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """base2d [M, N] = x W^T (no bias) -> (y [M, N] = (m / norm) * (base + s u B^T) + b, u [M, r],
+    y - b (empty [0] without a bias))."""
     u = _torch_dropped(x2d, dropout_p, seed) @ lora_A.t()
     scale = (magnitude.detach().float() / norm).to(x2d.dtype)
     y = torch.addmm(base2d, u, lora_B.t(), alpha=scaling).mul_(scale)
-    if bias is not None:
-        y.add_(bias)
-    return y, u
+    if bias is None:
+        return y, u, x2d.new_empty(0)
+    return y + bias, u, y
 
 
 @dora_from_base_fwd.register_fake
 def _(base2d, x2d, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed):
-    return base2d.new_empty(base2d.shape), x2d.new_empty(x2d.shape[0], lora_A.shape[0])
+    ynb = base2d.new_empty(base2d.shape) if bias is not None else base2d.new_empty(0)
+    return base2d.new_empty(base2d.shape), x2d.new_empty(x2d.shape[0], lora_A.shape[0]), ynb
 
 
 def _from_base_setup(ctx, inputs, output):
     base2d, x2d, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed = inputs
-    y, u = output
-    ctx.save_for_backward(x2d, y, bias, lora_A, lora_B, magnitude, u, norm, seed)
+    y, u, ynb = output
+    ctx.save_for_backward(x2d, ynb if bias is not None else y, lora_A, lora_B, magnitude, u, norm, seed)
     ctx.scaling, ctx.dropout_p = scaling, dropout_p
+    ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
-def _from_base_backward(ctx, dy, _du):
-    x2d, y, bias, lora_A, lora_B, magnitude, u, norm, seed = ctx.saved_tensors
+def _from_base_backward(ctx, dy, _du, _dynb):
+    x2d, ynb, lora_A, lora_B, magnitude, u, norm, seed = ctx.saved_tensors
     need_base, need_x, need_bias, need_a, need_lb, need_m = ctx.needs_input_grad[:6]
     dy = dy.contiguous()
     scale = magnitude.detach().float() / norm
@@ -632,8 +638,8 @@ def _from_base_backward(ctx, dy, _du):
     if need_x:
         dx = g @ lora_A
         dx = dx.mul_(factor) if keep is None else dx.mul_(keep).mul_(factor)
-    dm = _magnitude_grad(_torch_ydot(dy, y, bias), magnitude) if need_m else None
-    d_bias = dy.sum(0).to(bias.dtype) if (need_bias and bias is not None) else None
+    dm = _magnitude_grad(_torch_ydot(dy, ynb), magnitude) if need_m else None
+    d_bias = dy.sum(0).to(ctx.bias_dtype) if (need_bias and ctx.bias_dtype is not None) else None
     return (dys if need_base else None, dx, d_bias, d_a, d_b, dm, None, None, None, None)
 
 
@@ -701,9 +707,9 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     p = float(dropout_p) if training else 0.0
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
-    y, _, _ = torch.ops.peftkern.dora_linear_fwd(x2d, weight, bias, lora_A, lora_B, magnitude,
+    y = torch.ops.peftkern.dora_linear_fwd(x2d, weight, bias, lora_A, lora_B, magnitude,
                                                  weight_sq_norm.detach() if weight_sq_norm is not None else None,
-                                                 float(scaling), p, _seed(p, x.device), face)
+                                                 float(scaling), p, _seed(p, x.device), face)[0]
     return y.view(*lead, weight.shape[0])
 
 
@@ -728,7 +734,7 @@ def dora_from_base(base: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | Non
     _checks.check_shape(op, "norm", norm, (out_features,), "[out]")
     p = float(dropout_p) if training else 0.0
     lead = x.shape[:-1]
-    y, _ = torch.ops.peftkern.dora_from_base_fwd(base.reshape(-1, out_features), x.reshape(-1, x.shape[-1]), bias,
+    y = torch.ops.peftkern.dora_from_base_fwd(base.reshape(-1, out_features), x.reshape(-1, x.shape[-1]), bias,
                                                  lora_A, lora_B, magnitude, norm.detach().float(), float(scaling), p,
-                                                 _seed(p, x.device))
+                                                 _seed(p, x.device))[0]
     return y.view(*lead, out_features)
