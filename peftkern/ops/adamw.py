@@ -1,0 +1,428 @@
+"""AdamW step, 32-bit and 8-bit blockwise states: two registered ops with three faces each.
+
+* torch: the CPU face, in-place torch ops over cache-sized chunks (the 8-bit path dequantizes,
+  updates and requantizes one chunk of blocks at a time, so the fp32 states never exist whole).
+* triton: one pass per element: load, (dequantize,) update, (block absmax, requantize,) store.
+* cuda: the same pass from csrc/optim/adamw.cu, launched through cuda-python.
+
+All three compute ``peftkern.reference.adamw``'s fp32 formula in the same order, with correctly
+rounded division and square root and no fused multiply-add in the kernels; they differ from the
+torch face only where torch's CPU sqrt is off by an ulp (it is not correctly rounded), which can
+move a state that sits on a midpoint between two map values to the neighbouring code. Parameters may be fp32, fp16 or bf16; 32-bit states are fp32; 8-bit states are uint8 codes
+of bitsandbytes' dynamic maps (signed for m, unsigned for v) with one fp32 absmax per 256 elements.
+
+File order (ARCHITECTURE.md): Triton kernels, launchers, CUDA launchers, torch face, registered
+ops, public entry points with the boundary checks.
+"""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+
+import torch
+
+from peftkern import backend
+from peftkern.ops import _checks
+from peftkern.ops._triton import KernelSpec, tl, tl_dtype_name, triton
+from peftkern.reference.adamw import BLOCKSIZE, bias_corrections, dynamic_map, map_midpoints
+
+OP_32BIT = "adamw_step"
+OP_8BIT = "adamw8bit_step"
+FACES = ("torch", "triton", "cuda")
+PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepScalars:
+    """The per-step fp32 constants every face uses, computed once in double precision."""
+
+    beta1: float
+    one_minus_beta1: float
+    beta2: float
+    one_minus_beta2: float
+    decay: float
+    step_size: float
+    bc2_sqrt: float
+    eps: float
+
+    @classmethod
+    def make(cls, step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> "StepScalars":
+        bc1, bc2_sqrt = bias_corrections(step, beta1, beta2)
+        return cls(beta1, 1.0 - beta1, beta2, 1.0 - beta2, 1.0 - lr * weight_decay, lr / bc1, bc2_sqrt, eps)
+
+    def as_tuple(self) -> tuple:
+        return (self.beta1, self.one_minus_beta1, self.beta2, self.one_minus_beta2, self.decay, self.step_size,
+                self.bc2_sqrt, self.eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _adamw_math(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, decay, step_size, bc2_sqrt, eps):
+    """The fp32 update of reference.adamw.adamw_update, operation for operation."""
+    m = m * beta1 + g * one_minus_beta1
+    v = v * beta2 + (g * g) * one_minus_beta2
+    p = p * decay
+    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+    p = p - step_size * tl.div_rn(m, denom)
+    return p, m, v
+
+
+@triton.jit
+def _adamw32_kernel(p_ptr, g_ptr, m_ptr, v_ptr, n, beta1, one_minus_beta1, beta2, one_minus_beta2, decay,
+                    step_size, bc2_sqrt, eps, BLOCK: tl.constexpr):
+    """p, g [n] in the parameter dtype; m, v [n] fp32; all updated in place, one read and write each."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+    p, m, v = _adamw_math(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, decay, step_size,
+                          bc2_sqrt, eps)
+    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+    tl.store(m_ptr + offs, m, mask=mask)
+    tl.store(v_ptr + offs, v, mask=mask)
+
+
+@triton.jit
+def _probe(mid_ptr, normed, idx, STEP: tl.constexpr):
+    """One binary-search step over the sorted midpoints: move up by STEP where x lies above."""
+    mid = tl.load(mid_ptr + (idx + (STEP - 1)))
+    return tl.where(normed > mid, idx + STEP, idx)
+
+
+@triton.jit
+def _nearest_code(mid_ptr, x, absmax):
+    """Index of the map value nearest to x / absmax (ties low) = how many of the 255 sorted
+    midpoints lie below it, found in eight probes of the midpoint table."""
+    normed = tl.where(absmax > 0.0, tl.div_rn(x, tl.maximum(absmax, 1e-38)), 0.0)
+    idx = tl.zeros(x.shape, dtype=tl.int32)
+    idx = _probe(mid_ptr, normed, idx, 128)
+    idx = _probe(mid_ptr, normed, idx, 64)
+    idx = _probe(mid_ptr, normed, idx, 32)
+    idx = _probe(mid_ptr, normed, idx, 16)
+    idx = _probe(mid_ptr, normed, idx, 8)
+    idx = _probe(mid_ptr, normed, idx, 4)
+    idx = _probe(mid_ptr, normed, idx, 2)
+    idx = _probe(mid_ptr, normed, idx, 1)
+    return idx
+
+
+@triton.jit
+def _adamw8bit_kernel(p_ptr, g_ptr, mq_ptr, mabs_ptr, vq_ptr, vabs_ptr, smap_ptr, umap_ptr, smid_ptr, umid_ptr, n,
+                      beta1, one_minus_beta1, beta2, one_minus_beta2, decay, step_size, bc2_sqrt, eps,
+                      QBLOCK: tl.constexpr):
+    """One quantization block per program: dequantize m, v (codes [n] uint8, absmax [blocks] fp32),
+    update them and p in fp32, take the block's new absmax and store the nearest codes."""
+    block = tl.program_id(0).to(tl.int64)
+    offs = block * QBLOCK + tl.arange(0, QBLOCK)
+    mask = offs < n
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    mq = tl.load(mq_ptr + offs, mask=mask, other=0).to(tl.int32)
+    vq = tl.load(vq_ptr + offs, mask=mask, other=0).to(tl.int32)
+    # Lanes past the end hold m = v = 0, so they stay 0 and drop out of the block absmax.
+    m = tl.where(mask, tl.load(smap_ptr + mq) * tl.load(mabs_ptr + block), 0.0)
+    v = tl.where(mask, tl.load(umap_ptr + vq) * tl.load(vabs_ptr + block), 0.0)
+    p, m, v = _adamw_math(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, decay, step_size,
+                          bc2_sqrt, eps)
+    m_absmax = tl.max(tl.abs(m), axis=0)
+    v_absmax = tl.max(tl.abs(v), axis=0)
+    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+    tl.store(mq_ptr + offs, _nearest_code(smid_ptr, m, m_absmax).to(tl.uint8), mask=mask)
+    tl.store(vq_ptr + offs, _nearest_code(umid_ptr, v, v_absmax).to(tl.uint8), mask=mask)
+    tl.store(mabs_ptr + block, m_absmax)
+    tl.store(vabs_ptr + block, v_absmax)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton launchers
+# ---------------------------------------------------------------------------------------------
+
+_BLOCK_32BIT = 1024
+_WARPS_32BIT = 4
+_WARPS_8BIT = 2
+
+
+@functools.lru_cache(maxsize=None)
+def _maps(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(signed map, unsigned map, signed midpoints, unsigned midpoints) as fp32 on ``device``."""
+    signed, unsigned = dynamic_map(True), dynamic_map(False)
+    return tuple(t.to(device) for t in (signed, unsigned, map_midpoints(signed), map_midpoints(unsigned)))
+
+
+def _triton_adamw32(param, grad, exp_avg, exp_avg_sq, scalars: StepScalars) -> None:
+    n = param.numel()
+    if n == 0:
+        return
+    _adamw32_kernel[(triton.cdiv(n, _BLOCK_32BIT),)](
+        param, grad, exp_avg, exp_avg_sq, n, *scalars.as_tuple(), BLOCK=_BLOCK_32BIT, num_warps=_WARPS_32BIT,
+        enable_fp_fusion=False)
+
+
+def _triton_adamw8bit(param, grad, m_codes, m_absmax, v_codes, v_absmax, scalars: StepScalars) -> None:
+    n = param.numel()
+    if n == 0:
+        return
+    smap, umap, smid, umid = _maps(param.device)
+    _adamw8bit_kernel[(triton.cdiv(n, BLOCKSIZE),)](
+        param, grad, m_codes, m_absmax, v_codes, v_absmax, smap, umap, smid, umid, n, *scalars.as_tuple(),
+        QBLOCK=BLOCKSIZE, num_warps=_WARPS_8BIT, enable_fp_fusion=False)
+
+
+_SCALAR_ARGS = ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "decay", "step_size", "bc2_sqrt", "eps")
+
+
+def triton_kernel_specs() -> list:
+    """Every config the launchers above can launch, per parameter dtype (``peftkern kernels``)."""
+    specs = []
+    scalars = {name: "fp32" for name in _SCALAR_ARGS}
+    for dtype in PARAM_DTYPES:
+        t = tl_dtype_name(dtype)
+        specs.append(KernelSpec(
+            _adamw32_kernel, f"{t} block={_BLOCK_32BIT}",
+            {"p_ptr": f"*{t}", "g_ptr": f"*{t}", "m_ptr": "*fp32", "v_ptr": "*fp32", "n": "i64", **scalars},
+            {"BLOCK": _BLOCK_32BIT}, num_warps=_WARPS_32BIT, num_stages=1))
+        specs.append(KernelSpec(
+            _adamw8bit_kernel, f"{t} qblock={BLOCKSIZE}",
+            {"p_ptr": f"*{t}", "g_ptr": f"*{t}", "mq_ptr": "*u8", "mabs_ptr": "*fp32", "vq_ptr": "*u8",
+             "vabs_ptr": "*fp32", "smap_ptr": "*fp32", "umap_ptr": "*fp32", "smid_ptr": "*fp32", "umid_ptr": "*fp32",
+             "n": "i64", **scalars},
+            {"QBLOCK": BLOCKSIZE}, num_warps=_WARPS_8BIT, num_stages=1))
+    return specs
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA C++ launchers (csrc/optim/adamw.cu)
+# ---------------------------------------------------------------------------------------------
+
+_CUDA_SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+_CUDA_THREADS_32BIT = 256
+_CUDA_MAX_GRID_8BIT = 8192  # blocks loop over quantization blocks, amortizing their map loads
+
+
+def _cuda_scalars(scalars: StepScalars) -> list:
+    return [ctypes.c_float(x) for x in scalars.as_tuple()]
+
+
+def _cuda_adamw32(param, grad, exp_avg, exp_avg_sq, scalars: StepScalars) -> None:
+    from peftkern import _cuda
+
+    n = param.numel()
+    if n == 0:
+        return
+    grid = (triton.cdiv(n, _CUDA_THREADS_32BIT), 1, 1)
+    _cuda.launch(f"peftkern_adamw32_step_{_CUDA_SUFFIX[param.dtype]}", grid, (_CUDA_THREADS_32BIT, 1, 1),
+                 _cuda.pointer(param), _cuda.pointer(grad), _cuda.pointer(exp_avg), _cuda.pointer(exp_avg_sq),
+                 ctypes.c_int64(n), *_cuda_scalars(scalars), device_index=param.device.index)
+
+
+def _cuda_adamw8bit(param, grad, m_codes, m_absmax, v_codes, v_absmax, scalars: StepScalars) -> None:
+    from peftkern import _cuda
+
+    n = param.numel()
+    if n == 0:
+        return
+    smap, umap, _, _ = _maps(param.device)
+    grid = (min(triton.cdiv(n, BLOCKSIZE), _CUDA_MAX_GRID_8BIT), 1, 1)
+    _cuda.launch(f"peftkern_adamw8bit_step_{_CUDA_SUFFIX[param.dtype]}", grid, (BLOCKSIZE, 1, 1),
+                 _cuda.pointer(param), _cuda.pointer(grad), _cuda.pointer(m_codes), _cuda.pointer(m_absmax),
+                 _cuda.pointer(v_codes), _cuda.pointer(v_absmax), _cuda.pointer(smap), _cuda.pointer(umap),
+                 ctypes.c_int64(n), *_cuda_scalars(scalars), device_index=param.device.index)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch face
+# ---------------------------------------------------------------------------------------------
+
+# Elements per chunk of the torch face: its fp32 temporaries (a few times 256 KiB) stay in L2.
+_TORCH_CHUNK = 64 * BLOCKSIZE
+
+
+def _torch_update_(p32, g32, m, v, s: StepScalars) -> None:
+    """In place on fp32 tensors, the reference formula op for op."""
+    m.mul_(s.beta1).add_(g32 * s.one_minus_beta1)
+    v.mul_(s.beta2).add_(torch.mul(g32, g32).mul_(s.one_minus_beta2))
+    p32.mul_(s.decay)
+    denom = v.sqrt().div_(s.bc2_sqrt).add_(s.eps)
+    p32.sub_(torch.div(m, denom).mul_(s.step_size))
+
+
+def _torch_adamw32(param, grad, exp_avg, exp_avg_sq, scalars: StepScalars) -> None:
+    p_flat, g_flat = param.view(-1), grad.view(-1)
+    m_flat, v_flat = exp_avg.view(-1), exp_avg_sq.view(-1)
+    fp32 = param.dtype == torch.float32
+    for start in range(0, p_flat.numel(), _TORCH_CHUNK):
+        chunk = slice(start, start + _TORCH_CHUNK)
+        p32 = p_flat[chunk] if fp32 else p_flat[chunk].float()
+        _torch_update_(p32, g_flat[chunk].float(), m_flat[chunk], v_flat[chunk], scalars)
+        if not fp32:
+            p_flat[chunk].copy_(p32)
+
+
+def _quantize_chunk_(x: torch.Tensor, midpoints: torch.Tensor, codes_out: torch.Tensor,
+                     absmax_out: torch.Tensor) -> None:
+    """x fp32 [blocks, 256] (zero-padded tail) -> nearest codes into codes_out [elements], absmax_out [blocks]."""
+    absmax = x.abs().amax(dim=1, keepdim=True)
+    normed = x.div_(torch.where(absmax > 0, absmax, torch.ones_like(absmax)))
+    codes = torch.searchsorted(midpoints, normed.view(-1), out_int32=True)
+    codes_out.copy_(codes[: codes_out.numel()])
+    absmax_out.copy_(absmax.view(-1))
+
+
+def _torch_adamw8bit(param, grad, m_codes, m_absmax, v_codes, v_absmax, scalars: StepScalars) -> None:
+    smap, umap, smid, umid = _maps(param.device)
+    p_flat, g_flat = param.view(-1), grad.view(-1)
+    mq_flat, vq_flat = m_codes.view(-1), v_codes.view(-1)
+    n = p_flat.numel()
+    fp32 = param.dtype == torch.float32
+    for start in range(0, n, _TORCH_CHUNK):
+        chunk = slice(start, min(start + _TORCH_CHUNK, n))
+        blocks = slice(start // BLOCKSIZE, -(-chunk.stop // BLOCKSIZE))
+        count = chunk.stop - start
+        padded = -(-count // BLOCKSIZE) * BLOCKSIZE
+        m = torch.zeros(padded, dtype=torch.float32, device=param.device)
+        v = torch.zeros(padded, dtype=torch.float32, device=param.device)
+        torch.index_select(smap, 0, mq_flat[chunk].int(), out=m[:count])
+        torch.index_select(umap, 0, vq_flat[chunk].int(), out=v[:count])
+        m2, v2 = m.view(-1, BLOCKSIZE), v.view(-1, BLOCKSIZE)
+        m2.mul_(m_absmax[blocks].view(-1, 1))
+        v2.mul_(v_absmax[blocks].view(-1, 1))
+        p32 = p_flat[chunk] if fp32 else p_flat[chunk].float()
+        _torch_update_(p32, g_flat[chunk].float(), m[:count], v[:count], scalars)
+        if not fp32:
+            p_flat[chunk].copy_(p32)
+        _quantize_chunk_(m2, smid, mq_flat[chunk], m_absmax[blocks])
+        _quantize_chunk_(v2, umid, vq_flat[chunk], v_absmax[blocks])
+
+
+# ---------------------------------------------------------------------------------------------
+# registered ops (torch.library)
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("peftkern::adamw_step", mutates_args=("param", "exp_avg", "exp_avg_sq"))
+def adamw_step_op(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                  step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                  face: str) -> None:
+    """One AdamW step in place on contiguous param [n], grad [n] (param dtype), exp_avg, exp_avg_sq [n] fp32."""
+    scalars = StepScalars.make(step, lr, beta1, beta2, eps, weight_decay)
+    if face == "triton":
+        _triton_adamw32(param, grad, exp_avg, exp_avg_sq, scalars)
+    elif face == "cuda":
+        _cuda_adamw32(param, grad, exp_avg, exp_avg_sq, scalars)
+    else:
+        _torch_adamw32(param, grad, exp_avg, exp_avg_sq, scalars)
+
+
+@adamw_step_op.register_fake
+def _(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay, face):
+    return None
+
+
+@torch.library.custom_op("peftkern::adamw8bit_step",
+                         mutates_args=("param", "m_codes", "m_absmax", "v_codes", "v_absmax"))
+def adamw8bit_step_op(param: torch.Tensor, grad: torch.Tensor, m_codes: torch.Tensor, m_absmax: torch.Tensor,
+                      v_codes: torch.Tensor, v_absmax: torch.Tensor, step: int, lr: float, beta1: float,
+                      beta2: float, eps: float, weight_decay: float, face: str) -> None:
+    """One 8-bit AdamW step in place: codes [n] uint8, absmax [ceil(n / 256)] fp32."""
+    scalars = StepScalars.make(step, lr, beta1, beta2, eps, weight_decay)
+    if face == "triton":
+        _triton_adamw8bit(param, grad, m_codes, m_absmax, v_codes, v_absmax, scalars)
+    elif face == "cuda":
+        _cuda_adamw8bit(param, grad, m_codes, m_absmax, v_codes, v_absmax, scalars)
+    else:
+        _torch_adamw8bit(param, grad, m_codes, m_absmax, v_codes, v_absmax, scalars)
+
+
+@adamw8bit_step_op.register_fake
+def _(param, grad, m_codes, m_absmax, v_codes, v_absmax, step, lr, beta1, beta2, eps, weight_decay, face):
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# public entry points
+# ---------------------------------------------------------------------------------------------
+
+def check_hyperparameters(op: str, step: int, lr: float, beta1: float, beta2: float, eps: float,
+                          weight_decay: float) -> None:
+    """Raise naming the first hyperparameter out of range."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"{op}: step must be an int >= 1 (the count including this step), got {step!r}")
+    lr = _checks.check_finite_scalar(op, "lr", lr)
+    if lr < 0.0:
+        raise ValueError(f"{op}: lr must be >= 0, got {lr}")
+    _checks.check_probability(op, "beta1", beta1)
+    _checks.check_probability(op, "beta2", beta2)
+    if _checks.check_finite_scalar(op, "eps", eps) < 0.0:
+        raise ValueError(f"{op}: eps must be >= 0, got {eps}")
+    if _checks.check_finite_scalar(op, "weight_decay", weight_decay) < 0.0:
+        raise ValueError(f"{op}: weight_decay must be >= 0, got {weight_decay}")
+
+
+def _check_param_grad(op: str, param: torch.Tensor, grad: torch.Tensor) -> None:
+    _checks.check_float("param", param, PARAM_DTYPES)
+    _checks.check_float("grad", grad, PARAM_DTYPES)
+    if grad.is_sparse or param.is_sparse:
+        raise TypeError(f"{op}: sparse tensors are not supported")
+    if grad.dtype != param.dtype:
+        raise TypeError(f"{op}: grad has dtype {grad.dtype} but param has {param.dtype}")
+    _checks.check_shape(op, "grad", grad, tuple(param.shape), "the parameter's shape")
+    for name, t in (("param", param), ("grad", grad)):
+        if not t.is_contiguous():
+            raise ValueError(f"{op}: {name} must be contiguous (shape {tuple(t.shape)}, strides {t.stride()})")
+
+
+def _check_state(op: str, name: str, t: torch.Tensor, dtype: torch.dtype, numel: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{op}: {name} has dtype {t.dtype}, expected {dtype}")
+    if t.numel() != numel or not t.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous with {numel} elements, got shape {tuple(t.shape)}"
+                         f"{'' if t.is_contiguous() else ' (not contiguous)'}")
+
+
+def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
+               step: int, lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+               weight_decay: float = 0.0) -> None:
+    """One AdamW step in place (``reference.adamw.adamw_update``).
+
+    param and grad: contiguous, one dtype (fp32, fp16, bf16), one shape; exp_avg and exp_avg_sq:
+    contiguous fp32 with param's element count; ``step`` counts this step (1 on the first).
+    """
+    _check_param_grad(OP_32BIT, param, grad)
+    for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        _check_state(OP_32BIT, name, t, torch.float32, param.numel())
+    _checks.check_same(OP_32BIT, {"param": param, "grad": grad, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq})
+    check_hyperparameters(OP_32BIT, step, lr, beta1, beta2, eps, weight_decay)
+    face = backend.pick(OP_32BIT, FACES, param.device.type)
+    torch.ops.peftkern.adamw_step(param.view(-1), grad.view(-1), exp_avg.view(-1), exp_avg_sq.view(-1), int(step),
+                                  float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), face)
+
+
+def adamw8bit_step(param: torch.Tensor, grad: torch.Tensor, m_codes: torch.Tensor, m_absmax: torch.Tensor,
+                   v_codes: torch.Tensor, v_absmax: torch.Tensor, *, step: int, lr: float, beta1: float = 0.9,
+                   beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+    """One 8-bit AdamW step in place (``reference.adamw.adamw8bit_update``).
+
+    param, grad as in :func:`adamw_step`; m_codes, v_codes: contiguous uint8 with param's element
+    count; m_absmax, v_absmax: fp32 [ceil(numel / 256)]. Fresh states are all-zero codes and absmax.
+    """
+    _check_param_grad(OP_8BIT, param, grad)
+    n = param.numel()
+    blocks = -(-n // BLOCKSIZE)
+    for name, t, dtype, count in (("m_codes", m_codes, torch.uint8, n), ("v_codes", v_codes, torch.uint8, n),
+                                  ("m_absmax", m_absmax, torch.float32, blocks),
+                                  ("v_absmax", v_absmax, torch.float32, blocks)):
+        _check_state(OP_8BIT, name, t, dtype, count)
+    _checks.check_same(OP_8BIT, {"param": param, "grad": grad, "m_codes": m_codes, "m_absmax": m_absmax,
+                                 "v_codes": v_codes, "v_absmax": v_absmax})
+    check_hyperparameters(OP_8BIT, step, lr, beta1, beta2, eps, weight_decay)
+    face = backend.pick(OP_8BIT, FACES, param.device.type)
+    torch.ops.peftkern.adamw8bit_step(param.view(-1), grad.view(-1), m_codes.view(-1), m_absmax, v_codes.view(-1),
+                                      v_absmax, int(step), float(lr), float(beta1), float(beta2), float(eps),
+                                      float(weight_decay), face)

@@ -1,0 +1,268 @@
+"""PagedAdamW: AdamW with 32-bit or 8-bit blockwise states, optionally paged to host memory.
+
+    opt = PagedAdamW(model.parameters(), lr=2e-4, optim_bits=8)   # 2 bytes of state per parameter
+    loss.backward(); opt.step(); opt.zero_grad()
+
+The update is torch.optim.AdamW's (decoupled weight decay, bias correction). With ``optim_bits=8``
+every parameter with at least ``min_8bit_size`` elements keeps m and v as uint8 codes of
+bitsandbytes' dynamic maps with one fp32 absmax per 256 elements (2.03 bytes per parameter instead
+of 8); smaller ones keep fp32 states. Each tensor's step is one fused op (``peftkern.ops.adamw``)
+whose face follows ``peftkern.backend``. A gradient holding inf or NaN skips that tensor's update
+with a warning; its state and step count stay as they were.
+
+State per parameter (``state_dict()`` holds these tensors as they are):
+  32-bit: ``step`` (fp32 scalar on the CPU), ``exp_avg``, ``exp_avg_sq`` (fp32, the parameter's shape),
+          the names torch.optim.AdamW uses, so either optimizer loads the other's 32-bit state;
+  8-bit:  ``step``, ``exp_avg_codes``, ``exp_avg_sq_codes`` (uint8, the parameter's shape),
+          ``exp_avg_absmax``, ``exp_avg_sq_absmax`` (fp32 [ceil(numel / 256)]).
+Loading converts between the two forms when a parameter's bits differ from the saved ones.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from peftkern.ops import adamw as adamw_ops
+from peftkern.optim.pager import Pager
+from peftkern.reference.adamw import BLOCKSIZE, dequantize_blockwise, dynamic_map, quantize_blockwise
+
+STATE_32BIT = ("exp_avg", "exp_avg_sq")
+STATE_8BIT = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
+PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_group(name: str, group: dict) -> None:
+    lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    if isinstance(lr, torch.Tensor):
+        raise TypeError(f"{name}: lr must be a float, not a tensor")
+    adamw_ops.check_hyperparameters(name, 1, lr, beta1, beta2, eps, wd)
+    if group["optim_bits"] not in (8, 32):
+        raise ValueError(f"{name}: optim_bits must be 32 or 8, got {group['optim_bits']!r}")
+    size = group["min_8bit_size"]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError(f"{name}: min_8bit_size must be an int >= 0, got {size!r}")
+
+
+class PagedAdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay) with 32-bit or 8-bit states, paged to host memory on CUDA.
+
+    Args:
+        params: parameters or param groups; a group may set its own ``lr``, ``betas``, ``eps``,
+            ``weight_decay``, ``optim_bits`` and ``min_8bit_size``. Parameters must be fp32, fp16
+            or bf16 (states are fp32 or 8-bit whatever the parameter dtype).
+        optim_bits: 32 (fp32 m, v) or 8 (blockwise 8-bit m, v).
+        paged: on CUDA, states of 1 MiB and more live in managed memory (``optim.pager``),
+            prefetched to the GPU before each step when it has room, else kept in host memory.
+            Without CUDA the states stay in ordinary memory (said once).
+        min_8bit_size: parameters with fewer elements keep 32-bit states under ``optim_bits=8``.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01, optim_bits: int = 32, paged: bool = True, min_8bit_size: int = 4096):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, optim_bits=optim_bits,
+                        min_8bit_size=min_8bit_size)
+        _check_group(type(self).__name__, {**defaults, "betas": tuple(betas)})
+        self.paged = bool(paged)
+        self._pager = Pager(self.paged, owner=type(self).__name__)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if not isinstance(group["betas"], (tuple, list)) or len(group["betas"]) != 2:
+            raise ValueError(f"{type(self).__name__}: betas must be a pair (beta1, beta2), got {group['betas']!r}")
+        group["betas"] = tuple(group["betas"])
+        _check_group(type(self).__name__, group)
+        for p in group["params"]:
+            if p.dtype not in PARAM_DTYPES:
+                raise TypeError(f"{type(self).__name__}: parameter of shape {tuple(p.shape)} has dtype {p.dtype}; "
+                                f"expected one of {', '.join(str(d) for d in PARAM_DTYPES)}")
+
+    # -- state ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def uses_8bit(p: torch.Tensor, group: dict) -> bool:
+        """Whether ``p`` keeps 8-bit states in ``group``."""
+        return group["optim_bits"] == 8 and p.numel() >= group["min_8bit_size"]
+
+    def _zeros(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return self._pager.zeros(numel, dtype, device)
+
+    def _fresh_state(self, p: torch.Tensor, group: dict) -> dict:
+        n = p.numel()
+        state = {"step": torch.tensor(0.0, dtype=torch.float32)}
+        if self.uses_8bit(p, group):
+            blocks = -(-n // BLOCKSIZE)
+            state["exp_avg_codes"] = self._zeros(n, torch.uint8, p.device).view(p.shape)
+            state["exp_avg_absmax"] = self._zeros(blocks, torch.float32, p.device)
+            state["exp_avg_sq_codes"] = self._zeros(n, torch.uint8, p.device).view(p.shape)
+            state["exp_avg_sq_absmax"] = self._zeros(blocks, torch.float32, p.device)
+        else:
+            state["exp_avg"] = self._zeros(n, torch.float32, p.device).view(p.shape)
+            state["exp_avg_sq"] = self._zeros(n, torch.float32, p.device).view(p.shape)
+        return state
+
+    def state_bytes(self) -> int:
+        """Bytes held by every state tensor (step counters included)."""
+        return sum(t.numel() * t.element_size() for s in self.state.values() for t in s.values()
+                   if isinstance(t, torch.Tensor))
+
+    # -- step -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One AdamW step over every parameter with a gradient; returns the closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = []
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__}: sparse gradients are not supported "
+                                       f"(parameter {pi} of group {gi})")
+                work.append((gi, pi, group, p))
+                if not self.state[p]:
+                    self.state[p] = self._fresh_state(p, group)
+        finite = _finite_flags([p.grad for _, _, _, p in work])
+        self._pager.prefetch()
+        for (gi, pi, group, p), ok in zip(work, finite):
+            if not ok:
+                warnings.warn(f"{type(self).__name__}: the gradient of parameter {pi} in group {gi} "
+                              f"(shape {tuple(p.shape)}) holds inf or NaN; its update is skipped this step "
+                              "and its state is unchanged", RuntimeWarning, stacklevel=3)
+                continue
+            self._step_one(p, group, self.state[p])
+        return loss
+
+    def _step_one(self, p: torch.Tensor, group: dict, state: dict) -> None:
+        step = int(state["step"].item()) + 1
+        beta1, beta2 = group["betas"]
+        hyper = dict(step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                     weight_decay=group["weight_decay"])
+        target = p if p.is_contiguous() else p.contiguous()
+        grad = p.grad.contiguous()
+        if "exp_avg_codes" in state:
+            adamw_ops.adamw8bit_step(target, grad, state["exp_avg_codes"], state["exp_avg_absmax"],
+                                     state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], **hyper)
+        else:
+            adamw_ops.adamw_step(target, grad, state["exp_avg"], state["exp_avg_sq"], **hyper)
+        if target is not p:
+            p.copy_(target)
+        state["step"].fill_(step)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a ``state_dict()`` of this optimizer (or torch.optim.AdamW's): hyperparameters per
+        group, and each parameter's state copied into fresh (paged, where enabled) tensors,
+        converted between 32-bit and 8-bit when the parameter's bits differ from the saved ones."""
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: expected a dict with 'state' and "
+                             "'param_groups' (an optimizer state_dict)")
+        saved_groups = state_dict["param_groups"]
+        saved_state = state_dict["state"]
+        super().load_state_dict({"state": {}, "param_groups": saved_groups})
+        for group in self.param_groups:
+            group.setdefault("optim_bits", self.defaults["optim_bits"])
+            group.setdefault("min_8bit_size", self.defaults["min_8bit_size"])
+            group["betas"] = tuple(group["betas"])
+            _check_group(type(self).__name__, group)
+        owners = {}
+        for saved, group in zip(saved_groups, self.param_groups):
+            for key, p in zip(saved["params"], group["params"]):
+                owners[key] = (p, group)
+        for key, saved in saved_state.items():
+            if key not in owners:
+                raise ValueError(f"{type(self).__name__}.load_state_dict: state for parameter id {key!r} matches "
+                                 "no parameter of the saved param_groups")
+            p, group = owners[key]
+            self.state[p] = self._restore_state(p, group, saved)
+
+    def _restore_state(self, p: torch.Tensor, group: dict, saved: dict) -> dict:
+        name = f"{type(self).__name__}.load_state_dict"
+        if "step" not in saved:
+            raise ValueError(f"{name}: a state (parameter of shape {tuple(p.shape)}) has no 'step'")
+        step = float(saved["step"].item() if isinstance(saved["step"], torch.Tensor) else saved["step"])
+        n, blocks = p.numel(), -(-p.numel() // BLOCKSIZE)
+        if all(k in saved for k in STATE_8BIT):
+            _check_saved(name, saved, p, {"exp_avg_codes": (torch.uint8, n), "exp_avg_sq_codes": (torch.uint8, n),
+                                          "exp_avg_absmax": (torch.float32, blocks),
+                                          "exp_avg_sq_absmax": (torch.float32, blocks)})
+            codes = {k: saved[k].to(p.device) for k in STATE_8BIT}
+            m = dequantize_blockwise(codes["exp_avg_codes"].reshape(-1), codes["exp_avg_absmax"], dynamic_map(True))
+            v = dequantize_blockwise(codes["exp_avg_sq_codes"].reshape(-1), codes["exp_avg_sq_absmax"],
+                                     dynamic_map(False))
+        elif all(k in saved for k in STATE_32BIT):
+            _check_saved(name, saved, p, {"exp_avg": (None, n), "exp_avg_sq": (None, n)})
+            codes = None
+            m = saved["exp_avg"].to(p.device, torch.float32).reshape(-1)
+            v = saved["exp_avg_sq"].to(p.device, torch.float32).reshape(-1)
+        else:
+            raise ValueError(f"{name}: the state of a parameter of shape {tuple(p.shape)} has keys "
+                             f"{sorted(saved)}; expected {list(STATE_32BIT)} or {list(STATE_8BIT)} with 'step'")
+        state = self._fresh_state(p, group)
+        state["step"].fill_(step)
+        if "exp_avg_codes" in state:
+            if codes is None:
+                codes = {}
+                codes["exp_avg_codes"], codes["exp_avg_absmax"] = quantize_blockwise(m, dynamic_map(True))
+                codes["exp_avg_sq_codes"], codes["exp_avg_sq_absmax"] = quantize_blockwise(v, dynamic_map(False))
+            for k in STATE_8BIT:
+                state[k].view(-1).copy_(codes[k].reshape(-1))
+        else:
+            state["exp_avg"].view(-1).copy_(m)
+            state["exp_avg_sq"].view(-1).copy_(v)
+        return state
+
+
+def _check_saved(name: str, saved: dict, p: torch.Tensor, expected: dict) -> None:
+    for key, (dtype, numel) in expected.items():
+        t = saved[key]
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {key} must be a tensor, got {type(t).__name__}")
+        if dtype is not None and t.dtype != dtype:
+            raise TypeError(f"{name}: {key} has dtype {t.dtype}, expected {dtype}")
+        if dtype is None and not t.is_floating_point():
+            raise TypeError(f"{name}: {key} has dtype {t.dtype}, expected a float dtype")
+        if t.numel() != numel:
+            raise ValueError(f"{name}: {key} has {t.numel()} elements (shape {tuple(t.shape)}) but the parameter "
+                             f"of shape {tuple(p.shape)} needs {numel}")
+
+
+def _finite_flags(grads: list[torch.Tensor]) -> list[bool]:
+    """Per gradient, whether every element is finite: one min/max reduction each (no temporaries)
+    and one host transfer per device."""
+    flags = [True] * len(grads)
+    by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
+    for i, g in enumerate(grads):
+        if g.numel():
+            lo, hi = torch.aminmax(g.reshape(-1))
+            by_device.setdefault(g.device, []).append((i, torch.stack((lo, hi)).float()))
+    for items in by_device.values():
+        ok = torch.isfinite(torch.stack([t for _, t in items])).all(dim=1).tolist()
+        for (i, _), good in zip(items, ok):
+            flags[i] = good
+    return flags
+
+
+class AdamW8bit(PagedAdamW):
+    """:class:`PagedAdamW` with 8-bit states and no paging (bitsandbytes' AdamW8bit)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01, min_8bit_size: int = 4096, paged: bool = False):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, optim_bits=8, paged=paged,
+                         min_8bit_size=min_8bit_size)
+
+
+class PagedAdamW8bit(PagedAdamW):
+    """:class:`PagedAdamW` with 8-bit states, paged (bitsandbytes' PagedAdamW8bit)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01, min_8bit_size: int = 4096):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, optim_bits=8, paged=True,
+                         min_8bit_size=min_8bit_size)
