@@ -21,6 +21,7 @@ def _parent_and_attr(model: nn.Module, path: str) -> tuple[nn.Module, str]:
 @dataclass
 class Injection:
     """What inject_adapter changed, so that :meth:`undo` can restore the model exactly."""
+    model: nn.Module
     adapter_name: str
     replaced: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list)  # (parent, attr, original)
     extended: list[nn.Module] = field(default_factory=list)  # layers / wrappers that gained the adapter
@@ -34,9 +35,9 @@ class Injection:
                 delete_from_layer(layer, self.adapter_name)
         for parent, attr, original in reversed(self.replaced):
             setattr(parent, attr, original)
-            for p in original.parameters():
-                if id(p) in self.requires_grad:
-                    p.requires_grad_(self.requires_grad[id(p)])
+        for p in self.model.parameters():
+            if id(p) in self.requires_grad:
+                p.requires_grad_(self.requires_grad[id(p)])
 
 
 def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> Injection:
@@ -49,7 +50,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> I
     targets = find_targets(model, config)
     save_paths = find_modules_to_save(model, config)
     _align_fan_in_fan_out(config, targets)
-    journal = Injection(adapter_name, requires_grad={id(p): p.requires_grad for p in model.parameters()})
+    journal = Injection(model, adapter_name, requires_grad={id(p): p.requires_grad for p in model.parameters()})
     try:
         for target in targets:
             layer = make_lora_layer(target.module, adapter_name, target.r, target.lora_alpha, config)

@@ -62,14 +62,29 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def _same_content(path: str, payload: bytes) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read() == payload
+    except OSError:
+        return False
+
+
 def write_adapter_files(directory: str, config_json: str, tensors: dict[str, torch.Tensor]) -> None:
-    """Write both files to temp names, then rename them into place (weights first, then config)."""
+    """Write both files to temp names, then rename them into place (weights first, then config).
+
+    A config identical to the one on disk (re-saving a training checkpoint) is not rewritten, so
+    such a save is one atomic rename. Otherwise the two renames follow each other directly, after
+    both files are complete and synced.
+    """
     os.makedirs(directory, exist_ok=True)
     weights = safetensors_save(tensors, metadata={"format": "pt"})
+    config_bytes = config_json.encode("utf-8")
     staged = []
     try:
         staged.append((_write_temp(directory, WEIGHTS_NAME, weights), WEIGHTS_NAME))
-        staged.append((_write_temp(directory, CONFIG_NAME, config_json.encode("utf-8")), CONFIG_NAME))
+        if not _same_content(os.path.join(directory, CONFIG_NAME), config_bytes):
+            staged.append((_write_temp(directory, CONFIG_NAME, config_bytes), CONFIG_NAME))
     except BaseException:
         for tmp, _ in staged:
             os.unlink(tmp)

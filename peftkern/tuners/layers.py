@@ -50,9 +50,9 @@ def make_lora_layer(target: nn.Module, adapter_name: str, r: int, lora_alpha: fl
         layer = target
     else:
         layer = (dora_class() if config.use_dora else LoRALinear)(target)
-    previously_active = list(layer.active_adapters)
     layer.update_layer(adapter_name, r, lora_alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights)
-    activate_layer(layer, previously_active, trainable=True)
+    for p in adapter_parameters(layer, adapter_name):
+        p.requires_grad_(False)
     return layer
 
 

@@ -41,8 +41,11 @@ def lora_kwargs(family: str, variant: str) -> dict:
     return kw
 
 
-VARIANTS = ("rslora", "bias_all", "modules_to_save", "rank_pattern", "regex_layers", "layers_to_transform")
-CASES = [(f, v, "default") for f in FAMILIES for v in VARIANTS] + [(f, "rslora", "other") for f in FAMILIES]
+# Every family with rsLoRA, bias="all", modules_to_save, and rank/alpha patterns ("all-linear") under a
+# non-default adapter name; regex targets and layers_to_transform on one RoPE family and GPT-2.
+CASES = ([(f, v, "default") for f in FAMILIES for v in ("rslora", "bias_all", "modules_to_save")]
+         + [(f, "rank_pattern", "other") for f in FAMILIES]
+         + [(f, v, "default") for f in ("llama", "gpt2") for v in ("regex_layers", "layers_to_transform")])
 
 
 def adapter_path(root, name):
@@ -179,3 +182,21 @@ def test_set_disable_delete_adapters_match_peft(tmp_path):
     theirs.set_adapter("a")
     assert (logits(ours, ids) - logits(theirs, ids)).abs().max().item() < ATOL
     assert not any("b" in layer.lora_A for _, layer in ours.lora_layers())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_dora_adapter_round_trip_with_peft(tmp_path, family):
+    pytest.importorskip("peftkern.nn.dora")
+    base = tiny_model(family)
+    ids = token_ids()
+    kw = dict(lora_kwargs(family, "rslora"), use_dora=True)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
+    perturb_trainable(theirs)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    assert (logits(ours, ids) - logits(theirs, ids)).abs().max().item() < ATOL
+    save_adapter(ours, tmp_path / "ours")
+    assert load_file(tmp_path / "ours" / "adapter_model.safetensors").keys() == \
+        load_file(tmp_path / "peft" / "adapter_model.safetensors").keys()
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    assert (logits(back, ids) - logits(theirs, ids)).abs().max().item() < ATOL
