@@ -68,6 +68,25 @@ def _cmd_kernels(args) -> int:
     return 0 if all(r.ok for r in rows) else 1
 
 
+def _cmd_bench(args) -> int:
+    """Runs the repository's benchmarks/ (not installed with the package: found next to peftkern/)."""
+    from pathlib import Path
+
+    import peftkern
+
+    repo = Path(peftkern.__file__).resolve().parent.parent
+    if not (repo / "benchmarks" / "runner.py").is_file():
+        print(f"peftkern bench: no benchmarks/ folder next to {repo / 'peftkern'}; the suite lives in the "
+              "source checkout (install it editable: pip install -e .)", file=sys.stderr)
+        return 2
+    if str(repo) not in sys.path:
+        sys.path.insert(0, str(repo))
+    from benchmarks import runner
+
+    ops = [op.strip() for spec in (args.op or []) for op in spec.split(",") if op.strip()]
+    return runner.main(ops or None, quick=args.quick, out=args.out, progress=not args.no_progress, threads=args.threads)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftkern", description="Fused PEFT kernels: info, static kernel report, "
                                      "demo and trainers.")
@@ -83,6 +102,18 @@ def _parser() -> argparse.ArgumentParser:
                    "(kernel, config, arch, registers, spill_bytes, shared_bytes, wgmma, ok)")
     p.add_argument("--jobs", type=int, default=1, help="parallel compile threads (default 1)")
     p.set_defaults(func=_cmd_kernels)
+
+    p = sub.add_parser("bench", help="run the benchmark suite (the repository's benchmarks/, found next to the "
+                       "peftkern package: needs a source checkout or editable install)")
+    p.add_argument("--op", action="append", help="only the cases of this op (benchmarks/bench_<op>.py); "
+                   "repeat or comma-separate; default: every op")
+    p.add_argument("--quick", action="store_true", help="tiny shapes and few rounds: checks the harness, not speed "
+                   "(CI); written as <date>-<device>-quick.*")
+    p.add_argument("--out", default=None, help="folder for <date>-<device>.json/.md/.png (default: benchmarks/results)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads for the measured cases "
+                   "(default 1; 0 = torch's default)")
+    p.set_defaults(func=_cmd_bench)
 
     return parser
 
