@@ -45,7 +45,7 @@ FACES = ("torch", "triton")
 
 @triton.jit
 def _rows_times_a(src_ptr, a_ptr, rows, ranks, n_rows, K, R, stride_sm, stride_sk, stride_ar, stride_ak,
-                  seed, p, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, WANT_SQ: tl.constexpr,
+                  seed, p, PRECISION: tl.constexpr, WANT_SQ: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """(src[rows] @ A[ranks]^T, rowsum(src[rows]^2)) in fp32; the dropout mask applies when asked."""
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -54,7 +54,7 @@ def _rows_times_a(src_ptr, a_ptr, rows, ranks, n_rows, K, R, stride_sm, stride_s
         cols = k0 + tl.arange(0, BLOCK_K)
         s = tl.load(src_ptr + rows[:, None] * stride_sm + cols[None, :] * stride_sk,
                     mask=(rows[:, None] < n_rows) & (cols[None, :] < K), other=0.0)
-        if HAS_DROPOUT:
+        if p > 0.0:
             s = tl.where(_keep_mask(seed, rows, cols, K, p), s, 0.0).to(s.dtype)
         if WANT_SQ:
             sf = s.to(tl.float32)
@@ -68,8 +68,7 @@ def _rows_times_a(src_ptr, a_ptr, rows, ranks, n_rows, K, R, stride_sm, stride_s
 @triton.jit
 def _dora_down_kernel(x_ptr, w_ptr, a_ptr, u_ptr, wa_ptr, wsq_ptr, seed_ptr, M, N, K, R,
                       stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_um, stride_ur,
-                      inv_keep, p, HAS_DROPOUT: tl.constexpr, COMPUTE_WSQ: tl.constexpr,
-                      PRECISION: tl.constexpr, NORM_PRECISION: tl.constexpr,
+                      inv_keep, p, compute_wsq, PRECISION: tl.constexpr, NORM_PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """One launch, two skinny GEMMs against A: row blocks of x give u[M, R] = drop(x) A^T; row
     blocks of W give wa[N, R] = W A^T (fp32) and, when not cached, wsq[N] = ||W||^2_row."""
@@ -81,18 +80,17 @@ def _dora_down_kernel(x_ptr, w_ptr, a_ptr, u_ptr, wa_ptr, wsq_ptr, seed_ptr, M, 
     if pid < tiles_x:
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         acc, _ = _rows_times_a(x_ptr, a_ptr, rows, ranks, M, K, R, stride_xm, stride_xk, stride_ar, stride_ak,
-                               seed, p, HAS_DROPOUT, PRECISION, False, BLOCK_M, BLOCK_K, BLOCK_R)
+                               seed, p, PRECISION, False, BLOCK_M, BLOCK_K, BLOCK_R)
         acc = acc * inv_keep
         tl.store(u_ptr + rows[:, None] * stride_um + ranks[None, :] * stride_ur, acc.to(u_ptr.dtype.element_ty),
                  mask=(rows[:, None] < M) & (ranks[None, :] < R))
     else:
         rows = (pid - tiles_x) * BLOCK_M + tl.arange(0, BLOCK_M)
         acc, sq = _rows_times_a(w_ptr, a_ptr, rows, ranks, N, K, R, stride_wn, stride_wk, stride_ar, stride_ak,
-                                seed, p, False, NORM_PRECISION, COMPUTE_WSQ, BLOCK_M, BLOCK_K, BLOCK_R)
+                                seed, 0.0, NORM_PRECISION, True, BLOCK_M, BLOCK_K, BLOCK_R)
         tl.store(wa_ptr + rows[:, None] * R + ranks[None, :], acc, mask=(rows[:, None] < N) & (ranks[None, :] < R))
-        if COMPUTE_WSQ:
-            if pid_r == 0:
-                tl.store(wsq_ptr + rows, sq, mask=rows < N)
+        if compute_wsq != 0 and pid_r == 0:
+            tl.store(wsq_ptr + rows, sq, mask=rows < N)
 
 
 @triton.jit
@@ -125,8 +123,8 @@ def _dora_row_scale(wsq_ptr, wa_ptr, gram_ptr, b_ptr, mag_ptr, cols, N, R, strid
 @triton.jit
 def _dora_fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, wsq_ptr, wa_ptr, gram_ptr, mag_ptr, y_ptr, ynb_ptr, norm_ptr,
                      M, N, K, R, stride_xm, stride_xk, stride_wn, stride_wk, stride_um, stride_ur,
-                     stride_bn, stride_br, stride_ym, stride_yn, scaling,
-                     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                     stride_bn, stride_br, stride_ym, stride_yn, scaling, has_bias,
+                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
     """y = (m / norm) * (x W^T + s u B^T) + b: the rank-r term goes first into the GEMM's own
     accumulator; the epilogue finishes the row norm for this tile's columns, scales and adds the
@@ -154,7 +152,7 @@ def _dora_fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, wsq_ptr, wa_ptr, gram
                                   scaling, BLOCK_N, BLOCK_R)
     acc = acc * scale[None, :]
     tile_ok = (rows[:, None] < M) & (cols[None, :] < N)
-    if HAS_BIAS:
+    if has_bias:
         tl.store(ynb_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn, acc.to(ynb_ptr.dtype.element_ty),
                  mask=tile_ok)
         acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
@@ -167,8 +165,8 @@ def _dora_fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, wsq_ptr, wa_ptr, gram
 @triton.jit
 def _dora_bwd_g_kernel(dy_ptr, ynb_ptr, scale_ptr, b_ptr, u_ptr, g_ptr, db_ptr, ydot_ptr, dbias_ptr,
                        M, N, R, stride_dym, stride_dyn, stride_ym, stride_yn, stride_bn, stride_br,
-                       stride_um, stride_ur, stride_gm, stride_gr, scaling,
-                       NEED_DBIAS: tl.constexpr, PRECISION: tl.constexpr,
+                       stride_um, stride_ur, stride_gm, stride_gr, scaling, need_dbias,
+                       PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """With dy' = dy * scale (per column, on the fly): g[M, R] = dy' B, dB += s dy'^T u, and from
     the first rank block ydot[N] += rowsum_tokens(dy * ynb), ynb = y - b (dm = ydot / m) and, when asked,
@@ -199,7 +197,7 @@ def _dora_bwd_g_kernel(dy_ptr, ynb_ptr, scale_ptr, b_ptr, u_ptr, g_ptr, db_ptr, 
                         other=0.0).to(tl.float32)
             dyf = tl.where(tile_ok, dy.to(tl.float32), 0.0)
             tl.atomic_add(ydot_ptr + cols, tl.sum(dyf * y, axis=0), mask=col_ok)
-            if NEED_DBIAS:
+            if need_dbias:
                 tl.atomic_add(dbias_ptr + cols, tl.sum(dyf, axis=0), mask=col_ok)
     tl.store(g_ptr + rows[:, None] * stride_gm + ranks[None, :] * stride_gr, g.to(g_ptr.dtype.element_ty),
              mask=row_ok[:, None] & rank_ok[None, :])
@@ -208,9 +206,8 @@ def _dora_bwd_g_kernel(dy_ptr, ynb_ptr, scale_ptr, b_ptr, u_ptr, g_ptr, db_ptr, 
 @triton.jit
 def _dora_bwd_dx_kernel(dy_ptr, scale_ptr, w_ptr, g_ptr, a_ptr, x_ptr, seed_ptr, dx_ptr, da_ptr, M, N, K, R,
                         stride_dym, stride_dyn, stride_wn, stride_wk, stride_gm, stride_gr, stride_ar, stride_ak,
-                        stride_xm, stride_xk, stride_dxm, stride_dxk, lora_scale, p,
-                        HAS_DROPOUT: tl.constexpr, COMPUTE_DX: tl.constexpr, PRECISION: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        stride_xm, stride_xk, stride_dxm, stride_dxk, lora_scale, p, compute_dx,
+                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
     """dx = (dy * scale) W + lora_scale * keep * (g A), dy scaled per column as its tiles load;
     then dA[R, K] += lora_scale * g^T (keep * x) from the x tile this program owns (fp32 atomics)."""
@@ -220,7 +217,7 @@ def _dora_bwd_dx_kernel(dy_ptr, scale_ptr, w_ptr, g_ptr, a_ptr, x_ptr, seed_ptr,
     row_ok = rows < M
     k_ok = ks < K
     seed = tl.load(seed_ptr)
-    if COMPUTE_DX:
+    if compute_dx:
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         for r0 in range(0, R, BLOCK_R):
             ranks = r0 + tl.arange(0, BLOCK_R)
@@ -230,7 +227,7 @@ def _dora_bwd_dx_kernel(dy_ptr, scale_ptr, w_ptr, g_ptr, a_ptr, x_ptr, seed_ptr,
                         mask=(ranks[:, None] < R) & k_ok[None, :], other=0.0)
             acc = tl.dot(g, a, acc, input_precision=PRECISION)
         acc = acc * lora_scale
-        if HAS_DROPOUT:
+        if p > 0.0:
             acc = tl.where(_keep_mask(seed, rows, ks, K, p), acc, 0.0)
         for n0 in range(0, N, BLOCK_N):
             ns = n0 + tl.arange(0, BLOCK_N)
@@ -245,7 +242,7 @@ def _dora_bwd_dx_kernel(dy_ptr, scale_ptr, w_ptr, g_ptr, a_ptr, x_ptr, seed_ptr,
                  mask=row_ok[:, None] & k_ok[None, :])
     x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
                 mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-    if HAS_DROPOUT:
+    if p > 0.0:
         x = tl.where(_keep_mask(seed, rows, ks, K, p), x, 0.0).to(x.dtype)
     for r0 in range(0, R, BLOCK_R):
         ranks = r0 + tl.arange(0, BLOCK_R)
@@ -304,8 +301,7 @@ def _triton_forward(x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm
     _dora_down_kernel[grid](
         x2d, weight, lora_A, u, wa, wsq, seed, M, N, K, R, x2d.stride(0), x2d.stride(1),
         weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1), u.stride(0), u.stride(1),
-        1.0 / (1.0 - dropout_p), dropout_p, HAS_DROPOUT=dropout_p > 0.0, COMPUTE_WSQ=weight_sq_norm is None,
-        PRECISION=precision, NORM_PRECISION=_norm_precision(x2d.dtype), BLOCK_R=block_r, **down, **down_meta)
+        1.0 / (1.0 - dropout_p), dropout_p, int(weight_sq_norm is None), PRECISION=precision, NORM_PRECISION=_norm_precision(x2d.dtype), BLOCK_R=block_r, **down, **down_meta)
     gram = _gram(lora_A)
     cfg, meta = _split(_gemm_config(x2d.dtype))
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
@@ -313,8 +309,8 @@ def _triton_forward(x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm
         x2d, weight, bias if bias is not None else x2d, u, lora_B, wsq, wa, gram,
         magnitude.detach().float().contiguous(), y, ynb if bias is not None else y, norm, M, N, K, R,
         x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), u.stride(0), u.stride(1),
-        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), scaling,
-        HAS_BIAS=bias is not None, PRECISION=precision, BLOCK_R=block_r, **cfg, **meta)
+        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), scaling, int(bias is not None),
+        PRECISION=precision, BLOCK_R=block_r, **cfg, **meta)
     return y, u, norm, ynb
 
 
@@ -338,7 +334,7 @@ def _triton_backward(dy, x2d, ynb, weight, lora_A, lora_B, u, scale, scaling, dr
     _dora_bwd_g_kernel[(triton.cdiv(M, gcfg["BLOCK_M"]), triton.cdiv(R, block_r))](
         dy, ynb, scale, lora_B, u, g, d_b, ydot, dbias if dbias is not None else ydot,
         M, N, R, dy.stride(0), dy.stride(1), ynb.stride(0), ynb.stride(1), lora_B.stride(0), lora_B.stride(1),
-        u.stride(0), u.stride(1), g.stride(0), g.stride(1), scaling, NEED_DBIAS=need_dbias, PRECISION=precision, BLOCK_R=block_r, **gcfg, **gmeta)
+        u.stride(0), u.stride(1), g.stride(0), g.stride(1), scaling, int(need_dbias), PRECISION=precision, BLOCK_R=block_r, **gcfg, **gmeta)
     cfg, meta = _split(_dx_config(x2d.dtype))
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
     out = dx if dx is not None else x2d
@@ -346,8 +342,7 @@ def _triton_backward(dy, x2d, ynb, weight, lora_A, lora_B, u, scale, scaling, dr
         dy, scale, weight, g, lora_A, x2d, seed, out, d_a, M, N, K, R,
         dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), g.stride(0), g.stride(1),
         lora_A.stride(0), lora_A.stride(1), x2d.stride(0), x2d.stride(1), out.stride(0), out.stride(1),
-        scaling / (1.0 - dropout_p), dropout_p,
-        HAS_DROPOUT=dropout_p > 0.0, COMPUTE_DX=need_dx, PRECISION=precision, BLOCK_R=block_r, **cfg, **meta)
+        scaling / (1.0 - dropout_p), dropout_p, int(need_dx), PRECISION=precision, BLOCK_R=block_r, **cfg, **meta)
     return dx, d_a.to(x2d.dtype), d_b.to(x2d.dtype), ydot, dbias
 
 
@@ -355,57 +350,57 @@ def _i32(*names) -> dict:
     return {n: "i32" for n in names}
 
 
+def _block_r_choices() -> list[int]:
+    """Every rank chunk ``_block_r`` can pick (ranks 1..1024)."""
+    return sorted({_block_r(r) for r in range(1, 1025)})
+
+
 def triton_kernel_specs() -> list:
-    """Every config the launchers above can launch, per dtype and rank chunk (``peftkern kernels``)."""
+    """Every config the launchers above can launch: per dtype and rank chunk (``peftkern kernels``).
+    Dropout, bias, cached ||W||^2 and dx-or-not are runtime branches, not compile-time variants."""
     specs = []
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         t = tl_dtype_name(dtype)
         precision = _precision(dtype)
-        for block_r in (16, 32, 64):
-            for dropout in (False, True):
-                for wsq in (False, True):
-                    down, meta = _split(_DOWN_CONFIG)
-                    specs.append(KernelSpec(
-                        _dora_down_kernel, f"{t} r<={block_r} dropout={int(dropout)} wsq={int(wsq)}",
-                        {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "a_ptr": f"*{t}", "u_ptr": f"*{t}", "wa_ptr": "*fp32",
-                         "wsq_ptr": "*fp32", "seed_ptr": "*i64", **_i32("M", "N", "K", "R", "stride_xm", "stride_xk",
-                                                                         "stride_wn", "stride_wk", "stride_ar",
-                                                                         "stride_ak", "stride_um", "stride_ur"),
-                         "inv_keep": "fp32", "p": "fp32"},
-                        {"HAS_DROPOUT": dropout, "COMPUTE_WSQ": wsq, "PRECISION": precision,
-                         "NORM_PRECISION": _norm_precision(dtype), "BLOCK_R": block_r, **down}, **meta))
-                cfg, meta = _split(_dx_config(dtype))
-                specs.append(KernelSpec(
-                    _dora_bwd_dx_kernel,
-                    f"{t} r<={block_r} dropout={int(dropout)} {cfg['BLOCK_M']}x{cfg['BLOCK_K']}x{cfg['BLOCK_N']}",
-                    {"dy_ptr": f"*{t}", "scale_ptr": "*fp32", "w_ptr": f"*{t}", "g_ptr": f"*{t}", "a_ptr": f"*{t}",
-                     "x_ptr": f"*{t}", "seed_ptr": "*i64", "dx_ptr": f"*{t}", "da_ptr": "*fp32",
-                     **_i32("M", "N", "K", "R", "stride_dym", "stride_dyn", "stride_wn", "stride_wk", "stride_gm",
-                            "stride_gr", "stride_ar", "stride_ak", "stride_xm", "stride_xk", "stride_dxm",
-                            "stride_dxk"),
-                     "lora_scale": "fp32", "p": "fp32"},
-                    {"HAS_DROPOUT": dropout, "COMPUTE_DX": True, "PRECISION": precision, "BLOCK_R": block_r, **cfg},
-                    **meta))
-            for has_bias in (False, True):
-                cfg, meta = _split(_gemm_config(dtype))
-                specs.append(KernelSpec(
-                    _dora_fwd_kernel,
-                    f"{t} r<={block_r} bias={int(has_bias)} {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}",
-                    {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "bias_ptr": f"*{t}", "u_ptr": f"*{t}", "b_ptr": f"*{t}",
-                     "wsq_ptr": "*fp32", "wa_ptr": "*fp32", "gram_ptr": "*fp32", "mag_ptr": "*fp32",
-                     "y_ptr": f"*{t}", "ynb_ptr": f"*{t}", "norm_ptr": "*fp32",
-                     **_i32("M", "N", "K", "R", "stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_um",
-                            "stride_ur", "stride_bn", "stride_br", "stride_ym", "stride_yn"), "scaling": "fp32"},
-                    {"HAS_BIAS": has_bias, "PRECISION": precision, "BLOCK_R": block_r, **cfg}, **meta))
-                gcfg, meta = _split(_G_CONFIG)
-                specs.append(KernelSpec(
-                    _dora_bwd_g_kernel, f"{t} r<={block_r} dbias={int(has_bias)} {gcfg['BLOCK_M']}x{gcfg['BLOCK_N']}",
-                    {"dy_ptr": f"*{t}", "ynb_ptr": f"*{t}", "scale_ptr": "*fp32", "b_ptr": f"*{t}",
-                     "u_ptr": f"*{t}", "g_ptr": f"*{t}", "db_ptr": "*fp32", "ydot_ptr": "*fp32", "dbias_ptr": "*fp32",
-                     **_i32("M", "N", "R", "stride_dym", "stride_dyn", "stride_ym", "stride_yn", "stride_bn",
-                            "stride_br", "stride_um", "stride_ur", "stride_gm", "stride_gr"), "scaling": "fp32"},
-                    {"NEED_DBIAS": has_bias, "PRECISION": precision, "BLOCK_R": block_r,
-                     **gcfg}, **meta))
+        for block_r in _block_r_choices():
+            down, meta = _split(_DOWN_CONFIG)
+            specs.append(KernelSpec(
+                _dora_down_kernel, f"{t} r<={block_r} {down['BLOCK_M']}x{down['BLOCK_K']}",
+                {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "a_ptr": f"*{t}", "u_ptr": f"*{t}", "wa_ptr": "*fp32",
+                 "wsq_ptr": "*fp32", "seed_ptr": "*i64",
+                 **_i32("M", "N", "K", "R", "stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_ar", "stride_ak",
+                        "stride_um", "stride_ur"),
+                 "inv_keep": "fp32", "p": "fp32", "compute_wsq": "i32"},
+                {"PRECISION": precision, "NORM_PRECISION": _norm_precision(dtype), "BLOCK_R": block_r, **down},
+                **meta))
+            cfg, meta = _split(_gemm_config(dtype))
+            specs.append(KernelSpec(
+                _dora_fwd_kernel, f"{t} r<={block_r} {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}",
+                {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "bias_ptr": f"*{t}", "u_ptr": f"*{t}", "b_ptr": f"*{t}",
+                 "wsq_ptr": "*fp32", "wa_ptr": "*fp32", "gram_ptr": "*fp32", "mag_ptr": "*fp32",
+                 "y_ptr": f"*{t}", "ynb_ptr": f"*{t}", "norm_ptr": "*fp32",
+                 **_i32("M", "N", "K", "R", "stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_um",
+                        "stride_ur", "stride_bn", "stride_br", "stride_ym", "stride_yn"),
+                 "scaling": "fp32", "has_bias": "i32"},
+                {"PRECISION": precision, "BLOCK_R": block_r, **cfg}, **meta))
+            gcfg, meta = _split(_G_CONFIG)
+            specs.append(KernelSpec(
+                _dora_bwd_g_kernel, f"{t} r<={block_r} {gcfg['BLOCK_M']}x{gcfg['BLOCK_N']}",
+                {"dy_ptr": f"*{t}", "ynb_ptr": f"*{t}", "scale_ptr": "*fp32", "b_ptr": f"*{t}", "u_ptr": f"*{t}",
+                 "g_ptr": f"*{t}", "db_ptr": "*fp32", "ydot_ptr": "*fp32", "dbias_ptr": "*fp32",
+                 **_i32("M", "N", "R", "stride_dym", "stride_dyn", "stride_ym", "stride_yn", "stride_bn", "stride_br",
+                        "stride_um", "stride_ur", "stride_gm", "stride_gr"),
+                 "scaling": "fp32", "need_dbias": "i32"},
+                {"PRECISION": precision, "BLOCK_R": block_r, **gcfg}, **meta))
+            cfg, meta = _split(_dx_config(dtype))
+            specs.append(KernelSpec(
+                _dora_bwd_dx_kernel, f"{t} r<={block_r} {cfg['BLOCK_M']}x{cfg['BLOCK_K']}x{cfg['BLOCK_N']}",
+                {"dy_ptr": f"*{t}", "scale_ptr": "*fp32", "w_ptr": f"*{t}", "g_ptr": f"*{t}", "a_ptr": f"*{t}",
+                 "x_ptr": f"*{t}", "seed_ptr": "*i64", "dx_ptr": f"*{t}", "da_ptr": "*fp32",
+                 **_i32("M", "N", "K", "R", "stride_dym", "stride_dyn", "stride_wn", "stride_wk", "stride_gm",
+                        "stride_gr", "stride_ar", "stride_ak", "stride_xm", "stride_xk", "stride_dxm", "stride_dxk"),
+                 "lora_scale": "fp32", "p": "fp32", "compute_dx": "i32"},
+                {"PRECISION": precision, "BLOCK_R": block_r, **cfg}, **meta))
     return specs
 
 
