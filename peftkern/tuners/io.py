@@ -188,9 +188,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     """Load a PEFT adapter folder into ``model`` (a transformers model, or a PeftKernModel to add a
     further adapter to) and return the PeftKernModel.
 
-    On a plain model the adapter becomes active (``model.eval()`` unless ``is_trainable``); on a
-    PeftKernModel it is added inactive, as PEFT's ``load_adapter`` does. Its weights train only when
-    ``is_trainable``. Any error (missing file, corrupted safetensors, unknown key, wrong shape) is
+    On a plain model the adapter becomes active; on a PeftKernModel it is added inactive, as PEFT's
+    ``load_adapter`` does. Its weights train only when ``is_trainable``; otherwise the model is put
+    in eval mode, as PEFT does. Any error (missing file, corrupted safetensors, unknown key, wrong shape) is
     raised before the model changes, or after putting it back as it was.
     """
     wrapped = model if isinstance(model, PeftKernModel) else None
@@ -214,8 +214,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     if fresh:
         freeze_base(wrapped)
         wrapped.set_adapter(adapter_name)
-        if not is_trainable:
-            wrapped.eval()
     else:
         wrapped._refresh()
+    if not is_trainable:
+        wrapped.eval()  # as PEFT: dropout off for an adapter loaded for inference
     return wrapped

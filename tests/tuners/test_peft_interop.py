@@ -37,7 +37,7 @@ def lora_kwargs(family: str, variant: str) -> dict:
     elif variant == "regex_layers":
         kw.update(target_modules=r".*\.1\..*(c_fc|c_attn)" if gpt2 else r".*\.1\..*(gate_proj|o_proj)")
     elif variant == "layers_to_transform":
-        kw.update(layers_to_transform=[1])
+        kw.update(layers_to_transform=[1], layers_pattern="h" if gpt2 else "layers")
     return kw
 
 
@@ -200,3 +200,25 @@ def test_dora_adapter_round_trip_with_peft(tmp_path, family):
         load_file(tmp_path / "peft" / "adapter_model.safetensors").keys()
     back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
     assert (logits(back, ids) - logits(theirs, ids)).abs().max().item() < ATOL
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+def test_training_gradients_match_peft(tmp_path, family):
+    """A PEFT adapter loaded trainable: the same parameters train, with PEFT's gradients (the
+    backward runs through peftkern.ops.lora_linear)."""
+    base = tiny_model(family)
+    kw = lora_kwargs(family, "modules_to_save")
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
+    perturb_trainable(theirs)
+    theirs.save_pretrained(tmp_path)
+    ours = load_adapter(copy.deepcopy(base), tmp_path, is_trainable=True)
+    ids = token_ids()
+    for model in (theirs, ours):
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+    their_grads = {n.removeprefix("base_model.model."): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    our_grads = {n.removeprefix("model."): p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert our_grads.keys() == their_grads.keys()
+    for name, grad in our_grads.items():
+        assert grad is not None and grad.abs().max() > 0, name
+        assert torch.allclose(grad, their_grads[name], rtol=1e-4, atol=1e-6), name

@@ -19,7 +19,7 @@ def tiny_model(family: str, seed: int = 0):
         config, cls = tf.MistralConfig(**common, sliding_window=None), tf.MistralForCausalLM
     elif family == "gpt2":
         config = tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                               bos_token_id=0, eos_token_id=0)
+                               bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         cls = tf.GPT2LMHeadModel
     else:
         raise ValueError(family)
