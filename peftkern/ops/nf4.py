@@ -16,6 +16,7 @@ File order (ARCHITECTURE.md): Triton kernels, launchers, then the registered ops
 from __future__ import annotations
 
 import ctypes
+import itertools
 import math
 
 import torch
@@ -41,27 +42,47 @@ _keep_mask = _lora._keep_mask
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _nf4_values(packed_ptr, absmax_ptr, nested_ptr, ncode_ptr, code_ptr, offset, idx, mask,
-                log2_bs, log2_nbs, DOUBLE: tl.constexpr):
-    """fp32 values of the elements at flat indices ``idx`` (any shape): code[nibble] * absmax, the
-    absmax decoded from its 8-bit index, the nested absmax and the offset when DOUBLE."""
-    byte = tl.load(packed_ptr + (idx >> 1), mask=mask, other=0).to(tl.int32)
-    nibble = tl.where((idx & 1) == 0, byte >> 4, byte & 15)
-    value = tl.load(code_ptr + nibble)
-    block = idx >> log2_bs
+def _nf4_scale(absmax_ptr, nested_ptr, ncode_ptr, offset, block, mask, log2_nbs, DOUBLE: tl.constexpr):
+    """fp32 absmax of NF4 blocks ``block`` (any shape), decoded from the 8-bit index when DOUBLE."""
     if DOUBLE:
         q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
         scale = tl.load(ncode_ptr + q) * tl.load(nested_ptr + (block >> log2_nbs), mask=mask, other=0.0) + offset
     else:
         scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
-    return value * scale
+    return scale
+
+
+@triton.jit
+def _nf4_values(packed_ptr, absmax_ptr, nested_ptr, ncode_ptr, code_ptr, offset, idx, mask,
+                log2_bs, log2_nbs, DOUBLE: tl.constexpr):
+    """fp32 values of the elements at flat int32 indices ``idx`` (any shape): code[nibble] * absmax.
+    Works for any shape and blocksize (one gather per element)."""
+    byte = tl.load(packed_ptr + (idx >> 1), mask=mask, other=0).to(tl.int32)
+    nibble = tl.where((idx & 1) == 0, byte >> 4, byte & 15)
+    value = tl.load(code_ptr + nibble)
+    return value * _nf4_scale(absmax_ptr, nested_ptr, ncode_ptr, offset, idx >> log2_bs, mask, log2_nbs, DOUBLE)
+
+
+@triton.jit
+def _nf4_row_tile(packed_ptr, absmax_ptr, nested_ptr, ncode_ptr, code_ptr, offset, rows, k0, K, row_ok,
+                  log2_bs, log2_nbs, DOUBLE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 tile W[rows, k0:k0+BLOCK_K] when every row of the tile lies inside one NF4 block (K is a
+    multiple of the blocksize, the blocksize a multiple of BLOCK_K, k0 a multiple of BLOCK_K): one
+    byte load per two codes, one absmax per row."""
+    half = tl.arange(0, BLOCK_K // 2)
+    byte_idx = rows[:, None] * (K // 2) + (k0 // 2 + half[None, :])
+    byte = tl.load(packed_ptr + byte_idx, mask=row_ok[:, None], other=0).to(tl.int32)
+    codes = tl.reshape(tl.join(byte >> 4, byte & 15), (BLOCK_ROWS, BLOCK_K))
+    value = tl.load(code_ptr + codes)
+    scale = _nf4_scale(absmax_ptr, nested_ptr, ncode_ptr, offset, (rows * K + k0) >> log2_bs, row_ok, log2_nbs, DOUBLE)
+    return value * scale[:, None]
 
 
 @triton.jit
 def _nf4_dequant_kernel(packed_ptr, absmax_ptr, nested_ptr, ncode_ptr, code_ptr, out_ptr, n, offset,
                         log2_bs, log2_nbs, DOUBLE: tl.constexpr, BLOCK: tl.constexpr):
     """out[n] = dequant(packed), rounded once to out's dtype."""
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
     w = _nf4_values(packed_ptr, absmax_ptr, nested_ptr, ncode_ptr, code_ptr, offset, idx, mask,
                     log2_bs, log2_nbs, DOUBLE)
@@ -72,10 +93,11 @@ def _nf4_dequant_kernel(packed_ptr, absmax_ptr, nested_ptr, ncode_ptr, code_ptr,
 def _nf4_fwd_kernel(x_ptr, packed_ptr, absmax_ptr, nested_ptr, ncode_ptr, code_ptr, bias_ptr, u_ptr, b_ptr, y_ptr,
                     M, N, K, R, offset, log2_bs, log2_nbs,
                     stride_xm, stride_xk, stride_um, stride_ur, stride_bn, stride_br, stride_ym, stride_yn, scaling,
-                    DOUBLE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, PRECISION: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                    GROUP_M: tl.constexpr):
-    """y = x dequant(W)^T + b + scaling * u B^T, W [N, K] dequantized tile by tile in registers."""
+                    has_bias, DOUBLE: tl.constexpr, ROW_BLOCKS: tl.constexpr, HAS_LORA: tl.constexpr,
+                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
+    """y = x dequant(W)^T + b + scaling * u B^T, W [N, K] dequantized tile by tile in registers
+    (ROW_BLOCKS: the one-absmax-per-row tile path, see _nf4_row_tile)."""
     tile_m, tile_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -89,17 +111,21 @@ def _nf4_fwd_kernel(x_ptr, packed_ptr, absmax_ptr, nested_ptr, ncode_ptr, code_p
                         mask=(cols[:, None] < N) & (ranks[None, :] < R), other=0.0)
             acc = tl.dot(u, tl.trans(b), acc, input_precision=PRECISION)
         acc = acc * scaling
-    w_rows = cols.to(tl.int64)[:, None] * K
+    col_ok = cols < N
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
                     mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
-        w_mask = (cols[:, None] < N) & (ks[None, :] < K)
-        w = _nf4_values(packed_ptr, absmax_ptr, nested_ptr, ncode_ptr, code_ptr, offset, w_rows + ks[None, :],
-                        w_mask, log2_bs, log2_nbs, DOUBLE)
-        w = tl.where(w_mask, w, 0.0).to(x_ptr.dtype.element_ty)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
-    if HAS_BIAS:
+        if ROW_BLOCKS:
+            w = _nf4_row_tile(packed_ptr, absmax_ptr, nested_ptr, ncode_ptr, code_ptr, offset, cols, k0, K, col_ok,
+                              log2_bs, log2_nbs, DOUBLE, BLOCK_N, BLOCK_K)
+        else:
+            w_mask = col_ok[:, None] & (ks[None, :] < K)
+            w = _nf4_values(packed_ptr, absmax_ptr, nested_ptr, ncode_ptr, code_ptr, offset,
+                            cols[:, None] * K + ks[None, :], w_mask, log2_bs, log2_nbs, DOUBLE)
+            w = tl.where(w_mask, w, 0.0)
+        acc = tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)), acc, input_precision=PRECISION)
+    if has_bias != 0:
         acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & (cols[None, :] < N))
@@ -109,8 +135,7 @@ def _nf4_fwd_kernel(x_ptr, packed_ptr, absmax_ptr, nested_ptr, ncode_ptr, code_p
 def _nf4_gemv_kernel(x_ptr, packed_ptr, absmax_ptr, nested_ptr, ncode_ptr, code_ptr, bias_ptr, u_ptr, b_ptr, y_ptr,
                      N, K, R, offset, log2_bs, log2_nbs,
                      stride_xm, stride_xk, stride_um, stride_ur, stride_bn, stride_br, stride_ym, stride_yn, scaling,
-                     DOUBLE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+                     has_bias, DOUBLE: tl.constexpr, ROW_BLOCKS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """One token row m (program axis 1) times BLOCK_N rows of W: y[m, n] = sum_k x[m, k] W[n, k]
     (+ b + scaling * u[m] . B[n]), with products and sums in fp32 (no tensor cores: decode reads
     W once and is bound by its bytes)."""
@@ -118,16 +143,19 @@ def _nf4_gemv_kernel(x_ptr, packed_ptr, absmax_ptr, nested_ptr, ncode_ptr, code_
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    w_rows = cols.to(tl.int64)[:, None] * K
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         x = tl.load(x_ptr + m * stride_xm + ks * stride_xk, mask=k_ok, other=0.0).to(tl.float32)
-        w_mask = col_ok[:, None] & k_ok[None, :]
-        w = _nf4_values(packed_ptr, absmax_ptr, nested_ptr, ncode_ptr, code_ptr, offset, w_rows + ks[None, :],
-                        w_mask, log2_bs, log2_nbs, DOUBLE)
-        w = tl.where(w_mask, w, 0.0).to(x_ptr.dtype.element_ty).to(tl.float32)
-        acc += tl.sum(w * x[None, :], axis=1)
+        if ROW_BLOCKS:
+            w = _nf4_row_tile(packed_ptr, absmax_ptr, nested_ptr, ncode_ptr, code_ptr, offset, cols, k0, K, col_ok,
+                              log2_bs, log2_nbs, DOUBLE, BLOCK_N, BLOCK_K)
+        else:
+            w_mask = col_ok[:, None] & k_ok[None, :]
+            w = _nf4_values(packed_ptr, absmax_ptr, nested_ptr, ncode_ptr, code_ptr, offset,
+                            cols[:, None] * K + ks[None, :], w_mask, log2_bs, log2_nbs, DOUBLE)
+            w = tl.where(w_mask, w, 0.0)
+        acc += tl.sum(w.to(x_ptr.dtype.element_ty).to(tl.float32) * x[None, :], axis=1)
     if HAS_LORA:
         lora = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for r0 in range(0, R, BLOCK_R):
@@ -138,7 +166,7 @@ def _nf4_gemv_kernel(x_ptr, packed_ptr, absmax_ptr, nested_ptr, ncode_ptr, code_
                         mask=col_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
             lora += tl.sum(b * u[None, :], axis=1)
         acc += lora * scaling
-    if HAS_BIAS:
+    if has_bias != 0:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + m * stride_ym + cols * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=col_ok)
 
@@ -148,7 +176,8 @@ def _nf4_bwd_dx_kernel(dy_ptr, packed_ptr, absmax_ptr, nested_ptr, ncode_ptr, co
                        seed_ptr, dx_ptr, da_ptr, M, N, K, R, offset, log2_bs, log2_nbs,
                        stride_dym, stride_dyn, stride_gm, stride_gr, stride_ar, stride_ak,
                        stride_xm, stride_xk, stride_dxm, stride_dxk, lora_scale, p,
-                       DOUBLE: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                       DOUBLE: tl.constexpr, ROW_BLOCKS: tl.constexpr, HAS_LORA: tl.constexpr,
+                       HAS_DROPOUT: tl.constexpr,
                        COMPUTE_DX: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
     """dx = dy dequant(W) + lora_scale * keep * (g A), W's [BLOCK_N, BLOCK_K] tiles dequantized in
@@ -176,11 +205,15 @@ def _nf4_bwd_dx_kernel(dy_ptr, packed_ptr, absmax_ptr, nested_ptr, ncode_ptr, co
             ns = n0 + tl.arange(0, BLOCK_N)
             dy = tl.load(dy_ptr + rows[:, None] * stride_dym + ns[None, :] * stride_dyn,
                          mask=row_ok[:, None] & (ns[None, :] < N), other=0.0)
-            w_mask = (ns[:, None] < N) & k_ok[None, :]
-            w = _nf4_values(packed_ptr, absmax_ptr, nested_ptr, ncode_ptr, code_ptr, offset,
-                            ns.to(tl.int64)[:, None] * K + ks[None, :], w_mask, log2_bs, log2_nbs, DOUBLE)
-            w = tl.where(w_mask, w, 0.0).to(dy_ptr.dtype.element_ty)
-            acc = tl.dot(dy, w, acc, input_precision=PRECISION)
+            if ROW_BLOCKS:
+                w = _nf4_row_tile(packed_ptr, absmax_ptr, nested_ptr, ncode_ptr, code_ptr, offset, ns,
+                                  tile_k * BLOCK_K, K, ns < N, log2_bs, log2_nbs, DOUBLE, BLOCK_N, BLOCK_K)
+            else:
+                w_mask = (ns[:, None] < N) & k_ok[None, :]
+                w = _nf4_values(packed_ptr, absmax_ptr, nested_ptr, ncode_ptr, code_ptr, offset,
+                                ns[:, None] * K + ks[None, :], w_mask, log2_bs, log2_nbs, DOUBLE)
+                w = tl.where(w_mask, w, 0.0)
+            acc = tl.dot(dy, w.to(dy_ptr.dtype.element_ty), acc, input_precision=PRECISION)
         tl.store(dx_ptr + rows[:, None] * stride_dxm + ks[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & k_ok[None, :])
     if HAS_LORA:
@@ -203,19 +236,35 @@ def _nf4_bwd_dx_kernel(dy_ptr, packed_ptr, absmax_ptr, nested_ptr, ncode_ptr, co
 _DEQUANT_BLOCK = 1024
 
 
-def _gemm_config(dtype: torch.dtype) -> dict:
-    """Forward tiles: the dequantized W tile lives in registers beside the accumulator, so tiles are
-    128x128 with a K depth of 32 (fp32) / 64 (16-bit), 8 warps."""
-    k = 32 if dtype == torch.float32 else 64
-    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": k, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+def _gemm_config(dtype: torch.dtype, row_blocks: bool = True) -> dict:
+    """Forward tiles: the dequantized W tile (codes, values, scales) lives in registers beside the
+    accumulator, so the K depth is 32 (a W tile row then sits inside one NF4 block at every
+    blocksize) and the pipeline two stages deep; fp32 halves the N width. The general path (a
+    gather and an absmax decode per element, for shapes whose rows cross NF4 blocks) takes 64x64."""
+    if dtype == torch.float32:  # IEEE fp32 dots run on FMA units and hold far more registers
+        return {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 2}
+    if not row_blocks:
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 2}
+    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 2}
 
 
-def _dx_config(dtype: torch.dtype) -> dict:
-    n = 32 if dtype == torch.float32 else 64
-    return {"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_N": n, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+def _dx_config(dtype: torch.dtype, row_blocks: bool = True) -> dict:
+    """dx tiles: K depth 64 (one NF4 block per W tile row at blocksize >= 64), N steps of 32."""
+    if dtype == torch.float32:
+        return {"BLOCK_M": 32, "BLOCK_K": 32, "BLOCK_N": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 2}
+    if not row_blocks:
+        return {"BLOCK_M": 64, "BLOCK_K": 32, "BLOCK_N": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 2}
+    return {"BLOCK_M": 128, "BLOCK_K": 64, "BLOCK_N": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 2}
 
 
-_GEMV_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 2}
+_GEMV_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
+_RANK_CHUNK = 16  # the LoRA rank is looped over in chunks of 16 (tl.dot's minimum)
+
+
+def _row_blocks(w4, block_k: int) -> bool:
+    """The W tiles [rows, k0:k0+block_k] each lie inside one NF4 block per row (the fast tile path)."""
+    k = w4.shape[1]
+    return k % w4.blocksize == 0 and w4.blocksize % block_k == 0
 
 
 def _weight_args(w4, device):
@@ -280,15 +329,17 @@ def _triton_forward(x2d, w4, bias, lora_A, lora_B, scaling, dropout_p, seed):
         cfg, meta = _lora._split(_GEMV_CONFIG)
         _nf4_gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), M)](
             x2d, *common, N, K, R, offset, log2_bs, log2_nbs, x2d.stride(0), x2d.stride(1), *lora_strides,
-            y.stride(0), y.stride(1), scaling, DOUBLE=double, HAS_BIAS=bias is not None, HAS_LORA=has_lora,
-            BLOCK_R=block_r, **cfg, **meta)
+            y.stride(0), y.stride(1), scaling, int(bias is not None), DOUBLE=double,
+            ROW_BLOCKS=_row_blocks(w4, cfg["BLOCK_K"]), HAS_LORA=has_lora, BLOCK_R=_RANK_CHUNK, **cfg, **meta)
         return y, u
-    cfg, meta = _lora._split(_gemm_config(x2d.dtype))
+    row_blocks = _row_blocks(w4, _gemm_config(x2d.dtype)["BLOCK_K"])
+    cfg, meta = _lora._split(_gemm_config(x2d.dtype, row_blocks))
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _nf4_fwd_kernel[grid](
         x2d, *common, M, N, K, R, offset, log2_bs, log2_nbs, x2d.stride(0), x2d.stride(1), *lora_strides,
-        y.stride(0), y.stride(1), scaling, DOUBLE=double, HAS_BIAS=bias is not None, HAS_LORA=has_lora,
-        PRECISION=precision, BLOCK_R=block_r, **cfg, **meta)
+        y.stride(0), y.stride(1), scaling, int(bias is not None), DOUBLE=double,
+        ROW_BLOCKS=row_blocks, HAS_LORA=has_lora, PRECISION=precision, BLOCK_R=_RANK_CHUNK,
+        **cfg, **meta)
     return y, u
 
 
@@ -317,14 +368,16 @@ def _triton_backward(dy, x2d, w4, lora_A, lora_B, u, scaling, dropout_p, seed, n
         packed, absmax, nested, ncode, code, offset, log2_bs, log2_nbs, double = _weight_args(w4, x2d.device)
         a_arg = lora_A if has_lora else x2d
         out = dx if dx is not None else x2d
-        cfg, meta = _lora._split(_dx_config(x2d.dtype))
+        row_blocks = _row_blocks(w4, _dx_config(x2d.dtype)["BLOCK_K"])
+        cfg, meta = _lora._split(_dx_config(x2d.dtype, row_blocks))
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
         _nf4_bwd_dx_kernel[grid](
             dy, packed, absmax, nested, ncode, code, g, a_arg, x2d, seed, out, d_a if has_lora else x2d,
             M, N, K, R, offset, log2_bs, log2_nbs, dy.stride(0), dy.stride(1), g.stride(0), g.stride(1),
             a_arg.stride(0), a_arg.stride(1), x2d.stride(0), x2d.stride(1), out.stride(0), out.stride(1),
-            scaling / (1.0 - dropout_p), dropout_p, DOUBLE=double, HAS_LORA=has_lora, HAS_DROPOUT=dropout_p > 0.0,
-            COMPUTE_DX=need_dx, PRECISION=precision, BLOCK_R=block_r, **cfg, **meta)
+            scaling / (1.0 - dropout_p), dropout_p, DOUBLE=double, ROW_BLOCKS=row_blocks,
+            HAS_LORA=has_lora, HAS_DROPOUT=dropout_p > 0.0,
+            COMPUTE_DX=need_dx, PRECISION=precision, BLOCK_R=_RANK_CHUNK, **cfg, **meta)
     if has_lora:
         d_a, d_b = d_a.to(x2d.dtype), d_b.to(x2d.dtype)
     return dx, d_a, d_b
@@ -332,57 +385,47 @@ def _triton_backward(dy, x2d, w4, lora_A, lora_B, u, scaling, dropout_p, seed, n
 
 
 def triton_kernel_specs() -> list:
-    """Every config the launchers above can launch, per dtype, double quant and rank chunk
-    (``peftkern kernels``). Without double quant the absmax pointer is fp32."""
+    """Every config the launchers above can launch (``peftkern kernels``): per dtype, double quant
+    (absmax pointer uint8) or not (fp32), row-block tile path or the general one, LoRA or not; the
+    rank is looped in chunks of 16 and the bias is a runtime flag, so neither multiplies configs.
+    (_lora_down_kernel and _lora_bwd_g_kernel, also launched here, are listed by peftkern.ops.lora.)"""
     specs = []
     scalars = {"offset": "fp32", "log2_bs": "i32", "log2_nbs": "i32"}
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    lora_strides = {s: "i32" for s in ("stride_xm", "stride_xk", "stride_um", "stride_ur", "stride_bn", "stride_br",
+                                       "stride_ym", "stride_yn")}
+    dx_strides = {s: "i32" for s in ("stride_dym", "stride_dyn", "stride_gm", "stride_gr", "stride_ar", "stride_ak",
+                                     "stride_xm", "stride_xk", "stride_dxm", "stride_dxk")}
+    for dtype, double in itertools.product((torch.float32, torch.float16, torch.bfloat16), (False, True)):
         t = tl_dtype_name(dtype)
         precision = _lora._precision(dtype)
-        for double in (False, True):
-            wsig = {"packed_ptr": "*u8", "absmax_ptr": "*u8" if double else "*fp32", "nested_ptr": "*fp32",
-                    "ncode_ptr": "*fp32", "code_ptr": "*fp32"}
+        wsig = {"packed_ptr": "*u8", "absmax_ptr": "*u8" if double else "*fp32", "nested_ptr": "*fp32",
+                "ncode_ptr": "*fp32", "code_ptr": "*fp32"}
+        specs.append(KernelSpec(_nf4_dequant_kernel, f"{t} dq={int(double)} {_DEQUANT_BLOCK}",
+                                {**wsig, "out_ptr": f"*{t}", "n": "i32", **scalars},
+                                {"DOUBLE": double, "BLOCK": _DEQUANT_BLOCK}, num_warps=4))
+        for row_blocks, has_lora in itertools.product((False, True), (False, True)):
+            name = f"{t} dq={int(double)} rb={int(row_blocks)} lora={int(has_lora)}"
+            io = {"x_ptr": f"*{t}", **wsig, "bias_ptr": f"*{t}", "u_ptr": f"*{t}", "b_ptr": f"*{t}", "y_ptr": f"*{t}"}
+            tail = {**scalars, **lora_strides, "scaling": "fp32", "has_bias": "i32"}
+            cfg, meta = _lora._split(_gemm_config(dtype, row_blocks))
             specs.append(KernelSpec(
-                _nf4_dequant_kernel, f"{t} dq={int(double)} {_DEQUANT_BLOCK}",
-                {**wsig, "out_ptr": f"*{t}", "n": "i64", **scalars},
-                {"DOUBLE": double, "BLOCK": _DEQUANT_BLOCK}, num_warps=4))
-            for block_r in (16, 32, 64):
-                for has_lora in (False, True):
-                    if not has_lora and block_r != 16:
-                        continue
-                    lora_sig = {"u_ptr": f"*{t}", "b_ptr": f"*{t}", "y_ptr": f"*{t}"}
-                    strides = {s: "i32" for s in ("stride_xm", "stride_xk", "stride_um", "stride_ur", "stride_bn",
-                                                  "stride_br", "stride_ym", "stride_yn")}
-                    for has_bias in (False, True):
-                        cfg, meta = _lora._split(_gemm_config(dtype))
-                        specs.append(KernelSpec(
-                            _nf4_fwd_kernel,
-                            f"{t} dq={int(double)} lora={int(has_lora)} r<={block_r} bias={int(has_bias)}",
-                            {"x_ptr": f"*{t}", **wsig, "bias_ptr": f"*{t}", **lora_sig, "M": "i32", "N": "i32",
-                             "K": "i32", "R": "i32", **scalars, **strides, "scaling": "fp32"},
-                            {"DOUBLE": double, "HAS_BIAS": has_bias, "HAS_LORA": has_lora, "PRECISION": precision,
-                             "BLOCK_R": block_r, **cfg}, **meta))
-                        gcfg, gmeta = _lora._split(_GEMV_CONFIG)
-                        specs.append(KernelSpec(
-                            _nf4_gemv_kernel,
-                            f"{t} dq={int(double)} lora={int(has_lora)} r<={block_r} bias={int(has_bias)}",
-                            {"x_ptr": f"*{t}", **wsig, "bias_ptr": f"*{t}", **lora_sig, "N": "i32", "K": "i32",
-                             "R": "i32", **scalars, **strides, "scaling": "fp32"},
-                            {"DOUBLE": double, "HAS_BIAS": has_bias, "HAS_LORA": has_lora, "BLOCK_R": block_r,
-                             **gcfg}, **gmeta))
-                    for dropout in ((False, True) if has_lora else (False,)):
-                        cfg, meta = _lora._split(_dx_config(dtype))
-                        specs.append(KernelSpec(
-                            _nf4_bwd_dx_kernel,
-                            f"{t} dq={int(double)} lora={int(has_lora)} r<={block_r} dropout={int(dropout)}",
-                            {"dy_ptr": f"*{t}", **wsig, "g_ptr": f"*{t}", "a_ptr": f"*{t}", "x_ptr": f"*{t}",
-                             "seed_ptr": "*i64", "dx_ptr": f"*{t}", "da_ptr": "*fp32", "M": "i32", "N": "i32",
-                             "K": "i32", "R": "i32", **scalars,
-                             **{s: "i32" for s in ("stride_dym", "stride_dyn", "stride_gm", "stride_gr", "stride_ar",
-                                                   "stride_ak", "stride_xm", "stride_xk", "stride_dxm", "stride_dxk")},
-                             "lora_scale": "fp32", "p": "fp32"},
-                            {"DOUBLE": double, "HAS_LORA": has_lora, "HAS_DROPOUT": dropout, "COMPUTE_DX": True,
-                             "PRECISION": precision, "BLOCK_R": block_r, **cfg}, **meta))
+                _nf4_fwd_kernel, name, {**io, "M": "i32", "N": "i32", "K": "i32", "R": "i32", **tail},
+                {"DOUBLE": double, "ROW_BLOCKS": row_blocks, "HAS_LORA": has_lora, "PRECISION": precision,
+                 "BLOCK_R": _RANK_CHUNK, **cfg}, **meta))
+            gcfg, gmeta = _lora._split(_GEMV_CONFIG)
+            specs.append(KernelSpec(
+                _nf4_gemv_kernel, name, {**io, "N": "i32", "K": "i32", "R": "i32", **tail},
+                {"DOUBLE": double, "ROW_BLOCKS": row_blocks, "HAS_LORA": has_lora, "BLOCK_R": _RANK_CHUNK, **gcfg},
+                **gmeta))
+            for dropout in ((False, True) if has_lora else (False,)):
+                cfg, meta = _lora._split(_dx_config(dtype, row_blocks))
+                specs.append(KernelSpec(
+                    _nf4_bwd_dx_kernel, f"{name} dropout={int(dropout)}",
+                    {"dy_ptr": f"*{t}", **wsig, "g_ptr": f"*{t}", "a_ptr": f"*{t}", "x_ptr": f"*{t}",
+                     "seed_ptr": "*i64", "dx_ptr": f"*{t}", "da_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
+                     "R": "i32", **scalars, **dx_strides, "lora_scale": "fp32", "p": "fp32"},
+                    {"DOUBLE": double, "ROW_BLOCKS": row_blocks, "HAS_LORA": has_lora, "HAS_DROPOUT": dropout,
+                     "COMPUTE_DX": True, "PRECISION": precision, "BLOCK_R": _RANK_CHUNK, **cfg}, **meta))
     return specs
 
 
@@ -555,6 +598,8 @@ def _check_w4(op: str, w4) -> None:
         raise ValueError(f"{op}: {w4.packed.numel()} packed bytes cannot hold shape {tuple(w4.shape)}")
     if w4.absmax.numel() != -(-n // w4.blocksize):
         raise ValueError(f"{op}: {w4.absmax.numel()} absmax entries, {-(-n // w4.blocksize)} blocks expected")
+    if n >= 2**31:
+        raise ValueError(f"{op}: weights of {n} >= 2^31 elements are not supported (int32 indexing); split the layer")
     expected = torch.uint8 if w4.nested_absmax is not None else torch.float32
     if w4.absmax.dtype != expected:
         raise TypeError(f"{op}: absmax must be {expected} {'with' if expected == torch.uint8 else 'without'} "
