@@ -66,12 +66,13 @@ def _rows_times_a(src_ptr, a_ptr, rows, ranks, n_rows, K, R, stride_sm, stride_s
 
 
 @triton.jit
-def _dora_down_kernel(x_ptr, w_ptr, a_ptr, u_ptr, wa_ptr, wsq_ptr, seed_ptr, M, N, K, R,
+def _dora_down_kernel(x_ptr, w_ptr, a_ptr, u_ptr, wa_ptr, wsq_ptr, gram_ptr, seed_ptr, M, N, K, R,
                       stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_um, stride_ur,
                       inv_keep, p, compute_wsq, PRECISION: tl.constexpr, NORM_PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """One launch, two skinny GEMMs against A: row blocks of x give u[M, R] = drop(x) A^T; row
-    blocks of W give wa[N, R] = W A^T (fp32) and, when not cached, wsq[N] = ||W||^2_row."""
+    """One launch, three skinny GEMMs against A: row blocks of x give u[M, R] = drop(x) A^T; row
+    blocks of W give wa[N, R] = W A^T (fp32) and, when not cached, wsq[N] = ||W||^2_row; the last
+    program row gives gram[R, R] = A A^T (fp32) for its rank block."""
     pid = tl.program_id(0)
     pid_r = tl.program_id(1)
     ranks = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -84,13 +85,19 @@ def _dora_down_kernel(x_ptr, w_ptr, a_ptr, u_ptr, wa_ptr, wsq_ptr, seed_ptr, M, 
         acc = acc * inv_keep
         tl.store(u_ptr + rows[:, None] * stride_um + ranks[None, :] * stride_ur, acc.to(u_ptr.dtype.element_ty),
                  mask=(rows[:, None] < M) & (ranks[None, :] < R))
-    else:
+    elif pid < tiles_x + tl.cdiv(N, BLOCK_M):
         rows = (pid - tiles_x) * BLOCK_M + tl.arange(0, BLOCK_M)
         acc, sq = _rows_times_a(w_ptr, a_ptr, rows, ranks, N, K, R, stride_wn, stride_wk, stride_ar, stride_ak,
                                 seed, 0.0, NORM_PRECISION, True, BLOCK_M, BLOCK_K, BLOCK_R)
         tl.store(wa_ptr + rows[:, None] * R + ranks[None, :], acc, mask=(rows[:, None] < N) & (ranks[None, :] < R))
         if compute_wsq != 0 and pid_r == 0:
             tl.store(wsq_ptr + rows, sq, mask=rows < N)
+    else:
+        for c0 in range(0, R, BLOCK_R):
+            cr = c0 + tl.arange(0, BLOCK_R)
+            g, _ = _rows_times_a(a_ptr, a_ptr, ranks, cr, R, K, R, stride_ar, stride_ak, stride_ar, stride_ak,
+                                 seed, 0.0, "ieee", False, BLOCK_R, BLOCK_K, BLOCK_R)
+            tl.store(gram_ptr + ranks[:, None] * R + cr[None, :], g, mask=(ranks[:, None] < R) & (cr[None, :] < R))
 
 
 @triton.jit
@@ -121,14 +128,15 @@ def _dora_row_scale(wsq_ptr, wa_ptr, gram_ptr, b_ptr, mag_ptr, cols, N, R, strid
 
 
 @triton.jit
-def _dora_fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, wsq_ptr, wa_ptr, gram_ptr, mag_ptr, y_ptr, ynb_ptr, norm_ptr,
+def _dora_fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, wsq_ptr, wa_ptr, gram_ptr, mag_ptr, y_ptr, ynb_ptr,
+                     scale_ptr,
                      M, N, K, R, stride_xm, stride_xk, stride_wn, stride_wk, stride_um, stride_ur,
                      stride_bn, stride_br, stride_ym, stride_yn, scaling, has_bias,
                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
     """y = (m / norm) * (x W^T + s u B^T) + b: the rank-r term goes first into the GEMM's own
     accumulator; the epilogue finishes the row norm for this tile's columns, scales and adds the
-    bias (also storing y - b to ``ynb`` when there is one). The first row of tiles writes the norm."""
+    bias (also storing y - b to ``ynb`` when there is one). The first row of tiles writes m / norm."""
     tile_m, tile_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -148,7 +156,7 @@ def _dora_fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, wsq_ptr, wa_ptr, gram
         w = tl.load(w_ptr + cols[:, None] * stride_wn + ks[None, :] * stride_wk,
                     mask=(cols[:, None] < N) & (ks[None, :] < K), other=0.0)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
-    scale, norm = _dora_row_scale(wsq_ptr, wa_ptr, gram_ptr, b_ptr, mag_ptr, cols, N, R, stride_bn, stride_br,
+    scale, _ = _dora_row_scale(wsq_ptr, wa_ptr, gram_ptr, b_ptr, mag_ptr, cols, N, R, stride_bn, stride_br,
                                   scaling, BLOCK_N, BLOCK_R)
     acc = acc * scale[None, :]
     tile_ok = (rows[:, None] < M) & (cols[None, :] < N)
@@ -159,17 +167,17 @@ def _dora_fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, wsq_ptr, wa_ptr, gram
     tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
              mask=tile_ok)
     if tile_m == 0:
-        tl.store(norm_ptr + cols, norm, mask=cols < N)
+        tl.store(scale_ptr + cols, scale, mask=cols < N)
 
 
 @triton.jit
-def _dora_bwd_g_kernel(dy_ptr, ynb_ptr, scale_ptr, b_ptr, u_ptr, g_ptr, db_ptr, ydot_ptr, dbias_ptr,
+def _dora_bwd_g_kernel(dy_ptr, ynb_ptr, scale_ptr, mag_ptr, b_ptr, u_ptr, g_ptr, db_ptr, dmag_ptr, dbias_ptr,
                        M, N, R, stride_dym, stride_dyn, stride_ym, stride_yn, stride_bn, stride_br,
                        stride_um, stride_ur, stride_gm, stride_gr, scaling, need_dbias,
                        PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """With dy' = dy * scale (per column, on the fly): g[M, R] = dy' B, dB += s dy'^T u, and from
-    the first rank block ydot[N] += rowsum_tokens(dy * ynb), ynb = y - b (dm = ydot / m) and, when asked,
+    the first rank block dmag[N] += rowsum_tokens(dy * ynb) / m, ynb = y - b (0 where m = 0), and,
     dbias[N] += rowsum_tokens(dy); fp32 atomics, one read of dy and y."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -196,7 +204,9 @@ def _dora_bwd_g_kernel(dy_ptr, ynb_ptr, scale_ptr, b_ptr, u_ptr, g_ptr, db_ptr, 
             y = tl.load(ynb_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn, mask=tile_ok,
                         other=0.0).to(tl.float32)
             dyf = tl.where(tile_ok, dy.to(tl.float32), 0.0)
-            tl.atomic_add(ydot_ptr + cols, tl.sum(dyf * y, axis=0), mask=col_ok)
+            mag = tl.load(mag_ptr + cols, mask=col_ok, other=0.0)
+            inv_m = tl.where(mag != 0.0, 1.0 / tl.where(mag != 0.0, mag, 1.0), 0.0)
+            tl.atomic_add(dmag_ptr + cols, tl.sum(dyf * y, axis=0) * inv_m, mask=col_ok)
             if need_dbias:
                 tl.atomic_add(dbias_ptr + cols, tl.sum(dyf, axis=0), mask=col_ok)
     tl.store(g_ptr + rows[:, None] * stride_gm + ranks[None, :] * stride_gr, g.to(g_ptr.dtype.element_ty),
@@ -275,12 +285,6 @@ _DOWN_CONFIG = {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
 _G_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
 
 
-def _gram(lora_A: torch.Tensor) -> torch.Tensor:
-    """A A^T [r, r] in fp32 (tiny: r^2 in K)."""
-    a = lora_A.float()
-    return a @ a.t()
-
-
 def _triton_forward(x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, dropout_p, seed):
     M, K = x2d.shape
     N, R = weight.shape[0], lora_A.shape[0]
@@ -293,38 +297,40 @@ def _triton_forward(x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm
     wa = torch.empty((N, R), dtype=torch.float32, device=dev)
     wsq = weight_sq_norm.contiguous() if weight_sq_norm is not None else torch.empty(N, dtype=torch.float32,
                                                                                       device=dev)
-    norm = torch.empty(N, dtype=torch.float32, device=dev)
+    gram = torch.empty((R, R), dtype=torch.float32, device=dev)
+    scale = torch.empty(N, dtype=torch.float32, device=dev)
     precision = _precision(x2d.dtype)
     block_r = _block_r(R)
     down, down_meta = _split(_DOWN_CONFIG)
-    grid = (triton.cdiv(M, down["BLOCK_M"]) + triton.cdiv(N, down["BLOCK_M"]), triton.cdiv(R, block_r))
+    grid = (triton.cdiv(M, down["BLOCK_M"]) + triton.cdiv(N, down["BLOCK_M"]) + 1, triton.cdiv(R, block_r))
     _dora_down_kernel[grid](
-        x2d, weight, lora_A, u, wa, wsq, seed, M, N, K, R, x2d.stride(0), x2d.stride(1),
+        x2d, weight, lora_A, u, wa, wsq, gram, seed, M, N, K, R, x2d.stride(0), x2d.stride(1),
         weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1), u.stride(0), u.stride(1),
-        1.0 / (1.0 - dropout_p), dropout_p, int(weight_sq_norm is None), PRECISION=precision, NORM_PRECISION=_norm_precision(x2d.dtype), BLOCK_R=block_r, **down, **down_meta)
-    gram = _gram(lora_A)
+        1.0 / (1.0 - dropout_p), dropout_p, int(weight_sq_norm is None), PRECISION=precision,
+        NORM_PRECISION=_norm_precision(x2d.dtype), BLOCK_R=block_r, **down, **down_meta)
     cfg, meta = _split(_gemm_config(x2d.dtype))
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _dora_fwd_kernel[grid](
         x2d, weight, bias if bias is not None else x2d, u, lora_B, wsq, wa, gram,
-        magnitude.detach().float().contiguous(), y, ynb if bias is not None else y, norm, M, N, K, R,
+        magnitude.detach().float().contiguous(), y, ynb if bias is not None else y, scale, M, N, K, R,
         x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), u.stride(0), u.stride(1),
         lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), scaling, int(bias is not None),
         PRECISION=precision, BLOCK_R=block_r, **cfg, **meta)
-    return y, u, norm, ynb
+    return y, u, scale, ynb
 
 
-def _triton_backward(dy, x2d, ynb, weight, lora_A, lora_B, u, scale, scaling, dropout_p, seed, need_dx, need_dbias):
-    """ynb = y - b -> (dx or None, dA, dB, ydot [N] fp32 = rowsum_tokens(dy * ynb), dbias [N] fp32 or None)."""
+def _triton_backward(dy, x2d, ynb, weight, lora_A, lora_B, u, scale, magnitude, scaling, dropout_p, seed, need_dx,
+                     need_dbias):
+    """ynb = y - b -> (dx or None, dA, dB, dm [N] fp32 = rowsum_tokens(dy * ynb) / m, dbias [N] fp32 or None)."""
     M, K = x2d.shape
     N, R = weight.shape[0], lora_A.shape[0]
     if M == 0 or N == 0 or K == 0:
-        return _torch_backward_dora(dy, x2d, ynb, weight, lora_A, lora_B, u, scale, scaling, dropout_p, seed,
-                                    need_dx, need_dbias)
+        return _torch_backward_dora(dy, x2d, ynb, weight, lora_A, lora_B, u, scale, magnitude, scaling, dropout_p,
+                                    seed, need_dx, need_dbias)
     dev = x2d.device
     d_a = torch.zeros((R, K), dtype=torch.float32, device=dev)
     d_b = torch.zeros((N, R), dtype=torch.float32, device=dev)
-    ydot = torch.zeros(N, dtype=torch.float32, device=dev)
+    dmag = torch.zeros(N, dtype=torch.float32, device=dev)
     dbias = torch.zeros(N, dtype=torch.float32, device=dev) if need_dbias else None
     dx = x2d.new_empty(M, K) if need_dx else None
     precision = _precision(x2d.dtype)
@@ -332,9 +338,11 @@ def _triton_backward(dy, x2d, ynb, weight, lora_A, lora_B, u, scale, scaling, dr
     g = x2d.new_empty(M, R)
     gcfg, gmeta = _split(_G_CONFIG)
     _dora_bwd_g_kernel[(triton.cdiv(M, gcfg["BLOCK_M"]), triton.cdiv(R, block_r))](
-        dy, ynb, scale, lora_B, u, g, d_b, ydot, dbias if dbias is not None else ydot,
+        dy, ynb, scale, magnitude.detach().float().contiguous(), lora_B, u, g, d_b, dmag,
+        dbias if dbias is not None else dmag,
         M, N, R, dy.stride(0), dy.stride(1), ynb.stride(0), ynb.stride(1), lora_B.stride(0), lora_B.stride(1),
-        u.stride(0), u.stride(1), g.stride(0), g.stride(1), scaling, int(need_dbias), PRECISION=precision, BLOCK_R=block_r, **gcfg, **gmeta)
+        u.stride(0), u.stride(1), g.stride(0), g.stride(1), scaling, int(need_dbias), PRECISION=precision,
+        BLOCK_R=block_r, **gcfg, **gmeta)
     cfg, meta = _split(_dx_config(x2d.dtype))
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
     out = dx if dx is not None else x2d
@@ -343,7 +351,7 @@ def _triton_backward(dy, x2d, ynb, weight, lora_A, lora_B, u, scale, scaling, dr
         dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), g.stride(0), g.stride(1),
         lora_A.stride(0), lora_A.stride(1), x2d.stride(0), x2d.stride(1), out.stride(0), out.stride(1),
         scaling / (1.0 - dropout_p), dropout_p, int(need_dx), PRECISION=precision, BLOCK_R=block_r, **cfg, **meta)
-    return dx, d_a.to(x2d.dtype), d_b.to(x2d.dtype), ydot, dbias
+    return dx, d_a.to(x2d.dtype), d_b.to(x2d.dtype), dmag, dbias
 
 
 def _i32(*names) -> dict:
@@ -367,9 +375,9 @@ def triton_kernel_specs() -> list:
             specs.append(KernelSpec(
                 _dora_down_kernel, f"{t} r<={block_r} {down['BLOCK_M']}x{down['BLOCK_K']}",
                 {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "a_ptr": f"*{t}", "u_ptr": f"*{t}", "wa_ptr": "*fp32",
-                 "wsq_ptr": "*fp32", "seed_ptr": "*i64",
-                 **_i32("M", "N", "K", "R", "stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_ar", "stride_ak",
-                        "stride_um", "stride_ur"),
+                 "wsq_ptr": "*fp32", "gram_ptr": "*fp32", "seed_ptr": "*i64",
+                 **_i32("M", "N", "K", "R", "stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_ar",
+                        "stride_ak", "stride_um", "stride_ur"),
                  "inv_keep": "fp32", "p": "fp32", "compute_wsq": "i32"},
                 {"PRECISION": precision, "NORM_PRECISION": _norm_precision(dtype), "BLOCK_R": block_r, **down},
                 **meta))
@@ -378,7 +386,7 @@ def triton_kernel_specs() -> list:
                 _dora_fwd_kernel, f"{t} r<={block_r} {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}",
                 {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "bias_ptr": f"*{t}", "u_ptr": f"*{t}", "b_ptr": f"*{t}",
                  "wsq_ptr": "*fp32", "wa_ptr": "*fp32", "gram_ptr": "*fp32", "mag_ptr": "*fp32",
-                 "y_ptr": f"*{t}", "ynb_ptr": f"*{t}", "norm_ptr": "*fp32",
+                 "y_ptr": f"*{t}", "ynb_ptr": f"*{t}", "scale_ptr": "*fp32",
                  **_i32("M", "N", "K", "R", "stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_um",
                         "stride_ur", "stride_bn", "stride_br", "stride_ym", "stride_yn"),
                  "scaling": "fp32", "has_bias": "i32"},
@@ -386,8 +394,8 @@ def triton_kernel_specs() -> list:
             gcfg, meta = _split(_G_CONFIG)
             specs.append(KernelSpec(
                 _dora_bwd_g_kernel, f"{t} r<={block_r} {gcfg['BLOCK_M']}x{gcfg['BLOCK_N']}",
-                {"dy_ptr": f"*{t}", "ynb_ptr": f"*{t}", "scale_ptr": "*fp32", "b_ptr": f"*{t}", "u_ptr": f"*{t}",
-                 "g_ptr": f"*{t}", "db_ptr": "*fp32", "ydot_ptr": "*fp32", "dbias_ptr": "*fp32",
+                {"dy_ptr": f"*{t}", "ynb_ptr": f"*{t}", "scale_ptr": "*fp32", "mag_ptr": "*fp32", "b_ptr": f"*{t}",
+                 "u_ptr": f"*{t}", "g_ptr": f"*{t}", "db_ptr": "*fp32", "dmag_ptr": "*fp32", "dbias_ptr": "*fp32",
                  **_i32("M", "N", "R", "stride_dym", "stride_dyn", "stride_ym", "stride_yn", "stride_bn", "stride_br",
                         "stride_um", "stride_ur", "stride_gm", "stride_gr"),
                  "scaling": "fp32", "need_dbias": "i32"},
@@ -475,33 +483,33 @@ def dora_row_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
 
 
 def _torch_forward(x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, dropout_p, seed):
-    norm = dora_row_norm(weight, lora_A, lora_B, scaling, weight_sq_norm)
-    scale = (magnitude.detach().float() / norm).to(x2d.dtype)
+    scale = magnitude.detach().float() / dora_row_norm(weight, lora_A, lora_B, scaling, weight_sq_norm)
     u = _torch_dropped(x2d, dropout_p, seed) @ lora_A.t()  # [M, r]
     y = x2d @ weight.t()
-    y.addmm_(u, lora_B.t(), alpha=scaling).mul_(scale)
+    y.addmm_(u, lora_B.t(), alpha=scaling).mul_(scale.to(x2d.dtype))
     if bias is None:
-        return y, u, norm, x2d.new_empty(0)
-    return y + bias, u, norm, y
+        return y, u, scale, x2d.new_empty(0)
+    return y + bias, u, scale, y
 
 
-def _torch_ydot(dy, ynb):
-    """rowsum over tokens of dy * ynb, fp32 [out], in row chunks (small temporaries)."""
+def _torch_dmag(dy, ynb, magnitude):
+    """rowsum over tokens of dy * ynb / m, fp32 [out] (0 where m = 0), in row chunks (small temporaries)."""
     out = torch.zeros(dy.shape[1], dtype=torch.float32, device=dy.device)
     step = _chunk_rows(dy.shape[1])
     for start in range(0, dy.shape[0], step):
         rows = ynb[start:start + step].to(torch.float32, copy=True)
         out.add_(rows.mul_(dy[start:start + step]).sum(0))
-    return out
+    m = magnitude.detach().float()
+    return torch.where(m != 0, out / torch.where(m != 0, m, torch.ones_like(m)), torch.zeros_like(out))
 
 
-def _torch_backward_dora(dy, x2d, ynb, weight, lora_A, lora_B, u, scale, scaling, dropout_p, seed, need_dx,
-                         need_dbias):
-    ydot = _torch_ydot(dy, ynb)
+def _torch_backward_dora(dy, x2d, ynb, weight, lora_A, lora_B, u, scale, magnitude, scaling, dropout_p, seed,
+                         need_dx, need_dbias):
+    dmag = _torch_dmag(dy, ynb, magnitude)
     dbias = dy.sum(0, dtype=torch.float32) if need_dbias else None
     dys = dy * scale.to(dy.dtype)
     dx, d_a, d_b = _torch_backward(dys, x2d, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx)
-    return dx, d_a, d_b, ydot, dbias
+    return dx, d_a, d_b, dmag, dbias
 
 
 # ---------------------------------------------------------------------------------------------
@@ -513,7 +521,7 @@ def dora_linear_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                     lora_B: torch.Tensor, magnitude: torch.Tensor, weight_sq_norm: torch.Tensor | None,
                     scaling: float, dropout_p: float, seed: torch.Tensor,
                     face: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x2d [M, K] -> (y [M, N], u [M, r] = drop(x) A^T, norm [N] fp32 = ||W + s B A||_row,
+    """x2d [M, K] -> (y [M, N], u [M, r] = drop(x) A^T, scale [N] fp32 = m / ||W + s B A||_row,
     y - b [M, N] when there is a bias (else empty [0]), kept for dm)."""
     if face == "triton":
         return _triton_forward(x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, dropout_p, seed)
@@ -530,57 +538,49 @@ def _(x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, dro
 @torch.library.custom_op("peftkern::dora_linear_bwd", mutates_args=())
 def dora_linear_bwd(dy: torch.Tensor, x2d: torch.Tensor, ynb: torch.Tensor, weight: torch.Tensor,
                     lora_A: torch.Tensor, lora_B: torch.Tensor, u: torch.Tensor,
-                    scale: torch.Tensor, scaling: float, dropout_p: float, seed: torch.Tensor, face: str,
+                    scale: torch.Tensor, magnitude: torch.Tensor, scaling: float, dropout_p: float,
+                    seed: torch.Tensor, face: str,
                     need_dx: bool, need_dbias: bool
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dx [M, K] (empty [0, K] when not needed), dA [r, K], dB [N, r],
-    ydot [N] fp32 = rowsum_tokens(dy * ynb), dbias [N] fp32 (empty when not needed)); ynb = y - b."""
+    dm [N] fp32 = rowsum_tokens(dy * ynb) / m, dbias [N] fp32 (empty when not needed)); ynb = y - b."""
     impl = _triton_backward if face == "triton" else _torch_backward_dora
-    dx, d_a, d_b, ydot, dbias = impl(dy, x2d, ynb, weight, lora_A, lora_B, u, scale, scaling, dropout_p, seed,
-                                     need_dx, need_dbias)
+    dx, d_a, d_b, dmag, dbias = impl(dy, x2d, ynb, weight, lora_A, lora_B, u, scale, magnitude, scaling, dropout_p,
+                                     seed, need_dx, need_dbias)
     if dx is None:
         dx = x2d.new_empty(0, x2d.shape[1])
     if dbias is None:
-        dbias = ydot.new_empty(0)
-    return dx, d_a, d_b, ydot, dbias
+        dbias = dmag.new_empty(0)
+    return dx, d_a, d_b, dmag, dbias
 
 
 @dora_linear_bwd.register_fake
-def _(dy, x2d, ynb, weight, lora_A, lora_B, u, scale, scaling, dropout_p, seed, face, need_dx, need_dbias):
+def _(dy, x2d, ynb, weight, lora_A, lora_B, u, scale, magnitude, scaling, dropout_p, seed, face, need_dx, need_dbias):
     dx = x2d.new_empty(x2d.shape) if need_dx else x2d.new_empty(0, x2d.shape[1])
     n = weight.shape[0]
     return (dx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape),
             dy.new_empty(n, dtype=torch.float32), dy.new_empty(n if need_dbias else 0, dtype=torch.float32))
 
 
-def _magnitude_grad(ydot: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
-    """dm = rowsum(dy * pre) / norm = ydot / m, since y - b = (m / norm) * pre. A magnitude entry of
-    exactly 0 erases pre from y: its gradient is reported as 0 (documented limitation)."""
-    m = magnitude.detach().float()
-    safe = torch.where(m == 0, torch.ones_like(m), m)
-    return torch.where(m == 0, torch.zeros_like(ydot), ydot / safe).to(magnitude.dtype)
-
-
 def _setup_context(ctx, inputs, output):
     x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, dropout_p, seed, face = inputs
-    y, u, norm, ynb = output
-    ctx.save_for_backward(x2d, ynb if bias is not None else y, weight, lora_A, lora_B, magnitude, u, norm, seed)
+    y, u, scale, ynb = output
+    ctx.save_for_backward(x2d, ynb if bias is not None else y, weight, lora_A, lora_B, magnitude, u, scale, seed)
     ctx.scaling, ctx.dropout_p, ctx.face = scaling, dropout_p, face
     ctx.has_bias = bias is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
-def _backward(ctx, dy, _du, _dnorm, _dynb):
-    x2d, ynb, weight, lora_A, lora_B, magnitude, u, norm, seed = ctx.saved_tensors
+def _backward(ctx, dy, _du, _dscale, _dynb):
+    x2d, ynb, weight, lora_A, lora_B, magnitude, u, scale, seed = ctx.saved_tensors
     need_dx, need_w, need_bias, need_a, need_lb, need_m = ctx.needs_input_grad[:6]
     dy = dy.contiguous()
-    scale = magnitude.detach().float() / norm
-    dx, d_a, d_b, ydot, dbias = torch.ops.peftkern.dora_linear_bwd(
-        dy, x2d, ynb, weight, lora_A, lora_B, u, scale, ctx.scaling, ctx.dropout_p, seed, ctx.face,
+    dx, d_a, d_b, dmag, dbias = torch.ops.peftkern.dora_linear_bwd(
+        dy, x2d, ynb, weight, lora_A, lora_B, u, scale, magnitude.detach(), ctx.scaling, ctx.dropout_p, seed, ctx.face,
         need_dx, bool(need_bias and ctx.has_bias))
     d_weight = (dy * scale.to(dy.dtype)).t() @ x2d if need_w else None
     return (dx if need_dx else None, d_weight, dbias.to(ctx.bias_dtype) if (need_bias and ctx.has_bias) else None,
-            d_a if need_a else None, d_b if need_lb else None, _magnitude_grad(ydot, magnitude) if need_m else None,
+            d_a if need_a else None, d_b if need_lb else None, dmag.to(magnitude.dtype) if need_m else None,
             None, None, None, None, None)
 
 
@@ -633,7 +633,7 @@ def _from_base_backward(ctx, dy, _du, _dynb):
     if need_x:
         dx = g @ lora_A
         dx = dx.mul_(factor) if keep is None else dx.mul_(keep).mul_(factor)
-    dm = _magnitude_grad(_torch_ydot(dy, ynb), magnitude) if need_m else None
+    dm = _torch_dmag(dy, ynb, magnitude).to(magnitude.dtype) if need_m else None
     d_bias = dy.sum(0).to(ctx.bias_dtype) if (need_bias and ctx.bias_dtype is not None) else None
     return (dys if need_base else None, dx, d_bias, d_a, d_b, dm, None, None, None, None)
 
