@@ -15,6 +15,9 @@ from peftkern.tuners.modules_to_save import ModulesToSaveWrapper
 from peftkern.tuners.targeting import resolve_target_modules
 from peftkern.tuners.weighted import adapter_rank, combine_layer, combined_rank
 
+CLASSIFIER_TASKS = ("SEQ_CLS", "TOKEN_CLS")
+CLASSIFIER_HEADS = ("classifier", "score")
+
 
 class PeftKernModel(nn.Module):
     """Wraps the adapted model (``self.model``, the very object passed in, changed in place).
@@ -58,6 +61,9 @@ class PeftKernModel(nn.Module):
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists (adapters: {list(self.peft_config)})")
         config = config.replace()
+        if config.task_type in CLASSIFIER_TASKS:  # PEFT trains and saves the classification head in full
+            saved = list(config.modules_to_save or [])
+            config.modules_to_save = saved + [n for n in CLASSIFIER_HEADS if n not in saved]
         if config.target_modules is None or (isinstance(config.target_modules, str)
                                              and config.target_modules.lower() == ALL_LINEAR):
             config.target_modules = sorted(resolve_target_modules(self.model, config))

@@ -33,6 +33,8 @@ class Target:
 def is_linear_like(module: nn.Module) -> bool:
     """nn.Linear, GPT-2 Conv1D, a peftkern LoRA layer (adding another adapter), or any module that
     declares in_features/out_features and holds a weight (e.g. a quantized linear)."""
+    if isinstance(module, ModulesToSaveWrapper):
+        return False
     if isinstance(module, (nn.Linear, LoRALinear)) or is_conv1d(module):
         return True
     return (hasattr(module, "in_features") and hasattr(module, "out_features") and hasattr(module, "weight")
@@ -168,7 +170,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
 
 def find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
     """Paths of the modules ``config.modules_to_save`` names (PEFT: the path ends with the name).
-    A name that matches nothing is an error listing the model's top-level-ish module names."""
+    As in PEFT, names that match nothing are skipped (a classification config lists both
+    "classifier" and "score"), but a list of which none matches is an error naming the modules."""
     if not config.modules_to_save:
         return []
     owned = adapter_owned(model)
@@ -181,7 +184,7 @@ def find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
             paths.append(key)
             used.add(hit)
     missing = [m for m in config.modules_to_save if m not in used]
-    if missing:
+    if not used:
         names = sorted({k.rsplit(".", 1)[-1] for k, _ in model.named_modules() if k and k not in owned})
         raise ValueError(f"LoraConfig.modules_to_save: {missing} matched no module; modules here: {names}")
     # a wrapped module's own children would match too (e.g. "lm_head" then nothing below it); keep outermost

@@ -222,3 +222,26 @@ def test_training_gradients_match_peft(tmp_path, family):
     for name, grad in our_grads.items():
         assert grad is not None and grad.abs().max() > 0, name
         assert torch.allclose(grad, their_grads[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_sequence_classification_adapter_round_trip_with_peft(tmp_path):
+    """task_type="SEQ_CLS": the head ("score") trains in full and is saved, as PEFT does."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    base = tf.LlamaForSequenceClassification(tf.LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_labels=3, pad_token_id=0)).eval()
+    ids = token_ids()
+    kw = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS")
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
+    perturb_trainable(theirs)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    assert (logits(ours, ids) - logits(theirs, ids)).abs().max().item() < ATOL
+    mine = get_peft_model(copy.deepcopy(base), LoraConfig(**kw))
+    assert mine.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    perturb_trainable(mine, seed=3)
+    save_adapter(mine, tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    assert (logits(back, ids) - logits(mine, ids)).abs().max().item() < ATOL
