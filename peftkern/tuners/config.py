@@ -158,7 +158,6 @@ class LoraConfig:
             value = getattr(self, f.name)
             out[f.name] = sorted(value) if isinstance(value, (set, list)) and f.name in (
                 "target_modules", "exclude_modules") else value
-        out["loftq_config"] = {}
         return out
 
     def to_json(self) -> str:
