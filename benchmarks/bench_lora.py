@@ -139,7 +139,8 @@ def test_time_cpu(m, k, n, r, dropout, timer, record):
 @pytest.mark.parametrize("m,k,n,r", CPU_SHAPES, ids=lambda v: str(v))
 def test_memory_cpu(m, k, n, r, dropout, record):
     mib = 2.0 ** 20
-    rss = {impl: memory.peak_rss("benchmarks.bench_lora:build_step", impl=impl, m=m, k=k, n=n, r=r, dropout=dropout)
+    rss = {impl: memory.peak_rss("benchmarks.bench_lora:build_step",
+                                 dict(impl=impl, m=m, k=k, n=n, r=r, dropout=dropout), preload=("peft",))
            for impl in IMPLS}
     common = dict(kind="measured-cpu", case=_case(m, k, n, r, dropout), shape=_shape(m, k, n, r), dtype="float32",
                   unit="MiB")
@@ -233,7 +234,8 @@ def test_modeled_h100(m, k, n, r, dropout, record):
 # ---------------------------------------------------------------------------------------------
 
 def test_static_kernels(record):
-    reports = static.kernel_reports("peftkern.ops.lora", limit=pick(None, 1))
+    reports = static.kernel_reports("peftkern.ops.lora", archs=pick(("sm_80", "sm_90"), ("sm_80",)),
+                                    limit=pick(None, 1))
     for rep in reports:
         record(kind="static", case=f"{rep['kernel']} {rep['config']} {rep['arch']}", shape={}, dtype=rep["config"].split()[0],
                metric="registers per thread", ours=rep["registers"], peer=None, peer_name=None, unit="registers",

@@ -1,35 +1,29 @@
 """Peak memory of one step, two ways.
 
-* :func:`peak_rss`: a fresh subprocess imports everything, builds the step (``builder(**kwargs)``
+* :func:`peak_rss`: a fresh process (forked from a server that only imported) builds the step (``builder(**kwargs)``
   returns a zero-argument callable), runs it once to warm up, then takes a baseline (VmRSS), resets
   the kernel's high-water mark (``/proc/self/clear_refs``, "5") and runs the step again: the figure is
   VmHWM minus the baseline. Without a resettable high-water mark it falls back to ``ru_maxrss`` over
-  the RSS before the first step. The child runs with ``MALLOC_MMAP_THRESHOLD_=65536`` so freed blocks
-  go back to the OS and peaks repeat from run to run (BENCHMARKS.md).
+  the RSS before the first step. The process runs with ``MALLOC_MMAP_THRESHOLD_=65536`` so freed
+  blocks go back to the OS and peaks repeat from run to run (BENCHMARKS.md).
 * :func:`live_peak`: in this process, the peak bytes of tensor storages allocated while ``fn()`` runs
   (a ``TorchDispatchMode`` that tracks each new storage until it is freed). Tensors that existed
   before (weights, inputs) do not count.
-
-Run as a module for the subprocess side: ``python -m benchmarks.memory module:builder '{json kwargs}'``.
 """
 from __future__ import annotations
 
 import gc
 import importlib
-import json
+import multiprocessing
 import os
 import resource
-import subprocess
-import sys
 import weakref
-from pathlib import Path
 
 import torch
 from torch.utils._pytree import tree_flatten
 
 from benchmarks.traffic import OpenCustomOps
 
-REPO = Path(__file__).resolve().parent.parent
 MMAP_THRESHOLD = "65536"
 
 
@@ -37,18 +31,58 @@ MMAP_THRESHOLD = "65536"
 # fresh subprocess, RSS
 # ---------------------------------------------------------------------------------------------
 
-def peak_rss(target: str, timeout: float = 600, **kwargs) -> dict:
-    """Extra RSS (bytes) of one step of ``target`` ("module:builder") over a warm baseline, measured
-    in a fresh Python process. Returns {"extra_bytes", "baseline_bytes", "method"}."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.memory", target, json.dumps(kwargs)],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"memory subprocess for {target} {kwargs} failed (rc={proc.returncode}):\n"
-                           f"{proc.stderr[-2000:]}")
-    return json.loads(lines[-1])
+def peak_rss(target: str, kwargs: dict | None = None, preload=(), timeout: float = 600) -> dict:
+    """Extra RSS (bytes) of one step of ``target`` ("module:builder", called with ``kwargs``) over a
+    warm baseline, measured in a fresh process. Returns {"extra_bytes", "baseline_bytes", "method"}.
+
+    The process is forked from a fork server that has imported torch, ``target``'s module and
+    ``preload`` (e.g. the peer package) and run nothing (multiprocessing's "forkserver"), so each
+    case starts fresh without paying the imports again; the server and its children run with
+    ``MALLOC_MMAP_THRESHOLD_=65536``. The server starts at the first call, with that call's modules.
+    """
+    kwargs = dict(kwargs or {})
+    ctx = _fork_server([target.partition(":")[0], *preload])
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(target, kwargs, child), daemon=True)
+    proc.start()
+    child.close()
+    try:
+        if not parent.poll(timeout):
+            raise RuntimeError(f"memory measurement of {target} {kwargs} took more than {timeout} s")
+        result = parent.recv()
+    except EOFError:
+        result = {"error": f"the measuring process died (exit code {proc.exitcode})"}
+    finally:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+    if "error" in result:
+        raise RuntimeError(f"memory measurement of {target} {kwargs} failed: {result['error']}")
+    return result
+
+
+_PRELOADED: set = set()
+
+
+def _fork_server(modules):
+    """The forkserver context, started once with MALLOC_MMAP_THRESHOLD_ set and torch and ``modules``
+    preloaded (a module first asked for later is imported by each child)."""
+    from multiprocessing import forkserver
+
+    ctx = multiprocessing.get_context("forkserver")
+    if not _PRELOADED:
+        _PRELOADED.update({"torch", *modules})
+        ctx.set_forkserver_preload(sorted(_PRELOADED))
+        saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD
+        try:
+            forkserver.ensure_running()
+        finally:
+            if saved is None:
+                os.environ.pop("MALLOC_MMAP_THRESHOLD_")
+            else:
+                os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
+    return ctx
 
 
 def _status_kib(field: str) -> int | None:
@@ -90,12 +124,21 @@ def measure_in_this_process(step) -> dict:
             "method": "ru_maxrss over the peak before the step (no warm-up)"}
 
 
-def _child(target: str, kwargs_json: str) -> None:
-    module_name, _, attr = target.partition(":")
-    builder = getattr(importlib.import_module(module_name), attr)
-    step = builder(**json.loads(kwargs_json))
-    gc.collect()
-    print(json.dumps(measure_in_this_process(step)), flush=True)
+def _child(target: str, kwargs: dict, conn) -> None:
+    """The fresh process: build the step, measure it, send the result back."""
+    try:
+        if os.environ.get("PEFTKERN_BENCH_THREADS"):
+            torch.set_num_threads(int(os.environ["PEFTKERN_BENCH_THREADS"]))
+        torch.manual_seed(0)
+        module_name, _, attr = target.partition(":")
+        builder = getattr(importlib.import_module(module_name), attr)
+        step = builder(**kwargs)
+        gc.collect()
+        conn.send(measure_in_this_process(step))
+    except BaseException as exc:  # reported to the parent, which raises with it
+        conn.send({"error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        conn.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,12 +179,3 @@ def live_peak(fn) -> int:
     with tracker:
         fn()
     return tracker.peak
-
-
-if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit("usage: python -m benchmarks.memory module:builder '{json kwargs}'")
-    torch.manual_seed(0)
-    if os.environ.get("PEFTKERN_BENCH_THREADS"):
-        torch.set_num_threads(int(os.environ["PEFTKERN_BENCH_THREADS"]))
-    _child(sys.argv[1], sys.argv[2])

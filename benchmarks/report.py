@@ -66,7 +66,23 @@ def run_metadata(quick: bool) -> dict:
         "versions": versions,
         "quick": quick,
         "model": H100_SXM.describe(),
+        "git": _git_state(),
     }
+
+
+def _git_state() -> dict | None:
+    """The checkout's commit and the files that differ from it (the figures are of the working tree)."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                                check=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "peftkern", "csrc"],
+                               cwd=repo, capture_output=True, text=True, check=True, timeout=30).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "modified": sorted(line[3:] for line in dirty if line.strip())}
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -149,7 +165,7 @@ def markdown(document: dict) -> str:
         versions = ", ".join(f"{k} {v}" for k, v in run["versions"].items() if v)
         lines.append(f"- **{op}** run {run['time_utc']} on {run['cpu']} ({run['cpu_count']} cores, "
                      f"{run['torch_threads']} torch threads, load {_load(run)}), GPU: {run['gpu'] or 'none'}; "
-                     f"{versions}")
+                     f"{versions}; git {_git_line(run)}")
     lines += ["", f"Modeled figures: {meta['model']}. ratio = ours / peer; `target` is on the ratio.", ""]
     rows = document["rows"]
     for op in sorted({r["op"] for r in rows}):
@@ -174,6 +190,14 @@ def markdown(document: dict) -> str:
                                  f"{r.get('target') or ''} | {_met(r)} | {r.get('note', '')} |")
             lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _git_line(run) -> str:
+    git = run.get("git")
+    if not git:
+        return "?"
+    modified = f" + uncommitted changes to {', '.join(git['modified'])}" if git["modified"] else ""
+    return git["commit"][:10] + modified
 
 
 def _load(run) -> str:

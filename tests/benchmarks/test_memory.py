@@ -50,6 +50,6 @@ def build_alloc_step(mib: int):
 
 
 def test_peak_rss_in_a_fresh_process():
-    result = memory.peak_rss("tests.benchmarks.test_memory:build_alloc_step", mib=64)
+    result = memory.peak_rss("tests.benchmarks.test_memory:build_alloc_step", {"mib": 64})
     assert 60 * MIB <= result["extra_bytes"] <= 72 * MIB, result
     assert result["method"]
