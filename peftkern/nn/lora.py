@@ -144,6 +144,10 @@ class LoRALinear(nn.Module):
                 continue
             delta = self.delta_weight(name)
             delta = delta.t() if self.fan_in_fan_out else delta
+            if hasattr(self.base_layer, "merge_delta"):  # quantized base: merged against dequant(W), requantized
+                self.base_layer.merge_delta(delta)
+                self.merged_adapters.append(name)
+                continue
             merged = weight.float() + delta
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"merging adapter {name!r} gives non-finite weights; the base layer is unchanged")
@@ -158,6 +162,9 @@ class LoRALinear(nn.Module):
             name = self.merged_adapters.pop()
             delta = self.delta_weight(name)
             delta = delta.t() if self.fan_in_fan_out else delta
+            if hasattr(self.base_layer, "merge_delta"):  # quantized base: requantized, so not exactly undone
+                self.base_layer.merge_delta(-delta)
+                continue
             weight.copy_((weight.float() - delta).to(weight.dtype))
 
     # -- forward ----------------------------------------------------------------------------
@@ -177,12 +184,18 @@ class LoRALinear(nn.Module):
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         with torch.autocast(x.device.type, enabled=False):
             x = x.to(dtype)
-            weight = self._weight_out_in().to(dtype)
-            bias = self.base_layer.bias
-            bias = bias.to(dtype) if bias is not None else None
             first, rest = active[0], active[1:]
-            y = lora_linear(x, weight, bias, self.lora_A[first].weight.to(dtype), self.lora_B[first].weight.to(dtype),
-                            self.scaling[first], self._dropout_p(first), self.training)
+            fused_base = getattr(self.base_layer, "lora_forward", None)
+            if fused_base is not None:  # a quantized base (NF4Linear): its GEMM and the first adapter in one pass
+                y = fused_base(x, self.lora_A[first].weight.to(dtype), self.lora_B[first].weight.to(dtype),
+                               self.scaling[first], self._dropout_p(first), self.training).to(dtype)
+            else:
+                weight = self._weight_out_in().to(dtype)
+                bias = self.base_layer.bias
+                bias = bias.to(dtype) if bias is not None else None
+                y = lora_linear(x, weight, bias, self.lora_A[first].weight.to(dtype),
+                                self.lora_B[first].weight.to(dtype), self.scaling[first], self._dropout_p(first),
+                                self.training)
             for name in rest:  # further active adapters: the plain rank-r path, added on
                 a, b = self.lora_A[name].weight.to(dtype), self.lora_B[name].weight.to(dtype)
                 y = y + self.scaling[name] * (self.lora_dropout[name](x) @ a.t()) @ b.t()
