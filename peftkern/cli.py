@@ -103,6 +103,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="parallel compile threads (default 1)")
     p.set_defaults(func=_cmd_kernels)
 
+    from peftkern.quant.cli import add_parser as add_quantize_parser
+
+    add_quantize_parser(sub)  # peftkern quantize MODEL_DIR OUT_DIR (peftkern.quant.cli.run)
+
     p = sub.add_parser("bench", help="run the benchmark suite (the repository's benchmarks/, found next to the "
                        "peftkern package: needs a source checkout or editable install)")
     p.add_argument("--op", action="append", help="only the cases of this op (benchmarks/bench_<op>.py); "
