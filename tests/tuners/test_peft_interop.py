@@ -67,6 +67,7 @@ def test_adapter_round_trip_with_peft(tmp_path, family, variant, adapter_name):
     expected = logits(theirs, ids)
     assert (expected - base_logits).abs().max() > 1e-3, "the adapter should change the output"
     assert (logits(ours, ids) - expected).abs().max().item() < ATOL
+    assert ours.get_nb_trainable_parameters()[0] == 0 and not ours.training  # loaded for inference, as PEFT
 
     # peftkern -> PEFT
     mine = get_peft_model(copy.deepcopy(base), LoraConfig(**kw), adapter_name=adapter_name)
@@ -172,6 +173,9 @@ def test_set_disable_delete_adapters_match_peft(tmp_path):
         theirs.set_adapter(name)
         ours.set_adapter(name)
         assert (logits(ours, ids) - logits(theirs, ids)).abs().max().item() < ATOL
+    theirs.base_model.set_adapter(["a", "b"])
+    ours.set_adapter(["a", "b"])  # both run, summed
+    assert (logits(ours, ids) - logits(theirs, ids)).abs().max().item() < ATOL
     with theirs.disable_adapter(), ours.disable_adapter():
         assert (logits(ours, ids) - logits(theirs, ids)).abs().max().item() < ATOL
         assert (logits(ours, ids) - logits(tiny_model("qwen2"), ids)).abs().max().item() < ATOL
