@@ -114,6 +114,9 @@ class DoRALinear(LoRALinear):
 
     # -- norms ------------------------------------------------------------------------------
     def _dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W [out, in] as a dense tensor (a 4-bit base is dequantized: for merging only, never in forward)."""
+        if self._nf4:
+            return self.base_weight().dequantize(dtype or torch.float32)
         w = self._weight_out_in()
         return w if dtype is None else w.to(dtype)
 
@@ -140,43 +143,48 @@ class DoRALinear(LoRALinear):
         w = self._dense_weight().detach()
         return dora_row_norm_from_rows(lambda i, j: w[i:j], w.shape[0], a.float(), b.float(), s)
 
-    # -- merge ------------------------------------------------------------------------------
+    # -- merge ----------------------------------------------------------------------------
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """What merging changes: (m / ||W + s B A||) * (W + s B A) - W, [out, in], fp32 (dense base)."""
+        """What merging changes: (m / ||W + s B A||) * (W + s B A) - W, [out, in], fp32."""
         w = self._dense_weight().float()
         scale = self.lora_magnitude_vector[adapter_name].weight.detach().float() / self.weight_norm(adapter_name)
         return scale[:, None] * (w + LoRALinear.delta_weight(self, adapter_name)) - w
 
+    def _store_weight(self, w: torch.Tensor) -> None:
+        """Write a dense [out, in] fp32 weight back into the base (a 4-bit base is requantized)."""
+        if self._nf4:
+            self.base_layer.set_weight(w)
+            return
+        weight = self.base_layer.weight
+        weight.copy_((w.t() if self.fan_in_fan_out else w).to(weight.dtype))
+
     @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """W <- (m / ||W + s B A||) * (W + s B A) for each given (default: active) adapter, the norm
-        taken on W before this adapter joins it (as PEFT's forward does) and kept for unmerge."""
-        if self._nf4:
-            raise RuntimeError("merging into a 4-bit base would requantize it; dequantize the base first")
-        weight = self.base_weight()
+        taken on W before this adapter joins it (as PEFT's forward does) and kept for unmerge. A
+        4-bit base is dequantized, merged and requantized (so unmerge is exact only up to NF4)."""
+        if self._nf4 and not hasattr(self.base_layer, "set_weight"):
+            raise RuntimeError(f"{type(self.base_layer).__name__} cannot be requantized (no set_weight); "
+                               "merging into it is not possible")
         for name in adapter_names if adapter_names is not None else self.active_adapters:
             if name in self.merged_adapters:
                 continue
             norm = self.weight_norm(name)
             scale = self.lora_magnitude_vector[name].weight.float() / norm
-            delta = LoRALinear.delta_weight(self, name)
-            w = self._dense_weight().float()
-            merged = scale[:, None] * (w + delta)
+            merged = scale[:, None] * (self._dense_weight().float() + LoRALinear.delta_weight(self, name))
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"merging adapter {name!r} gives non-finite weights; the base layer is unchanged")
-            weight.copy_((merged.t() if self.fan_in_fan_out else merged).to(weight.dtype))
+            self._store_weight(merged)
             self._merged_norms[name] = norm
             self.merged_adapters.append(name)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Undo every merged adapter, last first: W <- W / (m / norm) - s B A, norm as kept at merge."""
-        weight = self.base_weight()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             scale = self.lora_magnitude_vector[name].weight.float() / self._merged_norms.pop(name)
-            w = self._dense_weight().float() / scale[:, None] - LoRALinear.delta_weight(self, name)
-            weight.copy_((w.t() if self.fan_in_fan_out else w).to(weight.dtype))
+            self._store_weight(self._dense_weight().float() / scale[:, None] - LoRALinear.delta_weight(self, name))
 
     # -- forward ----------------------------------------------------------------------------
     def _base_no_bias(self, x: torch.Tensor) -> torch.Tensor:
@@ -206,7 +214,11 @@ class DoRALinear(LoRALinear):
         if self.merged or not active:
             return self.base_layer(x)
         out_dtype = x.dtype
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dtype = x.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        elif self._nf4 and getattr(self.base_layer, "compute_dtype", None) is not None:
+            dtype = self.base_layer.compute_dtype  # a 4-bit base computes in its compute dtype, as bnb's does
         with torch.autocast(x.device.type, enabled=False):
             x = x.to(dtype)
             bias = self.base_layer.bias
