@@ -242,18 +242,18 @@ def _gemm_config(dtype: torch.dtype, row_blocks: bool = True) -> dict:
     blocksize) and the pipeline two stages deep; fp32 halves the N width. The general path (a
     gather and an absmax decode per element, for shapes whose rows cross NF4 blocks) takes 64x64."""
     if dtype == torch.float32:  # IEEE fp32 dots run on FMA units and hold far more registers
-        return {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 2}
+        return {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 1}
     if not row_blocks:
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 2}
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 1}
     return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 2}
 
 
 def _dx_config(dtype: torch.dtype, row_blocks: bool = True) -> dict:
     """dx tiles: K depth 64 (one NF4 block per W tile row at blocksize >= 64), N steps of 32."""
     if dtype == torch.float32:
-        return {"BLOCK_M": 32, "BLOCK_K": 32, "BLOCK_N": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 2}
+        return {"BLOCK_M": 32, "BLOCK_K": 32, "BLOCK_N": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 1}
     if not row_blocks:
-        return {"BLOCK_M": 64, "BLOCK_K": 32, "BLOCK_N": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 2}
+        return {"BLOCK_M": 64, "BLOCK_K": 32, "BLOCK_N": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 1}
     return {"BLOCK_M": 128, "BLOCK_K": 64, "BLOCK_N": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 2}
 
 

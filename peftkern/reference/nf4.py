@@ -117,7 +117,7 @@ def quantize_blockwise_8bit(a: torch.Tensor, code: torch.Tensor, blocksize: int)
     scaled = (blocks * inv[:, None]).clamp(-1.0, 1.0)
     grid = ((scaled + 1.0) * 0.5 * float(_GRID_POINTS - 1) + 0.5).to(torch.int64)
     table = _grid_to_code(tuple(code.float().cpu().tolist())).to(a.device)
-    q = table[grid].to(torch.uint8)
+    q = table.index_select(0, grid.reshape(-1)).view(grid.shape).to(torch.uint8)
     q = torch.where((absmax == 0)[:, None], torch.zeros_like(q), q)
     return q.reshape(-1)[:n], absmax
 
@@ -125,7 +125,8 @@ def quantize_blockwise_8bit(a: torch.Tensor, code: torch.Tensor, blocksize: int)
 def dequantize_blockwise_8bit(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
     """uint8 [n] -> fp32 [n]: code[q] * absmax[i // blocksize]."""
     block = torch.arange(q.numel(), device=q.device) // blocksize
-    return code.to(q.device)[q.long()] * absmax[block]
+    # index_select, not code[q]: advanced indexing into a tiny table is pathologically slow on the CPU
+    return code.to(q.device).index_select(0, q.reshape(-1).long()) * absmax.index_select(0, block)
 
 
 def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -154,7 +155,7 @@ def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape, blocksize:
     flat = packed.reshape(-1)
     idx = torch.stack([flat >> 4, flat & 15], dim=1).reshape(-1)[:n].long()
     block = torch.arange(n, device=packed.device) // blocksize
-    values = nf4_code(packed.device)[idx] * absmax.float()[block]
+    values = nf4_code(packed.device).index_select(0, idx) * absmax.float().index_select(0, block)
     return values.to(dtype).view(shape)
 
 
