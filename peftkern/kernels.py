@@ -19,6 +19,7 @@ import tempfile
 OP_MODULES = (
     "peftkern.ops.lora",
     "peftkern.ops.logprobs",
+    "peftkern.ops.adamw",
 )
 
 ARCHS = {"sm_80": 80, "sm_90": 90}
