@@ -21,6 +21,7 @@ OP_MODULES = (
     "peftkern.ops.dora",
     "peftkern.ops.logprobs",
     "peftkern.ops.adamw",
+    "peftkern.ops.nf4",
 )
 
 ARCHS = {"sm_80": 80, "sm_90": 90}
