@@ -2,9 +2,9 @@
 AdamW, and chunked log-prob losses, each op with a pure-PyTorch reference."""
 __version__ = "0.1.0"
 
-from peftkern import backend, ops, quant  # noqa: E402
+from peftkern import backend, ops, optim, quant  # noqa: E402
 from peftkern.nn import DoRALinear, LoRALinear, NF4Linear, quantize_model  # noqa: E402
 from peftkern.tuners import LoraConfig, PeftKernModel, get_peft_model, load_adapter, save_adapter  # noqa: E402
 
-__all__ = ["__version__", "backend", "ops", "quant", "DoRALinear", "LoRALinear", "NF4Linear", "quantize_model", "LoraConfig",
+__all__ = ["__version__", "backend", "ops", "optim", "quant", "DoRALinear", "LoRALinear", "NF4Linear", "quantize_model", "LoraConfig",
            "PeftKernModel", "get_peft_model", "load_adapter", "save_adapter"]

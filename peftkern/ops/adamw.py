@@ -1,15 +1,19 @@
 """AdamW step, 32-bit and 8-bit blockwise states: two registered ops with three faces each.
 
-* torch: the CPU face, in-place torch ops over cache-sized chunks (the 8-bit path dequantizes,
-  updates and requantizes one chunk of blocks at a time, so the fp32 states never exist whole).
+* torch: the CPU face. 32-bit fp32 parameters go through torch's own fused AdamW kernel; the rest
+  runs torch.optim.AdamW's op sequence over cache-sized chunks. The 8-bit path dequantizes, updates
+  and requantizes one chunk of blocks at a time (the fp32 states never exist whole) and finds the
+  nearest codes with two table lookups instead of a binary search.
 * triton: one pass per element: load, (dequantize,) update, (block absmax, requantize,) store.
 * cuda: the same pass from csrc/optim/adamw.cu, launched through cuda-python.
 
-All three compute ``peftkern.reference.adamw``'s fp32 formula in the same order, with correctly
-rounded division and square root and no fused multiply-add in the kernels; they differ from the
-torch face only where torch's CPU sqrt is off by an ulp (it is not correctly rounded), which can
-move a state that sits on a midpoint between two map values to the neighbouring code. Parameters may be fp32, fp16 or bf16; 32-bit states are fp32; 8-bit states are uint8 codes
-of bitsandbytes' dynamic maps (signed for m, unsigned for v) with one fp32 absmax per 256 elements.
+The Triton and CUDA kernels compute ``peftkern.reference.adamw``'s fp32 formula in its order, with
+correctly rounded division and square root and no fused multiply-add. The torch face follows
+torch's AdamW (lerp, addcmul, addcdiv; torch's CPU sqrt is not correctly rounded), so the faces
+agree to an ulp, and an 8-bit state that sits on a midpoint between two map values may land on
+the neighbouring code. Parameters may be fp32, fp16 or bf16; 32-bit states are fp32; 8-bit
+states are uint8 codes of bitsandbytes' dynamic maps (signed for m, unsigned for v) with one fp32
+absmax per 256 elements.
 
 File order (ARCHITECTURE.md): Triton kernels, launchers, CUDA launchers, torch face, registered
 ops, public entry points with the boundary checks.
@@ -281,8 +285,8 @@ def _code_tables(signed: bool, device: torch.device) -> tuple[torch.Tensor, torc
     nearest code of x = below[b] + (x > mid[b]), b = x's bits >> 15, the same as a binary search."""
     midpoints = map_midpoints(dynamic_map(signed))
     first_bits = torch.arange(_BUCKETS, dtype=torch.int64) << _BUCKET_SHIFT
-    ends = [(bits | mask).to(torch.int32).view(torch.float32) for bits, mask in ((first_bits, 0),
-                                                                                 (first_bits, (1 << _BUCKET_SHIFT) - 1))]
+    last_bits = first_bits | ((1 << _BUCKET_SHIFT) - 1)
+    ends = [bits.to(torch.int32).view(torch.float32) for bits in (first_bits, last_bits)]
     low, high = torch.minimum(*ends), torch.maximum(*ends)  # negative floats order backwards
     below = torch.searchsorted(midpoints, low, right=False)
     inside = torch.searchsorted(midpoints, high, right=True) - below

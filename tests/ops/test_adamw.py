@@ -73,7 +73,8 @@ def _check_8bit(out, expected, dtype):
     _assert_states_close(va, va_ref)
     _assert_codes_close(mq, mq_ref, "m codes")
     _assert_codes_close(vq, vq_ref, "v codes")
-    for codes, absmax, codes_ref, absmax_ref, signed in ((mq, ma, mq_ref, ma_ref, True), (vq, va, vq_ref, va_ref, False)):
+    pairs = ((mq, ma, mq_ref, ma_ref, True), (vq, va, vq_ref, va_ref, False))
+    for codes, absmax, codes_ref, absmax_ref, signed in pairs:
         code = ref.dynamic_map(signed, DEVICE)
         assert rel_error(ref.dequantize_blockwise(codes, absmax, code),
                          ref.dequantize_blockwise(codes_ref, absmax_ref, code)) <= 5e-3
@@ -158,8 +159,8 @@ def test_bad_inputs_raise_before_any_kernel():
     with pytest.raises(ValueError, match="grad has shape"):
         ops.adamw_step(p, g[:9], m, v, step=1, lr=1e-3)
     with pytest.raises(ValueError, match="param must be contiguous"):
-        ops.adamw_step(torch.randn(4, 5, device=DEVICE).t(), torch.randn(5, 4, device=DEVICE), torch.zeros(20, device=DEVICE),
-                       torch.zeros(20, device=DEVICE), step=1, lr=1e-3)
+        ops.adamw_step(torch.randn(4, 5, device=DEVICE).t(), torch.randn(5, 4, device=DEVICE),
+                       torch.zeros(20, device=DEVICE), torch.zeros(20, device=DEVICE), step=1, lr=1e-3)
     with pytest.raises(TypeError, match="param has dtype torch.float64"):
         ops.adamw_step(p.double(), g.double(), m, v, step=1, lr=1e-3)
     mq, ma, vq, va = _quantized_states(10)
