@@ -60,10 +60,8 @@ def test_from_bnb_linear4bit_and_state_dict_both_ways(seed):
     q = bnb.nn.Linear4bit(64, 32, bias=True, compute_dtype=torch.bfloat16, compress_statistics=True,
                           quant_type="nf4")
     q.load_state_dict(lin.state_dict())
-    q = q.to("cpu") if q.weight.quant_state is not None else q._apply(lambda t: t)
-    if q.weight.quant_state is None:  # quantization happens on the move to a device
-        q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, compress_statistics=True,
-                                     quant_type="nf4")._quantize("cpu")
+    q = q.to("cpu")  # Linear4bit quantizes on its move to a device
+    assert q.weight.quant_state is not None
     ours = NF4Linear.from_bnb(q)
     assert torch.equal(ours.weight, NF4Linear.from_linear(lin).weight)  # same bytes as quantizing ourselves
     x = torch.randn(6, 64, dtype=torch.bfloat16)
@@ -130,7 +128,7 @@ def test_merge_requantize_reports_error_and_16bit_option(seed):
     layer = make()[0]
     layer.merge()
     with torch.no_grad():
-        assert rel_error(layer(x), before.new_tensor(make()[0](x))) < 0.2
+        assert rel_error(layer(x), make()[0](x)) < 0.2
 
 
 def _tiny_llama(tmp_path=None):
@@ -177,7 +175,7 @@ def test_tiny_qlora_trains_like_lora_on_the_same_base(seed):
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=3e-2)
         losses = []
-        for step in range(12):
+        for step in range(10):
             x, t = data[step % 4]
             loss = nn.functional.cross_entropy(model(x), t)
             opt.zero_grad()
