@@ -261,6 +261,14 @@ _GEMV_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
 _RANK_CHUNK = 16  # the LoRA rank is looped over in chunks of 16 (tl.dot's minimum)
 
 
+def _lora_block_r(rank: int, dtype: torch.dtype) -> int:
+    """The rank chunk the LoRA op's own kernels (down projection, dy B) are launched with."""
+    try:
+        return _lora._block_r(rank, dtype)
+    except TypeError:  # an ops.lora whose chunk does not depend on the dtype
+        return _lora._block_r(rank)
+
+
 def _row_blocks(w4, block_k: int) -> bool:
     """The W tiles [rows, k0:k0+block_k] each lie inside one NF4 block per row (the fast tile path)."""
     k = w4.shape[1]
@@ -314,7 +322,7 @@ def _triton_forward(x2d, w4, bias, lora_A, lora_B, scaling, dropout_p, seed):
     if M == 0:
         return y, u
     precision = _lora._precision(x2d.dtype)
-    block_r = _lora._block_r(max(R, 1))
+    block_r = _lora_block_r(max(R, 1), x2d.dtype)
     if has_lora:
         down, down_meta = _lora._split(_lora._DOWN_CONFIG)
         _lora._lora_down_kernel[(triton.cdiv(M, down["BLOCK_M"]), triton.cdiv(R, block_r))](
@@ -357,7 +365,7 @@ def _triton_backward(dy, x2d, w4, lora_A, lora_B, u, scaling, dropout_p, seed, n
             dx.zero_()
     elif has_lora or need_dx:
         precision = _lora._precision(x2d.dtype)
-        block_r = _lora._block_r(max(R, 1))
+        block_r = _lora_block_r(max(R, 1), x2d.dtype)
         g = x2d.new_empty(M, R)
         if has_lora:
             gcfg, gmeta = _lora._split(_lora._G_CONFIG)
