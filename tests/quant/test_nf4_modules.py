@@ -222,29 +222,29 @@ def test_transformers_bnb_checkpoint_and_cli_round_trip(tmp_path, seed):
 
 
 @pytest.mark.peers
-def test_bnb_written_state_dict_loads(tmp_path, seed):
-    """A state dict as transformers + bitsandbytes save it (Linear4bit modules) loads into NF4Linear."""
-    bnb = pytest.importorskip("bitsandbytes")
-    from safetensors.torch import save_file
+def test_transformers_bitsandbytes_checkpoint_loads(tmp_path, seed):
+    """A checkpoint transformers saves from a model loaded with BitsAndBytesConfig(load_in_4bit=True,
+    nf4, double quant) loads into NF4Linear modules, bit-identical to quantizing the source ourselves."""
+    pytest.importorskip("bitsandbytes")
+    transformers = pytest.importorskip("transformers")
+    from peftkern.quant.checkpoint import load_pretrained_nf4
 
-    from peftkern.quant.checkpoint import load_nf4_state_dict, read_safetensors_dir
-
-    model = _tiny_llama()
-    state = {}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and name != "lm_head":
-            param = bnb.nn.Params4bit(module.weight.data.clone(), requires_grad=False, compress_statistics=True,
-                                      quant_type="nf4")._quantize("cpu")
-            state[name + ".weight"] = param.data
-            for k, v in param.quant_state.as_dict(packed=True).items():
-                state[f"{name}.weight.{k}"] = v
-    for k, v in model.state_dict().items():
-        state.setdefault(k, v) if not any(k == n + ".weight" for n in [m for m, _ in model.named_modules()]
-                                          if k.rpartition(".")[0] + ".weight.absmax" in state) else None
-    state = {k: v.contiguous() for k, v in state.items()}
-    save_file(state, str(tmp_path / "model.safetensors"))
-    loaded = load_nf4_state_dict(_tiny_llama(), read_safetensors_dir(str(tmp_path)))
+    _tiny_llama(tmp_path / "src")
+    bnb_config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                 bnb_4bit_use_double_quant=True,
+                                                 bnb_4bit_compute_dtype=torch.float32)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src", quantization_config=bnb_config,
+                                                               device_map="cpu")
+    assert type(theirs.model.layers[0].mlp.gate_proj).__name__ == "Linear4bit"
+    theirs.save_pretrained(tmp_path / "q")
+    loaded = load_pretrained_nf4(str(tmp_path / "q"))
+    assert type(loaded.model.layers[0].mlp.gate_proj).__name__ == "NF4Linear"
     ours = quantize_model(_tiny_llama())
+    for name, module in ours.named_modules():
+        if isinstance(module, NF4Linear):
+            other = loaded.get_submodule(name)
+            assert torch.equal(other.weight, module.weight) and torch.equal(other.absmax, module.absmax), name
     ids = torch.randint(0, 64, (1, 9))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, ours(ids).logits)
+        assert rel_error(loaded(ids).logits, theirs(ids).logits) < 2e-2  # bnb's CPU matmul rounds x to bf16
