@@ -87,6 +87,35 @@ def _cmd_bench(args) -> int:
     return runner.main(ops or None, quick=args.quick, out=args.out, progress=not args.no_progress, threads=args.threads)
 
 
+def _cmd_demo(args) -> int:
+    import torch
+
+    from peftkern.train.demo import format_report, run_demo
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = run_demo(args.out, plan="quick" if args.quick else "full", quiet=args.quiet, seed=args.seed)
+    print(format_report(report))
+    print(f"wrote {args.out}/report.json, loss curves, adapters and samples")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from peftkern.train.config import config_from_args
+    from peftkern.train.data import DataError
+    from peftkern.train.run import run
+
+    try:
+        cfg = config_from_args(args, args.command)
+        summary = run(args.command, cfg)
+    except (DataError, ValueError, FileNotFoundError) as exc:
+        print(f"peftkern {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    if summary is not None:
+        print(json.dumps(summary, indent=1))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftkern", description="Fused PEFT kernels: info, static kernel report, "
                                      "demo and trainers.")
@@ -119,7 +148,36 @@ def _parser() -> argparse.ArgumentParser:
                    "(default 1; 0 = torch's default)")
     p.set_defaults(func=_cmd_bench)
 
+    _add_training_commands(sub)
     return parser
+
+
+def _add_training_commands(sub) -> None:
+    from peftkern.train.config import add_arguments
+
+    p = sub.add_parser("demo", help="the embedded tiny Llama end to end on the CPU: base model, LoRA SFT, DPO; "
+                       "writes report.json, loss curves, adapters and samples")
+    p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
+    p.add_argument("--quick", action="store_true", help="a seconds-long smoke run on the micro model (checks the "
+                   "pipeline, shows no learning)")
+    p.add_argument("--seed", type=int, default=0, help="seed of data and training (default 0)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the tiny model's ops are too "
+                   "small to gain from more, and lose badly when other programs share the cores; 0: torch's default)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_demo)
+
+    described = {
+        "sft": "supervised fine-tuning (loss on completions; data: 'messages' or 'prompt'/'completion')",
+        "rm": "reward model: scalar head, Bradley-Terry loss with optional 'margin' (data: 'prompt'/'chosen'/'rejected')",
+        "dpo": "DPO family, reference log-probs precomputed and cached (data: 'prompt'/'chosen'/'rejected')",
+        "kto": "KTO on unpaired labelled completions (data: 'prompt'/'completion'/'label')",
+        "ppo": "PPO with a value head against a reward model or a Python reward function (data: 'prompt')",
+    }
+    for kind, text in described.items():
+        p = sub.add_parser(kind, help=text, description=f"peftkern {kind}: {text}. Many processes: torchrun "
+                           f"--nproc_per_node N -m peftkern {kind} ... --strategy ddp|fsdp2.")
+        add_arguments(p, kind)
+        p.set_defaults(func=_cmd_train)
 
 
 def main(argv=None) -> int:

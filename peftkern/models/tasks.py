@@ -1,0 +1,154 @@
+"""The bundled data: small rule-made tasks with one right answer, so exact match means something.
+
+Three skills, each a question with a short answer computed by a rule:
+
+* ``upper``: "Write 'kelo' in capitals." -> "KELO"
+* ``reverse``: "Reverse 'kel'." -> "lek"
+* ``add``: "What is 7 + 8?" -> "15"
+
+Everything is made by ``random.Random(seed)``, so the same seed gives the same data on every
+machine. Train and held-out splits never share a question. The rejected answers of preference pairs
+are the mistakes of a model without the skill (echoing the input, the wrong letter case), so a
+model that learns to avoid them has learnt something about the rule.
+
+Formats follow TRL's conventions (conversational): ``messages`` for SFT, ``prompt`` / ``chosen`` /
+``rejected`` for DPO and reward models, ``prompt`` / ``completion`` / ``label`` for KTO, ``prompt``
+for PPO (with :func:`task_reward` as the reward function).
+"""
+from __future__ import annotations
+
+import random
+import re
+
+SYSTEM_PROMPT = "You answer with the answer only."
+SKILLS = ("upper", "reverse", "add")
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _word(rng: random.Random, low: int = 3, high: int = 5) -> str:
+    return "".join(rng.choice(_LETTERS) for _ in range(rng.randint(low, high)))
+
+
+def make_question(rng: random.Random, skill: str) -> tuple[str, str, str]:
+    """(question, right answer, a typical wrong answer) for one draw of ``skill``.
+
+    The wrong answers are the mistakes a model makes before it has the skill: echoing the input
+    (the word as given, the digits side by side) or getting the letter case wrong."""
+    if skill == "upper":
+        w = _word(rng)
+        return f"Write '{w}' in capitals.", w.upper(), rng.choice([w, w.capitalize()])
+    if skill == "reverse":
+        w = _word(rng, 3, 3)
+        while w == w[::-1]:
+            w = _word(rng, 3, 3)
+        return f"Reverse '{w}'.", w[::-1], rng.choice([w, w[::-1].upper()])
+    if skill == "add":
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        return f"What is {a} + {b}?", str(a + b), f"{a}{b}"
+    raise ValueError(f"unknown skill {skill!r}; expected one of {SKILLS}")
+
+
+def questions(n: int, seed: int, exclude: set[str] | frozenset[str] = frozenset(),
+              distinct: bool = True) -> list[tuple[str, str, str]]:
+    """``n`` questions, skills in turn, none of them in ``exclude`` (and no repeats when ``distinct``)."""
+    rng = random.Random(seed)
+    out, seen = [], set(exclude)
+    tries = 0
+    while len(out) < n:
+        tries += 1
+        if tries > 100 * n + 1000:
+            raise ValueError(f"cannot draw {n} {'distinct ' if distinct else ''}questions outside the "
+                             f"{len(exclude)} excluded ones")
+        q = make_question(rng, SKILLS[len(out) % len(SKILLS)])
+        if q[0] in seen:
+            continue
+        if distinct:
+            seen.add(q[0])
+        out.append(q)
+    return out
+
+
+def split(n_train: int, n_eval: int, seed: int = 0):
+    """(train, held_out) lists of (question, answer, wrong); held-out questions never appear in train
+    (train may repeat a question: there are only 100 sums of two digits)."""
+    held_out = questions(n_eval, seed + 1)
+    train = questions(n_train, seed, exclude={q for q, _, _ in held_out}, distinct=False)
+    return train, held_out
+
+
+def _prompt(question: str) -> list[dict]:
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+
+
+def sft_records(items) -> list[dict]:
+    """``{"messages": [system, user, assistant]}`` per question."""
+    return [{"messages": _prompt(q) + [{"role": "assistant", "content": a}]} for q, a, _ in items]
+
+
+def preference_records(items) -> list[dict]:
+    """``{"prompt": [...], "chosen": [assistant], "rejected": [assistant]}`` per question."""
+    return [{"prompt": _prompt(q), "chosen": [{"role": "assistant", "content": a}],
+             "rejected": [{"role": "assistant", "content": w}]} for q, a, w in items]
+
+
+def kto_records(items) -> list[dict]:
+    """Unpaired labelled completions: the right answer (True) for even items, the wrong (False) for odd."""
+    out = []
+    for i, (q, a, w) in enumerate(items):
+        good = i % 2 == 0
+        out.append({"prompt": _prompt(q), "completion": [{"role": "assistant", "content": a if good else w}],
+                    "label": good})
+    return out
+
+
+def prompt_records(items) -> list[dict]:
+    """``{"prompt": [...], "answer": str}`` per question, for PPO and generation."""
+    return [{"prompt": _prompt(q), "answer": a} for q, a, _ in items]
+
+
+def pretraining_text(items) -> list[str]:
+    """The base model's corpus: the same skills as plain sentences, with no chat format."""
+    out = []
+    for q, a, _ in items:
+        if q.startswith("Write"):
+            w = q.split("'")[1]
+            out.append(f"'{w}' in capitals is {a}.")
+        elif q.startswith("Reverse"):
+            w = q.split("'")[1]
+            out.append(f"'{w}' reversed is {a}.")
+        else:
+            out.append(f"{q[8:-1]} is {a}.")
+    return out
+
+
+def answer_for(question: str) -> str | None:
+    """The right answer to a bundled question (None if it is not one of ours)."""
+    m = re.fullmatch(r"Write '([a-z]+)' in capitals\.", question)
+    if m:
+        return m.group(1).upper()
+    m = re.fullmatch(r"Reverse '([a-z]+)'\.", question)
+    if m:
+        return m.group(1)[::-1]
+    m = re.fullmatch(r"What is (\d+) \+ (\d+)\?", question)
+    if m:
+        return str(int(m.group(1)) + int(m.group(2)))
+    return None
+
+
+def task_reward(prompt, completion: str) -> float:
+    """The rule-based reward for PPO: 1 for the right answer; otherwise partial credit for each
+    leading character that matches (at most 0.5), minus 0.1 for an empty or overlong answer."""
+    question = prompt[-1]["content"] if isinstance(prompt, list) else str(prompt)
+    answer = answer_for(question)
+    if answer is None:
+        raise ValueError(f"task_reward: not a bundled question: {question!r}")
+    got = completion.strip()
+    if got == answer:
+        return 1.0
+    match = 0
+    for x, y in zip(got, answer):
+        if x != y:
+            break
+        match += 1
+    penalty = 0.1 if (not got or len(got) > 2 * len(answer)) else 0.0
+    return 0.5 * match / len(answer) - penalty

@@ -1,0 +1,96 @@
+"""Many processes through torchrun only: DDP or FSDP2 over one process group (NCCL on GPUs, gloo on
+the CPU). A single process (no WORLD_SIZE, or 1) uses none of this."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    strategy: str = "none"
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(strategy: str) -> Dist:
+    """Read torchrun's environment, start the process group, pick this process's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if strategy in ("ddp", "fsdp2") and world == 1 and "RANK" not in os.environ:
+        raise ValueError(f"--strategy {strategy} needs several processes: launch with torchrun --nproc_per_node N")
+    if world == 1:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return Dist(device=device, strategy="none")
+    import torch.distributed as dist
+
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return Dist(rank, world, local_rank, device, "ddp" if strategy in ("auto", "none") else strategy)
+
+
+def wrap(model: nn.Module, d: Dist) -> nn.Module:
+    """DDP or FSDP2 (``fully_shard`` on each decoder layer, then the root) around ``model``."""
+    if d.world == 1:
+        return model
+    if d.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [d.local_rank] if d.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    from torch.distributed.fsdp import fully_shard
+
+    for module in model.modules():
+        if type(module).__name__.endswith("DecoderLayer"):
+            fully_shard(module)
+    fully_shard(model)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and hasattr(model, "no_sync") else model
+
+
+def all_reduce_sum(value: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Sum of ``value`` over every process (a copy; itself with one process)."""
+    if d.world == 1:
+        return value
+    import torch.distributed as dist
+
+    out = value.detach().clone()
+    dist.all_reduce(out)
+    return out
+
+
+def full_state(model: nn.Module, names: list[str], d: Dist) -> dict[str, torch.Tensor]:
+    """Full (unsharded) tensors of the named parameters, on the CPU (FSDP2 gathers them)."""
+    params = dict(unwrap(model).named_parameters())
+    out = {}
+    for n in names:
+        p = params[n].detach()
+        if hasattr(p, "full_tensor"):
+            p = p.full_tensor()
+        out[n] = p.cpu()
+    return out
+
+
+def teardown(d: Dist) -> None:
+    if d.world > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()

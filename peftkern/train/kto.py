@@ -1,0 +1,70 @@
+"""KTO: unpaired desirable / undesirable completions against a reference point (the KL of the policy
+from the reference on mismatched prompt-completion pairs, detached), reference log-probs cached."""
+from __future__ import annotations
+
+import torch
+
+from peftkern.train.data import encode_prompt_completion, encode_sequence, load_records, pad_batch
+from peftkern.train.loop import Trainer
+from peftkern.train.objectives import kto_loss_sum
+from peftkern.train.reference import cached_reference_logps
+
+
+def kto_examples(tokenizer, source, cfg) -> list[dict]:
+    """``{"seq", "kl_seq", "label", "index"}``: the example, and its prompt with the next example's
+    completion (the mismatched pair that estimates the KL reference point)."""
+    records = load_records(source, "kto")
+    parts = [encode_prompt_completion(tokenizer, r.data["prompt"], r.data["completion"], r.where) for r in records]
+    out = []
+    for i, (p, c) in enumerate(parts):
+        other = parts[(i + 1) % len(parts)][1]
+        out.append({"seq": encode_sequence(p, c, cfg.max_length), "kl_seq": encode_sequence(p, other, cfg.max_length),
+                    "label": bool(records[i].data["label"]), "index": i})
+    return out
+
+
+class KTOTrainer(Trainer):
+    kind = "kto"
+
+    def before_train(self):
+        groups = {}
+        for split, examples in (("train", self.train_examples), ("eval", self.eval_examples)):
+            if examples:
+                groups[f"{split}_seq"] = [e["seq"] for e in examples]
+                groups[f"{split}_kl"] = [e["kl_seq"] for e in examples]
+        self.ref = cached_reference_logps(self.module, groups, self.tokenizer.pad_token_id, self.device,
+                                          self.cfg.out, write=self.dist.main)
+
+    def collate(self, examples):
+        batch = pad_batch([e["seq"] for e in examples] + [e["kl_seq"] for e in examples], self.tokenizer.pad_token_id)
+        batch["index"] = torch.tensor([e["index"] for e in examples], dtype=torch.long)
+        batch["desirable"] = torch.tensor([e["label"] for e in examples], dtype=torch.bool)
+        return batch
+
+    def units(self, batch):
+        return torch.tensor(float(batch["index"].numel()))
+
+    def _terms(self, model, batch, split):
+        b = batch["index"].numel()
+        seq = model(batch["input_ids"], batch["attention_mask"], batch["labels"])["logps"].sum(1)
+        idx = batch["index"].cpu()
+        ref = self.ref[f"{split}_seq"][idx].to(seq.device)
+        ref_kl = self.ref[f"{split}_kl"][idx].to(seq.device)
+        kl = (seq[b:] - ref_kl).mean().clamp_min(0).detach()
+        loss = kto_loss_sum(seq[:b], ref, batch["desirable"], kl, self.cfg.beta, self.cfg.desirable_weight,
+                            self.cfg.undesirable_weight)
+        return loss, self.cfg.beta * (seq[:b] - ref).detach(), kl
+
+    def loss(self, model, batch):
+        loss, rewards, kl = self._terms(model, batch, "train")
+        good = batch["desirable"].float()
+        return loss, {"reward_desirable": (rewards * good).sum(), "reward_undesirable": (rewards * (1 - good)).sum(),
+                              "kl": kl * good.numel()}
+
+    def evaluate(self):
+        n, bs = len(self.eval_examples), self.cfg.batch_size
+        loss = 0.0
+        for i in range(0, n, bs):
+            batch = self.to_device(self.collate(self.eval_examples[i:i + bs]))
+            loss += self._terms(self.module, batch, "eval")[0].item()
+        return {"loss": loss / max(n, 1)}

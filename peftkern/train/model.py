@@ -1,0 +1,175 @@
+"""Loading the model to train and the one module the loops call.
+
+:class:`LMWithHeads` wraps a causal LM so one ``forward`` gives what the losses need: per-token
+log-probs of the labels computed from the last hidden states through the fused head (no [tokens, V]
+logits), and optionally a per-token value (PPO) or a per-sequence score (reward model) from a small
+linear head on the same hidden states. DDP / FSDP2 wrap this module, so every parameter that trains
+is used inside its forward.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from torch import nn
+
+from peftkern.train.logprobs import token_logprobs
+
+
+def base_causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers ``*ForCausalLM`` inside PEFT-style wrappers."""
+    while hasattr(model, "get_base_model") and model.get_base_model() is not model:
+        model = model.get_base_model()
+    return model
+
+
+def decoder_of(lm: nn.Module) -> nn.Module:
+    """The stack under the LM head (LlamaModel for LlamaForCausalLM)."""
+    lm = base_causal_lm(lm)
+    if hasattr(lm, "model") and isinstance(lm.model, nn.Module):
+        return lm.model
+    prefix = getattr(lm, "base_model_prefix", "")
+    if prefix and isinstance(getattr(lm, prefix, None), nn.Module):
+        return getattr(lm, prefix)
+    raise TypeError(f"cannot find the decoder of {type(lm).__name__}: expected a transformers *ForCausalLM")
+
+
+def head_of(lm: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight [V, H], bias [V] or None) of the output head."""
+    head = base_causal_lm(lm).get_output_embeddings()
+    if hasattr(head, "base_layer"):
+        head = head.base_layer
+    if not isinstance(head, nn.Linear):
+        raise TypeError(f"the fused log-prob path needs an nn.Linear output head, got {type(head).__name__}")
+    return head.weight, head.bias
+
+
+class LMWithHeads(nn.Module):
+    """A causal LM plus optional heads.
+
+    ``forward(input_ids [B, T], attention_mask [B, T], labels [B, T] or None)`` returns a dict with
+    ``logps`` [B, T-1] fp32 (log p(labels[:, t+1] | ids[:, :t+1]); 0 where the label is -100) when
+    labels are given, ``values`` [B, T] fp32 with ``value_head``, ``scores`` [B] fp32 (at each row's last
+    real token; right padding assumed) with ``score_head``, ``entropy`` [B, T-1] fp32 (of each labelled
+    position's next-token distribution) and ``hidden`` [B, T, H] when asked.
+    """
+
+    def __init__(self, lm: nn.Module, value_head: bool = False, score_head: bool = False, autocast_bf16: bool = False):
+        super().__init__()
+        self.lm = lm
+        hidden = base_causal_lm(lm).config.hidden_size
+        self.value_head = nn.Linear(hidden, 1) if value_head else None
+        self.score_head = nn.Linear(hidden, 1) if score_head else None
+        for head in (self.value_head, self.score_head):
+            if head is not None:
+                nn.init.normal_(head.weight, std=1.0 / (hidden + 1) ** 0.5)
+                nn.init.zeros_(head.bias)
+        self.autocast_bf16 = autocast_bf16
+
+    def _autocast(self, device: torch.device):
+        if self.autocast_bf16 and device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def forward(self, input_ids, attention_mask, labels=None, want_hidden: bool = False, want_entropy: bool = False):
+        out = {}
+        with self._autocast(input_ids.device):
+            hidden = decoder_of(self.lm)(input_ids=input_ids, attention_mask=attention_mask,
+                                         use_cache=False).last_hidden_state
+            if labels is not None:
+                weight, bias = head_of(self.lm)
+                got = token_logprobs(hidden[:, :-1], weight, labels[:, 1:], bias, return_entropy=want_entropy)
+                if want_entropy:
+                    out["logps"], out["entropy"] = got
+                else:
+                    out["logps"] = got
+            if self.value_head is not None:
+                out["values"] = self.value_head(hidden).squeeze(-1).float()
+            if self.score_head is not None:
+                last = (attention_mask.sum(1) - 1).clamp_min(0)
+                rows = torch.arange(hidden.shape[0], device=hidden.device)
+                out["scores"] = self.score_head(hidden[rows, last]).squeeze(-1).float()
+        if want_hidden:
+            out["hidden"] = hidden
+        return out
+
+
+def load_tokenizer(cfg):
+    if cfg.model.startswith("tiny"):
+        from peftkern.models import build_byte_tokenizer
+
+        return build_byte_tokenizer()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_lm(cfg, quiet: bool = False) -> nn.Module:
+    """The causal LM named by ``cfg.model``: ``tiny`` (the pretrained embedded default, built and cached
+    on first use), ``tiny-micro`` (a random micro model, for tests) or a local directory."""
+    if cfg.model == "tiny":
+        from peftkern.models import pretrained_tiny
+
+        return pretrained_tiny(quiet=quiet)
+    if cfg.model == "tiny-micro":
+        from peftkern.models import build_tiny_model
+
+        return build_tiny_model("micro", seed=cfg.seed)
+    if not os.path.isdir(cfg.model):
+        raise FileNotFoundError(f"--model {cfg.model}: not 'tiny' and not a local model directory")
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+
+
+def prepare_lm(cfg, lm: nn.Module) -> nn.Module:
+    """Apply ``--quant``, LoRA / DoRA and gradient checkpointing as ``cfg`` asks."""
+    if cfg.quant == "nf4":
+        lm = quantize_nf4(lm)
+    if cfg.lora_r > 0:
+        from peftkern.train.adapters import add_lora
+
+        lm = add_lora(lm, cfg.lora_r, cfg.lora_alpha, cfg.target_modules, cfg.lora_dropout, cfg.dora)
+    elif cfg.quant == "nf4":
+        raise ValueError("--quant nf4 freezes the base weights: it needs LoRA adapters (lora_r > 0)")
+    if cfg.grad_checkpointing:
+        base = base_causal_lm(lm)
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora_r > 0 and hasattr(base, "enable_input_require_grads"):
+            base.enable_input_require_grads()
+    return lm
+
+
+def quantize_nf4(lm: nn.Module) -> nn.Module:
+    """Every decoder linear to NF4 (QLoRA's base), through peftkern.nn.NF4Linear."""
+    try:
+        from peftkern.nn import NF4Linear
+    except ImportError:
+        raise ValueError("--quant nf4 needs peftkern.nn.NF4Linear, which this build lacks") from None
+    head = base_causal_lm(lm).get_output_embeddings()
+    for name, module in list(lm.named_modules()):
+        if isinstance(module, nn.Linear) and module is not head:
+            parent_name, _, attr = name.rpartition(".")
+            parent = lm.get_submodule(parent_name) if parent_name else lm
+            setattr(parent, attr, NF4Linear.from_linear(module))
+    return lm
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Name -> tensor of every parameter that trains."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
+    unknown = [n for n in tensors if n not in params]
+    if missing or unknown:
+        raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unknown {unknown[:5]}")
+    with torch.no_grad():
+        for n, t in tensors.items():
+            params[n].copy_(t)

@@ -1,0 +1,226 @@
+"""PPO for language models: a policy with a value head, rollouts sampled with ``generate``, a reward
+from a reward model or a Python function, a per-token KL penalty against the reference (the model
+with its adapters off), GAE, clipped policy and value losses, an entropy bonus, and a fixed or
+adaptive KL coefficient.
+
+One optimizer step of the loop = one rollout of ``batch_size x grad_accum`` prompts per process,
+then ``ppo_epochs`` passes over it (each pass one optimizer step over its micro-batches).
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+
+import torch
+
+from peftkern.train import distributed as D
+from peftkern.train.adapters import adapters_disabled, has_lora
+from peftkern.train.data import IGNORE_INDEX, encode_prompt, encode_sequence, left_pad, load_records, pad_batch
+from peftkern.train.loop import Trainer
+from peftkern.train.model import base_causal_lm
+from peftkern.train.objectives import kl_rewards, ppo_loss_sums
+
+
+def ppo_prompts(tokenizer, source, cfg) -> list[dict]:
+    """``{"prompt_ids", "prompt", "index"}`` per record (``prompt``: the raw prompt, for the reward)."""
+    return [{"prompt_ids": encode_prompt(tokenizer, r.data["prompt"]), "prompt": r.data["prompt"], "index": i}
+            for i, r in enumerate(load_records(source, "ppo"))]
+
+
+def load_reward_fn(spec: str):
+    """``"package.module:function"`` -> the function, called as f(prompt, completion_text) -> float."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"--reward-fn must look like 'module:function', got {spec!r}")
+    fn = getattr(importlib.import_module(module_name), attr, None)
+    if not callable(fn):
+        raise ValueError(f"--reward-fn {spec}: {attr!r} is not a function of {module_name}")
+    return fn
+
+
+class AdaptiveKL:
+    """Ziegler et al.'s controller: coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * n / horizon."""
+
+    def __init__(self, coef: float, target: float, horizon: int, adaptive: bool):
+        self.coef, self.target, self.horizon, self.adaptive = coef, target, horizon, adaptive
+
+    def update(self, kl: float, n: int) -> None:
+        if self.adaptive:
+            error = max(-0.2, min(0.2, kl / self.target - 1.0))
+            self.coef *= 1.0 + error * n / self.horizon
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Advantages and returns [B, T] over the masked (response) positions, right to left; values past a
+    row's last response token count as 0."""
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros(rewards.shape[0], device=rewards.device)
+    next_value = torch.zeros_like(last)
+    for t in reversed(range(rewards.shape[1])):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = torch.where(m, delta + gamma * lam * last, last)
+        next_value = torch.where(m, values[:, t], next_value)
+        adv[:, t] = torch.where(m, last, torch.zeros_like(last))
+    return adv, adv + values
+
+
+def _whiten(x: torch.Tensor, mask: torch.Tensor, d) -> torch.Tensor:
+    stats = D.all_reduce_sum(torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).float(), d)
+    mean = stats[0] / stats[2]
+    var = (stats[1] / stats[2] - mean * mean).clamp_min(1e-8)
+    return (x - mean) * torch.rsqrt(var) * mask
+
+
+class PPOTrainer(Trainer):
+    kind = "ppo"
+
+    def before_train(self):
+        cfg = self.cfg
+        self.kl = AdaptiveKL(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon, cfg.adaptive_kl)
+        self.reference = None if has_lora(self.module.lm) else copy.deepcopy(self.module.lm).eval().requires_grad_(False)
+        if cfg.reward_model:
+            from peftkern.train.rm import load_reward_model
+
+            rm = load_reward_model(cfg.reward_model).to(self.device)
+            self.reward = lambda prompts, texts, seqs: rm(seqs["input_ids"], seqs["attention_mask"])["scores"].float()
+        else:
+            if cfg.reward_fn:
+                fn = load_reward_fn(cfg.reward_fn)
+            elif cfg.model.startswith("tiny"):
+                from peftkern.models.tasks import task_reward as fn
+            else:
+                raise ValueError("peftkern ppo needs --reward-model or --reward-fn")
+            self.reward = lambda prompts, texts, seqs: torch.tensor([float(fn(p, t)) for p, t in zip(prompts, texts)])
+
+    def extra_state(self):
+        return {"kl_coef": self.kl.coef}
+
+    def load_extra_state(self, state):
+        if "kl_coef" in state:
+            self.kl.coef = float(state["kl_coef"])
+
+    # the base loop's hooks; PPO's batches are built from rollouts in train_step
+    def collate(self, examples):
+        return {"prompt_ids": [e["prompt_ids"] for e in examples], "prompt": [e["prompt"] for e in examples]}
+
+    def units(self, batch):
+        return (batch["labels"][:, 1:] != IGNORE_INDEX).sum().float()
+
+    def loss(self, model, batch):
+        out = model(batch["input_ids"], batch["attention_mask"], batch["labels"], want_entropy=True)
+        mask = (batch["labels"][:, 1:] != IGNORE_INDEX).float()
+        values = out["values"][:, :-1]
+        pg, vf, clipped = ppo_loss_sums(out["logps"], batch["old_logps"], values, batch["old_values"],
+                                     batch["advantages"], batch["returns"], mask, self.cfg.cliprange,
+                                     self.cfg.cliprange_value)
+        entropy = (out["entropy"] * mask).sum()
+        total = pg + self.cfg.vf_coef * vf - self.cfg.ent_coef * entropy
+        return total, {"policy_loss": pg.detach(), "value_loss": vf.detach(), "entropy": entropy.detach(),
+                       "clip_fraction": clipped.detach()}
+
+    # -- rollouts -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(self, examples: list[dict], sample: bool = True) -> tuple[dict, list[str]]:
+        """Sample responses and score them: a padded batch with labels on the response tokens, and
+        the response texts."""
+        tok, cfg = self.tokenizer, self.cfg
+        lm = base_causal_lm(self.module.lm)
+        ids, mask = left_pad([e["prompt_ids"] for e in examples], tok.pad_token_id)
+        was = lm.training
+        lm.eval()
+        gen = lm.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                          max_new_tokens=cfg.max_new_tokens, do_sample=sample,
+                          temperature=cfg.temperature if sample else None, top_k=0 if sample else None,
+                          top_p=1.0 if sample else None, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        lm.train(was)
+        seqs, texts = [], []
+        for e, row in zip(examples, gen[:, ids.shape[1]:].tolist()):
+            response = []
+            for t in row:
+                if t == tok.pad_token_id:
+                    break
+                response.append(t)
+                if t == tok.eos_token_id:
+                    break
+            if not response:
+                response = [tok.eos_token_id]
+            texts.append(tok.decode(response, skip_special_tokens=True))
+            seqs.append(encode_sequence(e["prompt_ids"], response, len(e["prompt_ids"]) + len(response)))
+        batch = {k: v.to(self.device) for k, v in pad_batch(seqs, tok.pad_token_id).items()}
+        return batch, texts
+
+    @torch.no_grad()
+    def score_rollout(self, batch: dict, prompts: list, texts: list[str]) -> dict:
+        """Adds old log-probs and values, reference log-probs, rewards, advantages and returns to ``batch``."""
+        cfg = self.cfg
+        out = self.module(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        if self.reference is None:
+            with adapters_disabled(self.module.lm):
+                ref = self.module(batch["input_ids"], batch["attention_mask"], batch["labels"])["logps"]
+        else:
+            from peftkern.train.model import LMWithHeads
+
+            ref = LMWithHeads(self.reference)(batch["input_ids"], batch["attention_mask"], batch["labels"])["logps"]
+        mask = batch["labels"][:, 1:] != IGNORE_INDEX
+        scores = self.reward(prompts, texts, batch).to(self.device).float()
+        kl = (out["logps"] - ref) * mask
+        rewards = kl_rewards(scores, out["logps"], ref, mask, self.kl.coef)
+        values = out["values"][:, :-1] * mask
+        adv, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        batch.update(old_logps=out["logps"], old_values=values, advantages=_whiten(adv, mask.float(), self.dist),
+                     returns=returns, scores=scores, kl=kl.sum(1))
+        return batch
+
+    def train_step(self, step):
+        examples = [e for mb in self.micro_batches(step) for e in mb]
+        batch, texts = self.rollout(examples)
+        batch = self.score_rollout(batch, [e["prompt"] for e in examples], texts)
+        n = len(examples)
+        b = self.cfg.batch_size
+        total = D.all_reduce_sum(self.units(batch).to(self.device), self.dist).clamp_min(1.0)
+        scale = self.dist.world / total
+        keys = ("input_ids", "attention_mask", "labels", "old_logps", "old_values", "advantages", "returns")
+        sums: dict[str, torch.Tensor] = {}
+        loss_sum = torch.zeros((), device=self.device)
+        for epoch in range(self.cfg.ppo_epochs):
+            for i in range(0, n, b):
+                micro = {k: batch[k][i:i + b] for k in keys}
+                last = i + b >= n
+                sync = self.model.no_sync() if (hasattr(self.model, "no_sync") and not last) else _Null()
+                with sync:
+                    loss, metrics = self.loss(self.model, micro)
+                    (loss * scale).backward()
+                if epoch == self.cfg.ppo_epochs - 1:
+                    loss_sum += loss.detach()
+                    for k, v in metrics.items():
+                        sums[k] = sums.get(k, 0.0) + v
+            if epoch < self.cfg.ppo_epochs - 1:
+                self.clip()
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        record = self.finish_step(loss_sum, sums, total)
+        stats = D.all_reduce_sum(torch.stack([batch["scores"].sum(), batch["kl"].sum(),
+                                              torch.tensor(float(n), device=self.device)]).float(), self.dist)
+        record["reward"] = (stats[0] / stats[2]).item()
+        record["kl"] = (stats[1] / stats[2]).item()
+        record["kl_coef"] = self.kl.coef
+        self.kl.update(record["kl"], int(stats[2].item()))
+        return record
+
+    def evaluate(self):
+        """Mean reward of greedy responses to the held-out prompts."""
+        total = 0.0
+        for i in range(0, len(self.eval_examples), 32):
+            examples = self.eval_examples[i:i + 32]
+            batch, texts = self.rollout(examples, sample=False)
+            total += float(self.reward([e["prompt"] for e in examples], texts, batch).sum())
+        return {"reward": total / max(len(self.eval_examples), 1)}
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,69 @@
+"""From a TrainConfig to a finished run: model, tokenizer, data (the bundled set for the tiny
+models when no ``--data`` is given), the trainer of the right kind."""
+from __future__ import annotations
+
+from peftkern.train.config import TrainConfig
+
+BUNDLED_TRAIN, BUNDLED_EVAL = 480, 48
+
+
+def bundled_records(kind: str, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) records of the bundled tasks in ``kind``'s format."""
+    from peftkern.models import tasks
+
+    train, held_out = tasks.split(BUNDLED_TRAIN, BUNDLED_EVAL, seed)
+    make = {"sft": tasks.sft_records, "dpo": tasks.preference_records, "rm": tasks.preference_records,
+            "kto": tasks.kto_records, "ppo": tasks.prompt_records}[kind]
+    return make(train), make(held_out)
+
+
+def _sources(kind: str, cfg: TrainConfig):
+    if cfg.data:
+        return cfg.data, cfg.eval_data
+    if not cfg.model.startswith("tiny"):
+        raise ValueError(f"peftkern {kind}: --data is required with --model {cfg.model} "
+                         "(the bundled data fits the tiny models' tokenizer only)")
+    train, held_out = bundled_records(kind, cfg.seed)
+    return train, (cfg.eval_data or held_out)
+
+
+def build_trainer(kind: str, cfg: TrainConfig, callbacks=()):
+    """The trainer of ``kind`` ready to ``train()``."""
+    from peftkern.train.model import LMWithHeads, load_lm, load_tokenizer, prepare_lm
+
+    tok = load_tokenizer(cfg)
+    train_src, eval_src = _sources(kind, cfg)
+    lm = prepare_lm(cfg, load_lm(cfg, quiet=cfg.quiet))
+    model = LMWithHeads(lm, value_head=kind == "ppo", score_head=kind == "rm", autocast_bf16=cfg.bf16)
+    if kind == "sft":
+        from peftkern.train.sft import SFTTrainer, sft_examples
+
+        make, cls = sft_examples, SFTTrainer
+    elif kind in ("dpo", "rm"):
+        from peftkern.train.dpo import DPOTrainer, pair_examples
+        from peftkern.train.rm import RewardTrainer
+
+        make, cls = (lambda t, s, c: pair_examples(t, s, c, kind)), (DPOTrainer if kind == "dpo" else RewardTrainer)
+    elif kind == "kto":
+        from peftkern.train.kto import KTOTrainer, kto_examples
+
+        make, cls = kto_examples, KTOTrainer
+    elif kind == "ppo":
+        from peftkern.train.ppo import PPOTrainer, ppo_prompts
+
+        make, cls = ppo_prompts, PPOTrainer
+    else:
+        raise ValueError(f"unknown trainer {kind!r}")
+    train = make(tok, train_src, cfg)
+    evals = make(tok, eval_src, cfg) if eval_src is not None else []
+    return cls(cfg, model, tok, train, evals, callbacks=callbacks)
+
+
+def run(kind: str, cfg: TrainConfig) -> dict:
+    trainer = build_trainer(kind, cfg)
+    try:
+        return trainer.train()
+    finally:
+        from peftkern.train.distributed import teardown
+
+        teardown(trainer.dist)
