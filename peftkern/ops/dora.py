@@ -32,8 +32,7 @@ import torch
 from peftkern import backend
 from peftkern.ops import _checks
 from peftkern.ops._triton import KernelSpec, tl, tl_dtype_name, triton
-from peftkern.ops.lora import (_block_r, _grouped_tile, _keep_mask, _precision, _split, _torch_backward,
-                               _torch_dropped, _torch_keep_mask)
+from peftkern.ops.lora import _grouped_tile, _keep_mask, _precision, _split, _torch_dropped, _torch_keep_mask
 
 OP = "dora_linear"
 FACES = ("torch", "triton")
@@ -102,20 +101,21 @@ def _dora_down_kernel(x_ptr, w_ptr, a_ptr, u_ptr, wa_ptr, wsq_ptr, gram_ptr, see
 
 @triton.jit
 def _dora_row_scale(wsq_ptr, wa_ptr, gram_ptr, b_ptr, mag_ptr, cols, N, R, stride_bn, stride_br, scaling,
-                    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                    BLOCK_N: tl.constexpr, NORM_R: tl.constexpr):
     """(m / norm, norm) for output columns ``cols``, fp32, from the factored row norm:
-    ||W||^2 + 2 s rowsum(wa * B) + s^2 rowsum((B G) * B), G = A A^T."""
+    ||W||^2 + 2 s rowsum(wa * B) + s^2 rowsum((B G) * B), G = A A^T, in NORM_R-wide rank chunks
+    (small tiles: it runs beside the GEMM's accumulator)."""
     col_ok = cols < N
     norm2 = tl.load(wsq_ptr + cols, mask=col_ok, other=1.0)
-    for r0 in range(0, R, BLOCK_R):
-        ranks = r0 + tl.arange(0, BLOCK_R)
+    for r0 in range(0, R, NORM_R):
+        ranks = r0 + tl.arange(0, NORM_R)
         rank_ok = ranks < R
         b = tl.load(b_ptr + cols[:, None] * stride_bn + ranks[None, :] * stride_br,
                     mask=col_ok[:, None] & rank_ok[None, :], other=0.0).to(tl.float32)
         wa = tl.load(wa_ptr + cols[:, None] * R + ranks[None, :], mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
-        bg = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-        for c0 in range(0, R, BLOCK_R):
-            cr = c0 + tl.arange(0, BLOCK_R)
+        bg = tl.zeros((BLOCK_N, NORM_R), dtype=tl.float32)
+        for c0 in range(0, R, NORM_R):
+            cr = c0 + tl.arange(0, NORM_R)
             bc = tl.load(b_ptr + cols[:, None] * stride_bn + cr[None, :] * stride_br,
                          mask=col_ok[:, None] & (cr[None, :] < R), other=0.0).to(tl.float32)
             g = tl.load(gram_ptr + cr[:, None] * R + ranks[None, :], mask=(cr[:, None] < R) & rank_ok[None, :],
@@ -134,12 +134,15 @@ def _dora_fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, wsq_ptr, wa_ptr, gram
                      stride_bn, stride_br, stride_ym, stride_yn, scaling, has_bias,
                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
-    """y = (m / norm) * (x W^T + s u B^T) + b: the rank-r term goes first into the GEMM's own
-    accumulator; the epilogue finishes the row norm for this tile's columns, scales and adds the
-    bias (also storing y - b to ``ynb`` when there is one). The first row of tiles writes m / norm."""
+    """y = (m / norm) * (x W^T + s u B^T) + b. The row norm of this tile's columns is finished first
+    (from ||W||^2, W A^T, A A^T and B: O(BLOCK_N r^2), before the accumulator holds registers); the
+    rank-r term goes first into the GEMM's own accumulator; the epilogue scales and adds the bias
+    (also storing y - b to ``ynb`` when there is one). The first row of tiles writes m / norm."""
     tile_m, tile_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    scale, _ = _dora_row_scale(wsq_ptr, wa_ptr, gram_ptr, b_ptr, mag_ptr, cols, N, R, stride_bn, stride_br,
+                               scaling, BLOCK_N, 16)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         ranks = r0 + tl.arange(0, BLOCK_R)
@@ -156,8 +159,6 @@ def _dora_fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, wsq_ptr, wa_ptr, gram
         w = tl.load(w_ptr + cols[:, None] * stride_wn + ks[None, :] * stride_wk,
                     mask=(cols[:, None] < N) & (ks[None, :] < K), other=0.0)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
-    scale, _ = _dora_row_scale(wsq_ptr, wa_ptr, gram_ptr, b_ptr, mag_ptr, cols, N, R, stride_bn, stride_br,
-                                  scaling, BLOCK_N, BLOCK_R)
     acc = acc * scale[None, :]
     tile_ok = (rows[:, None] < M) & (cols[None, :] < N)
     if has_bias:
@@ -218,9 +219,10 @@ def _dora_bwd_dx_kernel(dy_ptr, scale_ptr, w_ptr, g_ptr, a_ptr, x_ptr, seed_ptr,
                         stride_dym, stride_dyn, stride_wn, stride_wk, stride_gm, stride_gr, stride_ar, stride_ak,
                         stride_xm, stride_xk, stride_dxm, stride_dxk, lora_scale, p, compute_dx,
                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
+                        BLOCK_R: tl.constexpr, BLOCK_DA: tl.constexpr, GROUP_M: tl.constexpr):
     """dx = (dy * scale) W + lora_scale * keep * (g A), dy scaled per column as its tiles load;
-    then dA[R, K] += lora_scale * g^T (keep * x) from the x tile this program owns (fp32 atomics)."""
+    then dA[R, K] += lora_scale * g^T (keep * x) for this row block (fp32 atomics), from x sub-tiles
+    of BLOCK_DA columns so the mask and x never hold a whole tile of registers beside the rest."""
     tile_m, tile_k = _grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ks = tile_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -250,16 +252,20 @@ def _dora_bwd_dx_kernel(dy_ptr, scale_ptr, w_ptr, g_ptr, a_ptr, x_ptr, seed_ptr,
             acc = tl.dot(dy, w, acc, input_precision=PRECISION)
         tl.store(dx_ptr + rows[:, None] * stride_dxm + ks[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & k_ok[None, :])
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
-                mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-    if p > 0.0:
-        x = tl.where(_keep_mask(seed, rows, ks, K, p), x, 0.0).to(x.dtype)
-    for r0 in range(0, R, BLOCK_R):
-        ranks = r0 + tl.arange(0, BLOCK_R)
-        g = tl.load(g_ptr + rows[:, None] * stride_gm + ranks[None, :] * stride_gr,
-                    mask=row_ok[:, None] & (ranks[None, :] < R), other=0.0)
-        part = tl.dot(tl.trans(g), x, input_precision=PRECISION) * lora_scale
-        tl.atomic_add(da_ptr + ranks[:, None] * K + ks[None, :], part, mask=(ranks[:, None] < R) & k_ok[None, :])
+    for kk in range(0, BLOCK_K, BLOCK_DA):
+        sub = tile_k * BLOCK_K + kk + tl.arange(0, BLOCK_DA)
+        sub_ok = sub < K
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + sub[None, :] * stride_xk,
+                    mask=row_ok[:, None] & sub_ok[None, :], other=0.0)
+        if p > 0.0:
+            x = tl.where(_keep_mask(seed, rows, sub, K, p), x, 0.0).to(x.dtype)
+        for r0 in range(0, R, BLOCK_R):
+            ranks = r0 + tl.arange(0, BLOCK_R)
+            g = tl.load(g_ptr + rows[:, None] * stride_gm + ranks[None, :] * stride_gr,
+                        mask=row_ok[:, None] & (ranks[None, :] < R), other=0.0)
+            part = tl.dot(tl.trans(g), x, input_precision=PRECISION) * lora_scale
+            tl.atomic_add(da_ptr + ranks[:, None] * K + sub[None, :], part,
+                          mask=(ranks[:, None] < R) & sub_ok[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,18 +277,34 @@ def _norm_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _rank_chunk(rank: int, dtype: torch.dtype) -> int:
+    """Rank chunk of the GEMM kernels: tl.dot needs >= 16; at most 64 (32 for fp32) keeps the
+    rank-r tiles in registers beside the accumulator. Two choices per dtype, few configs."""
+    small, large = _rank_chunks(dtype)
+    return small if rank <= small else large
+
+
+def _rank_chunks(dtype: torch.dtype) -> tuple[int, int]:
+    return (16, 32) if dtype == torch.float32 else (16, 64)
+
+
 def _gemm_config(dtype: torch.dtype) -> dict:
-    k = 32 if dtype == torch.float32 else 64
-    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": k, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+    """Forward GEMM tiles: 128x128x64 for 16-bit inputs; fp32 tiles are a quarter of that."""
+    if dtype == torch.float32:
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
 
 
 def _dx_config(dtype: torch.dtype) -> dict:
-    n = 32 if dtype == torch.float32 else 64
-    return {"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_N": n, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+    if dtype == torch.float32:
+        return {"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_N": 32, "BLOCK_DA": 32, "GROUP_M": 8, "num_warps": 4,
+                "num_stages": 3}
+    return {"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_N": 64, "BLOCK_DA": 32, "GROUP_M": 8, "num_warps": 8,
+            "num_stages": 3}
 
 
-_DOWN_CONFIG = {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
-_G_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+_DOWN_CONFIG = {"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
+_G_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 
 
 def _triton_forward(x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, dropout_p, seed):
@@ -300,7 +322,7 @@ def _triton_forward(x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm
     gram = torch.empty((R, R), dtype=torch.float32, device=dev)
     scale = torch.empty(N, dtype=torch.float32, device=dev)
     precision = _precision(x2d.dtype)
-    block_r = _block_r(R)
+    block_r = _rank_chunk(R, x2d.dtype)
     down, down_meta = _split(_DOWN_CONFIG)
     grid = (triton.cdiv(M, down["BLOCK_M"]) + triton.cdiv(N, down["BLOCK_M"]) + 1, triton.cdiv(R, block_r))
     _dora_down_kernel[grid](
@@ -334,7 +356,7 @@ def _triton_backward(dy, x2d, ynb, weight, lora_A, lora_B, u, scale, magnitude, 
     dbias = torch.zeros(N, dtype=torch.float32, device=dev) if need_dbias else None
     dx = x2d.new_empty(M, K) if need_dx else None
     precision = _precision(x2d.dtype)
-    block_r = _block_r(R)
+    block_r = _rank_chunk(R, x2d.dtype)
     g = x2d.new_empty(M, R)
     gcfg, gmeta = _split(_G_CONFIG)
     _dora_bwd_g_kernel[(triton.cdiv(M, gcfg["BLOCK_M"]), triton.cdiv(R, block_r))](
@@ -358,11 +380,6 @@ def _i32(*names) -> dict:
     return {n: "i32" for n in names}
 
 
-def _block_r_choices() -> list[int]:
-    """Every rank chunk ``_block_r`` can pick (ranks 1..1024)."""
-    return sorted({_block_r(r) for r in range(1, 1025)})
-
-
 def triton_kernel_specs() -> list:
     """Every config the launchers above can launch: per dtype and rank chunk (``peftkern kernels``).
     Dropout, bias, cached ||W||^2 and dx-or-not are runtime branches, not compile-time variants."""
@@ -370,7 +387,7 @@ def triton_kernel_specs() -> list:
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         t = tl_dtype_name(dtype)
         precision = _precision(dtype)
-        for block_r in _block_r_choices():
+        for block_r in _rank_chunks(dtype):
             down, meta = _split(_DOWN_CONFIG)
             specs.append(KernelSpec(
                 _dora_down_kernel, f"{t} r<={block_r} {down['BLOCK_M']}x{down['BLOCK_K']}",
@@ -492,23 +509,55 @@ def _torch_forward(x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm,
     return y + bias, u, scale, y
 
 
+def _inverse_or_zero(magnitude: torch.Tensor) -> torch.Tensor:
+    """1 / m, fp32, with 0 where m = 0 (y - b holds no trace of the pre-scale output there)."""
+    m = magnitude.detach().float()
+    return torch.where(m != 0, 1.0 / torch.where(m != 0, m, torch.ones_like(m)), torch.zeros_like(m))
+
+
 def _torch_dmag(dy, ynb, magnitude):
-    """rowsum over tokens of dy * ynb / m, fp32 [out] (0 where m = 0), in row chunks (small temporaries)."""
+    """rowsum over tokens of dy * ynb / m, fp32 [out], in row chunks (small temporaries)."""
     out = torch.zeros(dy.shape[1], dtype=torch.float32, device=dy.device)
     step = _chunk_rows(dy.shape[1])
     for start in range(0, dy.shape[0], step):
         rows = ynb[start:start + step].to(torch.float32, copy=True)
         out.add_(rows.mul_(dy[start:start + step]).sum(0))
-    m = magnitude.detach().float()
-    return torch.where(m != 0, out / torch.where(m != 0, m, torch.ones_like(m)), torch.zeros_like(out))
+    return out.mul_(_inverse_or_zero(magnitude))
 
 
 def _torch_backward_dora(dy, x2d, ynb, weight, lora_A, lora_B, u, scale, magnitude, scaling, dropout_p, seed,
                          need_dx, need_dbias):
-    dmag = _torch_dmag(dy, ynb, magnitude)
+    """LoRA's backward with dy' = dy * scale, never materialized whole: dy' lives one row chunk at
+    a time (for g = dy' B, dB, dx = dy' W and dm), so DoRA's backward needs no [tokens, out] more
+    than LoRA's."""
+    M, N = dy.shape
+    scale = scale.to(dy.dtype)
+    g = dy.new_empty(M, lora_B.shape[1])
+    d_b = torch.zeros(lora_B.shape, dtype=torch.float32, device=dy.device)
+    dx = dy.new_empty(M, x2d.shape[1]) if need_dx else None
+    dmag = torch.zeros(N, dtype=torch.float32, device=dy.device)
+    step = _chunk_rows(N) // 4 or 1
+    for i in range(0, M, step):
+        j = min(M, i + step)
+        dys = dy[i:j] * scale
+        torch.mm(dys, lora_B, out=g[i:j])
+        d_b.add_(torch.mm(dys.t(), u[i:j]))
+        if dx is not None:
+            torch.mm(dys, weight, out=dx[i:j])
+        dmag.add_((ynb[i:j].float() * dy[i:j]).sum(0))
+    dmag.mul_(_inverse_or_zero(magnitude))
+    d_b = d_b.mul_(scaling).to(dy.dtype)
     dbias = dy.sum(0, dtype=torch.float32) if need_dbias else None
-    dys = dy * scale.to(dy.dtype)
-    dx, d_a, d_b = _torch_backward(dys, x2d, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx)
+    if dropout_p == 0.0:
+        d_a = torch.mm(g.t(), x2d).mul_(scaling)
+        if dx is not None:
+            dx.addmm_(g, lora_A, alpha=scaling)
+    else:
+        keep = _torch_keep_mask(seed, x2d.shape, x2d.device) >= dropout_p
+        factor = scaling / (1.0 - dropout_p)
+        d_a = torch.mm(g.t(), x2d * keep).mul_(factor)
+        if dx is not None:
+            dx.add_((g @ lora_A) * keep, alpha=factor)
     return dx, d_a, d_b, dmag, dbias
 
 
