@@ -8,7 +8,7 @@ PIN := -c constraints.txt
 STAMP := $(VENV)/.peftkern-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast kernels bench clean
+.PHONY: install demo test ctest kernels bench clean
 
 $(STAMP): pyproject.toml setup.py constraints.txt $(wildcard csrc/*/*.cu csrc/*/*.cuh csrc/*/*.cpp csrc/*.cpp)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,9 +22,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/peftkern demo --out demo_out
 
-test: $(STAMP)
+test: $(STAMP) ctest
 	$(VENV)/bin/peftkern info
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+# C++ unit tests of the csrc/ math on the host (the fatbin itself is built by setup.py).
+ctest:
+	cmake -S . -B build/cmake -DPEFTKERN_BUILD_FATBIN=OFF > /dev/null
+	cmake --build build/cmake -j 2
+	ctest --test-dir build/cmake --output-on-failure
 
 kernels: $(STAMP)
 	$(VENV)/bin/peftkern kernels

@@ -129,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default="sm_80,sm_90", help="comma-separated archs (default: sm_80,sm_90)")
     p.add_argument("--json", action="store_true", help="print a JSON list of objects "
                    "(kernel, config, arch, registers, spill_bytes, shared_bytes, wgmma, ok)")
-    p.add_argument("--jobs", type=int, default=1, help="parallel compile threads (default 1)")
+    p.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPU count)")
     p.set_defaults(func=_cmd_kernels)
 
     from peftkern.quant.cli import add_parser as add_quantize_parser

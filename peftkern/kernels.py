@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import importlib
+import multiprocessing
 import os
 import re
 import subprocess
@@ -47,11 +48,17 @@ class KernelReport:
 
 
 def all_specs():
-    specs = []
+    """[(module name, index, KernelSpec)] for every Triton kernel config of every op."""
+    found = []
     for name in OP_MODULES:
         module = importlib.import_module(name)
-        specs.extend(module.triton_kernel_specs())
-    return specs
+        found.extend((name, i, spec) for i, spec in enumerate(module.triton_kernel_specs()))
+    return found
+
+
+def _compile_in_worker(module_name: str, index: int, arch: str) -> "KernelReport":
+    spec = importlib.import_module(module_name).triton_kernel_specs()[index]
+    return compile_spec(spec, arch)
 
 
 def _cuobjdump() -> str:
@@ -81,11 +88,14 @@ def compile_spec(spec, arch: str) -> KernelReport:
 
     cc = ARCHS[arch]
     try:
-        attrs = {(spec.kernel.arg_names.index(arg),): [["tt.divisibility", 16]]
-                 for arg, ty in spec.signature.items() if ty.startswith("*")}
-        signature = dict(spec.signature)
-        signature.update({k: "constexpr" for k in spec.constexprs})
-        src = ASTSource(fn=spec.kernel, signature=signature, constexprs=spec.constexprs, attrs=attrs)
+        arg_index = spec.kernel.arg_names.index
+        signature = {k: v for k, v in spec.signature.items() if k not in spec.unit_args}
+        constexprs = dict(spec.constexprs)
+        constexprs.update({arg: 1 for arg in spec.unit_args})
+        attrs = {(arg_index(arg),): [["tt.divisibility", 16]] for arg, ty in signature.items()
+                 if ty.startswith("*") or (ty.startswith("i") and arg not in spec.plain_args)}
+        signature.update({k: "constexpr" for k in constexprs})
+        src = ASTSource(fn=spec.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32),
                                   options={"num_warps": spec.num_warps, "num_stages": spec.num_stages,
                                            "enable_fp_fusion": True})
@@ -99,15 +109,19 @@ def compile_spec(spec, arch: str) -> KernelReport:
 
 
 def report(archs=("sm_80", "sm_90"), jobs: int | None = None) -> list[KernelReport]:
+    """Compile every config for every arch; ``jobs`` worker processes (default: the CPU count)."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("peftkern kernels compiles for the GPU; unset TRITON_INTERPRET first")
     for arch in archs:
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
-    work = [(spec, arch) for spec in all_specs() for arch in archs]
-    jobs = jobs or 1  # triton.compile shares caches between threads; more jobs only when asked
-    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        return list(pool.map(lambda item: compile_spec(*item), work))
+    work = [(name, index, arch) for name, index, _ in all_specs() for arch in archs]
+    jobs = jobs or os.cpu_count() or 1
+    if jobs == 1:
+        return [_compile_in_worker(*item) for item in work]
+    context = multiprocessing.get_context("spawn")  # a forked torch/triton process is not safe to reuse
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        return list(pool.map(_compile_in_worker, *zip(*work)))
 
 
 def format_table(rows: list[KernelReport]) -> str:

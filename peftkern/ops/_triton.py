@@ -48,8 +48,11 @@ class KernelSpec:
     """One launchable config of a Triton kernel, for the static compile report (``peftkern kernels``).
 
     ``signature`` maps every non-constexpr argument to its Triton type ("*bf16", "i32", "fp32");
-    ``constexprs`` holds the constexpr values the launcher uses for this config; pointer arguments
-    are compiled as 16-byte aligned, as torch's allocations are.
+    ``constexprs`` holds the constexpr values the launcher uses for this config. The compile models
+    the common launch the way Triton's JIT specializes it: pointers 16-byte aligned, integer
+    arguments divisible by 16, except ``unit_args`` (1 in that launch, e.g. the inner stride of a
+    contiguous tensor: compiled as the constant 1) and ``plain_args`` (flags and sizes with no
+    alignment to assume).
     """
 
     kernel: Any
@@ -58,6 +61,8 @@ class KernelSpec:
     constexprs: dict
     num_warps: int = 4
     num_stages: int = 3
+    unit_args: tuple = ()
+    plain_args: tuple = ()
 
     @property
     def name(self) -> str:

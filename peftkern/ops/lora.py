@@ -25,19 +25,34 @@ FACES = ("torch", "triton")
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
+def _mix32(h):
+    """Murmur3's 32-bit finalizer: a cheap bijective avalanche on uint32."""
+    h ^= h >> 16
+    h *= 0x85EBCA6B
+    h ^= h >> 13
+    h *= 0xC2B2AE35
+    h ^= h >> 16
+    return h
+
+
+@triton.jit
 def _keep_mask(seed, rows, cols, K, p):
-    """Inverted-dropout keep mask for x[rows, cols]: Philox uniforms >= p, a pure function of
-    (seed, row * K + col) so the backward redraws exactly the forward's mask."""
-    offsets = rows[:, None].to(tl.int64) * K + cols[None, :]
-    return tl.rand(seed, offsets) >= p
+    """Inverted-dropout keep mask for x[rows, cols] of an [M, K] input: a counter-based hash of
+    (seed, row, col) mapped to [0, 1) and compared with p; the backward redraws exactly the
+    forward's mask. A hash rather than Philox: one uint32 per element, so a 128x128 tile draws its
+    mask without spilling. (K is unused by the hash; the NF4 and DoRA kernels pass it too.)"""
+    row_hash = _mix32(rows.to(tl.uint32) * 0x9E3779B1 + seed.to(tl.uint32))
+    h = _mix32(row_hash[:, None] ^ (cols.to(tl.uint32) * 0x7FEB352D)[None, :])
+    return (h >> 8).to(tl.float32) * (1.0 / 16777216.0) >= p
 
 
 @triton.jit
 def _lora_down_kernel(x_ptr, a_ptr, u_ptr, seed_ptr, M, K, R,
-                      stride_xm, stride_xk, stride_ar, stride_ak, stride_um, stride_ur, inv_keep, p,
-                      HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                      stride_xm, stride_xk, stride_ar, stride_ak, stride_um, stride_ur, out_scale, p,
+                      PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """u[M, R] = drop(x)[M, K] @ A[R, K]^T, the mask drawn in registers; x is read once."""
+    """u[M, R] = out_scale * drop(x)[M, K] @ A[R, K]^T (out_scale = s / (1 - p)), the mask drawn in
+    registers; x is read once."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -48,12 +63,12 @@ def _lora_down_kernel(x_ptr, a_ptr, u_ptr, seed_ptr, M, K, R,
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
-        if HAS_DROPOUT:
+        if p > 0.0:
             x = tl.where(_keep_mask(seed, rows, cols, K, p), x, 0.0).to(x.dtype)
         a = tl.load(a_ptr + ranks[:, None] * stride_ar + cols[None, :] * stride_ak,
                     mask=(ranks[:, None] < R) & (cols[None, :] < K), other=0.0)
         acc = tl.dot(x, tl.trans(a), acc, input_precision=PRECISION)
-    acc = acc * inv_keep
+    acc = acc * out_scale
     tl.store(u_ptr + rows[:, None] * stride_um + ranks[None, :] * stride_ur, acc.to(u_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & (ranks[None, :] < R))
 
@@ -74,23 +89,16 @@ def _grouped_tile(pid, rows_total, cols_total, BLOCK_ROWS: tl.constexpr, BLOCK_C
 @triton.jit
 def _lora_fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, y_ptr, M, N, K, R,
                      stride_xm, stride_xk, stride_wn, stride_wk, stride_um, stride_ur, stride_bn, stride_br,
-                     stride_ym, stride_yn, scaling,
-                     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                     stride_ym, stride_yn, has_bias,
+                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
-    """y = x W^T + b + scaling * u B^T. The rank-r product goes first into the GEMM's own
-    accumulator (scaled there), so it costs no extra registers and no extra pass over y."""
+    """y = x W^T + b + u B^T with u already scaled by s: after the main loop the rank-r product
+    is one more short K-step into the same accumulator, so it needs no registers of its own and
+    y is written once."""
     tile_m, tile_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        ranks = r0 + tl.arange(0, BLOCK_R)
-        u = tl.load(u_ptr + rows[:, None] * stride_um + ranks[None, :] * stride_ur,
-                    mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
-        b = tl.load(b_ptr + cols[:, None] * stride_bn + ranks[None, :] * stride_br,
-                    mask=(cols[:, None] < N) & (ranks[None, :] < R), other=0.0)
-        acc = tl.dot(u, tl.trans(b), acc, input_precision=PRECISION)
-    acc = acc * scaling
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
@@ -98,7 +106,14 @@ def _lora_fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, y_ptr, M, N, K, R,
         w = tl.load(w_ptr + cols[:, None] * stride_wn + ks[None, :] * stride_wk,
                     mask=(cols[:, None] < N) & (ks[None, :] < K), other=0.0)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
-    if HAS_BIAS:
+    for r0 in range(0, R, BLOCK_R):
+        ranks = r0 + tl.arange(0, BLOCK_R)
+        u = tl.load(u_ptr + rows[:, None] * stride_um + ranks[None, :] * stride_ur,
+                    mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
+        b = tl.load(b_ptr + cols[:, None] * stride_bn + ranks[None, :] * stride_br,
+                    mask=(cols[:, None] < N) & (ranks[None, :] < R), other=0.0)
+        acc = tl.dot(u, tl.trans(b), acc, input_precision=PRECISION)
+    if has_bias:
         acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & (cols[None, :] < N))
@@ -107,10 +122,10 @@ def _lora_fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, y_ptr, M, N, K, R,
 @triton.jit
 def _lora_bwd_g_kernel(dy_ptr, b_ptr, u_ptr, g_ptr, db_ptr, M, N, R,
                        stride_dym, stride_dyn, stride_bn, stride_br, stride_um, stride_ur, stride_gm, stride_gr,
-                       scaling, PRECISION: tl.constexpr,
+                       db_scale, PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """g[M, R] = dy B, and dB[N, R] += scaling * dy^T u for this row block (fp32 atomics), in one
-    read of dy."""
+    """g[M, R] = dy B, and dB[N, R] += db_scale * dy^T u for this row block (fp32 atomics), in one
+    read of dy. (LoRA's Triton face folds the scaling into u and passes db_scale = 1.)"""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -128,7 +143,7 @@ def _lora_bwd_g_kernel(dy_ptr, b_ptr, u_ptr, g_ptr, db_ptr, M, N, R,
         b = tl.load(b_ptr + cols[:, None] * stride_bn + ranks[None, :] * stride_br,
                     mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
         g = tl.dot(dy, b, g, input_precision=PRECISION)
-        part = tl.dot(tl.trans(dy), u, input_precision=PRECISION) * scaling
+        part = tl.dot(tl.trans(dy), u, input_precision=PRECISION) * db_scale
         tl.atomic_add(db_ptr + cols[:, None] * R + ranks[None, :], part, mask=col_ok[:, None] & rank_ok[None, :])
     tl.store(g_ptr + rows[:, None] * stride_gm + ranks[None, :] * stride_gr, g.to(g_ptr.dtype.element_ty),
              mask=row_ok[:, None] & rank_ok[None, :])
@@ -137,20 +152,21 @@ def _lora_bwd_g_kernel(dy_ptr, b_ptr, u_ptr, g_ptr, db_ptr, M, N, R,
 @triton.jit
 def _lora_bwd_dx_kernel(dy_ptr, w_ptr, g_ptr, a_ptr, x_ptr, seed_ptr, dx_ptr, da_ptr, M, N, K, R,
                         stride_dym, stride_dyn, stride_wn, stride_wk, stride_gm, stride_gr, stride_ar, stride_ak,
-                        stride_xm, stride_xk, stride_dxm, stride_dxk, lora_scale, p,
-                        HAS_DROPOUT: tl.constexpr, COMPUTE_DX: tl.constexpr, PRECISION: tl.constexpr,
+                        stride_xm, stride_xk, stride_dxm, stride_dxk, lora_scale, p, compute_dx,
+                        PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
+                        BLOCK_R: tl.constexpr, BLOCK_DA: tl.constexpr, GROUP_M: tl.constexpr):
     """dx = dy W + lora_scale * keep * (g A), the rank-r term first in the GEMM's accumulator (masked
     there, before the base product joins it); then dA[R, K] += lora_scale * g^T (keep * x) for this
-    row block (fp32 atomics), from the x tile this program already owns."""
+    row block (fp32 atomics) from x sub-tiles of BLOCK_DA columns, so the mask and the x tile never
+    hold a whole BLOCK_M x BLOCK_K tile of registers beside anything else."""
     tile_m, tile_k = _grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ks = tile_k * BLOCK_K + tl.arange(0, BLOCK_K)
     row_ok = rows < M
     k_ok = ks < K
     seed = tl.load(seed_ptr)
-    if COMPUTE_DX:
+    if compute_dx:
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         for r0 in range(0, R, BLOCK_R):
             ranks = r0 + tl.arange(0, BLOCK_R)
@@ -160,7 +176,7 @@ def _lora_bwd_dx_kernel(dy_ptr, w_ptr, g_ptr, a_ptr, x_ptr, seed_ptr, dx_ptr, da
                         mask=(ranks[:, None] < R) & k_ok[None, :], other=0.0)
             acc = tl.dot(g, a, acc, input_precision=PRECISION)
         acc = acc * lora_scale
-        if HAS_DROPOUT:
+        if p > 0.0:
             acc = tl.where(_keep_mask(seed, rows, ks, K, p), acc, 0.0)
         for n0 in range(0, N, BLOCK_N):
             ns = n0 + tl.arange(0, BLOCK_N)
@@ -171,16 +187,20 @@ def _lora_bwd_dx_kernel(dy_ptr, w_ptr, g_ptr, a_ptr, x_ptr, seed_ptr, dx_ptr, da
             acc = tl.dot(dy, w, acc, input_precision=PRECISION)
         tl.store(dx_ptr + rows[:, None] * stride_dxm + ks[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & k_ok[None, :])
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
-                mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-    if HAS_DROPOUT:
-        x = tl.where(_keep_mask(seed, rows, ks, K, p), x, 0.0).to(x.dtype)
-    for r0 in range(0, R, BLOCK_R):
-        ranks = r0 + tl.arange(0, BLOCK_R)
-        g = tl.load(g_ptr + rows[:, None] * stride_gm + ranks[None, :] * stride_gr,
-                    mask=row_ok[:, None] & (ranks[None, :] < R), other=0.0)
-        part = tl.dot(tl.trans(g), x, input_precision=PRECISION) * lora_scale
-        tl.atomic_add(da_ptr + ranks[:, None] * K + ks[None, :], part, mask=(ranks[:, None] < R) & k_ok[None, :])
+    for kk in range(0, BLOCK_K, BLOCK_DA):
+        sub = tile_k * BLOCK_K + kk + tl.arange(0, BLOCK_DA)
+        sub_ok = sub < K
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + sub[None, :] * stride_xk,
+                    mask=row_ok[:, None] & sub_ok[None, :], other=0.0)
+        if p > 0.0:
+            x = tl.where(_keep_mask(seed, rows, sub, K, p), x, 0.0).to(x.dtype)
+        for r0 in range(0, R, BLOCK_R):
+            ranks = r0 + tl.arange(0, BLOCK_R)
+            g = tl.load(g_ptr + rows[:, None] * stride_gm + ranks[None, :] * stride_gr,
+                        mask=row_ok[:, None] & (ranks[None, :] < R), other=0.0)
+            part = tl.dot(tl.trans(g), x, input_precision=PRECISION) * lora_scale
+            tl.atomic_add(da_ptr + ranks[:, None] * K + sub[None, :], part,
+                          mask=(ranks[:, None] < R) & sub_ok[None, :])
 
 
 @triton.jit
@@ -197,9 +217,15 @@ def _keep_mask_kernel(seed_ptr, out_ptr, M, K, p, BLOCK_M: tl.constexpr, BLOCK_K
 # Triton launchers
 # ---------------------------------------------------------------------------------------------
 
-def _block_r(rank: int) -> int:
-    """Rank chunk: tl.dot needs >= 16; chunks of at most 64 keep the epilogue in registers."""
-    return min(64, max(16, triton.next_power_of_2(rank)))
+def _block_r_choices(dtype: torch.dtype | None) -> tuple[int, int]:
+    return (16, 32) if dtype == torch.float32 else (16, 64)
+
+
+def _block_r(rank: int, dtype: torch.dtype | None = None) -> int:
+    """Rank chunk: tl.dot needs >= 16; chunks of at most 64 (32 for fp32) keep the epilogue in
+    registers. Two choices per dtype only, so few configs need compiling."""
+    small, large = _block_r_choices(dtype)
+    return small if rank <= small else large
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -209,19 +235,28 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _gemm_config(dtype: torch.dtype) -> dict:
-    """Tile sizes of the two big GEMM kernels (forward, dx), per dtype: fp32 tiles use half the K
-    depth so they fit the same shared memory."""
-    k = 32 if dtype == torch.float32 else 64
-    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": k, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+    """Tiles of the forward GEMM: 128x128x64 for 16-bit inputs, 128x64x32 for fp32 (tf32 operands
+    need twice the registers)."""
+    if dtype == torch.float32:
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
 
 
 def _dx_config(dtype: torch.dtype) -> dict:
-    n = 32 if dtype == torch.float32 else 64
-    return {"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_N": n, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+    if dtype == torch.float32:
+        return {"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_N": 32, "BLOCK_DA": 32, "GROUP_M": 8, "num_warps": 4,
+                "num_stages": 3}
+    return {"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_N": 64, "BLOCK_DA": 32, "GROUP_M": 8, "num_warps": 8,
+            "num_stages": 3}
 
 
-_DOWN_CONFIG = {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
-_G_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+_DOWN_CONFIG = {"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
+_G_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+_G_CONFIG_FP32 = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+
+
+def _g_config(dtype: torch.dtype) -> dict:
+    return _G_CONFIG_FP32 if dtype == torch.float32 else _G_CONFIG
 
 
 def _split(config: dict) -> tuple[dict, dict]:
@@ -248,19 +283,19 @@ def _triton_forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
         u.zero_()
         return (y.copy_(bias.expand(M, N)) if bias is not None else y.zero_()), u
     precision = _precision(x2d.dtype)
-    block_r = _block_r(R)
+    block_r = _block_r(R, x2d.dtype)
     down, down_meta = _split(_DOWN_CONFIG)
     _lora_down_kernel[(triton.cdiv(M, down["BLOCK_M"]), triton.cdiv(R, block_r))](
         x2d, lora_A, u, seed, M, K, R, x2d.stride(0), x2d.stride(1), lora_A.stride(0), lora_A.stride(1),
-        u.stride(0), u.stride(1), 1.0 / (1.0 - dropout_p), dropout_p,
-        HAS_DROPOUT=dropout_p > 0.0, PRECISION=precision, BLOCK_R=block_r, **down, **down_meta)
+        u.stride(0), u.stride(1), scaling / (1.0 - dropout_p), dropout_p,
+        PRECISION=precision, BLOCK_R=block_r, **down, **down_meta)
     cfg, meta = _split(_gemm_config(x2d.dtype))
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _lora_fwd_kernel[grid](
         x2d, weight, bias if bias is not None else x2d, u, lora_B, y, M, N, K, R,
         x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), u.stride(0), u.stride(1),
-        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), scaling,
-        HAS_BIAS=bias is not None, PRECISION=precision, BLOCK_R=block_r, **cfg, **meta)
+        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), int(bias is not None),
+        PRECISION=precision, BLOCK_R=block_r, **cfg, **meta)
     return y, u
 
 
@@ -275,12 +310,12 @@ def _triton_backward(dy, x2d, weight, lora_A, lora_B, u, scaling, dropout_p, see
             dx.zero_()
         return dx, d_a.to(x2d.dtype), d_b.to(x2d.dtype)
     precision = _precision(x2d.dtype)
-    block_r = _block_r(R)
+    block_r = _block_r(R, x2d.dtype)
     g = x2d.new_empty(M, R)
-    gcfg, gmeta = _split(_G_CONFIG)
+    gcfg, gmeta = _split(_g_config(x2d.dtype))
     _lora_bwd_g_kernel[(triton.cdiv(M, gcfg["BLOCK_M"]), triton.cdiv(R, block_r))](
         dy, lora_B, u, g, d_b, M, N, R, dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
-        u.stride(0), u.stride(1), g.stride(0), g.stride(1), scaling,
+        u.stride(0), u.stride(1), g.stride(0), g.stride(1), 1.0,
         PRECISION=precision, BLOCK_R=block_r, **gcfg, **gmeta)
     cfg, meta = _split(_dx_config(x2d.dtype))
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
@@ -289,55 +324,65 @@ def _triton_backward(dy, x2d, weight, lora_A, lora_B, u, scaling, dropout_p, see
         dy, weight, g, lora_A, x2d, seed, out, d_a, M, N, K, R,
         dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), g.stride(0), g.stride(1),
         lora_A.stride(0), lora_A.stride(1), x2d.stride(0), x2d.stride(1), out.stride(0), out.stride(1),
-        scaling / (1.0 - dropout_p), dropout_p,
-        HAS_DROPOUT=dropout_p > 0.0, COMPUTE_DX=need_dx, PRECISION=precision, BLOCK_R=block_r, **cfg, **meta)
+        scaling / (1.0 - dropout_p), dropout_p, int(need_dx),
+        PRECISION=precision, BLOCK_R=block_r, **cfg, **meta)
     return dx, d_a.to(x2d.dtype), d_b.to(x2d.dtype)
 
 
 def triton_kernel_specs() -> list:
-    """Every config the launchers above can launch, per dtype and rank chunk (``peftkern kernels``)."""
+    """Every config the launchers above can launch: per dtype and rank chunk (``peftkern kernels``).
+    Dropout, bias and dx-or-not are runtime branches, not compile-time variants."""
     specs = []
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         t = tl_dtype_name(dtype)
         precision = _precision(dtype)
-        for block_r in (16, 32, 64):
-            for dropout in (False, True):
-                down, meta = _split(_DOWN_CONFIG)
-                specs.append(KernelSpec(
-                    _lora_down_kernel, f"{t} r<={block_r} dropout={int(dropout)}",
-                    {"x_ptr": f"*{t}", "a_ptr": f"*{t}", "u_ptr": f"*{t}", "seed_ptr": "*i64", "M": "i32", "K": "i32",
-                     "R": "i32", "stride_xm": "i32", "stride_xk": "i32", "stride_ar": "i32", "stride_ak": "i32",
-                     "stride_um": "i32", "stride_ur": "i32", "inv_keep": "fp32", "p": "fp32"},
-                    {"HAS_DROPOUT": dropout, "PRECISION": precision, "BLOCK_R": block_r, **down}, **meta))
-                cfg, meta = _split(_dx_config(dtype))
-                specs.append(KernelSpec(
-                    _lora_bwd_dx_kernel, f"{t} r<={block_r} dropout={int(dropout)} {cfg['BLOCK_M']}x{cfg['BLOCK_K']}x{cfg['BLOCK_N']}",
-                    {"dy_ptr": f"*{t}", "w_ptr": f"*{t}", "g_ptr": f"*{t}", "a_ptr": f"*{t}", "x_ptr": f"*{t}",
-                     "seed_ptr": "*i64", "dx_ptr": f"*{t}", "da_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
-                     "R": "i32", **{s: "i32" for s in ("stride_dym", "stride_dyn", "stride_wn", "stride_wk", "stride_gm",
-                                                       "stride_gr", "stride_ar", "stride_ak", "stride_xm", "stride_xk",
-                                                       "stride_dxm", "stride_dxk")},
-                     "lora_scale": "fp32", "p": "fp32"},
-                    {"HAS_DROPOUT": dropout, "COMPUTE_DX": True, "PRECISION": precision, "BLOCK_R": block_r, **cfg},
-                    **meta))
-            for has_bias in (False, True):
-                cfg, meta = _split(_gemm_config(dtype))
-                specs.append(KernelSpec(
-                    _lora_fwd_kernel, f"{t} r<={block_r} bias={int(has_bias)} {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}",
-                    {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "bias_ptr": f"*{t}", "u_ptr": f"*{t}", "b_ptr": f"*{t}",
-                     "y_ptr": f"*{t}", "M": "i32", "N": "i32", "K": "i32", "R": "i32",
-                     **{s: "i32" for s in ("stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_um", "stride_ur",
-                                           "stride_bn", "stride_br", "stride_ym", "stride_yn")}, "scaling": "fp32"},
-                    {"HAS_BIAS": has_bias, "PRECISION": precision, "BLOCK_R": block_r, **cfg}, **meta))
-            gcfg, meta = _split(_G_CONFIG)
+        for block_r in _block_r_choices(dtype):
+            down, down_meta = _split(_DOWN_CONFIG)
+            specs.append(KernelSpec(
+                _lora_down_kernel, f"{t} r<={block_r} {down['BLOCK_M']}x{down['BLOCK_K']}",
+                {"x_ptr": f"*{t}", "a_ptr": f"*{t}", "u_ptr": f"*{t}", "seed_ptr": "*i64", "M": "i32", "K": "i32",
+                 "R": "i32", **_i32("stride_xm", "stride_xk", "stride_ar", "stride_ak", "stride_um", "stride_ur"),
+                 "out_scale": "fp32", "p": "fp32"},
+                {"PRECISION": precision, "BLOCK_R": block_r, **down}, **down_meta,
+                unit_args=("stride_xk", "stride_ak", "stride_ur"), plain_args=("R",)))
+            cfg, meta = _split(_gemm_config(dtype))
+            specs.append(KernelSpec(
+                _lora_fwd_kernel, f"{t} r<={block_r} {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}",
+                {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "bias_ptr": f"*{t}", "u_ptr": f"*{t}", "b_ptr": f"*{t}",
+                 "y_ptr": f"*{t}", "M": "i32", "N": "i32", "K": "i32", "R": "i32",
+                 **_i32("stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_um", "stride_ur", "stride_bn",
+                        "stride_br", "stride_ym", "stride_yn"), "has_bias": "i32"},
+                {"PRECISION": precision, "BLOCK_R": block_r, **cfg}, **meta,
+                unit_args=("stride_xk", "stride_wk", "stride_ur", "stride_br", "stride_yn"),
+                plain_args=("R", "has_bias")))
+            gcfg, gmeta = _split(_g_config(dtype))
             specs.append(KernelSpec(
                 _lora_bwd_g_kernel, f"{t} r<={block_r} {gcfg['BLOCK_M']}x{gcfg['BLOCK_N']}",
                 {"dy_ptr": f"*{t}", "b_ptr": f"*{t}", "u_ptr": f"*{t}", "g_ptr": f"*{t}", "db_ptr": "*fp32",
                  "M": "i32", "N": "i32", "R": "i32",
-                 **{s: "i32" for s in ("stride_dym", "stride_dyn", "stride_bn", "stride_br", "stride_um", "stride_ur",
-                                       "stride_gm", "stride_gr")}, "scaling": "fp32"},
-                {"PRECISION": precision, "BLOCK_R": block_r, **gcfg}, **meta))
+                 **_i32("stride_dym", "stride_dyn", "stride_bn", "stride_br", "stride_um", "stride_ur", "stride_gm",
+                        "stride_gr"), "db_scale": "fp32"},
+                {"PRECISION": precision, "BLOCK_R": block_r, **gcfg}, **gmeta,
+                unit_args=("stride_dyn", "stride_br", "stride_ur", "stride_gr"), plain_args=("R",)))
+            cfg, meta = _split(_dx_config(dtype))
+            specs.append(KernelSpec(
+                _lora_bwd_dx_kernel, f"{t} r<={block_r} {cfg['BLOCK_M']}x{cfg['BLOCK_K']}x{cfg['BLOCK_N']}",
+                {"dy_ptr": f"*{t}", "w_ptr": f"*{t}", "g_ptr": f"*{t}", "a_ptr": f"*{t}", "x_ptr": f"*{t}",
+                 "seed_ptr": "*i64", "dx_ptr": f"*{t}", "da_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
+                 "R": "i32", **_i32("stride_dym", "stride_dyn", "stride_wn", "stride_wk", "stride_gm", "stride_gr",
+                                    "stride_ar", "stride_ak", "stride_xm", "stride_xk", "stride_dxm", "stride_dxk"),
+                 "lora_scale": "fp32", "p": "fp32", "compute_dx": "i32"},
+                {"PRECISION": precision, "BLOCK_R": block_r, **cfg}, **meta,
+                unit_args=("stride_dyn", "stride_wk", "stride_gr", "stride_ak", "stride_xk", "stride_dxk",
+                           "compute_dx"), plain_args=("R",)))
+    specs.append(KernelSpec(_keep_mask_kernel, "32x32", {"seed_ptr": "*i64", "out_ptr": "*u8", "M": "i32", "K": "i32",
+                                                         "p": "fp32"}, {"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4,
+                            plain_args=("M", "K")))
     return specs
+
+
+def _i32(*names) -> dict:
+    return {name: "i32" for name in names}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,7 +445,9 @@ def dropout_keep_mask(seed: torch.Tensor, shape, dropout_p: float, face: str) ->
 def lora_linear_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dropout_p: float,
                     seed: torch.Tensor, face: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """x2d [M, K] -> (y [M, N], u [M, r]) where u = drop(x) A^T is kept for the backward."""
+    """x2d [M, K] -> (y [M, N], u [M, r]): u, kept for the backward, is the face's own rank-r
+    activation (drop(x) A^T on the torch face; scaling times it on the Triton face, where the
+    scaling is folded in once so the GEMM epilogue needs no multiply)."""
     if face == "triton":
         return _triton_forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     return _torch_forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
