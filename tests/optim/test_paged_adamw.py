@@ -86,9 +86,10 @@ def test_8bit_close_to_torch_and_bitsandbytes(seed):
     start = _model(seed)
     assert _rel(ours, torch_model) <= 2e-2
     assert _rel(ours, bnb_model) <= 2e-2
-    # the trajectories, not just the endpoints: 8-bit states cost about 1% of the distance travelled
-    assert _rel_delta(ours, torch_model, start) <= 5e-2
-    assert _rel_delta(ours, bnb_model, start) <= 2e-2
+    # the trajectories, not just the endpoints: 8-bit states cost about 1.3% of the distance
+    # travelled (bitsandbytes' too), and we stay within about 0.3% of bitsandbytes' path
+    assert _rel_delta(ours, torch_model, start) <= 3e-2
+    assert _rel_delta(ours, bnb_model, start) <= 1e-2
     weight = ours[0].weight
     assert opt.state[weight]["exp_avg_codes"].dtype == torch.uint8
     assert "exp_avg" in opt.state[ours[0].bias]  # 96 elements < min_8bit_size stay 32-bit
@@ -185,7 +186,7 @@ def test_non_finite_gradient_skips_that_tensor(bits):
 
 
 def test_paged_without_cuda_says_so_once():
-    params = [torch.nn.Parameter(torch.randn(600, 600)) for _ in range(3)]
+    params = [torch.nn.Parameter(torch.randn(64, 80)) for _ in range(3)]
     for p in params:
         p.grad = torch.randn_like(p)
     opt = PagedAdamW8bit(params)
