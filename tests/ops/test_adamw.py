@@ -128,7 +128,7 @@ def test_zero_gradient_block_and_empty_tensor(face):
         ops.adamw_step(empty, empty.clone(), empty.clone(), empty.clone(), step=1, lr=1e-3)
 
 
-@pytest.mark.parametrize("face", ["torch", "triton"])
+@pytest.mark.parametrize("face", ops.FACES)
 def test_opcheck(face):
     if backend.why_unavailable(face, DEVICE) is not None:
         pytest.skip(backend.why_unavailable(face, DEVICE))

@@ -79,3 +79,24 @@ def test_paged_optimizer_on_gpu_matches_unpaged(bits):
     assert any(paged._pager.is_paged(t) for s in paged.state.values() for t in s.values() if t.is_cuda)
     for a, b in zip(params, copies):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_under_pressure_states_are_advised_to_host_and_still_work(monkeypatch):
+    device = torch.device("cuda", torch.cuda.current_device())
+    if pager.managed_memory_supported(device.index) is not None:
+        pytest.skip(pager.managed_memory_supported(device.index))
+    p = pager.Pager(enabled=True)
+    t = p.zeros(1 << 20, torch.float32, device)
+    total = torch.cuda.get_device_properties(device).total_memory
+    monkeypatch.setattr(pager, "PREFETCH_HEADROOM_BYTES", 2 * total)  # no room: pressure
+    p.prefetch()
+    assert p._prefer_host
+    t.add_(2.0)
+    torch.cuda.synchronize()
+    assert t.sum().item() == 2.0 * (1 << 20)
+    monkeypatch.setattr(pager, "PREFETCH_HEADROOM_BYTES", 0)  # room again: back to the device
+    p.prefetch()
+    assert not p._prefer_host
+    t.add_(1.0)
+    assert t.sum().item() == 3.0 * (1 << 20)
