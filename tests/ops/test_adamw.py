@@ -189,3 +189,19 @@ def test_torch_face_code_tables_equal_binary_search(signed, seed):
         xs = xs.abs()
     got = ops._nearest_codes(xs.clone(), ops._code_tables(signed, torch.device("cpu")))
     assert torch.equal(got, torch.searchsorted(mid, xs, out_int32=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_face_loops_over_more_blocks_than_its_grid(dtype):
+    """More quantization blocks than the 8-bit kernel's grid (8192 CUDA blocks), ragged tail."""
+    if backend.why_unavailable("cuda", "cuda") is not None:
+        pytest.skip(backend.why_unavailable("cuda", "cuda"))
+    n = ops._CUDA_MAX_GRID_8BIT * ref.BLOCKSIZE * 2 + 37
+    p0, g, _, _ = _inputs(n, dtype)
+    states = _quantized_states(n)
+    expected = ref.adamw8bit_update(p0, g, *states, 5, **HYPER)
+    out = [p0.clone()] + [t.clone() for t in states]
+    with backend.use("cuda"):
+        ops.adamw8bit_step(out[0], g, *out[1:], step=5, **HYPER)
+    _check_8bit(out, expected, dtype)
