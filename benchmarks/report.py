@@ -217,11 +217,12 @@ def plot(document: dict, op: str, path: Path):
 
     kinds = [k for k in harness.KINDS if any(r["kind"] == k for r in rows)]
     heights = [max(1.5, 0.32 * sum(r["kind"] == k for r in rows) + 0.8) for k in kinds]
-    fig, axes = plt.subplots(len(kinds), 1, figsize=(11, sum(heights)), squeeze=False,
+    fig, axes = plt.subplots(len(kinds), 1, figsize=(13, sum(heights)), squeeze=False,
                              gridspec_kw={"height_ratios": heights})
     for ax, kind in zip(axes[:, 0], kinds):
         part = [r for r in rows if r["kind"] == kind]
-        labels = [f"{r['metric']} vs {r['peer_name']}: {r['case']}" for r in part]
+        labels = [f"{r['metric']} vs {str(r['peer_name']).split()[0]}: {r['case'].removeprefix('fwd+bwd ')}"
+                  for r in part]
         colors = ["tab:green" if r.get("met") else ("tab:red" if r.get("met") is False else "tab:blue") for r in part]
         y = range(len(part))
         ax.barh(list(y), [r["ratio"] for r in part], color=colors)
@@ -236,6 +237,8 @@ def plot(document: dict, op: str, path: Path):
         ax.set_xlabel("ratio ours / peer (black tick: target; green met, red missed)")
         ax.set_title(f"{op}: {kind}" + (" (modeled)" if kind.startswith("modeled") else " (measured)"), fontsize=9)
     fig.tight_layout()
+    longest = max(len(f"{r['metric']} vs {r['peer_name']}: {r['case']}") for r in rows)
+    fig.subplots_adjust(left=min(0.6, 0.0062 * longest + 0.02), right=0.98)  # room for the long case labels
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as f:
         tmp = f.name
     try:
