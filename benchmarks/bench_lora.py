@@ -206,6 +206,9 @@ def count_eager_step(impl, m, k, n, r, dropout) -> traffic.Count:
 @pytest.mark.parametrize("dropout", GPU_DROPOUTS, ids=lambda p: f"p{p:g}")
 @pytest.mark.parametrize("m,k,n,r", GPU_SHAPES, ids=lambda v: str(v))
 def test_modeled_h100(m, k, n, r, dropout, record):
+    if not traffic.interpreting():
+        pytest.skip("our kernels are counted under Triton's interpreter: run the modeled cases where "
+                    "TRITON_INTERPRET=1 (a CPU-only run sets it)")
     roofline = traffic.H100_SXM
     ours = count_ours(m, k, n, r, dropout)
     peft = count_eager_step("peft", m, k, n, r, dropout)

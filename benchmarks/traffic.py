@@ -359,7 +359,7 @@ class TritonMeter:
     def __enter__(self):
         from triton.runtime import interpreter as interp
 
-        if not _interpreting():
+        if not interpreting():
             raise RuntimeError("TritonMeter needs Triton's interpreter: set TRITON_INTERPRET=1 before importing "
                                "peftkern (or triton)")
         builder, executor = interp.InterpreterBuilder, interp.GridExecutor
@@ -431,7 +431,8 @@ class TritonMeter:
             self.current.mark(addresses, elsize, direction)
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (the only place they can be counted)."""
     import os
 
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
