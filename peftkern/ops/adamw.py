@@ -105,7 +105,7 @@ def _probe(mid_ptr, normed, idx, STEP: tl.constexpr):
 def _nearest_code(mid_ptr, x, absmax):
     """Index of the map value nearest to x / absmax (ties low) = how many of the 255 sorted
     midpoints lie below it, found in eight probes of the midpoint table."""
-    normed = tl.where(absmax > 0.0, tl.div_rn(x, tl.maximum(absmax, 1e-38)), 0.0)
+    normed = tl.where(absmax > 0.0, tl.div_rn(x, tl.where(absmax > 0.0, absmax, 1.0)), 0.0)
     idx = tl.zeros(x.shape, dtype=tl.int32)
     idx = _probe(mid_ptr, normed, idx, 128)
     idx = _probe(mid_ptr, normed, idx, 64)

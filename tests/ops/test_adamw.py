@@ -205,3 +205,21 @@ def test_cuda_face_loops_over_more_blocks_than_its_grid(dtype):
     with backend.use("cuda"):
         ops.adamw8bit_step(out[0], g, *out[1:], step=5, **HYPER)
     _check_8bit(out, expected, dtype)
+
+
+@pytest.mark.parametrize("face", RUNNABLE_FACES)
+def test_subnormal_states_quantize_like_the_reference(face):
+    """A block whose states are all subnormal floats still scales by its own absmax."""
+    n = 256
+    p0 = torch.randn(n, device=DEVICE)
+    g = torch.randn(n, device=DEVICE) * 1e-21  # g^2 ~ 1e-42: v lands in fp32's subnormal range
+    zeros = [torch.zeros(n, dtype=torch.uint8, device=DEVICE), torch.zeros(1, device=DEVICE),
+             torch.zeros(n, dtype=torch.uint8, device=DEVICE), torch.zeros(1, device=DEVICE)]
+    hyper = dict(HYPER, weight_decay=0.0)
+    expected = ref.adamw8bit_update(p0, g, *zeros, 1, **hyper)
+    out = [p0.clone()] + [t.clone() for t in zeros]
+    with backend.use(face):
+        ops.adamw8bit_step(out[0], g, *out[1:], step=1, **hyper)
+    assert 0.0 < expected[4].item() < 1.17e-38
+    _assert_codes_close(out[3], expected[3], "v codes")
+    assert torch.equal(out[4], expected[4])
