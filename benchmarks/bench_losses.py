@@ -25,7 +25,7 @@ from benchmarks.harness import pick
 SFT_CPU = pick(full=[(4096, 32000, 512)], quick=[(64, 500, 32)])
 # DPO: (pairs, sequence length, vocab, hidden, prompt tokens per sequence, which carry no loss)
 DPO_CPU = pick(full=[(2, 1024, 32000, 512, 0), (2, 1024, 32000, 512, 256)], quick=[(1, 32, 500, 32, 8)])
-CPU_ROUNDS = pick(7, 2)
+CPU_ROUNDS = pick(5, 2)
 BETA = 0.1
 
 GPU_TOKENS = pick(full=(4096, 16384), quick=(256,))

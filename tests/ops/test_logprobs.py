@@ -144,9 +144,9 @@ def test_frozen_weight_gets_no_gradient(seed):
 
 
 def test_chunk_size_default_and_override(seed):
-    assert default_chunk_size(4096, 32000) == 128
+    assert default_chunk_size(4096, 32000) == 256
     assert default_chunk_size(5, 32000) == 5
-    assert default_chunk_size(100000, 128256) == 32
+    assert default_chunk_size(100000, 128256) == 64
     *params, t = _inputs((33,), 16, 50, 2, False, False)
     h, w = params[0].float(), params[1].float()
     a = fused_linear_logprobs(h, w, t, chunk_size=1)
