@@ -137,7 +137,10 @@ def _parser() -> argparse.ArgumentParser:
     add_quantize_parser(sub)  # peftkern quantize MODEL_DIR OUT_DIR (peftkern.quant.cli.run)
 
     p = sub.add_parser("bench", help="run the benchmark suite (the repository's benchmarks/, found next to the "
-                       "peftkern package: needs a source checkout or editable install)")
+                       "peftkern package: needs a source checkout or editable install)",
+                       description="Runs benchmarks/bench_<op>.py with pytest and writes <date>-<device>.json, .md "
+                       "and .png. benchmarks/ is not installed with the package: it is found next to the peftkern "
+                       "package, so this needs a source checkout or an editable install (pip install -e .).")
     p.add_argument("--op", action="append", help="only the cases of this op (benchmarks/bench_<op>.py); "
                    "repeat or comma-separate; default: every op")
     p.add_argument("--quick", action="store_true", help="tiny shapes and few rounds: checks the harness, not speed "
