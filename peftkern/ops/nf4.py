@@ -325,10 +325,11 @@ def _triton_forward(x2d, w4, bias, lora_A, lora_B, scaling, dropout_p, seed):
     block_r = _lora_block_r(max(R, 1), x2d.dtype)
     if has_lora:
         down, down_meta = _lora._split(_lora._DOWN_CONFIG)
+        flags = {"HAS_DROPOUT": dropout_p > 0.0} if "HAS_DROPOUT" in _lora._lora_down_kernel.arg_names else {}
         _lora._lora_down_kernel[(triton.cdiv(M, down["BLOCK_M"]), triton.cdiv(R, block_r))](
             x2d, lora_A, u, seed, M, K, R, x2d.stride(0), x2d.stride(1), lora_A.stride(0), lora_A.stride(1),
             u.stride(0), u.stride(1), 1.0 / (1.0 - dropout_p), dropout_p,
-            HAS_DROPOUT=dropout_p > 0.0, PRECISION=precision, BLOCK_R=block_r, **down, **down_meta)
+            PRECISION=precision, BLOCK_R=block_r, **flags, **down, **down_meta)
     packed, absmax, nested, ncode, code, offset, log2_bs, log2_nbs, double = _weight_args(w4, x2d.device)
     b_arg = lora_B if has_lora else x2d
     common = (packed, absmax, nested, ncode, code, bias if bias is not None else x2d, u if has_lora else x2d, b_arg, y)
@@ -368,7 +369,8 @@ def _triton_backward(dy, x2d, w4, lora_A, lora_B, u, scaling, dropout_p, seed, n
         block_r = _lora_block_r(max(R, 1), x2d.dtype)
         g = x2d.new_empty(M, R)
         if has_lora:
-            gcfg, gmeta = _lora._split(_lora._G_CONFIG)
+            g_config = _lora._g_config(x2d.dtype) if hasattr(_lora, "_g_config") else _lora._G_CONFIG
+            gcfg, gmeta = _lora._split(g_config)
             _lora._lora_bwd_g_kernel[(triton.cdiv(M, gcfg["BLOCK_M"]), triton.cdiv(R, block_r))](
                 dy, lora_B, u, g, d_b, M, N, R, dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
                 u.stride(0), u.stride(1), g.stride(0), g.stride(1), scaling,
