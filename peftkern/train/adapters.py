@@ -42,14 +42,21 @@ def merge(model: nn.Module) -> nn.Module:
     return model.merge_and_unload() if has_lora(model) else model
 
 
-def save_adapter(model: nn.Module, out_dir: str, base_name: str = "") -> None:
-    """``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's layout) in ``out_dir``, atomically."""
-    from peftkern.train.checkpoint import atomic_dir
+def save_adapter(model: nn.Module, out_dir: str, base_name: str = "", write: bool = True) -> None:
+    """``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's layout) in ``out_dir``. Sharded
+    (FSDP2) parameters are gathered first, so every process calls this; only those with ``write`` write."""
+    from peftkern.tuners.io import adapter_state_dict, write_adapter_files
 
     if not has_lora(model):
         raise ValueError("this model has no adapters to save")
-    for config in model.peft_config.values():
-        if base_name and not getattr(config, "base_model_name_or_path", None):
-            config.base_model_name_or_path = base_name
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
+    name = "default" if "default" in model.peft_config else next(iter(model.peft_config))
+    tensors = {}
+    for key, t in adapter_state_dict(model.model, model.peft_config, name).items():
+        t = t.full_tensor() if hasattr(t, "full_tensor") else t
+        tensors[key] = t.detach().to("cpu").contiguous().clone()
+    if not write:
+        return
+    config = model.peft_config[name].replace(inference_mode=True)
+    if base_name and not config.base_model_name_or_path:
+        config.base_model_name_or_path = base_name
+    write_adapter_files(out_dir, config.to_json(), tensors)

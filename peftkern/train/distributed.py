@@ -88,6 +88,22 @@ def full_state(model: nn.Module, names: list[str], d: Dist) -> dict[str, torch.T
     return out
 
 
+def full_model_state(model: nn.Module, d: Dist) -> dict[str, torch.Tensor] | None:
+    """The model's full state dict on the CPU (FSDP2 gathers it: every process calls); None (the
+    module's own state) without FSDP2."""
+    if d.strategy != "fsdp2":
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
 def teardown(d: Dist) -> None:
     if d.world > 1:
         import torch.distributed as dist

@@ -199,8 +199,7 @@ class Trainer(abc.ABC):
         log.close()
         summary = {"eval_before": eval_before, "eval_after": eval_after, "final_loss": record.get("loss"),
                    "steps": total, "seconds": round(time.time() - start_time, 2)}
-        if d.main:
-            self.save_outputs(summary)
+        self.save_outputs(summary)
         return summary
 
     def run_eval(self) -> dict:
@@ -248,16 +247,20 @@ class Trainer(abc.ABC):
         return int(state["step"]), state.get("eval_before") or {}
 
     def save_outputs(self, summary: dict) -> None:
-        """The adapter (PEFT format) or the full model, and ``metrics.json``, in ``cfg.out``."""
+        """The adapter (PEFT format) or the full model, and ``metrics.json``, in ``cfg.out``. Every
+        process calls this (FSDP2 gathers the shards); the main one writes."""
         from peftkern.train.adapters import has_lora, save_adapter
         from peftkern.train.model import base_causal_lm
 
-        out = self.cfg.out
+        out, main = self.cfg.out, self.dist.main
         if has_lora(self.module.lm):
-            save_adapter(self.module.lm, os.path.join(out, "adapter"), base_name=self.cfg.model)
+            save_adapter(self.module.lm, os.path.join(out, "adapter"), base_name=self.cfg.model, write=main)
         elif self.kind != "rm":
-            base_causal_lm(self.module.lm).save_pretrained(os.path.join(out, "model"))
-        atomic_write_text(os.path.join(out, "metrics.json"), json.dumps(summary, indent=1))
+            state = D.full_model_state(base_causal_lm(self.module.lm), self.dist)
+            if main:
+                base_causal_lm(self.module.lm).save_pretrained(os.path.join(out, "model"), state_dict=state)
+        if main:
+            atomic_write_text(os.path.join(out, "metrics.json"), json.dumps(summary, indent=1))
 
 
 class _null:

@@ -31,8 +31,11 @@ def build_trainer(kind: str, cfg: TrainConfig, callbacks=()):
     """The trainer of ``kind`` ready to ``train()``."""
     from peftkern.train.model import LMWithHeads, load_lm, load_tokenizer, prepare_lm
 
+    import torch
+
     tok = load_tokenizer(cfg)
     train_src, eval_src = _sources(kind, cfg)
+    torch.manual_seed(cfg.seed)  # adapter and head initialisation: the same run gives the same model
     lm = prepare_lm(cfg, load_lm(cfg, quiet=cfg.quiet))
     model = LMWithHeads(lm, value_head=kind == "ppo", score_head=kind == "rm", autocast_bf16=cfg.bf16)
     if kind == "sft":
