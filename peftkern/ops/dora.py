@@ -67,9 +67,9 @@ def _rows_times_a(src_ptr, a_ptr, rows, ranks, n_rows, K, R, stride_sm, stride_s
 @triton.jit
 def _dora_down_kernel(x_ptr, w_ptr, a_ptr, u_ptr, wa_ptr, wsq_ptr, gram_ptr, seed_ptr, M, N, K, R,
                       stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_um, stride_ur,
-                      inv_keep, p, compute_wsq, PRECISION: tl.constexpr, NORM_PRECISION: tl.constexpr,
+                      u_scale, p, compute_wsq, PRECISION: tl.constexpr, NORM_PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """One launch, three skinny GEMMs against A: row blocks of x give u[M, R] = drop(x) A^T; row
+    """One launch, three skinny GEMMs against A: row blocks of x give u[M, R] = s drop(x) A^T; row
     blocks of W give wa[N, R] = W A^T (fp32) and, when not cached, wsq[N] = ||W||^2_row; the last
     program row gives gram[R, R] = A A^T (fp32) for its rank block."""
     pid = tl.program_id(0)
@@ -81,7 +81,7 @@ def _dora_down_kernel(x_ptr, w_ptr, a_ptr, u_ptr, wa_ptr, wsq_ptr, gram_ptr, see
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         acc, _ = _rows_times_a(x_ptr, a_ptr, rows, ranks, M, K, R, stride_xm, stride_xk, stride_ar, stride_ak,
                                seed, p, PRECISION, False, BLOCK_M, BLOCK_K, BLOCK_R)
-        acc = acc * inv_keep
+        acc = acc * u_scale
         tl.store(u_ptr + rows[:, None] * stride_um + ranks[None, :] * stride_ur, acc.to(u_ptr.dtype.element_ty),
                  mask=(rows[:, None] < M) & (ranks[None, :] < R))
     elif pid < tiles_x + tl.cdiv(N, BLOCK_M):
@@ -128,30 +128,29 @@ def _dora_row_scale(wsq_ptr, wa_ptr, gram_ptr, b_ptr, mag_ptr, cols, N, R, strid
 
 
 @triton.jit
-def _dora_fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, wsq_ptr, wa_ptr, gram_ptr, mag_ptr, y_ptr, ynb_ptr,
-                     scale_ptr,
+def _dora_scale_kernel(wsq_ptr, wa_ptr, gram_ptr, b_ptr, mag_ptr, scale_ptr, N, R, stride_bn, stride_br, scaling,
+                       BLOCK_N: tl.constexpr, NORM_R: tl.constexpr):
+    """scale[N] = m / ||W + s B A||_row (fp32) from the factored parts, BLOCK_N rows per program."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    scale, _ = _dora_row_scale(wsq_ptr, wa_ptr, gram_ptr, b_ptr, mag_ptr, cols, N, R, stride_bn, stride_br, scaling,
+                               BLOCK_N, NORM_R)
+    tl.store(scale_ptr + cols, scale, mask=cols < N)
+
+
+@triton.jit
+def _dora_fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, scale_ptr, y_ptr, ynb_ptr,
                      M, N, K, R, stride_xm, stride_xk, stride_wn, stride_wk, stride_um, stride_ur,
-                     stride_bn, stride_br, stride_ym, stride_yn, scaling, has_bias,
+                     stride_bn, stride_br, stride_ym, stride_yn, has_bias,
                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
-    """y = (m / norm) * (x W^T + s u B^T) + b. The row norm of this tile's columns is finished first
-    (from ||W||^2, W A^T, A A^T and B: O(BLOCK_N r^2), before the accumulator holds registers); the
-    rank-r term goes first into the GEMM's own accumulator; the epilogue scales and adds the bias
-    (also storing y - b to ``ynb`` when there is one). The first row of tiles writes m / norm."""
+    """y = scale * (x W^T + u B^T) + b with u already scaled by s, scale = m / norm per column (from
+    _dora_scale_kernel): the rank-r product is one more short K-step into the GEMM's accumulator after
+    the main loop; the epilogue scales like a second bias and adds the bias (also storing y - b to
+    ``ynb`` when there is one)."""
     tile_m, tile_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    scale, _ = _dora_row_scale(wsq_ptr, wa_ptr, gram_ptr, b_ptr, mag_ptr, cols, N, R, stride_bn, stride_br,
-                               scaling, BLOCK_N, 16)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        ranks = r0 + tl.arange(0, BLOCK_R)
-        u = tl.load(u_ptr + rows[:, None] * stride_um + ranks[None, :] * stride_ur,
-                    mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
-        b = tl.load(b_ptr + cols[:, None] * stride_bn + ranks[None, :] * stride_br,
-                    mask=(cols[:, None] < N) & (ranks[None, :] < R), other=0.0)
-        acc = tl.dot(u, tl.trans(b), acc, input_precision=PRECISION)
-    acc = acc * scaling
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
@@ -159,7 +158,14 @@ def _dora_fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, wsq_ptr, wa_ptr, gram
         w = tl.load(w_ptr + cols[:, None] * stride_wn + ks[None, :] * stride_wk,
                     mask=(cols[:, None] < N) & (ks[None, :] < K), other=0.0)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
-    acc = acc * scale[None, :]
+    for r0 in range(0, R, BLOCK_R):
+        ranks = r0 + tl.arange(0, BLOCK_R)
+        u = tl.load(u_ptr + rows[:, None] * stride_um + ranks[None, :] * stride_ur,
+                    mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
+        b = tl.load(b_ptr + cols[:, None] * stride_bn + ranks[None, :] * stride_br,
+                    mask=(cols[:, None] < N) & (ranks[None, :] < R), other=0.0)
+        acc = tl.dot(u, tl.trans(b), acc, input_precision=PRECISION)
+    acc = acc * tl.load(scale_ptr + cols, mask=cols < N, other=0.0)[None, :]
     tile_ok = (rows[:, None] < M) & (cols[None, :] < N)
     if has_bias:
         tl.store(ynb_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn, acc.to(ynb_ptr.dtype.element_ty),
@@ -167,8 +173,6 @@ def _dora_fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, wsq_ptr, wa_ptr, gram
         acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
              mask=tile_ok)
-    if tile_m == 0:
-        tl.store(scale_ptr + cols, scale, mask=cols < N)
 
 
 @triton.jit
@@ -297,14 +301,18 @@ def _gemm_config(dtype: torch.dtype) -> dict:
 
 def _dx_config(dtype: torch.dtype) -> dict:
     if dtype == torch.float32:
-        return {"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_N": 32, "BLOCK_DA": 32, "GROUP_M": 8, "num_warps": 4,
+        return {"BLOCK_M": 32, "BLOCK_K": 64, "BLOCK_N": 32, "BLOCK_DA": 32, "GROUP_M": 8, "num_warps": 4,
                 "num_stages": 3}
-    return {"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_N": 64, "BLOCK_DA": 32, "GROUP_M": 8, "num_warps": 8,
+    return {"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_N": 32, "BLOCK_DA": 32, "GROUP_M": 8, "num_warps": 8,
             "num_stages": 3}
 
 
 _DOWN_CONFIG = {"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
-_G_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+def _g_config(dtype: torch.dtype) -> dict:
+    return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
+
+
+_SCALE_BLOCK = 64
 
 
 def _triton_forward(x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, dropout_p, seed):
@@ -328,15 +336,18 @@ def _triton_forward(x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm
     _dora_down_kernel[grid](
         x2d, weight, lora_A, u, wa, wsq, gram, seed, M, N, K, R, x2d.stride(0), x2d.stride(1),
         weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1), u.stride(0), u.stride(1),
-        1.0 / (1.0 - dropout_p), dropout_p, int(weight_sq_norm is None), PRECISION=precision,
+        scaling / (1.0 - dropout_p), dropout_p, int(weight_sq_norm is None), PRECISION=precision,
         NORM_PRECISION=_norm_precision(x2d.dtype), BLOCK_R=block_r, **down, **down_meta)
+    _dora_scale_kernel[(triton.cdiv(N, _SCALE_BLOCK),)](
+        wsq, wa, gram, lora_B, magnitude.detach().float().contiguous(), scale, N, R, lora_B.stride(0),
+        lora_B.stride(1), scaling, BLOCK_N=_SCALE_BLOCK, NORM_R=16, num_warps=4)
     cfg, meta = _split(_gemm_config(x2d.dtype))
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _dora_fwd_kernel[grid](
-        x2d, weight, bias if bias is not None else x2d, u, lora_B, wsq, wa, gram,
-        magnitude.detach().float().contiguous(), y, ynb if bias is not None else y, scale, M, N, K, R,
+        x2d, weight, bias if bias is not None else x2d, u, lora_B, scale, y, ynb if bias is not None else y,
+        M, N, K, R,
         x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), u.stride(0), u.stride(1),
-        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), scaling, int(bias is not None),
+        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), int(bias is not None),
         PRECISION=precision, BLOCK_R=block_r, **cfg, **meta)
     return y, u, scale, ynb
 
@@ -358,12 +369,12 @@ def _triton_backward(dy, x2d, ynb, weight, lora_A, lora_B, u, scale, magnitude, 
     precision = _precision(x2d.dtype)
     block_r = _rank_chunk(R, x2d.dtype)
     g = x2d.new_empty(M, R)
-    gcfg, gmeta = _split(_G_CONFIG)
+    gcfg, gmeta = _split(_g_config(x2d.dtype))
     _dora_bwd_g_kernel[(triton.cdiv(M, gcfg["BLOCK_M"]), triton.cdiv(R, block_r))](
         dy, ynb, scale, magnitude.detach().float().contiguous(), lora_B, u, g, d_b, dmag,
         dbias if dbias is not None else dmag,
         M, N, R, dy.stride(0), dy.stride(1), ynb.stride(0), ynb.stride(1), lora_B.stride(0), lora_B.stride(1),
-        u.stride(0), u.stride(1), g.stride(0), g.stride(1), scaling, int(need_dbias), PRECISION=precision,
+        u.stride(0), u.stride(1), g.stride(0), g.stride(1), 1.0, int(need_dbias), PRECISION=precision,
         BLOCK_R=block_r, **gcfg, **gmeta)
     cfg, meta = _split(_dx_config(x2d.dtype))
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
@@ -395,20 +406,25 @@ def triton_kernel_specs() -> list:
                  "wsq_ptr": "*fp32", "gram_ptr": "*fp32", "seed_ptr": "*i64",
                  **_i32("M", "N", "K", "R", "stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_ar",
                         "stride_ak", "stride_um", "stride_ur"),
-                 "inv_keep": "fp32", "p": "fp32", "compute_wsq": "i32"},
+                 "u_scale": "fp32", "p": "fp32", "compute_wsq": "i32"},
                 {"PRECISION": precision, "NORM_PRECISION": _norm_precision(dtype), "BLOCK_R": block_r, **down},
                 **meta))
             cfg, meta = _split(_gemm_config(dtype))
             specs.append(KernelSpec(
                 _dora_fwd_kernel, f"{t} r<={block_r} {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}",
                 {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "bias_ptr": f"*{t}", "u_ptr": f"*{t}", "b_ptr": f"*{t}",
-                 "wsq_ptr": "*fp32", "wa_ptr": "*fp32", "gram_ptr": "*fp32", "mag_ptr": "*fp32",
-                 "y_ptr": f"*{t}", "ynb_ptr": f"*{t}", "scale_ptr": "*fp32",
+                 "scale_ptr": "*fp32", "y_ptr": f"*{t}", "ynb_ptr": f"*{t}",
                  **_i32("M", "N", "K", "R", "stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_um",
                         "stride_ur", "stride_bn", "stride_br", "stride_ym", "stride_yn"),
-                 "scaling": "fp32", "has_bias": "i32"},
+                 "has_bias": "i32"},
                 {"PRECISION": precision, "BLOCK_R": block_r, **cfg}, **meta))
-            gcfg, meta = _split(_G_CONFIG)
+            if block_r == _rank_chunks(dtype)[0]:  # the scale kernel has no rank-chunk variant
+                specs.append(KernelSpec(
+                    _dora_scale_kernel, f"{t} {_SCALE_BLOCK}x16",
+                    {"wsq_ptr": "*fp32", "wa_ptr": "*fp32", "gram_ptr": "*fp32", "b_ptr": f"*{t}", "mag_ptr": "*fp32",
+                     "scale_ptr": "*fp32", **_i32("N", "R", "stride_bn", "stride_br"), "scaling": "fp32"},
+                    {"BLOCK_N": _SCALE_BLOCK, "NORM_R": 16}, num_warps=4))
+            gcfg, meta = _split(_g_config(dtype))
             specs.append(KernelSpec(
                 _dora_bwd_g_kernel, f"{t} r<={block_r} {gcfg['BLOCK_M']}x{gcfg['BLOCK_N']}",
                 {"dy_ptr": f"*{t}", "ynb_ptr": f"*{t}", "scale_ptr": "*fp32", "mag_ptr": "*fp32", "b_ptr": f"*{t}",
