@@ -19,7 +19,6 @@ import tempfile
 # Every op module that defines Triton kernels exposes ``triton_kernel_specs() -> list[KernelSpec]``.
 OP_MODULES = (
     "peftkern.ops.lora",
-    "peftkern.ops.dora",
     "peftkern.ops.logprobs",
     "peftkern.ops.adamw",
     "peftkern.ops.nf4",
