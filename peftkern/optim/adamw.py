@@ -32,6 +32,11 @@ STATE_8BIT = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq
 PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _check_betas(name: str, betas) -> None:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"{name}: betas must be a pair (beta1, beta2), got {betas!r}")
+
+
 def _check_group(name: str, group: dict) -> None:
     lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
     if isinstance(lr, torch.Tensor):
@@ -60,9 +65,10 @@ class PagedAdamW(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.01, optim_bits: int = 32, paged: bool = True, min_8bit_size: int = 4096):
+        _check_betas(type(self).__name__, betas)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, optim_bits=optim_bits,
                         min_8bit_size=min_8bit_size)
-        _check_group(type(self).__name__, {**defaults, "betas": tuple(betas)})
+        _check_group(type(self).__name__, defaults)
         self.paged = bool(paged)
         self._pager = Pager(self.paged, owner=type(self).__name__)
         super().__init__(params, defaults)
@@ -70,8 +76,7 @@ class PagedAdamW(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        if not isinstance(group["betas"], (tuple, list)) or len(group["betas"]) != 2:
-            raise ValueError(f"{type(self).__name__}: betas must be a pair (beta1, beta2), got {group['betas']!r}")
+        _check_betas(type(self).__name__, group["betas"])
         group["betas"] = tuple(group["betas"])
         _check_group(type(self).__name__, group)
         for p in group["params"]:

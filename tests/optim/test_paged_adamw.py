@@ -263,5 +263,7 @@ def test_bad_arguments_raise():
         PagedAdamW(p, min_8bit_size=-3)
     with pytest.raises(ValueError, match="betas must be a pair"):
         PagedAdamW([{"params": p, "betas": (0.9,)}])
+    with pytest.raises(ValueError, match="betas must be a pair"):
+        PagedAdamW(p, betas=0.9)
     with pytest.raises(TypeError, match="has dtype torch.float64"):
         PagedAdamW([torch.nn.Parameter(torch.randn(3, dtype=torch.float64))])
