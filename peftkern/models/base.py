@@ -42,13 +42,22 @@ def corpus_examples(n_questions: int, seq_len: int, seed: int = 0) -> list[dict]
     return pack(docs, seq_len)
 
 
+def _path(settings: dict) -> str:
+    return os.path.join(cache_root(), f"tiny-{settings['size']}-{_key(settings)}")
+
+
+def is_cached(settings: dict | None = None) -> bool:
+    """Whether the base for these settings is already in the cache."""
+    return os.path.isfile(os.path.join(_path({**PRETRAIN, **(settings or {})}), "config.json"))
+
+
 def pretrained_tiny(quiet: bool = False, settings: dict | None = None, cache: bool = True):
     """The pretrained tiny base (``LlamaForCausalLM``, fp32), from the cache or trained now (a couple of
     minutes on 2 CPU cores for the demo size)."""
     from transformers import LlamaForCausalLM
 
     settings = {**PRETRAIN, **(settings or {})}
-    path = os.path.join(cache_root(), f"tiny-{settings['size']}-{_key(settings)}")
+    path = _path(settings)
     if cache and os.path.isfile(os.path.join(path, "config.json")):
         return LlamaForCausalLM.from_pretrained(path)
     model = _pretrain(settings, quiet)

@@ -158,17 +158,25 @@ class Trainer(abc.ABC):
     def trainable_names(self) -> list[str]:
         return [n for n, p in self.module.named_parameters() if p.requires_grad]
 
-    def train(self) -> dict:
-        """Run to ``total_steps``; returns ``{"eval_before", "eval_after", "final_loss", "steps", "seconds"}``."""
+    def prepare(self) -> None:
+        """Seed, reference log-probs (``before_train``), DDP / FSDP2 wrapping, optimizer and schedule:
+        after this, :meth:`train_step` runs (the end-to-end benchmark times it alone)."""
         cfg, d = self.cfg, self.dist
-        start_time = time.time()
         torch.manual_seed(cfg.seed + d.rank)
         self.before_train()
         self.model = D.wrap(self.module, d)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(trainable, cfg)
+        self.scheduler = make_scheduler(self.optimizer, self.total_steps(), cfg.warmup_steps, cfg.schedule,
+                                        cfg.min_lr_ratio)
+        self.model.train()
+
+    def train(self) -> dict:
+        """Run to ``total_steps``; returns ``{"eval_before", "eval_after", "final_loss", "steps", "seconds"}``."""
+        cfg, d = self.cfg, self.dist
+        start_time = time.time()
+        self.prepare()
         total = self.total_steps()
-        self.scheduler = make_scheduler(self.optimizer, total, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
         start, eval_before = 0, None
         ckpt = latest_checkpoint(cfg.out) if cfg.resume else None
         if ckpt is not None:
