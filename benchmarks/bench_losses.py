@@ -220,15 +220,16 @@ def test_dpo_memory_cpu(pairs, seq, v, h, prompt, record):
 # ---------------------------------------------------------------------------------------------
 
 def _ours_for_count(kind, n, v, h):
-    """Our step with the Triton face on [n] tokens ([2, n/2] for DPO), bf16, for the interpreter."""
-    def step():
-        import peftkern
+    """Our step with the Triton face on [n] tokens ([2, n/2] for DPO), bf16, for the interpreter;
+    the inputs are built here, outside what is counted."""
+    import peftkern
 
+    inner = (build_sft_step("ours", n, v, h, dtype="bfloat16") if kind == "sft"
+             else build_dpo_step("ours", 1, n // 2, v, h, dtype="bfloat16"))
+
+    def step():
         with peftkern.backend.use("triton"):
-            if kind == "sft":
-                build_sft_step("ours", n, v, h, dtype="bfloat16")()
-            else:
-                build_dpo_step("ours", 1, n // 2, v, h, dtype="bfloat16")()
+            inner()
 
     return step
 

@@ -562,6 +562,7 @@ def _fwd_setup(ctx, inputs, output):
     ctx.save_for_backward(hidden, weight, bias, lora_u, lora_B, targets, lse, ent)
     ctx.ignore_index, ctx.temperature, ctx.chunk, ctx.face = ignore_index, temperature, chunk, face
     ctx.has_bias, ctx.has_lora, ctx.want_entropy = bias is not None, lora_u is not None, want_entropy
+    ctx.set_materialize_grads(False)  # an unused output (entropy, lse) costs no zero tensor and no work
 
 
 def _fwd_backward(ctx, d_logp, d_ent, d_mean, _d_lse):
@@ -591,7 +592,7 @@ def linear_logprobs_dot(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
                         c_logp: torch.Tensor, c_mean: torch.Tensor | None, ignore_index: int, temperature: float,
                         chunk: int, face: str, needs: list[bool]) -> list[torch.Tensor]:
     """-> [value (fp32 scalar) = sum_i c_logp_i logp_i + c_mean_i mean_logp_i, then its gradients
-    dh, dW, db, du, dB (fp32, [0] when not needed)], all computed in this one call."""
+    dh, dW, db, du, dB (in their inputs' dtypes, [0] when not needed)], all computed in this one call."""
     if face == "triton":
         logp, _, mean, lse = _triton_forward(hidden, weight, bias, lora_u, lora_B, targets, ignore_index,
                                              temperature, False, c_mean is not None)
@@ -600,26 +601,30 @@ def linear_logprobs_dot(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
             value = value + (c_mean * mean).sum()
         grads = _triton_backward(hidden, weight, bias, lora_u, lora_B, targets, lse, None, c_logp, None, c_mean,
                                  ignore_index, temperature, needs)
-        return [value, *grads]
-    return _torch_dot(hidden, weight, bias, lora_u, lora_B, targets, c_logp, c_mean, ignore_index, temperature,
-                      chunk, needs)
+    else:
+        value, *grads = _torch_dot(hidden, weight, bias, lora_u, lora_B, targets, c_logp, c_mean, ignore_index,
+                                   temperature, chunk, needs)
+    # cast now: the fp32 buffers are freed at once, and only input-dtype gradients wait for the backward
+    inputs = (hidden, weight, bias, lora_u, lora_B)
+    return [value] + [g.to(t.dtype) if t is not None else g for g, t in zip(grads, inputs)]
 
 
 @linear_logprobs_dot.register_fake
 def _(hidden, weight, bias, lora_u, lora_B, targets, c_logp, c_mean, ignore_index, temperature, chunk, face, needs):
-    return [hidden.new_empty((), dtype=torch.float32), *_fake_grads(hidden, weight, lora_u, lora_B, needs)]
+    grads = _fake_grads(hidden, weight, lora_u, lora_B, needs)
+    inputs = (hidden, weight, bias, lora_u, lora_B)
+    return [hidden.new_empty((), dtype=torch.float32)] + [g.to(t.dtype) if t is not None else g
+                                                         for g, t in zip(grads, inputs)]
 
 
 def _dot_setup(ctx, inputs, output):
-    hidden, weight, bias, lora_u, lora_B = inputs[:5]
     ctx.save_for_backward(*output[1:])
-    ctx.dtypes = [None if t is None else t.dtype for t in (hidden, weight, bias, lora_u, lora_B)]
+    ctx.set_materialize_grads(False)  # the gradient outputs are never differentiated: no zero tensors
 
 
 def _dot_backward(ctx, grads_out):
     d_value = grads_out[0]
-    grads = [g.to(dt) * d_value.to(dt) if (dt is not None and g.numel()) else None
-             for g, dt in zip(ctx.saved_tensors, ctx.dtypes)]
+    grads = [None if (g.numel() == 0 or d_value is None) else g * d_value.to(g.dtype) for g in ctx.saved_tensors]
     return (*grads,) + (None,) * 8
 
 
@@ -677,7 +682,8 @@ def _check_targets(targets, ignore_index, vocab):
 
 
 def _prepare(hidden, weight, targets, ignore_index, bias, temperature, lora_A, lora_B, lora_scaling, chunk_size):
-    """Checks, then the flat operands: (hidden [N, H], targets [N] int64, u [N, r] or None, face, chunk)."""
+    """Checks, then the flat operands: (hidden [N, H], targets [N] int64, u [N, r] or None, face, chunk,
+    bias (contiguous))."""
     _check(hidden, weight, targets, bias, temperature, lora_A, lora_B, lora_scaling, chunk_size)
     _check_targets(targets, ignore_index, weight.shape[0])
     face = backend.pick(OP, FACES, hidden.device.type)
@@ -689,7 +695,9 @@ def _prepare(hidden, weight, targets, ignore_index, bias, temperature, lora_A, l
     if lora_A is not None:
         u = (h2d @ lora_A.t()) * float(lora_scaling)
     chunk = chunk_size or default_chunk_size(h2d.shape[0], weight.shape[0])
-    return h2d, t1d, u, face, chunk
+    if bias is not None:
+        bias = bias.contiguous()
+    return h2d, t1d, u, face, chunk, bias
 
 
 def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
@@ -707,8 +715,8 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     ignored positions get none. Accumulation is fp32 whatever the input dtype. ``chunk_size``
     overrides the tokens per block of the torch face (default: :func:`default_chunk_size`).
     """
-    h2d, t1d, u, face, chunk = _prepare(hidden, weight, targets, ignore_index, bias, temperature, lora_A, lora_B,
-                                        lora_scaling, chunk_size)
+    h2d, t1d, u, face, chunk, bias = _prepare(hidden, weight, targets, ignore_index, bias, temperature, lora_A,
+                                              lora_B, lora_scaling, chunk_size)
     logp, ent, _, _ = torch.ops.peftkern.linear_logprobs_fwd(
         h2d, weight, bias, u, lora_B if u is not None else None, t1d, int(ignore_index), float(temperature),
         int(chunk), bool(return_entropy), False, face)
@@ -723,8 +731,8 @@ def fused_linear_logprob_stats(hidden, weight, targets, ignore_index=-100, bias=
                                chunk_size=None):
     """(logp, entropy or None, mean_logp or None), each [...] fp32: :func:`fused_linear_logprobs`
     plus the vocabulary mean of log p (the label-smoothing term) when ``mean_logp``."""
-    h2d, t1d, u, face, chunk = _prepare(hidden, weight, targets, ignore_index, bias, temperature, lora_A, lora_B,
-                                        lora_scaling, chunk_size)
+    h2d, t1d, u, face, chunk, bias = _prepare(hidden, weight, targets, ignore_index, bias, temperature, lora_A,
+                                              lora_B, lora_scaling, chunk_size)
     logp, ent, mean, _ = torch.ops.peftkern.linear_logprobs_fwd(
         h2d, weight, bias, u, lora_B if u is not None else None, t1d, int(ignore_index), float(temperature),
         int(chunk), bool(entropy), bool(mean_logp), face)
@@ -736,8 +744,8 @@ def fused_linear_logprob_dot(hidden, weight, targets, c_logp, c_mean=None, ignor
                              temperature=1.0, *, lora_A=None, lora_B=None, lora_scaling=1.0, chunk_size=None):
     """sum_i c_logp[i] logp[i] + c_mean[i] mean_logp[i] as an fp32 scalar, with the gradients formed in
     the forward pass (the coefficients are constants: c_logp, c_mean [...] like targets)."""
-    h2d, t1d, u, face, chunk = _prepare(hidden, weight, targets, ignore_index, bias, temperature, lora_A, lora_B,
-                                        lora_scaling, chunk_size)
+    h2d, t1d, u, face, chunk, bias = _prepare(hidden, weight, targets, ignore_index, bias, temperature, lora_A,
+                                              lora_B, lora_scaling, chunk_size)
     grad_on = torch.is_grad_enabled()
     lb = lora_B if u is not None else None
     needs = [grad_on and t is not None and t.requires_grad for t in (h2d, weight, bias, u, lb)]

@@ -183,3 +183,6 @@ def test_opcheck_registered_ops():
     for args in [(h, w, b, None, None, t, -100, 1.0, 4, True, True, "torch"),
                  (h.requires_grad_(), w.requires_grad_(), None, None, None, t, -100, 0.5, 2, False, False, "torch")]:
         torch.library.opcheck(torch.ops.peftkern.linear_logprobs_fwd, args)
+    c = torch.randn(6)
+    torch.library.opcheck(torch.ops.peftkern.linear_logprobs_dot,
+                          (h, w, None, None, None, t, c, c, -100, 1.0, 4, "torch", [True, True, False, False, False]))
