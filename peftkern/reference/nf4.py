@@ -145,18 +145,30 @@ def decode_absmax(qabsmax: torch.Tensor, nested_absmax: torch.Tensor, nested_cod
 
 
 def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape, blocksize: int,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                   dtype: torch.dtype = torch.float32, chunk: int = 1 << 18) -> torch.Tensor:
     """packed uint8 [ceil(n/2), 1], fp32 absmax -> W of ``shape`` in ``dtype`` (computed in fp32,
-    rounded once)."""
+    rounded once). Works through ``chunk`` elements (whole blocks) at a time, so the temporaries
+    stay small beside the output."""
     shape = tuple(shape)
     n = 1
     for s in shape:
         n *= s
+    out = torch.empty(n, dtype=dtype, device=packed.device)
     flat = packed.reshape(-1)
-    idx = torch.stack([flat >> 4, flat & 15], dim=1).reshape(-1)[:n].long()
-    block = torch.arange(n, device=packed.device) // blocksize
-    values = nf4_code(packed.device).index_select(0, idx) * absmax.float().index_select(0, block)
-    return values.to(dtype).view(shape)
+    code = nf4_code(packed.device)
+    absmax = absmax.float()
+    step = max(blocksize, chunk // blocksize * blocksize)
+    for start in range(0, n, step):  # start is a multiple of the (even) blocksize: a byte boundary
+        stop = min(n, start + step)
+        length = stop - start
+        part = flat[start // 2:(stop + 1) // 2]
+        idx = torch.stack([part >> 4, part & 15], dim=1).reshape(-1)[:length].long()
+        blocks = -(-length // blocksize)
+        values = torch.nn.functional.pad(code.index_select(0, idx), (0, blocks * blocksize - length))
+        first = start // blocksize
+        values = values.view(blocks, blocksize) * absmax[first:first + blocks, None]
+        out[start:stop] = values.reshape(-1)[:length].to(dtype)
+    return out.view(shape)
 
 
 def nf4_linear(x: torch.Tensor, weight_deq: torch.Tensor, bias: torch.Tensor | None = None,
