@@ -630,6 +630,7 @@ def _(dy, x2d, ynb, weight, lora_A, lora_B, u, scale, magnitude, scaling, dropou
 def _setup_context(ctx, inputs, output):
     x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, dropout_p, seed, face = inputs
     y, u, scale, ynb = output
+    ctx.set_materialize_grads(False)  # u, scale and y - b are for the backward only: no zero-filled grads for them
     ctx.save_for_backward(x2d, ynb if bias is not None else y, weight, lora_A, lora_B, magnitude, u, scale, seed)
     ctx.scaling, ctx.dropout_p, ctx.face = scaling, dropout_p, face
     ctx.has_bias = bias is not None
@@ -638,6 +639,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _du, _dscale, _dynb):
     x2d, ynb, weight, lora_A, lora_B, magnitude, u, scale, seed = ctx.saved_tensors
+    if dy is None:
+        return (None,) * 11
     need_dx, need_w, need_bias, need_a, need_lb, need_m = ctx.needs_input_grad[:6]
     dy = dy.contiguous()
     dx, d_a, d_b, dmag, dbias = torch.ops.peftkern.dora_linear_bwd(
@@ -675,6 +678,7 @@ def _(base2d, x2d, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, se
 def _from_base_setup(ctx, inputs, output):
     base2d, x2d, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed = inputs
     y, u, ynb = output
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x2d, ynb if bias is not None else y, lora_A, lora_B, magnitude, u, norm, seed)
     ctx.scaling, ctx.dropout_p = scaling, dropout_p
     ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -682,6 +686,8 @@ def _from_base_setup(ctx, inputs, output):
 
 def _from_base_backward(ctx, dy, _du, _dynb):
     x2d, ynb, lora_A, lora_B, magnitude, u, norm, seed = ctx.saved_tensors
+    if dy is None:
+        return (None,) * 10
     need_base, need_x, need_bias, need_a, need_lb, need_m = ctx.needs_input_grad[:6]
     dy = dy.contiguous()
     scale = magnitude.detach().float() / norm
