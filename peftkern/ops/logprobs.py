@@ -219,7 +219,7 @@ def _fwd_config(dtype: torch.dtype) -> dict:
 
 def _bwd_config(dtype: torch.dtype) -> dict:
     if dtype == torch.float32:
-        return {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 16, "num_warps": 8, "num_stages": 2}
+        return {"BLOCK_N": 32, "BLOCK_V": 128, "BLOCK_H": 16, "num_warps": 8, "num_stages": 2}
     return {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 32, "num_warps": 8, "num_stages": 2}
 
 
