@@ -552,7 +552,9 @@ def _torch_backward_dora(dy, x2d, ynb, weight, lora_A, lora_B, u, scale, magnitu
     d_b = torch.zeros(lora_B.shape, dtype=torch.float32, device=dy.device)
     dx = dy.new_empty(M, x2d.shape[1]) if need_dx else None
     dmag = torch.zeros(N, dtype=torch.float32, device=dy.device)
-    step = max(1, (1 << 16) // max(1, N))  # 64K elements of dy' at a time: ~0.5 MiB of temporaries in fp32
+    # 64K elements of dy' at a time, but never fewer than 128 rows: thinner GEMMs cost more time on
+    # the CPU than the (N * 512 bytes in fp32) temporary saves.
+    step = max(128, (1 << 16) // max(1, N))
     for i in range(0, M, step):
         j = min(M, i + step)
         dys = dy[i:j] * scale
