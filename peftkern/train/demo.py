@@ -26,8 +26,9 @@ from peftkern.train.model import LMWithHeads, prepare_lm
 # Sized for 2 CPU cores: the full demo is a few minutes; "quick" is a seconds-long smoke run.
 PLANS = {
     "full": dict(base={}, n_sft=2400, n_pairs=480, n_eval=60, n_samples=6,
-                 sft=dict(lr=5e-3, batch_size=16, max_steps=150, warmup_steps=10, lora_r=16, lora_alpha=32.0),
-                 dpo=dict(lr=5e-4, batch_size=8, max_steps=40, warmup_steps=4, lora_r=16, lora_alpha=32.0, beta=0.1)),
+                 sft=dict(lr=5e-3, batch_size=16, max_steps=150, warmup_steps=10, lora_r=16, lora_alpha=32.0, eval_every=25),
+                 dpo=dict(lr=5e-4, batch_size=8, max_steps=40, warmup_steps=4, lora_r=16, lora_alpha=32.0, beta=0.1,
+                          eval_every=10)),
     "quick": dict(base=dict(size="micro", steps=6, warmup=1, questions=300, batch_size=8, seq_len=64), n_sft=48, n_pairs=32,
                   n_eval=12, n_samples=3,
                   sft=dict(lr=1e-2, batch_size=8, max_steps=4, lora_r=4, lora_alpha=8.0),
@@ -85,6 +86,7 @@ def run_demo(out: str, plan: str = "full", quiet: bool = False, seed: int = 0) -
     t = time.time()
     acc_before, preds_base = _accuracy(base, tok, held_out)
     cfg = _stage_cfg(out, "sft", p["sft"], quiet, seed)
+    torch.manual_seed(seed)  # the adapter's initialisation: the same whether the base was cached or just trained
     lm = prepare_lm(cfg, copy.deepcopy(base))
     trainer = SFTTrainer(cfg, LMWithHeads(lm), tok, sft_examples(tok, tasks.sft_records(sft_items), cfg),
                          sft_examples(tok, tasks.sft_records(held_out), cfg))
@@ -100,6 +102,7 @@ def run_demo(out: str, plan: str = "full", quiet: bool = False, seed: int = 0) -
     t = time.time()
     sft_model = merge(lm)
     cfg = _stage_cfg(out, "dpo", p["dpo"], quiet, seed)
+    torch.manual_seed(seed)
     lm = prepare_lm(cfg, sft_model)
     trainer = DPOTrainer(cfg, LMWithHeads(lm), tok, pair_examples(tok, tasks.preference_records(pair_items), cfg),
                          pair_examples(tok, tasks.preference_records(held_out), cfg))
