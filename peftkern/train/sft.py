@@ -10,7 +10,9 @@ from peftkern.train.loop import Trainer
 def sft_examples(tokenizer, source, cfg) -> list[dict]:
     """Tokenized SFT examples (``input_ids``, ``labels``) from a path / dataset / list, packed if asked."""
     records = load_records(source, "sft")
-    examples = [encode_sft(tokenizer, r, cfg.max_length, cfg.completion_only) for r in records]
+    # Packed examples are cut by the packing, not one by one.
+    limit = 1 << 30 if cfg.packing else cfg.max_length
+    examples = [encode_sft(tokenizer, r, limit, cfg.completion_only) for r in records]
     return pack(examples, cfg.max_length) if cfg.packing else examples
 
 
