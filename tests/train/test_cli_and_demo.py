@@ -44,3 +44,20 @@ def test_demo_quick_writes_the_report(tmp_path, capsys):
                  "dpo/adapter/adapter_config.json", "base_model/config.json", "base_model/tokenizer.json"):
         assert os.path.isfile(out / path), path
     assert "preference accuracy" in capsys.readouterr().out
+
+
+def test_cli_trains_a_local_model_directory(tmp_path, capsys):
+    from peftkern.models import build_byte_tokenizer, build_tiny_model
+
+    model_dir = tmp_path / "model"
+    build_tiny_model("micro").save_pretrained(model_dir)
+    build_byte_tokenizer().save_pretrained(model_dir)
+    train, _ = tasks.split(16, 2)
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in tasks.preference_records(train)))
+    code = main(["dpo", "--model", str(model_dir), "--data", str(tmp_path / "pairs.jsonl"), "--max-steps", "2",
+                 "--batch-size", "4", "--target-modules", "q_proj,v_proj", "--out", str(tmp_path / "out"), "--quiet"])
+    assert code == 0
+    config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    assert main(["sft", "--model", str(model_dir), "--out", str(tmp_path / "o2")]) == 2
+    assert "--data is required" in capsys.readouterr().err
