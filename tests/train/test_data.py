@@ -44,7 +44,7 @@ def test_missing_and_empty_files(tmp_path):
 
 
 def test_datasets_and_lists_are_sources():
-    from datasets import Dataset
+    Dataset = pytest.importorskip("datasets").Dataset
 
     rows = [{"prompt": "p", "completion": "c"}, {"prompt": "q", "completion": "d"}]
     assert [r.data for r in load_records(Dataset.from_list(rows), "sft")] == rows
