@@ -22,6 +22,7 @@ OP_MODULES = (
     "peftkern.ops.logprobs",
     "peftkern.ops.adamw",
     "peftkern.ops.nf4",
+    "peftkern.ops.dora",
 )
 
 ARCHS = {"sm_80": 80, "sm_90": 90}
