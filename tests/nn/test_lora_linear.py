@@ -76,7 +76,11 @@ def test_merge_unmerge_round_trip(dtype, seed):
     assert rel_error(merged, unmerged) < tol
     module.unmerge()
     assert not module.merged
-    assert rel_error(module.base_layer.weight, base.weight) < (1e-6 if dtype == torch.float32 else 1e-2)
+    # W + delta is rounded to the dtype, then delta taken off again: the round trip costs up to about
+    # one rounding of |W + delta|, which is large beside |W| when delta is (B here is N(0, 1), not zeros).
+    ratio = module.delta_weight("default").norm().item() / base.weight.float().norm().item()
+    unit = 1e-6 if dtype == torch.float32 else 2.0**-8
+    assert rel_error(module.base_layer.weight, base.weight) < 2 * unit * (1.0 + ratio)
 
 
 def test_matches_peft_lora_layer(seed):
