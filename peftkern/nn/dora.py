@@ -206,18 +206,13 @@ class DoRALinear(LoRALinear):
         return dora_linear(x, weight, bias, a, b, m, s, p, self.training, self.weight_sq_norm(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x)
-        active = [n for n in self.active_adapters if n in self.lora_A]
-        if self.merged or not active:
+        active = self._runnable_adapters()
+        if not active:
             return self.base_layer(x)
         out_dtype = x.dtype
-        dtype = x.dtype
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-        elif self._nf4 and getattr(self.base_layer, "compute_dtype", None) is not None:
+        dtype = self._compute_dtype(x)
+        if not torch.is_autocast_enabled(x.device.type) and self._nf4 \
+                and getattr(self.base_layer, "compute_dtype", None) is not None:
             dtype = self.base_layer.compute_dtype  # a 4-bit base computes in its compute dtype, as bnb's does
         with torch.autocast(x.device.type, enabled=False):
             x = x.to(dtype)

@@ -172,16 +172,27 @@ class LoRALinear(nn.Module):
         drop = self.lora_dropout[adapter_name]
         return drop.p if isinstance(drop, nn.Dropout) else 0.0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _runnable_adapters(self) -> list[str]:
+        """The active adapters to run, or [] when the base layer alone gives the output (adapters
+        disabled, which unmerges any merged one, or merged, or none active)."""
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
-            return self.base_layer(x)
-        active = [n for n in self.active_adapters if n in self.lora_A]
-        if self.merged or not active:
+            return []
+        if self.merged:
+            return []
+        return [n for n in self.active_adapters if n in self.lora_A]
+
+    @staticmethod
+    def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+        return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        active = self._runnable_adapters()
+        if not active:
             return self.base_layer(x)
         out_dtype = x.dtype
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dtype = self._compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             x = x.to(dtype)
             first, rest = active[0], active[1:]
