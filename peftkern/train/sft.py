@@ -5,6 +5,7 @@ import torch
 
 from peftkern.train.data import IGNORE_INDEX, encode_sft, load_records, pack, pad_batch
 from peftkern.train.loop import Trainer
+from peftkern.train.objectives import sft_head_loss
 
 
 def sft_examples(tokenizer, source, cfg) -> list[dict]:
@@ -26,8 +27,7 @@ class SFTTrainer(Trainer):
         return (batch["labels"][:, 1:] != IGNORE_INDEX).sum().float()
 
     def loss(self, model, batch):
-        out = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
-        nll = -out["logps"].sum()
+        nll = model(batch["input_ids"], batch["attention_mask"], batch["labels"], head_loss=sft_head_loss)["head_loss"]
         return nll, {}
 
     def evaluate(self):
