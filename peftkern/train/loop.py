@@ -242,8 +242,16 @@ class Trainer(abc.ABC):
             return None
         ckpt = resolve_resume(cfg.resume, cfg.out, self.warn if self.dist.main else None)
         state = read_state(ckpt)
-        for line in check_resume(state, ckpt, cfg, self.kind, self.dist.world, self._fingerprint):
-            self.warn(f"--resume: {line}; the new value applies from step {state['step']} on")
+        changed = check_resume(state, ckpt, cfg, self.kind, self.dist.world, self._fingerprint)
+        saved_step, total = state["step"], self.total_steps()
+        if saved_step > total:
+            raise CheckpointError(f"--resume {ckpt}: the checkpoint is at step {saved_step}, past this run's "
+                                  f"{total} steps (--max-steps); raise --max-steps, or start a new run")
+        if saved_step == total and _finished_at(cfg.out) == total:
+            raise CheckpointError(f"--resume: the run in {cfg.out} already finished at step {total} "
+                                  "(metrics.json); raise --max-steps to train further")
+        for line in changed:
+            self.warn(f"--resume: {line}; the new value applies from step {saved_step} on")
         return ckpt
 
     def _run(self, start_time: float) -> dict:
@@ -254,13 +262,6 @@ class Trainer(abc.ABC):
         total = self.total_steps()
         start, eval_before = 0, None
         if ckpt is not None:
-            saved_step = read_state(ckpt)["step"]
-            if saved_step > total:
-                raise CheckpointError(f"--resume {ckpt}: the checkpoint is at step {saved_step}, past this run's "
-                                      f"{total} steps (--max-steps); raise --max-steps, or start a new run")
-            if saved_step == total and _finished_at(cfg.out) == total:
-                raise CheckpointError(f"--resume: the run in {cfg.out} already finished at step {total} "
-                                      "(metrics.json); raise --max-steps to train further")
             start, eval_before = self.restore(ckpt)
         else:
             eval_before = self.run_eval()
