@@ -2,6 +2,8 @@
 import json
 import os
 
+import torch
+
 from peftkern.train.config import TrainConfig
 from peftkern.train.run import build_trainer
 
@@ -48,3 +50,28 @@ def env():
     environ = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     environ.pop("TRITON_INTERPRET", None)
     return environ
+
+
+def poison(t, steps, where="loss"):
+    """Make the loss (or one LoRA gradient) NaN at the given 0-based optimizer steps."""
+    real_loss, state = t.loss, {"step": 0}
+    real_step = t.train_step
+
+    def train_step(step):
+        state["step"] = step
+        return real_step(step)
+
+    def loss(model, batch):
+        value, metrics = real_loss(model, batch)
+        if state["step"] in steps:
+            if where == "loss":
+                value = value * torch.tensor(float("nan"))
+            else:
+                p = next(p for n, p in t.module.named_parameters() if p.requires_grad and "lora_B" in n)
+                q = p * 1.0
+                q.register_hook(lambda g: torch.full_like(g, float("nan")))
+                value = value + (q * 0).sum()  # the loss stays finite; one gradient is NaN
+        return value, metrics
+
+    t.loss, t.train_step = loss, train_step
+    return t

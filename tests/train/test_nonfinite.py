@@ -4,42 +4,17 @@ import json
 import math
 
 import pytest
-import torch
+
 
 from peftkern.train import checkpoint as ck
 from peftkern.train.errors import NonFiniteError, RunWarning
 from peftkern.train.logs import read_log
-from tests.train.helpers import micro, trainer
-
-
-def _poison(t, steps, where="loss"):
-    """Make the loss (or one LoRA gradient) NaN at the given 0-based optimizer steps."""
-    real_loss, state = t.loss, {"step": 0}
-    real_step = t.train_step
-
-    def train_step(step):
-        state["step"] = step
-        return real_step(step)
-
-    def loss(model, batch):
-        value, metrics = real_loss(model, batch)
-        if state["step"] in steps:
-            if where == "loss":
-                value = value * torch.tensor(float("nan"))
-            else:
-                p = next(p for n, p in t.module.named_parameters() if p.requires_grad and "lora_B" in n)
-                q = p * 1.0
-                q.register_hook(lambda g: torch.full_like(g, float("nan")))
-                value = value + (q * 0).sum()  # the loss stays finite; one gradient is NaN
-        return value, metrics
-
-    t.loss, t.train_step = loss, train_step
-    return t
+from tests.train.helpers import micro, poison, trainer
 
 
 @pytest.mark.parametrize("where", ["loss", "gradient"])
 def test_one_bad_batch_is_skipped_and_counted(tmp_path, where):
-    t = _poison(trainer("sft", micro(tmp_path)), {2}, where)
+    t = poison(trainer("sft", micro(tmp_path)), {2}, where)
     before = {n: p.detach().clone() for n, p in t.module.named_parameters() if p.requires_grad}
     after_step = {}
 
@@ -69,7 +44,7 @@ def test_max_bad_steps_in_a_row_stops_naming_step_and_records(tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(16)))
     cfg = micro(tmp_path / "out", data=str(data), eval_data=str(data), max_bad_steps=2, max_steps=8)
-    t = _poison(trainer("sft", cfg), {3, 4, 5, 6, 7})
+    t = poison(trainer("sft", cfg), {3, 4, 5, 6, 7})
     with pytest.warns(RunWarning), pytest.raises(NonFiniteError) as stopped:
         t.train()
     message = str(stopped.value)
