@@ -170,7 +170,7 @@ def coerce(f: dataclasses.Field, value, where: str = ""):
             raise bad("a number")
         try:
             number = float(value.strip() if isinstance(value, str) else value)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise bad("a number") from None
         if not math.isfinite(number):
             raise bad("a finite number")

@@ -122,7 +122,7 @@ def check_record(rec: Record, kind: str) -> None:
         fields = ("prompt", "chosen", "rejected")
         if kind == "rm" and "margin" in d:
             m = d["margin"]
-            if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
+            if isinstance(m, bool) or not isinstance(m, (int, float)) or not _finite(m):
                 raise DataError(f"{rec.where}: 'margin' must be a finite number (or left out), got {m!r}")
     elif kind == "kto":
         fields = ("prompt", "completion")
@@ -137,6 +137,13 @@ def check_record(rec: Record, kind: str) -> None:
     conversational = [isinstance(d[f], list) for f in fields]
     if any(conversational) and not all(conversational):
         raise DataError(f"{rec.where}: fields {list(fields)} mix plain strings and message lists")
+
+
+def _finite(number) -> bool:
+    try:
+        return math.isfinite(number)
+    except OverflowError:  # an integer beyond the float range (JSON allows any)
+        return False
 
 
 # -- tokenizing ----------------------------------------------------------------------------------
