@@ -15,7 +15,7 @@ the neighbouring code. Parameters may be fp32, fp16 or bf16; 32-bit states are f
 states are uint8 codes of bitsandbytes' dynamic maps (signed for m, unsigned for v) with one fp32
 absmax per 256 elements.
 
-File order (ARCHITECTURE.md): Triton kernels, launchers, CUDA launchers, torch face, registered
+File order (docs/ARCHITECTURE.md): Triton kernels, launchers, CUDA launchers, torch face, registered
 ops, public entry points with the boundary checks.
 """
 from __future__ import annotations
