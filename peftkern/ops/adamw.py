@@ -24,7 +24,7 @@ the GPU faces (the torch face builds the penalized gradient one cache-sized chun
 Launches enter the parameter's CUDA device (``launch.device_guard``) and restore the caller's, so a
 model spread over several GPUs steps each tensor on its own device and stream.
 
-File order (ARCHITECTURE.md): Triton kernels, launchers, CUDA launchers, torch face, registered
+File order (docs/ARCHITECTURE.md): Triton kernels, launchers, CUDA launchers, torch face, registered
 ops, public entry points with the boundary checks.
 """
 from __future__ import annotations
