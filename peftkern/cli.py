@@ -191,6 +191,10 @@ def _parser() -> argparse.ArgumentParser:
 
     add_quantize_parser(sub)  # peftkern quantize MODEL_DIR OUT_DIR (peftkern.quant.cli.run)
 
+    from peftkern.train.fisher_cli import add_parser as add_fisher_parser
+
+    add_fisher_parser(sub)  # peftkern fisher --model DIR --data FILE --out F (peftkern.train.fisher_cli.run)
+
     p = sub.add_parser("bench", help="run the benchmark suite (the repository's benchmarks/, found next to the "
                        "peftkern package: needs a source checkout or editable install)",
                        description="Runs benchmarks/bench_<op>.py with pytest and writes <date>-<device>.json, .md "
