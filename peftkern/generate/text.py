@@ -137,6 +137,8 @@ def generate(model, tokenizer, prompts, settings: DecodingSettings | None = None
             rows = encoded[start:start + batch_size]
             ids, mask = left_pad(rows, pad)
             for p in processors:
+                if hasattr(p, "prepare"):
+                    p.prepare(eos, settings.max_new_tokens)
                 if hasattr(p, "reset"):
                     p.reset()
             on_step = None

@@ -56,3 +56,36 @@ def prompts(batch: int = 3, width: int = 9, seed: int = 3):
     for row in range(batch):
         mask[row, :(row * 3) % (width - 2)] = 0
     return ids.masked_fill(mask == 0, 1), mask
+
+
+def bpe_tokenizer(vocab_size: int = 400):
+    """A byte-level BPE tokenizer trained here on a few sentences (multi-character tokens, as real
+    vocabularies have), with an end-of-sequence and a pad token and the byte tokenizer's chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from peftkern.models.tokenizer import CHAT_TEMPLATE
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    corpus = ["the cat sat on the mat", "a dog and a cat", "yes no maybe", "hello world, hello there",
+              '{"name": "ok", "age": 12}', "Write the answer in capitals.", "1 2 3 4 5 6 7 8 9 10"] * 20
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<bos>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    core.train_from_iterator(corpus, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def llama_for(tokenizer, seed: int = 0):
+    """A tiny random Llama over ``tokenizer``'s vocabulary."""
+    import transformers as tf
+
+    config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                            bos_token_id=tokenizer.bos_token_id)
+    torch.manual_seed(seed)
+    return tf.LlamaForCausalLM(config).eval()
