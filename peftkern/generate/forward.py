@@ -7,6 +7,7 @@ transformers ``*ForCausalLM``, a ``PeftKernModel`` (any adapters, an NF4 base) o
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
@@ -40,11 +41,14 @@ class ModelStepper:
     """``start(input_ids, attention_mask) -> logits [B, V] fp32`` for the next token after each
     (left-padded) prompt; ``advance(tokens [B]) -> logits [B, V]`` after appending one token per row.
 
-    ``forward_kwargs`` go to every forward call (for example ``adapter_names=[...]``, one per row)."""
+    ``forward_kwargs`` go to every forward call (for example ``adapter_names=[...]``, one per row);
+    ``context()`` (optional) is entered around every forward call (for example the model's
+    ``disable_adapter``, to run it as its base)."""
 
-    def __init__(self, model: nn.Module, forward_kwargs: dict | None = None):
+    def __init__(self, model: nn.Module, forward_kwargs: dict | None = None, context=None):
         self.model = model
         self.forward_kwargs = dict(forward_kwargs or {})
+        self.context = context
         params = inspect.signature(unwrap_causal_lm(model).forward).parameters
         self._cache_key = "cache" if "cache" in params else "past_key_values"
         self._takes_positions = "position_ids" in params
@@ -61,7 +65,8 @@ class ModelStepper:
             kwargs["position_ids"] = position_ids
         if self.cache is not None:
             kwargs[self._cache_key] = self.cache
-        out = self.model(**kwargs)
+        with self.context() if self.context is not None else contextlib.nullcontext():
+            out = self.model(**kwargs)
         self.cache = getattr(out, "cache", None) if self._cache_key == "cache" else None
         if self.cache is None:
             self.cache = getattr(out, "past_key_values", None)
