@@ -135,6 +135,9 @@ def _parser() -> argparse.ArgumentParser:
     from peftkern.quant.cli import add_parser as add_quantize_parser
 
     add_quantize_parser(sub)  # peftkern quantize MODEL_DIR OUT_DIR (peftkern.quant.cli.run)
+    from peftkern.generate.cli import add_parser as add_generate_parser
+
+    add_generate_parser(sub)  # peftkern generate, peftkern chat (peftkern.generate.cli)
 
     p = sub.add_parser("bench", help="run the benchmark suite (the repository's benchmarks/, found next to the "
                        "peftkern package: needs a source checkout or editable install)",
