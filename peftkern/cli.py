@@ -138,6 +138,9 @@ def _parser() -> argparse.ArgumentParser:
     from peftkern.generate.cli import add_parser as add_generate_parser
 
     add_generate_parser(sub)  # peftkern generate, peftkern chat (peftkern.generate.cli)
+    from peftkern.evaluation.cli import add_parser as add_eval_parser
+
+    add_eval_parser(sub)  # peftkern eval (peftkern.evaluation.cli)
 
     p = sub.add_parser("bench", help="run the benchmark suite (the repository's benchmarks/, found next to the "
                        "peftkern package: needs a source checkout or editable install)",
