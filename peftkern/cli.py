@@ -190,6 +190,12 @@ def _parser() -> argparse.ArgumentParser:
     from peftkern.quant.cli import add_parser as add_quantize_parser
 
     add_quantize_parser(sub)  # peftkern quantize MODEL_DIR OUT_DIR (peftkern.quant.cli.run)
+    from peftkern.generate.cli import add_parser as add_generate_parser
+
+    add_generate_parser(sub)  # peftkern generate, peftkern chat (peftkern.generate.cli)
+    from peftkern.evaluation.cli import add_parser as add_eval_parser
+
+    add_eval_parser(sub)  # peftkern eval (peftkern.evaluation.cli)
 
     from peftkern.train.fisher_cli import add_parser as add_fisher_parser
 
