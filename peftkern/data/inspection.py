@@ -20,7 +20,7 @@ from collections import Counter
 
 import numpy as np
 
-from peftkern.data.convert import check_format, normalize_all
+from peftkern.data.converters import check_format, normalize_all
 from peftkern.data.dedup import exact_groups, near_duplicate_pairs, normalize_text
 from peftkern.data.diversity import diversity_summary
 from peftkern.data.io import Problem, read_records
@@ -180,7 +180,7 @@ def inspect_data(train, eval=None, fmt: str = "auto", tokenizer=None, max_length
                  threshold: float = 0.8, shingle: int = 5, num_perm: int = 128, seed: int = 0,
                  templates_per_example: int = 1) -> dict:
     """The report on ``train`` (and ``eval``): a path, ``datasets.Dataset`` or list of dicts in any
-    source format :mod:`peftkern.data.convert` reads. ``tokenizer`` (with a chat template) gives lengths
+    source format :mod:`peftkern.data.converters` reads. ``tokenizer`` (with a chat template) gives lengths
     in tokens and, with ``max_length``, the truncation check."""
     check_format(fmt)
     if max_length is not None and tokenizer is None:

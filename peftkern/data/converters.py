@@ -222,7 +222,15 @@ def convert(source, fmt: str = "auto", to: str = "messages", seed: int = 0, temp
     The first bad record raises DataError naming file, line and field."""
     check_format(fmt)
     check_target(to)
-    items = normalize_all(read_records(source), fmt, None, seed, templates_per_example)
-    if not items:
+    out = convert_records(read_records(source), fmt, to, seed, templates_per_example)
+    if not out:
         raise DataError(f"{source if isinstance(source, str) else 'the dataset'}: no records")
-    return [to_trl(item, to) for item in items]
+    return out
+
+
+def convert_records(records: list[Record], fmt: str = "auto", to: str = "messages", seed: int = 0,
+                    templates_per_example: int = 1) -> list[dict]:
+    """:func:`convert` on records already read (``read_records``)."""
+    check_format(fmt)
+    check_target(to)
+    return [to_trl(item, to) for item in normalize_all(records, fmt, None, seed, templates_per_example)]
