@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_PRIME = np.uint64((1 << 61) - 1)
+_PRIME = (1 << 31) - 1  # Mersenne prime: a x + b < 2^62 for a, x, b < 2^31, no uint64 overflow
 _SPACE = re.compile(r"\s+")
 
 
@@ -50,23 +50,24 @@ def choose_bands(num_perm: int, threshold: float, recall: float = 0.995) -> tupl
 
 
 class MinHasher:
-    """``num_perm`` hash functions h(x) = (a x + b) mod (2^61 - 1) over 32-bit CRC hashes of the
-    shingles; a, b drawn from ``seed``. ``signature(set)`` -> uint64 [num_perm]."""
+    """``num_perm`` hash functions h(x) = (a x + b) mod p, p = 2^31 - 1, over the shingles' CRC-32 taken
+    mod p; a in [1, p) and b in [0, p) drawn from ``seed``. ``signature(set)`` -> uint64 [num_perm]."""
 
     def __init__(self, num_perm: int = 128, seed: int = 0):
         if num_perm < 1:
             raise ValueError(f"num_perm must be >= 1, got {num_perm}")
         rng = np.random.default_rng(seed)
-        # a < 2^31 and x < 2^32 keep a x + b below 2^64: no wrap-around before the modulus.
-        self.a = rng.integers(1, 1 << 31, size=num_perm, dtype=np.uint64)
-        self.b = rng.integers(0, 1 << 31, size=num_perm, dtype=np.uint64)
+        # a spans the whole field, so a x + b wraps mod p many times: a random-looking order of x. (A small
+        # a against a large p would leave the order of x nearly intact and every hash the same minimum.)
+        self.a = rng.integers(1, _PRIME, size=num_perm, dtype=np.uint64)
+        self.b = rng.integers(0, _PRIME, size=num_perm, dtype=np.uint64)
         self.num_perm = num_perm
 
     def signature(self, items: frozenset[str]) -> np.ndarray:
-        x = np.fromiter((zlib.crc32(s.encode("utf-8")) for s in items), dtype=np.uint64, count=len(items))
+        x = np.fromiter((zlib.crc32(s.encode("utf-8")) % _PRIME for s in items), dtype=np.uint64, count=len(items))
         if x.size == 0:
             return np.full(self.num_perm, np.iinfo(np.uint64).max, dtype=np.uint64)
-        return ((np.outer(x, self.a) + self.b) % _PRIME).min(axis=0)
+        return ((np.outer(x, self.a) + self.b) % np.uint64(_PRIME)).min(axis=0)
 
 
 @dataclass
