@@ -191,12 +191,10 @@ def _draw(spec, rng: random.Random):
 
 
 def _resolve(params: dict) -> dict:
-    out = {}
-    for key, value in params.items():
-        if key == "method":
-            out.update(METHODS[value])
-        else:
-            out[_field_name(key)] = value
+    """Aliases to TrainConfig fields; ``method`` applied last (``full`` sets lora_r 0 whatever the rank)."""
+    out = {_field_name(k): v for k, v in params.items() if k != "method"}
+    if "method" in params:
+        out.update(METHODS[params["method"]])
     return out
 
 
