@@ -24,7 +24,6 @@ base:
   model: tiny-micro
   max_steps: 2
   batch_size: 4
-  max_length: 64
   quiet: true
 params:
   lr: [1.0e-3, 3.0e-3]
