@@ -23,7 +23,7 @@ statistics (sum_i c_i logp_i + m_i mean_logp_i, e.g. SFT cross-entropy): the coe
 in the forward, so the gradients are formed there (three GEMM passes on the CPU face instead of
 four) and the backward only scales them.
 
-File order (ARCHITECTURE.md): Triton kernels, launchers, torch face, registered ops and autograd,
+File order (docs/ARCHITECTURE.md): Triton kernels, launchers, torch face, registered ops and autograd,
 public entry points.
 """
 from __future__ import annotations
