@@ -17,7 +17,7 @@ from peftkern.data.plots import plot_inspection
 from peftkern.data.risks import format_risks
 from peftkern.train.config import TrainConfig
 from peftkern.train.data import DataError
-from peftkern.train.model import load_lm, load_tokenizer
+from peftkern.train.loading import load_lm, load_tokenizer
 
 
 def add_parser(sub) -> None:

@@ -15,7 +15,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from peftkern.train.checkpoint import atomic_write_text
+from peftkern.train.atomic import atomic_write_text
 from peftkern.train.data import DataError, Record
 
 
@@ -58,11 +58,16 @@ def read_records(source, problems: list[Problem] | None = None) -> list[Record]:
             return _rows(_load_saved_dataset(path), path, problems)
         if not os.path.isfile(path):
             raise DataError(f"{path}: no such data file")
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        if text.lstrip().startswith("["):
+        with open(path, "rb") as f:
+            raw = f.read()
+        if raw.lstrip().startswith(b"["):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                line = raw.count(b"\n", 0, exc.start) + 1
+                raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x})") from None
             return _json_array(text, path, problems)
-        return _jsonl(text, path, problems)
+        return _jsonl(raw, path, problems)
     return _rows(source, None, problems)
 
 
@@ -88,12 +93,18 @@ def _load_saved_dataset(path: str):
     return datasets.load_from_disk(path)
 
 
-def _jsonl(text: str, path: str, problems) -> list[Record]:
+def _jsonl(raw: bytes, path: str, problems) -> list[Record]:
     out = []
-    for line_no, line in enumerate(text.splitlines(), 1):
+    for line_no, raw_line in enumerate(raw.split(b"\n"), 1):
+        where = f"{path}:{line_no}"
+        try:
+            line = raw_line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            fail(Problem(where, None, f"not UTF-8 text (byte {raw_line[exc.start]:#04x} at column {exc.start + 1})"),
+                 problems)
+            continue
         if not line.strip():
             continue
-        where = f"{path}:{line_no}"
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:

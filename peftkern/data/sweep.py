@@ -19,10 +19,12 @@ The file::
       rank: [4, 8]            # aliases: rank = lora_r, alpha = lora_alpha, dropout = lora_dropout,
       method: [lora, dora]    #   method = lora | dora | full (full: lora_r 0)
 
-Each run's settings are checked (as ``TrainConfig``) before anything starts. A run lives in
-``<out>/runs/run-<hash of its settings>`` with ``config.yaml``, its output and ``metrics.json``; a run
-whose ``metrics.json`` exists is finished and is skipped when the sweep is started again (after a
-kill, or with more values added), and a run with a checkpoint continues from it (``--resume``).
+Each run's settings are checked (as ``TrainConfig``) before anything starts. A run writes to
+``<out>/runs/run-<hash of its settings>`` (its settings in ``<out>/configs/``, its terminal output in
+``<out>/logs/``); a run whose ``metrics.json`` exists is finished and is skipped when the sweep is
+started again (after a kill, or with more values added); an unfinished run with a checkpoint continues
+from it (``--resume``), one without starts over (``--overwrite``). ``<out>/sweep_log.jsonl`` records
+each start, skip, finish and failure.
 Results: ``<out>/results.json``, ``results.md`` (a table) and ``results.png``, sorted by the metric.
 """
 from __future__ import annotations
@@ -45,8 +47,10 @@ import yaml
 
 from peftkern.data.io import write_json
 from peftkern.data.plots import plot_sweep
-from peftkern.train.checkpoint import atomic_write_text, latest_checkpoint
+from peftkern.train.atomic import atomic_write_text
+from peftkern.train.checkpoint import latest_checkpoint
 from peftkern.train.config import TRAINERS, TrainConfig
+from peftkern.train.outdir import previous_run
 from peftkern.train.run import run as train_run
 
 ALIASES = {"rank": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
@@ -155,7 +159,7 @@ def _field_name(key: str) -> str:
 def _check_setting(sweep: Sweep, section: str, key: str, value, where: str) -> None:
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     name = _field_name(key)
-    if section == "base" and name in ("out", "resume"):
+    if section == "base" and name in ("out", "resume", "overwrite"):
         raise SweepError(f"{where}: '{key}' is set by the sweep for each run")
     if key == "method" and section == "params":
         values = value if isinstance(value, list) else [value]
@@ -249,9 +253,13 @@ def _log(sweep: Sweep, record: dict) -> None:
         f.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
 
 
-def _write_config(run: PlannedRun, resume: bool) -> str:
-    path = os.path.join(run.out, "config.yaml")
-    atomic_write_text(path, yaml.safe_dump({**run.settings, "out": run.out, "resume": resume}, sort_keys=True))
+def _config_path(sweep: Sweep, run: PlannedRun) -> str:
+    return os.path.join(sweep.out, "configs", f"{run.name}.yaml")
+
+
+def _write_config(sweep: Sweep, run: PlannedRun, settings: dict) -> str:
+    path = _config_path(sweep, run)
+    atomic_write_text(path, yaml.safe_dump(settings, sort_keys=True))
     return path
 
 
@@ -268,26 +276,31 @@ def _die_with_parent() -> None:
 
 def _execute(sweep: Sweep, run: PlannedRun, in_process: bool, threads: int | None) -> str | None:
     """Run one training run to its end; None on success, else what went wrong."""
-    resume = latest_checkpoint(run.out) is not None
-    config = _write_config(run, resume)
-    _log(sweep, {"run": run.name, "event": "start", "resume": resume})
+    # A killed run continues from its checkpoint; one killed before its first checkpoint starts over.
+    resume = os.path.isdir(run.out) and latest_checkpoint(run.out, warn=None) is not None
+    overwrite = not resume and bool(previous_run(run.out))
+    settings = {**run.settings, "out": run.out, "resume": resume, "overwrite": overwrite}
+    config = _write_config(sweep, run, settings)
+    _log(sweep, {"run": run.name, "event": "start", "resume": resume, "overwrite": overwrite})
     if in_process:
         try:
-            train_run(sweep.trainer, TrainConfig(**{**run.settings, "out": run.out, "resume": resume}).check())
+            train_run(sweep.trainer, TrainConfig(**settings).check())
         except Exception as exc:  # a failed run is recorded; the sweep goes on
             return f"{type(exc).__name__}: {exc}"
         return None
     env = dict(os.environ)
     if threads:
         env.setdefault("OMP_NUM_THREADS", str(threads))
-    with open(os.path.join(run.out, "output.log"), "w", encoding="utf-8") as log:
+    log_path = os.path.join(sweep.out, "logs", f"{run.name}.log")
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    with open(log_path, "w", encoding="utf-8") as log:
         proc = subprocess.run([sys.executable, "-m", "peftkern", sweep.trainer, "--config", config],
                               stdout=log, stderr=subprocess.STDOUT, env=env,
                               preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
     if proc.returncode != 0:
-        with open(os.path.join(run.out, "output.log"), encoding="utf-8", errors="replace") as f:
+        with open(log_path, encoding="utf-8", errors="replace") as f:
             tail = f.read()[-400:].strip().splitlines()
-        return f"exit {proc.returncode}: {tail[-1] if tail else ''} (see {run.out}/output.log)"
+        return f"exit {proc.returncode}: {tail[-1] if tail else ''} (see {log_path})"
     return None
 
 

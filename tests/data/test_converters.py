@@ -171,3 +171,14 @@ def test_cli_names_dropped_fields(tmp_path, capsys):
     assert main(["data", "convert", str(tmp_path / "x.jsonl"), "--out", str(tmp_path / "o.jsonl")]) == 0
     assert "fields not carried over: text (1)" in capsys.readouterr().out
     assert convert_records(read_records(str(tmp_path / "o.jsonl")))[0]["messages"][0]["content"] == "a"
+
+
+def test_not_utf8_names_the_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "b"}\n')
+    with pytest.raises(DataError, match=r"latin1.jsonl:2: not UTF-8 text \(byte 0xe9 at column 21\)"):
+        convert(str(path))
+    arr = tmp_path / "latin1.json"
+    arr.write_bytes(b'[\n{"instruction": "a", "output": "b"},\n{"instruction": "caf\xe9", "output": "b"}]\n')
+    with pytest.raises(DataError, match=r"latin1.json:3: not UTF-8 text \(byte 0xe9\)"):
+        convert(str(arr))

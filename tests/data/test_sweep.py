@@ -159,5 +159,5 @@ def test_runs_as_parallel_processes(tmp_path):
     rows = json.loads((out / "results.json").read_text())["runs"]
     assert len(rows) == 2 and all(r["status"] == "finished" for r in rows)
     for r in rows:
-        assert (out / "runs" / r["run"] / "output.log").is_file()
+        assert (out / "logs" / f"{r['run']}.log").is_file()
         assert (out / "runs" / r["run"] / "adapter").is_dir()
