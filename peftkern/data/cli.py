@@ -160,8 +160,7 @@ def _inspect(args) -> int:
         write_json(report, args.json)
         print(f"wrote {args.json}")
     if args.png:
-        plot_inspection(report, args.png)
-        print(f"wrote {args.png}")
+        print(f"wrote {args.png}" if plot_inspection(report, args.png) else "no PNG: matplotlib is not installed")
     return 1 if inspection.has_blocking_findings(report) else 0
 
 
@@ -254,5 +253,7 @@ def _sweep(args) -> int:
         return 0
     rows = sweep.run_sweep(spec, args.processes)
     print(sweep.format_table(spec, rows))
-    print(f"wrote {spec.out}/results.json, results.md, results.png")
+    png = os.path.exists(os.path.join(spec.out, "results.png"))
+    print(f"wrote {spec.out}/results.json, results.md" + (", results.png" if png else " (no PNG: matplotlib is not "
+                                                            "installed)"))
     return 0 if all(r["status"] == "finished" for r in rows) else 1

@@ -5,11 +5,15 @@ import os
 
 
 def _pyplot():
-    import matplotlib
+    """matplotlib's pyplot on the headless backend, or None when matplotlib is not installed (it is an
+    optional extra: ``pip install peftkern[bench]`` or ``pip install matplotlib``)."""
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
     return plt
 
 
@@ -37,8 +41,10 @@ def _bars(ax, counts: list, title: str, top: int = 12) -> None:
 
 def plot_inspection(report: dict, path: str) -> str:
     """Four panels: length histogram (train and eval), turns per record, category mix, most common
-    verb-object pairs of the training instructions."""
+    verb-object pairs of the training instructions. Returns the path, or None without matplotlib."""
     plt = _pyplot()
+    if plt is None:
+        return None
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), dpi=100)
     splits = [s for s in ("train", "eval") if s in report]
     ax = axes[0][0]
@@ -64,8 +70,11 @@ def plot_inspection(report: dict, path: str) -> str:
 
 
 def plot_sweep(rows: list[dict], metric: str, path: str, higher_is_better: bool) -> str:
-    """The sweep's finished runs as points of ``metric`` (axis zoomed to their range), best at the top."""
+    """The sweep's finished runs as points of ``metric`` (axis zoomed to their range), best at the top.
+    Returns the path, or None without matplotlib."""
     plt = _pyplot()
+    if plt is None:
+        return None
     done = [r for r in rows if r.get("metric") is not None]
     fig, ax = plt.subplots(figsize=(8, 0.45 * max(len(done), 1) + 1.5), dpi=100)
     if done:
