@@ -57,11 +57,15 @@ def plot_inspection(report: dict, path: str) -> str:
     ax.set_ylabel("records")
     ax.legend(fontsize=8)
     ax = axes[0][1]
+    ticks = set()
+    width = 0.8 / len(splits)
     for k, (split, color) in enumerate(zip(splits, ("tab:blue", "tab:orange"))):
         turns = report[split]["turns_histogram"]
         if turns:
             xs, ys = zip(*turns)
-            ax.bar([x + 0.4 * k for x in xs], ys, width=0.4, label=split, color=color)
+            ticks.update(xs)
+            ax.bar([x - 0.4 + width * (k + 0.5) for x in xs], ys, width=width, label=split, color=color)
+    ax.set_xticks(sorted(ticks))
     ax.set_title("turns per record (user + assistant)", fontsize=9)
     ax.legend(fontsize=8)
     _bars(axes[1][0], list(report["train"]["categories"].items()), "task / category mix (train)")

@@ -1,19 +1,10 @@
-"""Data tests: fixture paths, and one torch thread for the tiny models they run (2 shared cores)."""
+"""Data tests: fixture paths; the tiny models they run use one torch thread (the trainers' tests' fixture)."""
 import os
 
-import pytest
-import torch
+from tests.train.conftest import one_thread  # noqa: F401  (autouse fixture, shared)
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
 
 def fixture(name: str) -> str:
     return os.path.join(FIXTURES, name)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
