@@ -201,6 +201,10 @@ def _parser() -> argparse.ArgumentParser:
 
     add_fisher_parser(sub)  # peftkern fisher --model DIR --data FILE --out F (peftkern.train.fisher_cli.run)
 
+    from peftkern.data.cli import add_parser as add_data_parser
+
+    add_data_parser(sub)  # peftkern data convert|inspect|self-instruct|augment|pairs, peftkern sweep
+
     p = sub.add_parser("bench", help="run the benchmark suite (the repository's benchmarks/, found next to the "
                        "peftkern package: needs a source checkout or editable install)",
                        description="Runs benchmarks/bench_<op>.py with pytest and writes <date>-<device>.json, .md "
