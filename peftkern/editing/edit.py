@@ -77,11 +77,14 @@ class Edit:
                 raise
             model.set_adapter(active + [adapter_name])
             return model
+        grads = {p: p.requires_grad for p in model.parameters()}
         wrapped = get_peft_model(model, config, adapter_name)
         try:
             self._fill(wrapped, adapter_name)
         except BaseException:
             wrapped.unload()
+            for p, flag in grads.items():
+                p.requires_grad_(flag)
             raise
         return wrapped
 

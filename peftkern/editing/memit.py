@@ -24,7 +24,7 @@ from peftkern.editing.edit import Edit
 from peftkern.editing.hooks import low_rank_updates
 from peftkern.editing.layout import base_model, layout_of
 from peftkern.editing.requests import EditError, EditRequest
-from peftkern.editing.rome import check_request, resolve_stats, solve_cov
+from peftkern.editing.rome import check_rank, check_request, resolve_stats, solve_cov
 from peftkern.editing.sampling import context_prefixes
 from peftkern.editing.tokens import model_device
 from peftkern.editing.trace import causal_trace, reachable_effect
@@ -70,6 +70,9 @@ def memit(model, tok, requests: list[EditRequest | dict], layers: list[int] | No
         raise EditError(f"layers must be a non-empty list of layer indices, got {layers!r}")
     layers = sorted({layout.check_layer(l, "layers entry") for l in layers})
     key_stats = {l: resolve_stats(model, tok, l, stats, corpus, n_stat_tokens, cache) for l in layers}
+    if not mom2_weight:
+        for s in key_stats.values():
+            check_rank(s, cov_ridge)
     if prefixes is None:
         prefixes = context_prefixes(model, tok, n=n_prefixes, length=prefix_length, seed=seed)
     top = layers[-1]

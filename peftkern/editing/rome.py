@@ -65,6 +65,14 @@ def resolve_stats(model, tok, layer: int, stats, corpus, n_stat_tokens: int, cac
     return stats
 
 
+def check_rank(stats: KeyStats, ridge: float) -> None:
+    """C from fewer tokens than the key has dimensions is singular: say so before solving."""
+    dim = stats.mom2.shape[0]
+    if not ridge and 0 < stats.count < dim:
+        raise EditError(f"the key statistics of {stats.module} are singular: {stats.count} tokens for {dim}-dimensional "
+                        "keys; use a larger corpus / n_stat_tokens, or cov_ridge > 0")
+
+
 def rome(model, tok, request: EditRequest | dict, layer: int | None = None, *, prefixes: list[str] | None = None,
          n_prefixes: int = 10, prefix_length: int = 10, stats=None, corpus: list[str] | None = None,
          n_stat_tokens: int = 100_000, cov_ridge: float = 0.0, settings: ValueSettings | None = None,
@@ -87,6 +95,7 @@ def rome(model, tok, request: EditRequest | dict, layer: int | None = None, *, p
         info["trace"] = trace.as_dict()
     layout.check_layer(layer)
     key_stats = resolve_stats(model, tok, layer, stats, corpus, n_stat_tokens, cache)
+    check_rank(key_stats, cov_ridge)
     if prefixes is None:
         prefixes = context_prefixes(model, tok, n=n_prefixes, length=prefix_length, seed=seed)
     module = layout.down_name(layer)

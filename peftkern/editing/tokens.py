@@ -44,6 +44,8 @@ def target_ids(tok, prompt_text: str, target: str) -> tuple[list[int], list[int]
 
     The prompt's ids are a prefix of the whole text's ids for the usual tokenizers; when they are
     not (a merge across the boundary), the target is encoded on its own after the prompt."""
+    if not tok(target.strip(), add_special_tokens=False)["input_ids"]:
+        raise EditError(f"target {target!r} tokenizes to nothing (prompt {prompt_text!r})")
     prompt = encode(tok, prompt_text)
     full = encode(tok, join_target(prompt_text, target))
     if full[:len(prompt)] == prompt:
