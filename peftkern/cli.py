@@ -132,9 +132,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPU count)")
     p.set_defaults(func=_cmd_kernels)
 
+    from peftkern.editing.cli import add_parser as add_editing_parsers
     from peftkern.quant.cli import add_parser as add_quantize_parser
 
     add_quantize_parser(sub)  # peftkern quantize MODEL_DIR OUT_DIR (peftkern.quant.cli.run)
+    add_editing_parsers(sub)  # peftkern edit / eval-edits (peftkern.editing.cli)
 
     p = sub.add_parser("bench", help="run the benchmark suite (the repository's benchmarks/, found next to the "
                        "peftkern package: needs a source checkout or editable install)",

@@ -26,6 +26,7 @@ class Layout:
     attn: str            # the attention module
     down: str            # the edited projection (input = key, output = value)
     embed: str           # token embedding
+    head: tuple[str, ...]  # the final norm and the output head (downstream of every layer)
 
     def down_name(self, layer: int) -> str:
         return self.down.format(layer)
@@ -52,12 +53,12 @@ def layout_of(model: nn.Module) -> Layout:
     if isinstance(layers, nn.ModuleList) and len(layers) and hasattr(getattr(layers[0], "mlp", None), "down_proj"):
         attn = "self_attn" if hasattr(layers[0], "self_attn") else "attn"
         return Layout("llama", len(layers), "model.layers.{}", "model.layers.{}.mlp", "model.layers.{}." + attn,
-                      "model.layers.{}.mlp.down_proj", "model.embed_tokens")
+                      "model.layers.{}.mlp.down_proj", "model.embed_tokens", ("model.norm", "lm_head"))
     inner = getattr(model, "transformer", None)
     blocks = getattr(inner, "h", None)
     if isinstance(blocks, nn.ModuleList) and len(blocks) and hasattr(getattr(blocks[0], "mlp", None), "c_proj"):
         return Layout("gpt2", len(blocks), "transformer.h.{}", "transformer.h.{}.mlp", "transformer.h.{}.attn",
-                      "transformer.h.{}.mlp.c_proj", "transformer.wte")
+                      "transformer.h.{}.mlp.c_proj", "transformer.wte", ("transformer.ln_f", "lm_head"))
     kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
     raise EditError(f"cannot edit a {kind!r} model: ROME/MEMIT here support Llama-family models "
                     "(model.layers[i].mlp.down_proj: Llama, Mistral, Qwen2, ...) and GPT-2 (transformer.h[i].mlp.c_proj)")

@@ -47,9 +47,10 @@ def _sample_bytes(t: torch.Tensor, n: int = 1024) -> bytes:
 
 def upstream_fingerprint(model, layout: Layout, layer: int) -> str:
     """Hash of the configuration and of every parameter the keys of ``layer``'s projection depend on
-    (all but later layers and the projection itself)."""
+    (all but later layers, the final norm and head, and the projection itself)."""
     base = base_model(model)
     later = tuple(layout.layer.format(j) + "." for j in range(layer + 1, layout.n_layers))
+    later += tuple(name + "." for name in layout.head)
     own = layout.down_name(layer) + "."
     h = hashlib.sha256()
     config = getattr(base, "config", None)
