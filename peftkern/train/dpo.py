@@ -46,7 +46,8 @@ class DPOTrainer(Trainer):
             groups[f"{split}_chosen"] = [e["chosen"] for e in examples]
             groups[f"{split}_rejected"] = [e["rejected"] for e in examples]
         groups = {k: v for k, v in groups.items() if v}
-        self.ref = cached_reference_logps(self.module, groups, pad, self.device, self.cfg.out, write=self.dist.main)
+        ref = cached_reference_logps(self.module, groups, pad, self.device, self.cfg.out, write=self.dist.main)
+        self.ref = {k: v.to(self.device) for k, v in ref.items()}  # indexed on the device: no host sync per batch
 
     def collate(self, examples):
         return collate_pairs(examples, self.tokenizer.pad_token_id)
@@ -57,9 +58,9 @@ class DPOTrainer(Trainer):
     def _pair_terms(self, model, batch, split: str):
         b = batch["index"].numel()
         seq = model(batch["input_ids"], batch["attention_mask"], batch["labels"])["logps"].sum(1)
-        idx = batch["index"].cpu()
-        rc = self.ref[f"{split}_chosen"][idx].to(seq.device)
-        rr = self.ref[f"{split}_rejected"][idx].to(seq.device)
+        idx = batch["index"]
+        rc = self.ref[f"{split}_chosen"][idx]
+        rr = self.ref[f"{split}_rejected"][idx]
         return dpo_loss(seq[:b], seq[b:], rc, rr, self.cfg.beta, self.cfg.loss_type, self.cfg.label_smoothing), seq, b
 
     def loss(self, model, batch):

@@ -32,8 +32,9 @@ class KTOTrainer(Trainer):
             if examples:
                 groups[f"{split}_seq"] = [e["seq"] for e in examples]
                 groups[f"{split}_kl"] = [e["kl_seq"] for e in examples]
-        self.ref = cached_reference_logps(self.module, groups, self.tokenizer.pad_token_id, self.device,
-                                          self.cfg.out, write=self.dist.main)
+        ref = cached_reference_logps(self.module, groups, self.tokenizer.pad_token_id, self.device, self.cfg.out,
+                                     write=self.dist.main)
+        self.ref = {k: v.to(self.device) for k, v in ref.items()}  # indexed on the device: no host sync per batch
 
     def collate(self, examples):
         batch = pad_batch([e["seq"] for e in examples] + [e["kl_seq"] for e in examples], self.tokenizer.pad_token_id)
@@ -47,9 +48,9 @@ class KTOTrainer(Trainer):
     def _terms(self, model, batch, split):
         b = batch["index"].numel()
         seq = model(batch["input_ids"], batch["attention_mask"], batch["labels"])["logps"].sum(1)
-        idx = batch["index"].cpu()
-        ref = self.ref[f"{split}_seq"][idx].to(seq.device)
-        ref_kl = self.ref[f"{split}_kl"][idx].to(seq.device)
+        idx = batch["index"]
+        ref = self.ref[f"{split}_seq"][idx]
+        ref_kl = self.ref[f"{split}_kl"][idx]
         kl = (seq[b:] - ref_kl).mean().clamp_min(0).detach()
         loss = kto_loss_sum(seq[:b], ref, batch["desirable"], kl, self.cfg.beta, self.cfg.desirable_weight,
                             self.cfg.undesirable_weight)

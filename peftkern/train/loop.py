@@ -153,9 +153,9 @@ class Trainer(abc.ABC):
         processes' stop flag (preemption) travel to the host together, after one all-reduce."""
         grad_norm = self.clip_norm()
         keys = sorted(metric_sums)
-        stop = torch.ones(()) if (self._preemption is not None and self._preemption.requested) else torch.zeros(())
+        stop = float(self._preemption is not None and self._preemption.requested)
         sums = torch.stack([loss_sum.float()] + [torch.as_tensor(metric_sums[k]).float() for k in keys])
-        packed = D.all_reduce_sum(torch.cat([sums, stop.to(sums.device).reshape(1)]), self.dist)
+        packed = D.all_reduce_sum(torch.cat([sums, torch.full((1,), stop, device=sums.device)]), self.dist)
         values = torch.cat([packed[:-1] / total, packed[-1:], grad_norm.float().reshape(1).to(packed.device)]).tolist()
         loss, norm, stop_votes = values[0], values[-1], values[-2]
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it next)
