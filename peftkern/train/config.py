@@ -88,8 +88,8 @@ class TrainConfig:
                            "the run stops")
     max_bad_steps: int = _f(5, "optimizer steps in a row with a non-finite loss or gradient (each one skipped) "
                             "before the run stops")
-    strategy: str = _f("auto", "many processes (launch with torchrun): 'ddp' or 'fsdp2'; 'auto': ddp when "
-                       "WORLD_SIZE > 1", choices=("auto", "none", "ddp", "fsdp2"))
+    strategy: str = _f("auto", "many processes (launch with torchrun): 'ddp' or 'fsdp2'; 'none': one process only; "
+                       "'auto': ddp when WORLD_SIZE > 1", choices=("auto", "none", "ddp", "fsdp2"))
     quiet: bool = _f(False, "no progress bar")
 
     def check(self) -> "TrainConfig":

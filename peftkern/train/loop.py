@@ -306,8 +306,9 @@ class Trainer(abc.ABC):
         return summary
 
     def _preempted(self, done: int, saved_at: str | None, start_time: float, log) -> dict:
-        name = self._preemption.name if self._preemption is not None and self._preemption.requested else "a signal"
-        summary = {"preempted": True, "signal": name or "another process's signal", "steps": done,
+        own = self._preemption is not None and self._preemption.requested
+        summary = {"preempted": True, "signal": self._preemption.name if own else "another process's signal",
+                   "steps": done,
                    "checkpoint": saved_at, "seconds": round(time.time() - start_time, 2),
                    "bad_steps": self.bad_steps}
         if self.dist.main:

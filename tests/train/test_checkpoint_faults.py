@@ -43,9 +43,11 @@ def _flip_byte(path):
 
 
 DAMAGE = {
-    "truncated weights": (lambda d: _truncate(os.path.join(d, "trainable.safetensors")), "trainable.safetensors is .* bytes"),
+    "truncated weights": (lambda d: _truncate(os.path.join(d, "trainable.safetensors")),
+                          "trainable.safetensors is .* bytes"),
     "missing optimizer": (lambda d: os.unlink(os.path.join(d, "optimizer.pt")), "optimizer.pt is missing"),
-    "corrupted weights": (lambda d: _flip_byte(os.path.join(d, "trainable.safetensors")), "trainable.safetensors does not match its sha256"),
+    "corrupted weights": (lambda d: _flip_byte(os.path.join(d, "trainable.safetensors")),
+                          "trainable.safetensors does not match its sha256"),
     "no manifest": (lambda d: os.unlink(os.path.join(d, "manifest.json")), "no manifest.json"),
 }
 
@@ -143,7 +145,8 @@ def test_save_retries_get_past_a_passing_fault(tmp_path, monkeypatch):
         if step == 3:
             monkeypatch.setattr(safetensors.torch, "save_file", _failing_save_file(real, 1))
 
-    with pytest.warns(RunWarning, match="writing checkpoint .*step-000004 failed: No space left on device .*retry 1 of 2"):
+    with pytest.warns(RunWarning, match="writing checkpoint .*step-000004 failed: No space left on device .*retry 1 "
+                                        "of 2"):
         summary = run("sft", micro(tmp_path, save_retries=2), callbacks=[fault])
     assert summary["steps"] == 6 and checkpoints(tmp_path) == ["step-000004", "step-000006"]
     assert not temp_entries(str(tmp_path))
