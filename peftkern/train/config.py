@@ -28,6 +28,25 @@ class TrainConfig:
     target_modules: str = _f("all-linear", "comma-separated module names to adapt, or 'all-linear'")
     quant: str = _f("none", "base weight format: 'none' or 'nf4' (QLoRA)", choices=("none", "nf4"))
     dora: bool = _f(False, "DoRA adapters instead of LoRA")
+    # -- PEFT method (peftkern.tuners; built in train/adapters.py): the method and its main options --
+    peft: str = _f("lora", "adapter method: 'lora' (DoRA with --dora), 'ia3', 'adalora' or 'bitfit'",
+                   choices=("lora", "ia3", "adalora", "bitfit"))
+    ia3_target_modules: str = _f("default", "(IA)^3 targets: comma-separated names, or 'default' (PEFT's per "
+                                 "model type: keys, values and the down projection)")
+    ia3_feedforward_modules: str = _f("default", "(IA)^3 targets whose input is scaled: comma-separated names, or "
+                                      "'default' (PEFT's per model type)")
+    adalora_init_r: int = _f(12, "AdaLoRA initial rank per module")
+    adalora_target_r: int = _f(8, "AdaLoRA average final rank per module")
+    adalora_tinit: int = _f(0, "AdaLoRA warm-up steps at the full budget")
+    adalora_tfinal: int = _f(0, "AdaLoRA final steps at the final ranks")
+    adalora_delta_t: int = _f(1, "AdaLoRA steps between two allocations")
+    adalora_beta1: float = _f(0.85, "AdaLoRA EMA of sensitivity")
+    adalora_beta2: float = _f(0.85, "AdaLoRA EMA of uncertainty")
+    adalora_orth_reg_weight: float = _f(0.5, "AdaLoRA weight of the orthogonality regularizer")
+    adalora_total_step: int = _f(0, "AdaLoRA schedule length in optimizer steps (0: --max-steps)")
+    bitfit_target_modules: str = _f("all", "BitFit: 'all' (every bias; a model without biases gets trainable "
+                                    "ones on --target-modules) or comma-separated module names")
+    # -- end of the PEFT method block --
     # data
     data: str | None = _f(None, "training data, JSONL in TRL's format (default with --model tiny: the bundled set)")
     eval_data: str | None = _f(None, "held-out data, same format (default with --model tiny: the bundled held-out set)")
@@ -118,7 +137,22 @@ class TrainConfig:
             raise ConfigError("--resume and --overwrite both given: continue the run in --out, or replace it")
         if not self.out:
             raise ConfigError("out: expected an output directory, got an empty string")
+        self.check_peft()
         return self
+
+    def check_peft(self) -> None:
+        """The PEFT method block: options of another method than --peft are refused, not ignored."""
+        if self.dora and self.peft != "lora":
+            raise ConfigError(f"--dora is a LoRA option; --peft is {self.peft!r}")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for prefix in ("ia3_", "adalora_", "bitfit_"):
+            changed = [n for n in defaults if n.startswith(prefix) and getattr(self, n) != defaults[n]]
+            if changed and self.peft != prefix[:-1]:
+                raise ConfigError(f"{', '.join('--' + n.replace('_', '-') for n in changed)}: options of --peft "
+                                 f"{prefix[:-1]}, but --peft is {self.peft!r}")
+        if self.peft == "adalora" and self.adalora_total_step <= 0 and self.max_steps <= 0:
+            raise ConfigError("--peft adalora needs --max-steps (or --adalora-total-step): AdaLoRA's rank budget "
+                             "falls on a schedule of that many steps")
 
 
 def _type_name(f: dataclasses.Field) -> str:

@@ -13,6 +13,7 @@ import contextlib
 import torch
 from torch import nn
 
+from peftkern.train.adapters import add_adapters, uses_adapters
 from peftkern.train.logprobs import token_logprobs
 
 
@@ -98,16 +99,14 @@ def prepare_lm(cfg, lm: nn.Module) -> nn.Module:
     """Apply ``--quant``, LoRA / DoRA and gradient checkpointing as ``cfg`` asks."""
     if cfg.quant == "nf4":
         lm = quantize_nf4(lm)
-    if cfg.lora_r > 0:
-        from peftkern.train.adapters import add_lora
-
-        lm = add_lora(lm, cfg.lora_r, cfg.lora_alpha, cfg.target_modules, cfg.lora_dropout, cfg.dora)
+    if uses_adapters(cfg):
+        lm = add_adapters(lm, cfg)
     elif cfg.quant == "nf4":
         raise ValueError("--quant nf4 freezes the base weights: it needs LoRA adapters (lora_r > 0)")
     if cfg.grad_checkpointing:
         base = base_causal_lm(lm)
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.lora_r > 0 and hasattr(base, "enable_input_require_grads"):
+        if uses_adapters(cfg) and hasattr(base, "enable_input_require_grads"):
             base.enable_input_require_grads()
     return lm
 
