@@ -29,11 +29,25 @@ class TrainConfig:
     quant: str = _f("none", "base weight format: 'none' or 'nf4' (QLoRA)", choices=("none", "nf4"))
     dora: bool = _f(False, "DoRA adapters instead of LoRA")
     # data
-    data: str | None = _f(None, "training data, JSONL in TRL's format (default with --model tiny: the bundled set)")
-    eval_data: str | None = _f(None, "held-out data, same format (default with --model tiny: the bundled held-out set)")
+    data: str | None = _f(None, "training data, JSONL in TRL's format (default with --model tiny: the bundled set); "
+                          "SFT mixes several tasks: a.jsonl:0.5,b.jsonl:0.5 (weights) or a.jsonl,b.jsonl (by size "
+                          "and --mix-temperature), logging each task's loss")
+    eval_data: str | None = _f(None, "held-out data, same format (default with --model tiny: the bundled held-out "
+                               "set); SFT: several files give one eval loss per task")
     max_length: int = _f(256, "tokens per sequence (longer ones are truncated)")
     packing: bool = _f(False, "pack SFT examples into rows of max_length tokens", ("sft",))
     completion_only: bool = _f(True, "SFT loss on completion / assistant tokens only", ("sft",))
+    mix_temperature: float = _f(1.0, "multi-task --data: task i is drawn with probability proportional to "
+                                "(weight or size)^(1/T)", ("sft",))
+    rehearsal_data: str | None = _f(None, "JSONL replayed into every batch against forgetting: plain text "
+                                    "({\"text\": ...}, the LM loss on every token) or earlier SFT records", ("sft",))
+    rehearsal_ratio: float = _f(0.1, "share of each batch taken from --rehearsal-data, in [0, 1)", ("sft",))
+    # forgetting: the anchored penalty, folded into the optimizer step
+    ewc: str | None = _f(None, "Fisher file from 'peftkern fisher': add lambda/2 sum F (theta - theta0)^2 to the loss, "
+                         "theta0 the trainable values at the start (EWC)")
+    l2sp: bool = _f(False, "the same penalty with F = 1 (L2-SP): pull the trainable values towards their start")
+    ewc_lambda: float = _f(1.0, "lambda of --ewc / --l2sp (>= 0)")
+    ewc_fisher_bits: int = _f(32, "store --ewc's Fisher in 32 bits or as 8-bit blockwise codes", choices=(32, 8))
     # optimisation
     lr: float = _f(2e-4, "peak learning rate")
     weight_decay: float = _f(0.0, "AdamW weight decay")
@@ -118,7 +132,19 @@ class TrainConfig:
             raise ConfigError("--resume and --overwrite both given: continue the run in --out, or replace it")
         if not self.out:
             raise ConfigError("out: expected an output directory, got an empty string")
+        self._check_forgetting()
         return self
+
+    def _check_forgetting(self) -> None:
+        """--ewc / --l2sp / --rehearsal-* / --mix-temperature ranges and combinations."""
+        if not math.isfinite(self.ewc_lambda) or self.ewc_lambda < 0:
+            raise ConfigError(f"ewc_lambda must be a finite number >= 0, got {self.ewc_lambda}")
+        if self.ewc and self.l2sp:
+            raise ConfigError("--ewc and --l2sp both given: L2-SP is EWC with F = 1; choose one")
+        if not (0.0 <= self.rehearsal_ratio < 1.0):
+            raise ConfigError(f"rehearsal_ratio must be in [0, 1), got {self.rehearsal_ratio}")
+        if not math.isfinite(self.mix_temperature) or self.mix_temperature <= 0:
+            raise ConfigError(f"mix_temperature must be a finite number > 0, got {self.mix_temperature}")
 
 
 def _type_name(f: dataclasses.Field) -> str:
