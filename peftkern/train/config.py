@@ -48,11 +48,25 @@ class TrainConfig:
                                     "ones on --target-modules) or comma-separated module names")
     # -- end of the PEFT method block --
     # data
-    data: str | None = _f(None, "training data, JSONL in TRL's format (default with --model tiny: the bundled set)")
-    eval_data: str | None = _f(None, "held-out data, same format (default with --model tiny: the bundled held-out set)")
+    data: str | None = _f(None, "training data, JSONL in TRL's format (default with --model tiny: the bundled set); "
+                          "SFT mixes several tasks: a.jsonl:0.5,b.jsonl:0.5 (weights) or a.jsonl,b.jsonl (by size "
+                          "and --mix-temperature), logging each task's loss")
+    eval_data: str | None = _f(None, "held-out data, same format (default with --model tiny: the bundled held-out "
+                               "set); SFT: several files give one eval loss per task")
     max_length: int = _f(256, "tokens per sequence (longer ones are truncated)")
     packing: bool = _f(False, "pack SFT examples into rows of max_length tokens", ("sft",))
     completion_only: bool = _f(True, "SFT loss on completion / assistant tokens only", ("sft",))
+    mix_temperature: float = _f(1.0, "multi-task --data: task i is drawn with probability proportional to "
+                                "(weight or size)^(1/T)", ("sft",))
+    rehearsal_data: str | None = _f(None, "JSONL replayed into every batch against forgetting: plain text "
+                                    "({\"text\": ...}, the LM loss on every token) or earlier SFT records", ("sft",))
+    rehearsal_ratio: float = _f(0.1, "share of each batch taken from --rehearsal-data, in [0, 1)", ("sft",))
+    # forgetting: the anchored penalty, folded into the optimizer step
+    ewc: str | None = _f(None, "Fisher file from 'peftkern fisher': add lambda/2 sum F (theta - theta0)^2 to the loss, "
+                         "theta0 the trainable values at the start (EWC)")
+    l2sp: bool = _f(False, "the same penalty with F = 1 (L2-SP): pull the trainable values towards their start")
+    ewc_lambda: float = _f(1.0, "lambda of --ewc / --l2sp (>= 0)")
+    ewc_fisher_bits: int = _f(32, "store --ewc's Fisher in 32 bits or as 8-bit blockwise codes", choices=(32, 8))
     # optimisation
     lr: float = _f(2e-4, "peak learning rate")
     weight_decay: float = _f(0.0, "AdamW weight decay")
@@ -138,6 +152,7 @@ class TrainConfig:
         if not self.out:
             raise ConfigError("out: expected an output directory, got an empty string")
         self.check_peft()
+        self._check_forgetting()
         return self
 
     def check_peft(self) -> None:
@@ -153,6 +168,17 @@ class TrainConfig:
         if self.peft == "adalora" and self.adalora_total_step <= 0 and self.max_steps <= 0:
             raise ConfigError("--peft adalora needs --max-steps (or --adalora-total-step): AdaLoRA's rank budget "
                              "falls on a schedule of that many steps")
+
+    def _check_forgetting(self) -> None:
+        """--ewc / --l2sp / --rehearsal-* / --mix-temperature ranges and combinations."""
+        if not math.isfinite(self.ewc_lambda) or self.ewc_lambda < 0:
+            raise ConfigError(f"ewc_lambda must be a finite number >= 0, got {self.ewc_lambda}")
+        if self.ewc and self.l2sp:
+            raise ConfigError("--ewc and --l2sp both given: L2-SP is EWC with F = 1; choose one")
+        if not (0.0 <= self.rehearsal_ratio < 1.0):
+            raise ConfigError(f"rehearsal_ratio must be in [0, 1), got {self.rehearsal_ratio}")
+        if not math.isfinite(self.mix_temperature) or self.mix_temperature <= 0:
+            raise ConfigError(f"mix_temperature must be a finite number > 0, got {self.mix_temperature}")
 
 
 def _type_name(f: dataclasses.Field) -> str:

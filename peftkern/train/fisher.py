@@ -164,3 +164,43 @@ def match_fisher(fisher: dict[str, torch.Tensor], params: dict[str, torch.Tensor
         if not f.is_floating_point() or not bool(torch.isfinite(f).all()) or bool((f < 0).any()):
             raise ConfigError(f"--ewc {path}: {name} holds values that are not finite and >= 0")
     return {name: fisher[name] for name in params}
+
+
+# -- a run anchored to its start: --ewc F / --l2sp ---------------------------------------------------
+
+def wants_anchors(cfg) -> bool:
+    """Whether the run asks for the anchored penalty (``--ewc`` or ``--l2sp``)."""
+    return bool(getattr(cfg, "ewc", None)) or bool(getattr(cfg, "l2sp", False))
+
+
+def attach_anchors(optimizer, lm: nn.Module, cfg, warn=None) -> None:
+    """Anchor every trainable parameter of ``lm`` at its value now (the run's start) in ``optimizer``
+    (a :class:`peftkern.optim.PagedAdamW`), with ``--ewc``'s Fisher (checked against the parameters,
+    stored in ``--ewc-fisher-bits``) or F = 1 for ``--l2sp``; the strength is ``--ewc-lambda``.
+
+    A Fisher estimated at other parameter values than these (another checkpoint, another adapter
+    initialisation seed) is reported through ``warn``: EWC's anchor is where F was measured.
+    """
+    if not wants_anchors(cfg):
+        return
+    from peftkern.optim import PagedAdamW
+
+    if not isinstance(optimizer, PagedAdamW):
+        raise ConfigError("--ewc / --l2sp fold the penalty into peftkern's AdamW; this run's optimizer is "
+                          f"{type(optimizer).__name__}")
+    params = trainable_parameters(lm)
+    if any(hasattr(p, "full_tensor") for p in params.values()):
+        raise ConfigError("--ewc / --l2sp do not support --strategy fsdp2 (sharded parameters); use ddp")
+    fisher = None
+    if cfg.ewc:
+        tensors, metadata = load_fisher(cfg.ewc)
+        fisher = match_fisher(tensors, params, cfg.ewc)
+        saved = metadata.get("anchor_sha256")
+        if warn is not None and saved and saved != parameter_fingerprint(params):
+            warn(f"--ewc {cfg.ewc}: the Fisher was estimated at other parameter values than this run starts from "
+                 "(another model or checkpoint, or another --seed for the adapter); the anchor is this run's start")
+    for group in optimizer.param_groups:
+        group["anchor_lambda"] = float(cfg.ewc_lambda)
+    for name, p in params.items():
+        optimizer.set_anchor(p, fisher=None if fisher is None else fisher[name].to(p.device),
+                             fisher_bits=cfg.ewc_fisher_bits)

@@ -51,6 +51,15 @@ def check_data_file(path: str, flag: str) -> None:
         raise PathError(f"{flag} {path}: is a directory, expected a JSONL data file")
 
 
+def data_paths(spec: str, flag: str, kind: str) -> list[str]:
+    """The files of a ``--data`` / ``--eval-data`` value: one path, or (SFT) several with weights."""
+    if kind != "sft" or os.path.exists(spec):
+        return [spec]
+    from peftkern.train.mixing import parse_data_spec
+
+    return [source.path for source in parse_data_spec(spec, flag)]
+
+
 def check_paths(cfg, kind: str) -> None:
     """Every path in ``cfg`` that this run reads exists and is what it must be (PathError otherwise)."""
     if not is_embedded(cfg.model):
@@ -59,10 +68,14 @@ def check_paths(cfg, kind: str) -> None:
             check_tokenizer_dir(cfg.model, "--model")
     if cfg.tokenizer is not None:
         check_tokenizer_dir(cfg.tokenizer)
-    if cfg.data:
-        check_data_file(cfg.data, "--data")
-    if cfg.eval_data:
-        check_data_file(cfg.eval_data, "--eval-data")
+    for flag, spec in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
+        if spec:
+            for path in data_paths(spec, flag, kind):
+                check_data_file(path, flag)
+    if cfg.rehearsal_data:
+        check_data_file(cfg.rehearsal_data, "--rehearsal-data")
+    if cfg.ewc and not os.path.isfile(cfg.ewc):
+        raise PathError(f"--ewc {cfg.ewc}: no such Fisher file (write one with 'peftkern fisher')")
     if kind == "ppo" and cfg.reward_model:
         check_model_dir(cfg.reward_model, "--reward-model")
 

@@ -24,7 +24,9 @@ from peftkern.train.atomic import atomic_dir, atomic_write_text, with_retries
 from peftkern.train.checkpoint import (latest_checkpoint, load_checkpoint, read_state, resolve_resume,
                                        save_checkpoint, set_rng_state)
 from peftkern.train.errors import CheckpointError, NonFiniteError, RunWarning
+from peftkern.train.fisher import attach_anchors, wants_anchors
 from peftkern.train.logs import RunLog, dumps, read_json
+from peftkern.train.mixing import add_task_means
 from peftkern.train.model import load_trainable_state
 from peftkern.train.preempt import Preemption
 from peftkern.train.resume import check_resume, data_fingerprint, settings_of
@@ -32,18 +34,19 @@ from peftkern.train.schedule import make_scheduler
 
 
 def make_optimizer(params: list[nn.Parameter], cfg):
-    """AdamW with fp32 state (torch), or peftkern's 8-bit (optionally paged) AdamW."""
+    """AdamW with fp32 state (torch), or peftkern's 8-bit (optionally paged) AdamW; with --ewc / --l2sp
+    peftkern's AdamW (32- or 8-bit as --optim says), which folds the penalty into its step."""
     if not params:
         raise ValueError("nothing to train: no parameter requires grad")
     betas = (0.9, 0.999)
-    if cfg.optim == "adamw":
+    if cfg.optim == "adamw" and not wants_anchors(cfg):
         return torch.optim.AdamW(params, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay)
     try:
         from peftkern.optim import PagedAdamW
     except ImportError:
         raise ValueError(f"--optim {cfg.optim} needs peftkern.optim.PagedAdamW, which this build lacks") from None
-    return PagedAdamW(params, lr=cfg.lr, betas=betas, eps=1e-8, weight_decay=cfg.weight_decay, optim_bits=8,
-                      paged=cfg.optim == "paged_adamw8bit")
+    return PagedAdamW(params, lr=cfg.lr, betas=betas, eps=1e-8, weight_decay=cfg.weight_decay,
+                      optim_bits=32 if cfg.optim == "adamw" else 8, paged=cfg.optim == "paged_adamw8bit")
 
 
 class Trainer(abc.ABC):
@@ -70,6 +73,7 @@ class Trainer(abc.ABC):
         self._preemption: Preemption | None = None
         self._stop_agreed = False
         self._fingerprint: str | None = None
+        self.sampler = None  # mixing.MixedSampler with several tasks or rehearsal (SFT)
 
     # -- what a trainer provides ----------------------------------------------------------------
     @abc.abstractmethod
@@ -114,7 +118,10 @@ class Trainer(abc.ABC):
 
     def micro_batches(self, step: int) -> list[list]:
         """This process's micro-batches for optimizer step ``step``: a seeded permutation per epoch, cut
-        into global batches, each split across processes and then into micro-batches."""
+        into global batches, each split across processes and then into micro-batches (with mixed data:
+        the sampler's global batch for the step)."""
+        if self.sampler is not None:
+            return self.sampler.micro_batches(step, self.dist.rank, self.cfg.batch_size, self.cfg.grad_accum)
         spe = self.steps_per_epoch()
         epoch, pos = divmod(step, spe)
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
@@ -173,7 +180,7 @@ class Trainer(abc.ABC):
         record.update({k: values[i + 1] for i, k in enumerate(keys)})
         if not finite:
             record["skipped"] = True
-        return record
+        return add_task_means(record)
 
     def clip_norm(self) -> torch.Tensor:
         """Clip the gradients to ``max_grad_norm`` (0: no clipping); the total norm before clipping, as
@@ -212,6 +219,7 @@ class Trainer(abc.ABC):
         self.model = D.wrap(self.module, d)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(trainable, cfg)
+        attach_anchors(self.optimizer, self.module.lm, cfg, self.warn)  # --ewc / --l2sp (a no-op otherwise)
         self.scheduler = make_scheduler(self.optimizer, self.total_steps(), cfg.warmup_steps, cfg.schedule,
                                         cfg.min_lr_ratio)
         self.model.train()

@@ -6,7 +6,8 @@ from peftkern.train import outdir
 from peftkern.train.config import TrainConfig
 from peftkern.train.distributed import is_main_process
 from peftkern.train.errors import ConfigError
-from peftkern.train.loading import check_paths, is_embedded, load_lm, load_tokenizer
+from peftkern.train.loading import check_paths, data_paths, is_embedded, load_lm, load_tokenizer
+from peftkern.train.mixing import attach_mixture, is_mixture, task_examples
 
 BUNDLED_TRAIN, BUNDLED_EVAL = 480, 48
 
@@ -65,8 +66,15 @@ def build_trainer(kind: str, cfg: TrainConfig, callbacks=()):
         make, cls = ppo_prompts, PPOTrainer
     else:
         raise ValueError(f"unknown trainer {kind!r}")
+    if kind == "sft" and cfg.eval_data and len(data_paths(cfg.eval_data, "--eval-data", kind)) > 1:
+        evals = [e for ex in task_examples(tok, cfg.eval_data, None, cfg, make, "--eval-data")[0].values() for e in ex]
+    else:
+        evals = make(tok, eval_src, cfg) if eval_src is not None else []
+    if kind == "sft" and is_mixture(cfg):  # several tasks, weights or rehearsal: a sampler fills each step
+        trainer = cls(cfg, model, tok, [], evals, callbacks=callbacks)
+        attach_mixture(trainer, tok, cfg, train_src, make)
+        return trainer
     train = make(tok, train_src, cfg)
-    evals = make(tok, eval_src, cfg) if eval_src is not None else []
     return cls(cfg, model, tok, train, evals, callbacks=callbacks)
 
 
