@@ -67,6 +67,17 @@ def _prompts(vocab: int):
     return ids, torch.ones_like(ids)
 
 
+def _timed(timer, threads: int, contenders: dict) -> tuple[dict, str]:
+    """(median seconds per contender, noise note), timed interleaved at ``threads`` torch threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        medians = timer(contenders, rounds=ROUNDS)
+    finally:
+        torch.set_num_threads(before)
+    return medians, ", ".join(f"{k} IQR/median {spread(s):.0%}" for k, s in timer.samples.items())
+
+
 @contextlib.contextmanager
 def _base_once(model, rows: int):
     """Prototype for the measurement: each LoRA layer (one active adapter) computes its base output over
@@ -135,13 +146,7 @@ def test_contrastive_one_batch_cpu(size, threads, timer, record):
 
     assert torch.equal(one_batch().tokens, two_models().tokens)
     assert torch.equal(base_once().tokens, two_models().tokens)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        medians = timer({"ours": one_batch, "two_models": two_models, "base_once": base_once}, rounds=ROUNDS)
-    finally:
-        torch.set_num_threads(before)
-    noise = ", ".join(f"{k} IQR/median {spread(s):.0%}" for k, s in timer.samples.items())
+    medians, noise = _timed(timer, threads, {"ours": one_batch, "two_models": two_models, "base_once": base_once})
     common = dict(kind="measured-cpu", shape={"model": what, "batch": BATCH, "prompt": PROMPT,
                                               "new_tokens": NEW_TOKENS, "threads": threads},
                   dtype="float32", metric="time per generated token", unit="ms",
@@ -175,13 +180,7 @@ def test_loop_vs_transformers_cpu(size, threads, timer, record):
                               min_new_tokens=NEW_TOKENS, **settings.transformers_kwargs())[:, PROMPT:]
 
     assert torch.equal(ours(), hf())
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        medians = timer({"ours": ours, "transformers": hf}, rounds=ROUNDS)
-    finally:
-        torch.set_num_threads(before)
-    noise = ", ".join(f"{k} IQR/median {spread(s):.0%}" for k, s in timer.samples.items())
+    medians, noise = _timed(timer, threads, {"ours": ours, "transformers": hf})
     record(kind="measured-cpu", case=f"decoding loop, {size}, {threads} thread{'s' * (threads > 1)}",
            shape={"model": what, "batch": BATCH, "prompt": PROMPT, "new_tokens": NEW_TOKENS, "threads": threads},
            dtype="float32", metric="time per generated token", unit="ms",
