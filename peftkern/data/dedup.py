@@ -79,33 +79,58 @@ class Pair:
 
 
 def near_duplicate_pairs(texts: list[str], others: list[str] | None = None, threshold: float = 0.8,
-                         k: int = 5, num_perm: int = 128, seed: int = 0) -> list[Pair]:
-    """Pairs of exact Jaccard similarity >= ``threshold`` over ``k``-character shingles (identical
-    texts included, at 1.0: callers set exact duplicates apart with :func:`exact_groups`).
+                         k: int = 5, num_perm: int = 128, seed: int = 0, exclude=None) -> list[Pair]:
+    """For each text, its most similar match of exact Jaccard similarity >= ``threshold`` over ``k``-character
+    shingles, if it has one: at most one pair per text, so the output stays linear in the input.
 
-    Without ``others``: pairs i < j within ``texts``. With ``others``: pairs (i in texts, j in others).
-    Sorted by similarity, highest first.
+    Without ``others``: matches among the earlier texts (``j < i``: the pair says "i near-duplicates j").
+    With ``others``: matches in ``others`` (``j`` indexes ``others``). ``exclude(i, j)`` -> True skips a
+    candidate (callers set exact duplicates apart that way). Ties go to the lowest ``j``. Sorted by i.
+
+    Cost: candidates come from LSH buckets; each is first screened by the share of equal MinHash values
+    (vectorized; a pair at the threshold fails this screen with probability < 1e-4 at 128 permutations),
+    and only the survivors' shingle sets are compared exactly.
     """
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"near-duplicate threshold must be in (0, 1], got {threshold}")
     hasher = MinHasher(num_perm, seed)
     bands, rows = choose_bands(num_perm, threshold)
+    screen = max(0.0, threshold - 4.5 * (threshold * (1 - threshold) / num_perm) ** 0.5 - 1e-9)
     left = [shingles(t, k) for t in texts]
     right = left if others is None else [shingles(t, k) for t in others]
-    right_sigs = [hasher.signature(s) for s in right]
-    left_sigs = right_sigs if others is None else [hasher.signature(s) for s in left]
+    right_sigs = np.stack([hasher.signature(s) for s in right]) if right else np.zeros((0, num_perm), np.uint64)
+    left_sigs = right_sigs if others is None else (
+        np.stack([hasher.signature(s) for s in left]) if left else np.zeros((0, num_perm), np.uint64))
     buckets: dict[tuple, list[int]] = defaultdict(list)
-    for j, sig in enumerate(right_sigs):
-        for b in range(bands):
-            buckets[(b, sig[b * rows:(b + 1) * rows].tobytes())].append(j)
-    candidates = set()
+
+    def keys(sig):
+        return [(b, sig[b * rows:(b + 1) * rows].tobytes()) for b in range(bands)]
+
+    if others is not None:
+        for j, sig in enumerate(right_sigs):
+            for key in keys(sig):
+                buckets[key].append(j)
+    pairs = []
     for i, sig in enumerate(left_sigs):
-        for b in range(bands):
-            for j in buckets.get((b, sig[b * rows:(b + 1) * rows].tobytes()), ()):
-                if others is not None or j > i:
-                    candidates.add((i, j))
-    pairs = [Pair(i, j, jaccard(left[i], right[j])) for i, j in candidates]
-    return sorted((p for p in pairs if p.similarity >= threshold), key=lambda p: (-p.similarity, p.i, p.j))
+        own = keys(sig)
+        found = [np.asarray(buckets[key], dtype=np.int64) for key in own if key in buckets]
+        if others is None:  # the earlier texts only: i joins the buckets after its own lookup
+            for key in own:
+                buckets[key].append(i)
+        if not found:
+            continue
+        cand = np.unique(np.concatenate(found))
+        cand = cand[(right_sigs[cand] == sig).mean(axis=1) >= screen]
+        best = None
+        for j in cand.tolist():
+            if exclude is not None and exclude(i, j):
+                continue
+            sim = jaccard(left[i], right[j])
+            if sim >= threshold and (best is None or sim > best.similarity):
+                best = Pair(i, j, sim)
+        if best is not None:
+            pairs.append(best)
+    return pairs
 
 
 def exact_groups(texts: list[str]) -> list[list[int]]:
