@@ -21,7 +21,7 @@ from collections import Counter
 import numpy as np
 
 from peftkern.data.converters import check_format, normalize_all
-from peftkern.data.dedup import exact_groups, near_duplicate_pairs, normalize_text
+from peftkern.data.dedup import Pair, exact_groups, near_duplicate_pairs, normalize_text
 from peftkern.data.diversity import diversity_summary
 from peftkern.data.io import Problem, read_records
 from peftkern.data.negatives import count_negatives
@@ -140,14 +140,17 @@ def _truncation(items: list[dict], tokenizer, max_length: int | None) -> tuple[d
 def _duplicates(items: list[dict], threshold: float, k: int, num_perm: int, seed: int) -> dict:
     texts = [full_text(it["messages"]) for it in items]
     groups = exact_groups(texts)
-    norm = [normalize_text(t) for t in texts]
+    # Exact copies are counted above; only the first of each takes part in the near-duplicate search.
+    first = list({normalize_text(t): i for i, t in reversed(list(enumerate(texts)))}.values())[::-1]
+    first.sort()
+    marked = [items[i].get("negative") is not None for i in first]
 
-    def exclude(i: int, j: int) -> bool:
-        # Exact copies are counted above. A marked negative shares its prompt with the answer it
-        # contrasts: similar by design, not a duplicate.
-        return norm[i] == norm[j] or (items[i].get("negative") is None) != (items[j].get("negative") is None)
+    def exclude(a: int, b: int) -> bool:
+        # A marked negative shares its prompt with the answer it contrasts: similar by design.
+        return marked[a] != marked[b]
 
-    near = near_duplicate_pairs(texts, None, threshold, k, num_perm, seed, exclude)
+    near = [Pair(first[p.i], first[p.j], p.similarity)
+            for p in near_duplicate_pairs([texts[i] for i in first], None, threshold, k, num_perm, seed, exclude)]
     return {"exact": {"groups": len(groups), "extra_copies": sum(len(g) - 1 for g in groups),
                       "where": [[items[i]["where"] for i in g] for g in groups[:LIMIT]]},
             "near": {"records": len(near), "where": [{"record": items[p.i]["where"], "like": items[p.j]["where"],
