@@ -187,13 +187,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPU count)")
     p.set_defaults(func=_cmd_kernels)
 
+    from peftkern.editing.cli import add_parser as add_editing_parsers
     from peftkern.quant.cli import add_parser as add_quantize_parser
 
     add_quantize_parser(sub)  # peftkern quantize MODEL_DIR OUT_DIR (peftkern.quant.cli.run)
+    from peftkern.generate.cli import add_parser as add_generate_parser
+
+    add_generate_parser(sub)  # peftkern generate, peftkern chat (peftkern.generate.cli)
+    from peftkern.evaluation.cli import add_parser as add_eval_parser
+
+    add_eval_parser(sub)  # peftkern eval (peftkern.evaluation.cli)
+
+    from peftkern.train.fisher_cli import add_parser as add_fisher_parser
+
+    add_fisher_parser(sub)  # peftkern fisher --model DIR --data FILE --out F (peftkern.train.fisher_cli.run)
 
     from peftkern.data.cli import add_parser as add_data_parser
 
     add_data_parser(sub)  # peftkern data convert|inspect|self-instruct|augment|pairs, peftkern sweep
+
+    add_editing_parsers(sub)  # peftkern edit / eval-edits (peftkern.editing.cli)
 
     p = sub.add_parser("bench", help="run the benchmark suite (the repository's benchmarks/, found next to the "
                        "peftkern package: needs a source checkout or editable install)",

@@ -112,7 +112,7 @@ def adapter_base(cfg, out_dir: str, write: bool = True) -> str:
         from peftkern.train.atomic import atomic_dir
 
         path = os.path.abspath(os.path.join(out_dir, "base_model"))
-        if write:
+        if write and not os.path.isfile(os.path.join(path, "config.json")):  # a resumed run's is the same
             with atomic_dir(path) as tmp:
                 build_tiny_model("micro", seed=cfg.seed).save_pretrained(tmp)
                 build_byte_tokenizer().save_pretrained(tmp)

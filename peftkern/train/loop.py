@@ -24,7 +24,7 @@ from peftkern.train.atomic import atomic_dir, atomic_write_text, with_retries
 from peftkern.train.checkpoint import (latest_checkpoint, load_checkpoint, read_state, resolve_resume,
                                        save_checkpoint, set_rng_state)
 from peftkern.train.errors import CheckpointError, NonFiniteError, RunWarning
-from peftkern.train.logs import RunLog, dumps
+from peftkern.train.logs import RunLog, dumps, read_json
 from peftkern.train.model import load_trainable_state
 from peftkern.train.preempt import Preemption
 from peftkern.train.resume import check_resume, data_fingerprint, settings_of
@@ -242,8 +242,16 @@ class Trainer(abc.ABC):
             return None
         ckpt = resolve_resume(cfg.resume, cfg.out, self.warn if self.dist.main else None)
         state = read_state(ckpt)
-        for line in check_resume(state, ckpt, cfg, self.kind, self.dist.world, self._fingerprint):
-            self.warn(f"--resume: {line}; the new value applies from step {state['step']} on")
+        changed = check_resume(state, ckpt, cfg, self.kind, self.dist.world, self._fingerprint)
+        saved_step, total = state["step"], self.total_steps()
+        if saved_step > total:
+            raise CheckpointError(f"--resume {ckpt}: the checkpoint is at step {saved_step}, past this run's "
+                                  f"{total} steps (--max-steps); raise --max-steps, or start a new run")
+        if saved_step == total and _finished_at(cfg.out) == total:
+            raise CheckpointError(f"--resume: the run in {cfg.out} already finished at step {total} "
+                                  "(metrics.json); raise --max-steps to train further")
+        for line in changed:
+            self.warn(f"--resume: {line}; the new value applies from step {saved_step} on")
         return ckpt
 
     def _run(self, start_time: float) -> dict:
@@ -254,13 +262,6 @@ class Trainer(abc.ABC):
         total = self.total_steps()
         start, eval_before = 0, None
         if ckpt is not None:
-            saved_step = read_state(ckpt)["step"]
-            if saved_step > total:
-                raise CheckpointError(f"--resume {ckpt}: the checkpoint is at step {saved_step}, past this run's "
-                                      f"{total} steps (--max-steps); raise --max-steps, or start a new run")
-            if saved_step == total and os.path.isfile(os.path.join(cfg.out, "metrics.json")):
-                raise CheckpointError(f"--resume: the run in {cfg.out} already finished at step {total} "
-                                      "(metrics.json); raise --max-steps to train further")
             start, eval_before = self.restore(ckpt)
         else:
             eval_before = self.run_eval()
@@ -414,11 +415,16 @@ class Trainer(abc.ABC):
 
         cfg, main = self.cfg, self.dist.main
         retry = dict(retries=cfg.save_retries, warn=self.warn)
-        kept = "The previous output there (if any) is intact; the newest checkpoint holds this run's weights."
+
+        def kept(name):
+            path = os.path.join(cfg.out, name)
+            before = f"The previous {path} is intact" if os.path.exists(path) else f"Nothing was at {path} before"
+            return f"{before}; the final checkpoint holds this run's weights (--resume writes the outputs from it)."
+
         if has_lora(self.module.lm):
             path = os.path.join(cfg.out, "adapter")
-            base = self.base_model_path or (with_retries(lambda: adapter_base(cfg, cfg.out, main), "the base model",
-                                                         kept, **retry))
+            base = self.base_model_path or with_retries(lambda: adapter_base(cfg, cfg.out, main), "the base model",
+                                                        kept("base_model"), **retry)
             if not main:
                 save_adapter(self.module.lm, path, base_name=base, write=False)
             else:
@@ -428,7 +434,7 @@ class Trainer(abc.ABC):
 
                 # FSDP2 gathers inside save_adapter with every process: no retry by the main one alone
                 adapter_retry = retry if self.dist.strategy != "fsdp2" else dict(retries=0, warn=self.warn)
-                with_retries(write_adapter, f"the adapter {path}", kept, **adapter_retry)
+                with_retries(write_adapter, f"the adapter {path}", kept("adapter"), **adapter_retry)
         elif self.kind != "rm":
             lm = base_causal_lm(self.module.lm)
             state = D.full_model_state(lm, self.dist)
@@ -441,10 +447,19 @@ class Trainer(abc.ABC):
                         if hasattr(self.tokenizer, "save_pretrained"):
                             self.tokenizer.save_pretrained(tmp)
 
-                with_retries(write_model, f"the model {path}", kept, **retry)
+                with_retries(write_model, f"the model {path}", kept("model"), **retry)
         if main:
             with_retries(lambda: atomic_write_text(os.path.join(cfg.out, "metrics.json"), dumps(summary, indent=1)),
-                         f"{os.path.join(cfg.out, 'metrics.json')}", kept, **retry)
+                         f"{os.path.join(cfg.out, 'metrics.json')}", kept("metrics.json"), **retry)
+
+
+def _finished_at(out: str) -> int | None:
+    """The step count in ``out/metrics.json`` (written when a run finishes), or None."""
+    try:
+        steps = read_json(os.path.join(out, "metrics.json")).get("steps")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return steps if isinstance(steps, int) else None
 
 
 def _json_state(state: dict) -> dict:

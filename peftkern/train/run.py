@@ -5,6 +5,7 @@ from __future__ import annotations
 from peftkern.train import outdir
 from peftkern.train.config import TrainConfig
 from peftkern.train.distributed import is_main_process
+from peftkern.train.errors import ConfigError
 from peftkern.train.loading import check_paths, is_embedded, load_lm, load_tokenizer
 
 BUNDLED_TRAIN, BUNDLED_EVAL = 480, 48
@@ -24,7 +25,7 @@ def _sources(kind: str, cfg: TrainConfig):
     if cfg.data:
         return cfg.data, cfg.eval_data
     if not is_embedded(cfg.model):
-        raise ValueError(f"peftkern {kind}: --data is required with --model {cfg.model} "
+        raise ConfigError(f"peftkern {kind}: --data is required with --model {cfg.model} "
                          "(the bundled data fits the tiny models' tokenizer only)")
     train, held_out = bundled_records(kind, cfg.seed)
     return train, (cfg.eval_data or held_out)
