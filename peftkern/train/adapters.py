@@ -45,18 +45,18 @@ def merge(model: nn.Module) -> nn.Module:
 def save_adapter(model: nn.Module, out_dir: str, base_name: str = "", write: bool = True) -> None:
     """``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's layout) in ``out_dir``. Sharded
     (FSDP2) parameters are gathered first, so every process calls this; only those with ``write`` write."""
-    from peftkern.tuners.io import adapter_state_dict, write_adapter_files
+    from peftkern.tuners.io import write_adapter_files
 
     if not has_lora(model):
         raise ValueError("this model has no adapters to save")
     name = "default" if "default" in model.peft_config else next(iter(model.peft_config))
     tensors = {}
-    for key, t in adapter_state_dict(model.model, model.peft_config, name).items():
+    for key, t in model.adapter_state_dict(name).items():
         t = t.full_tensor() if hasattr(t, "full_tensor") else t
         tensors[key] = t.detach().to("cpu").contiguous().clone()
     if not write:
         return
-    config = model.peft_config[name].replace(inference_mode=True)
+    config = model.config_to_save(name)
     if base_name and not config.base_model_name_or_path:
         config.base_model_name_or_path = base_name
     write_adapter_files(out_dir, config.to_json(), tensors)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
+
+from peftkern.train.errors import ConfigError, PathError
 
 TRAINERS = ("sft", "rm", "dpo", "kto", "ppo")
 
@@ -76,29 +79,130 @@ class TrainConfig:
     log_every: int = _f(10, "log every N optimizer steps")
     eval_every: int = _f(0, "evaluate every N optimizer steps (0: only before and after)")
     save_every: int = _f(0, "checkpoint every N optimizer steps (0: only at the end)")
-    keep_last: int = _f(2, "checkpoints kept")
-    resume: bool = _f(False, "continue from the newest checkpoint in --out")
+    keep_last: int = _f(2, "checkpoints kept (the newest valid one is never deleted)")
+    resume: bool | str = _f(False, "continue the run in --out from its newest valid checkpoint (--resume), or from "
+                            "the checkpoint directory PATH (--resume PATH)")
+    overwrite: bool = _f(False, "start a new run in a non-empty --out: the previous run's checkpoints, log and "
+                         "outputs are deleted first")
+    save_retries: int = _f(0, "retries of a checkpoint or output write that fails (full disk, I/O error) before "
+                           "the run stops")
+    max_bad_steps: int = _f(5, "optimizer steps in a row with a non-finite loss or gradient (each one skipped) "
+                            "before the run stops")
     strategy: str = _f("auto", "many processes (launch with torchrun): 'ddp' or 'fsdp2'; 'auto': ddp when "
                        "WORLD_SIZE > 1", choices=("auto", "none", "ddp", "fsdp2"))
     quiet: bool = _f(False, "no progress bar")
 
     def check(self) -> "TrainConfig":
-        positive = ("batch_size", "grad_accum", "max_length", "keep_last", "log_every")
+        """Coerce each field to its type (``"1e-4"`` -> 1e-4, ``"false"`` -> False) and check ranges;
+        raises ConfigError naming the setting."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, coerce(f, getattr(self, f.name)))
+        positive = ("batch_size", "grad_accum", "max_length", "keep_last", "log_every", "max_bad_steps")
         for name in positive:
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("lora_r", "max_steps", "epochs", "warmup_steps", "eval_every", "save_every"):
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("lora_r", "max_steps", "epochs", "warmup_steps", "eval_every", "save_every", "save_retries"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
-                raise ValueError(f"{f.name} must be one of {choices}, got {getattr(self, f.name)!r}")
+                raise ConfigError(f"{f.name} must be one of {choices}, got {getattr(self, f.name)!r}")
         if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+            raise ConfigError(f"lr must be positive, got {self.lr}")
         if self.dora and self.lora_r == 0:
-            raise ValueError("--dora needs LoRA adapters (lora_r > 0)")
+            raise ConfigError("--dora needs LoRA adapters (lora_r > 0)")
+        if self.reward_model and self.reward_fn:
+            raise ConfigError("--reward-model and --reward-fn both given: PPO scores with one of them; drop the other")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite both given: continue the run in --out, or replace it")
+        if not self.out:
+            raise ConfigError("out: expected an output directory, got an empty string")
         return self
+
+
+def _type_name(f: dataclasses.Field) -> str:
+    return str(f.type).replace(" ", "")
+
+
+def _shown(value) -> str:
+    return "null" if value is None else repr(value)
+
+
+def coerce(f: dataclasses.Field, value, where: str = ""):
+    """``value`` as field ``f``'s type. Numbers written as strings (``"1e-4"``, ``"8"``) and booleans
+    written as words (``"false"``, ``"yes"``) are converted; anything else of the wrong type raises
+    ``ConfigError("<where>key: expected ..., got ...")``."""
+    kind = _type_name(f)
+    optional = kind.endswith("|None")
+    kind = kind.removesuffix("|None")
+
+    def bad(expected: str):
+        return ConfigError(f"{where}{f.name}: expected {expected}, got {_shown(value)}")
+
+    if value is None:
+        if optional:
+            return None
+        raise bad({"int": "an integer", "float": "a number", "bool": "true or false"}.get(kind, "a string"))
+    if kind == "int":
+        if isinstance(value, bool):
+            raise bad("an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+            try:
+                value_num = float(value.strip())
+            except ValueError:
+                raise bad("an integer") from None
+        elif isinstance(value, float):
+            value_num = value
+        else:
+            raise bad("an integer")
+        if math.isfinite(value_num) and value_num.is_integer():
+            return int(value_num)
+        raise bad("an integer")
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise bad("a number")
+        try:
+            number = float(value.strip() if isinstance(value, str) else value)
+        except ValueError:
+            raise bad("a number") from None
+        if not math.isfinite(number):
+            raise bad("a finite number")
+        return number
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str):
+            try:
+                return _parse_bool(value)
+            except argparse.ArgumentTypeError:
+                pass
+        raise bad("true or false")
+    if kind == "bool|str":  # --resume: a flag or a path
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            low = value.strip().lower()
+            if low in ("true", "yes", "on", "1", "false", "no", "off", "0", ""):
+                return low in ("true", "yes", "on", "1")
+            return value
+        raise bad("true, false or a checkpoint directory")
+    # str
+    if f.name == "target_modules" and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return ",".join(value)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise bad("a string")
 
 
 def _parse_bool(text: str) -> bool:
@@ -125,6 +229,9 @@ def add_arguments(parser: argparse.ArgumentParser, kind: str, defaults: dict | N
             parser.add_argument(flag, nargs="?", const=True, default=None, type=_parse_bool, metavar="BOOL",
                                 help=help_text)
             continue
+        if _type_name(f) == "bool|str":
+            parser.add_argument(flag, nargs="?", const=True, default=None, metavar="PATH", help=help_text)
+            continue
         conv = {"int": int, "float": float}.get(str(f.type), str)
         parser.add_argument(flag, default=None, type=conv, choices=f.metadata["choices"], help=help_text)
 
@@ -142,20 +249,40 @@ def config_from_args(args: argparse.Namespace, kind: str, defaults: dict | None 
     return TrainConfig(**values).check()
 
 
-def load_yaml(path: str, kind: str) -> dict:
+def load_yaml(path: str, kind: str | None = None) -> dict:
+    """The settings of a YAML file, each coerced to its field's type; raises ConfigError
+    (``path: key: expected ..., got ...``) for unknown keys, keys of another trainer and bad values."""
     import yaml
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--config {path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        loaded = yaml.safe_load(f) or {}
+        raise PathError(f"--config {path}: no such file" if not os.path.isdir(path)
+                        else f"--config {path}: is a directory, expected a YAML file")
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML ({problem})") from None
+    except (ValueError, RecursionError) as exc:  # e.g. a timestamp out of range, absurd nesting
+        raise ConfigError(f"{path}: not valid YAML ({type(exc).__name__}: {exc})") from None
+    if loaded is None:
+        return {}
     if not isinstance(loaded, dict):
-        raise ValueError(f"{path}: expected a mapping of setting: value, got {type(loaded).__name__}")
+        raise ConfigError(f"{path}: expected a mapping of setting: value, got {type(loaded).__name__}")
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     out = {}
     for key, value in loaded.items():
         name = str(key).replace("-", "_")
         if name not in fields:
-            raise ValueError(f"{path}: unknown setting {key!r} (known: {', '.join(sorted(fields))})")
-        out[name] = value
+            raise ConfigError(f"{path}: unknown setting {key!r} (known: {', '.join(sorted(fields))})")
+        kinds = fields[name].metadata["kinds"]
+        if kind is not None and kind not in kinds:
+            raise ConfigError(f"{path}: {key}: a setting of peftkern {', '.join(kinds)}, not of peftkern {kind}")
+        out[name] = coerce(fields[name], value, f"{path}: ")
     return out

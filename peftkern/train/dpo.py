@@ -16,7 +16,7 @@ def pair_examples(tokenizer, source, cfg, kind: str = "dpo") -> list[dict]:
     for i, rec in enumerate(load_records(source, kind)):
         ex = encode_pair(tokenizer, rec, cfg.max_length)
         ex["index"] = i
-        if "margin" in rec.data:
+        if kind == "rm" and "margin" in rec.data:  # checked by load_records
             ex["margin"] = float(rec.data["margin"])
         out.append(ex)
     return out

@@ -19,7 +19,7 @@ def kto_examples(tokenizer, source, cfg) -> list[dict]:
     for i, (p, c) in enumerate(parts):
         other = parts[(i + 1) % len(parts)][1]
         out.append({"seq": encode_sequence(p, c, cfg.max_length), "kl_seq": encode_sequence(p, other, cfg.max_length),
-                    "label": bool(records[i].data["label"]), "index": i})
+                    "label": bool(records[i].data["label"]), "index": i, "where": records[i].where})
     return out
 
 

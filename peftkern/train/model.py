@@ -9,7 +9,6 @@ is used inside its forward.
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 from torch import nn
@@ -93,37 +92,6 @@ class LMWithHeads(nn.Module):
         if want_hidden:
             out["hidden"] = hidden
         return out
-
-
-def load_tokenizer(cfg):
-    if cfg.model.startswith("tiny"):
-        from peftkern.models import build_byte_tokenizer
-
-        return build_byte_tokenizer()
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def load_lm(cfg, quiet: bool = False) -> nn.Module:
-    """The causal LM named by ``cfg.model``: ``tiny`` (the pretrained embedded default, built and cached
-    on first use), ``tiny-micro`` (a random micro model, for tests) or a local directory."""
-    if cfg.model == "tiny":
-        from peftkern.models import pretrained_tiny
-
-        return pretrained_tiny(quiet=quiet)
-    if cfg.model == "tiny-micro":
-        from peftkern.models import build_tiny_model
-
-        return build_tiny_model("micro", seed=cfg.seed)
-    if not os.path.isdir(cfg.model):
-        raise FileNotFoundError(f"--model {cfg.model}: not 'tiny' and not a local model directory")
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
 
 
 def prepare_lm(cfg, lm: nn.Module) -> nn.Module:

@@ -2,7 +2,11 @@
 models when no ``--data`` is given), the trainer of the right kind."""
 from __future__ import annotations
 
+from peftkern.train import outdir
 from peftkern.train.config import TrainConfig
+from peftkern.train.distributed import is_main_process
+from peftkern.train.errors import ConfigError
+from peftkern.train.loading import check_paths, is_embedded, load_lm, load_tokenizer
 
 BUNDLED_TRAIN, BUNDLED_EVAL = 480, 48
 
@@ -20,19 +24,23 @@ def bundled_records(kind: str, seed: int) -> tuple[list[dict], list[dict]]:
 def _sources(kind: str, cfg: TrainConfig):
     if cfg.data:
         return cfg.data, cfg.eval_data
-    if not cfg.model.startswith("tiny"):
-        raise ValueError(f"peftkern {kind}: --data is required with --model {cfg.model} "
+    if not is_embedded(cfg.model):
+        raise ConfigError(f"peftkern {kind}: --data is required with --model {cfg.model} "
                          "(the bundled data fits the tiny models' tokenizer only)")
     train, held_out = bundled_records(kind, cfg.seed)
     return train, (cfg.eval_data or held_out)
 
 
 def build_trainer(kind: str, cfg: TrainConfig, callbacks=()):
-    """The trainer of ``kind`` ready to ``train()``."""
-    from peftkern.train.model import LMWithHeads, load_lm, load_tokenizer, prepare_lm
-
+    """The trainer of ``kind`` ready to ``train()``. Paths and ``--out`` are checked first, so a wrong one
+    fails before any model loads."""
     import torch
 
+    from peftkern.train.model import LMWithHeads, prepare_lm
+
+    check_paths(cfg, kind)
+    if is_main_process():
+        outdir.preflight(cfg)
     tok = load_tokenizer(cfg)
     train_src, eval_src = _sources(kind, cfg)
     torch.manual_seed(cfg.seed)  # adapter and head initialisation: the same run gives the same model

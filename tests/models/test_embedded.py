@@ -78,13 +78,14 @@ def test_task_reward():
 
 
 def test_pretrained_base_is_cached(tmp_path, monkeypatch):
-    from peftkern.models.base import pretrained_tiny
+    from peftkern.train.pretrain import pretrained_tiny
 
     monkeypatch.setenv("PEFTKERN_CACHE", str(tmp_path))
     settings = dict(size="micro", steps=2, warmup=1, questions=60, batch_size=4, seq_len=32)
     first = pretrained_tiny(quiet=True, settings=settings)
     cached = list(tmp_path.iterdir())
     assert len(cached) == 1 and (cached[0] / "model.safetensors").is_file()
+    assert (cached[0] / "tokenizer.json").is_file()  # a complete base an adapter can name
     second = pretrained_tiny(quiet=True, settings=settings)
     for (n, p), (_, q) in zip(first.named_parameters(), second.named_parameters()):
         assert torch.equal(p, q), n

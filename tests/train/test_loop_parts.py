@@ -9,6 +9,7 @@ import torch
 
 from peftkern.train import checkpoint as ck
 from peftkern.train.config import TrainConfig, add_arguments, config_from_args
+from peftkern.train.errors import RunWarning
 from peftkern.train.logprobs import chunked_logprobs, token_logprobs
 from peftkern.train.schedule import lr_factor
 
@@ -24,12 +25,12 @@ def test_schedules():
 
 
 def test_config_file_then_flags(tmp_path):
-    (tmp_path / "run.yaml").write_text("lr: 0.001\nlora-r: 4\nbeta: 0.3\npacking: true\n")
+    (tmp_path / "run.yaml").write_text("lr: 0.001\nlora-r: 4\nbeta: 0.3\n")
     parser = argparse.ArgumentParser()
     add_arguments(parser, "dpo")
     args = parser.parse_args(["--config", str(tmp_path / "run.yaml"), "--lora-r", "8", "--resume"])
     cfg = config_from_args(args, "dpo")
-    assert (cfg.lr, cfg.lora_r, cfg.beta, cfg.resume, cfg.packing) == (0.001, 8, 0.3, True, True)
+    assert (cfg.lr, cfg.lora_r, cfg.beta, cfg.resume) == (0.001, 8, 0.3, True)
     (tmp_path / "bad.yaml").write_text("learning_rate: 1\n")
     with pytest.raises(ValueError, match="unknown setting 'learning_rate'"):
         config_from_args(parser.parse_args(["--config", str(tmp_path / "bad.yaml")]), "dpo")
@@ -60,9 +61,10 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
     assert not [n for n in os.listdir(tmp_path / "checkpoints") if n.startswith(".")]
     # a half-written checkpoint (a temp dir, no rename) is never picked up
     os.makedirs(tmp_path / "checkpoints" / ".tmp-abc")
-    os.makedirs(tmp_path / "checkpoints" / "step-000009")  # no state.json: incomplete
-    assert ck.latest_checkpoint(out).endswith("step-000003")
-    loaded = ck.load_checkpoint(ck.latest_checkpoint(out))
+    os.makedirs(tmp_path / "checkpoints" / "step-000009")  # no manifest: incomplete
+    with pytest.warns(RunWarning, match="step-000009 is damaged .no manifest.json"):
+        assert ck.latest_checkpoint(out).endswith("step-000003")
+    loaded = ck.load_checkpoint(ck.latest_checkpoint(out, warn=None))
     assert torch.equal(loaded["trainable"]["a"], w["a"]) and loaded["state"]["x"] == 3
 
 
