@@ -3,10 +3,15 @@ country's capital, the instrument a person plays, what a company makes), each re
 phrasings. Nothing here exists in the world, so no pretrained model knows them: the embedded tiny
 model learns them first (:func:`fact_sentences` is its training text), then the edits rewrite them.
 
+Subjects come in families of five whose names differ only in their last letter (Velora, Velore,
+... Veloru): a byte-level model can then tell them apart only at the subject's last token, which is
+where ROME and MEMIT write (a word-level tokenizer would see each as one token).
+
 From them come edit requests in the CounterFact style (:func:`bundled_requests`): the first
 phrasing is the edit prompt, the others are its paraphrases, the new object is another subject's
-object in the same relation, and the neighbourhood prompts are facts about other subjects of the
-relation whose answer is not the new object.
+object in the same relation, and the five neighbourhood prompts are facts about other subjects of
+the relation whose answer is not the new object: two of the subject's own family (the hardest
+case: one letter apart), then those sharing its old object (CounterFact's choice), then others.
 """
 from __future__ import annotations
 
@@ -80,11 +85,12 @@ def bundled_requests(n: int | None = None) -> list[EditRequest]:
         phrasings = templates(f.relation)
         new = _new_object(f, facts)
         others = [g for g in facts if g.relation == f.relation and g.subject != f.subject and g.object != new]
-        same_answer = [g for g in others if g.object == f.object]  # CounterFact's neighbours share the old object
-        rest = [g for g in others if g.object != f.object]
-        start = facts.index(f)
-        rest = rest[start % max(len(rest), 1):] + rest[:start % max(len(rest), 1)]
-        neighbours = (same_answer + rest)[:N_NEIGHBOURS]
+        kin = [g for g in others if g.subject[:-1] == f.subject[:-1]]  # differ only in the last letter
+        family = kin[:2]
+        same_answer = [g for g in others if g.object == f.object and g not in kin]  # as CounterFact's
+        rest = [g for g in others if g not in kin and g not in same_answer]
+        rest = rest[i % max(len(rest), 1):] + rest[:i % max(len(rest), 1)]
+        neighbours = (family + same_answer + rest)[:N_NEIGHBOURS]
         out.append(EditRequest(
             prompt=phrasings[0], subject=f.subject, target_new=new, target_true=f.object,
             paraphrase_prompts=tuple(t.replace("{}", f.subject) for t in phrasings[1:]),
