@@ -626,6 +626,17 @@ def _check_targets_in_range(targets, ignore_index, vocab):
         torch._assert_async(~bad.any(), message)
 
 
+def _autocast_off(t: torch.Tensor):
+    """Autocast off inside an op: its inputs already carry the dtype to run in (``_prepare`` casts
+    them), and its fp32 statistics and accumulators must stay fp32."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
+def _resolve_chunk(chunk: int, hidden, weight, face: str) -> int:
+    """The tokens per chunk: ``chunk``, or the default for this face when 0."""
+    return chunk if chunk > 0 else default_chunk_size(hidden.shape[0], weight.shape[0], face)
+
+
 def _mask(d, scored):
     return None if d is None else torch.where(scored, d.float(), 0.0)
 
@@ -731,7 +742,15 @@ def linear_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
                         ignore_index: int, temperature: float, chunk: int, want_entropy: bool, want_mean: bool,
                         face: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden [N, H] -> (logp [N], entropy [N] or [0], mean_logp [N] or [0], lse [N]), all fp32."""
+    with _autocast_off(hidden):
+        return _logprobs_fwd_impl(hidden, weight, bias, lora_u, lora_B, targets, ignore_index, temperature, chunk,
+                                  want_entropy, want_mean, face)
+
+
+def _logprobs_fwd_impl(hidden, weight, bias, lora_u, lora_B, targets, ignore_index, temperature, chunk, want_entropy,
+                       want_mean, face):
     _check_targets_in_range(targets, ignore_index, weight.shape[0])
+    chunk = _resolve_chunk(chunk, hidden, weight, face)
     head = _make_head(face, hidden, weight, bias, lora_u, lora_B, targets, ignore_index, temperature)
     if face == "triton":
         rows = torch.arange(targets.shape[0], device=hidden.device)
@@ -766,9 +785,16 @@ def linear_logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
                         needs: list[bool]) -> list[torch.Tensor]:
     """-> [dh [N, H], dW [V, H], db [V], du [N, r], dB [V, r]] in fp32, each [0] when not needed.
     The coefficients are 0 on ignored rows."""
+    with _autocast_off(hidden):
+        return _logprobs_bwd_impl(hidden, weight, bias, lora_u, lora_B, targets, lse, ent, d_logp, d_ent, d_mean,
+                                  ignore_index, temperature, chunk, face, needs)
+
+
+def _logprobs_bwd_impl(hidden, weight, bias, lora_u, lora_B, targets, lse, ent, d_logp, d_ent, d_mean, ignore_index,
+                       temperature, chunk, face, needs):
     grads = _grad_buffers(hidden, weight, lora_u, lora_B, needs)
     head = _make_head(face, hidden, weight, bias, lora_u, lora_B, targets, ignore_index, temperature)
-    for rows in _backward_blocks(face, targets, ignore_index, chunk):
+    for rows in _backward_blocks(face, targets, ignore_index, _resolve_chunk(chunk, hidden, weight, face)):
         pick = (lambda t: None if t is None else t[rows])  # noqa: E731
         stats = Stats(None, pick(ent) if d_ent is not None else None, None, lse[rows])
         head.recompute_grads(rows, stats, Coefs(d_logp[rows], pick(d_ent), pick(d_mean)), grads, needs)
@@ -838,9 +864,11 @@ def linear_unit_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     gradients dh, dW, db, du, dB (in their inputs' dtypes, [0] when not needed)], all formed here.
     ``loss`` names a registered unit loss (``peftkern.ops.logprob_units``); ``layout`` is (G, U, T)."""
     _check_targets_in_range(targets, ignore_index, weight.shape[0])
-    value, logp, ent, mean, grads = _unit_loss_impl(
-        face, hidden, weight, bias, lora_u, lora_B, targets, unit_loss(loss), list(tensors), list(scalars), variant,
-        tuple(layout), ignore_index, temperature, chunk, want_entropy, want_mean, needs)
+    with _autocast_off(hidden):
+        value, logp, ent, mean, grads = _unit_loss_impl(
+            face, hidden, weight, bias, lora_u, lora_B, targets, unit_loss(loss), list(tensors), list(scalars),
+            variant, tuple(layout), ignore_index, temperature, _resolve_chunk(chunk, hidden, weight, face),
+            want_entropy, want_mean, needs)
     # cast now: the fp32 buffers are freed at once, and only input-dtype gradients wait for the backward
     inputs = (hidden, weight, bias, lora_u, lora_B)
     return [value, logp, ent, mean] + [g.to(t.dtype) if t is not None else g for g, t in zip(grads, inputs)]
@@ -954,7 +982,7 @@ def _prepare(hidden, weight, targets, ignore_index, bias, temperature, lora_A, l
     u = None
     if lora_A is not None:
         u = ((h2d @ lora_A.t()) * float(lora_scaling)).contiguous()
-    chunk = chunk_size or default_chunk_size(h2d.shape[0], weight.shape[0], face)
+    chunk = chunk_size or 0  # 0: the default, chosen inside the op (it reads the thread count at run time)
     if bias is not None:
         bias = bias.contiguous()
     if face == "triton":

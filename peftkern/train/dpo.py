@@ -6,7 +6,7 @@ import torch
 
 from peftkern.train.data import encode_pair, load_records, pad_batch
 from peftkern.train.loop import Trainer
-from peftkern.train.objectives import dpo_loss
+from peftkern.train.objectives import dpo_head_loss
 from peftkern.train.reference import cached_reference_logps
 
 
@@ -57,11 +57,13 @@ class DPOTrainer(Trainer):
 
     def _pair_terms(self, model, batch, split: str):
         b = batch["index"].numel()
-        seq = model(batch["input_ids"], batch["attention_mask"], batch["labels"])["logps"].sum(1)
         idx = batch["index"]
         rc = self.ref[f"{split}_chosen"][idx]
         rr = self.ref[f"{split}_rejected"][idx]
-        return dpo_loss(seq[:b], seq[b:], rc, rr, self.cfg.beta, self.cfg.loss_type, self.cfg.label_smoothing), seq, b
+        head_loss = dpo_head_loss(rc, rr, self.cfg.beta, self.cfg.loss_type, self.cfg.label_smoothing)
+        loss, chosen_rewards, rejected_rewards, seq = model(batch["input_ids"], batch["attention_mask"],
+                                                            batch["labels"], head_loss=head_loss)["head_loss"]
+        return (loss, chosen_rewards, rejected_rewards), seq, b
 
     def loss(self, model, batch):
         (losses, cr, rr), _, _ = self._pair_terms(model, batch, "train")

@@ -6,7 +6,7 @@ import torch
 
 from peftkern.train.data import encode_prompt_completion, encode_sequence, load_records, pad_batch
 from peftkern.train.loop import Trainer
-from peftkern.train.objectives import kto_loss_sum
+from peftkern.train.objectives import kto_head_loss
 from peftkern.train.reference import cached_reference_logps
 
 
@@ -46,21 +46,17 @@ class KTOTrainer(Trainer):
         return torch.tensor(float(batch["index"].numel()))
 
     def _terms(self, model, batch, split):
-        b = batch["index"].numel()
-        seq = model(batch["input_ids"], batch["attention_mask"], batch["labels"])["logps"].sum(1)
         idx = batch["index"]
         ref = self.ref[f"{split}_seq"][idx]
         ref_kl = self.ref[f"{split}_kl"][idx]
-        kl = (seq[b:] - ref_kl).mean().clamp_min(0).detach()
-        loss = kto_loss_sum(seq[:b], ref, batch["desirable"], kl, self.cfg.beta, self.cfg.desirable_weight,
-                            self.cfg.undesirable_weight)
-        return loss, self.cfg.beta * (seq[:b] - ref).detach(), kl
+        head_loss = kto_head_loss(ref, ref_kl, batch["desirable"], self.cfg.beta, self.cfg.desirable_weight,
+                                  self.cfg.undesirable_weight)
+        return model(batch["input_ids"], batch["attention_mask"], batch["labels"], head_loss=head_loss)["head_loss"]
 
     def loss(self, model, batch):
-        loss, rewards, kl = self._terms(model, batch, "train")
-        good = batch["desirable"].float()
-        return loss, {"reward_desirable": (rewards * good).sum(), "reward_undesirable": (rewards * (1 - good)).sum(),
-                              "kl": kl * good.numel()}
+        loss, good, bad, kl = self._terms(model, batch, "train")
+        return loss, {"reward_desirable": good.sum(), "reward_undesirable": bad.sum(),
+                      "kl": kl * batch["desirable"].numel()}
 
     def evaluate(self):
         n, bs = len(self.eval_examples), self.cfg.batch_size

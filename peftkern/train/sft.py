@@ -7,6 +7,7 @@ from peftkern.train.data import IGNORE_INDEX, encode_sft, load_records, pack, pa
 from peftkern.train.errors import CheckpointError
 from peftkern.train.loop import Trainer
 from peftkern.train.mixing import label_tokens, task_metric_sums
+from peftkern.train.objectives import sft_head_loss
 
 
 def sft_examples(tokenizer, source, cfg) -> list[dict]:
@@ -31,10 +32,12 @@ class SFTTrainer(Trainer):
         return (batch["labels"][:, 1:] != IGNORE_INDEX).sum().float()
 
     def loss(self, model, batch):
+        if "tasks" not in batch:
+            nll = model(batch["input_ids"], batch["attention_mask"], batch["labels"], head_loss=sft_head_loss)
+            return nll["head_loss"], {}
+        # mixed tasks log each task's loss, which needs per-row log-probs: the statistics path
         out = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
         nll = -out["logps"].sum()
-        if "tasks" not in batch:
-            return nll, {}
         per_row = -out["logps"].detach().sum(dim=1)
         return nll, task_metric_sums(per_row, label_tokens(batch["labels"]), batch["tasks"])
 
