@@ -2,7 +2,7 @@
 against the frozen base ``nn.Linear`` alone.
 
 * measured-cpu: time (interleaved medians) and peak memory (fresh-subprocess RSS; live tensor bytes),
-  peftkern's CPU face (``LoRALinear``, torch face) vs peft, fp32, the CPU shapes of BENCHMARKS.md.
+  peftkern's CPU face (``LoRALinear``, torch face) vs peft, fp32, the CPU shapes of docs/BENCHMARKS.md.
 * modeled-h100: bytes beyond the base linear and step time on the H100 roofline, our Triton kernels
   as counted under the interpreter vs peft's eager aten sequence as counted, bf16, GPU shapes.
 * static: registers, spills, shared memory of every LoRA kernel config on sm_80 and sm_90.

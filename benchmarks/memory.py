@@ -5,7 +5,7 @@
   the kernel's high-water mark (``/proc/self/clear_refs``, "5") and runs the step again: the figure is
   VmHWM minus the baseline. Without a resettable high-water mark it falls back to ``ru_maxrss`` over
   the RSS before the first step. The process runs with ``MALLOC_MMAP_THRESHOLD_=65536`` so freed
-  blocks go back to the OS and peaks repeat from run to run (BENCHMARKS.md).
+  blocks go back to the OS and peaks repeat from run to run (docs/BENCHMARKS.md).
 * :func:`live_peak`: in this process, the peak bytes of tensor storages allocated while ``fn()`` runs
   (a ``TorchDispatchMode`` that tracks each new storage until it is freed). Tensors that existed
   before (weights, inputs) do not count.

@@ -2,7 +2,7 @@
 import torch
 
 # Relative error (norm of difference over norm of reference) allowed per dtype against a float64
-# reference, as ARCHITECTURE.md sets them.
+# reference, as docs/ARCHITECTURE.md sets them.
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 

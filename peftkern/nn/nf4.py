@@ -39,6 +39,19 @@ class NF4Linear(nn.Module):
         self.compute_dtype = compute_dtype
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
 
+    # -- dtype casts keep the quantization statistics fp32 (as bitsandbytes keeps its QuantState) ---------
+    def _apply(self, fn, recurse=True):
+        """``model.to(torch.bfloat16)`` / ``.half()`` cast the bias, but move the fp32 statistics
+        (absmax, nested absmax, nested code) to the new device only: cast, they would shift the
+        dequantized weights (with double quant) or break the kernels' fp32 inputs."""
+        stats = {k: self._buffers[k] for k in ("absmax", "nested_absmax", "nested_code") if self._buffers.get(k) is not None}
+        super()._apply(fn, recurse)
+        for key, before in stats.items():
+            after = self._buffers[key]
+            if after.dtype != before.dtype:
+                self._buffers[key] = before.to(after.device)
+        return self
+
     # -- construction ----------------------------------------------------------------------------
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,

@@ -21,7 +21,7 @@ Faces:
 A base that is not a dense tensor (NF4) goes through :func:`dora_from_base`: the caller supplies
 x W^T (with its own autograd) and the row norm (see :func:`dora_row_norm_from_rows`).
 
-File order (ARCHITECTURE.md): Triton kernels, launchers, torch face, registered ops and autograd.
+File order (docs/ARCHITECTURE.md): Triton kernels, launchers, torch face, registered ops and autograd.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@
   (dy B) A term fused the same way (backward), dA and dB reduced in the kernels that already hold
   the tiles. Dropout masks are drawn in-kernel from a seed (Philox), never stored.
 
-File order (ARCHITECTURE.md): Triton kernels, launchers, then the registered ops and autograd.
+File order (docs/ARCHITECTURE.md): Triton kernels, launchers, then the registered ops and autograd.
 """
 from __future__ import annotations
 

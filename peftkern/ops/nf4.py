@@ -11,7 +11,7 @@
   The backward computes dx = dy dequant(W4) + s keep (g A) the same way, and dA, dB in the kernels
   that hold the tiles. The torch face dequantizes, then runs the LoRA op's torch face.
 
-File order (ARCHITECTURE.md): Triton kernels, launchers, then the registered ops and autograd.
+File order (docs/ARCHITECTURE.md): Triton kernels, launchers, then the registered ops and autograd.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """NF4 with double quantization, defined plainly in torch: the format every NF4 face is tested against.
 
-The format is bitsandbytes' (ARCHITECTURE.md "Numerics and formats"):
+The format is bitsandbytes' (docs/ARCHITECTURE.md "Numerics and formats"):
 
 * W (any shape, n elements, row-major) is cut into flat blocks of ``blocksize`` elements (the
   last one may be short). Each block stores absmax = max |w| (fp32); each element stores the index

@@ -9,11 +9,11 @@ is used inside its forward.
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 from torch import nn
 
+from peftkern.train.adapters import add_adapters, uses_adapters
 from peftkern.losses import head_parameters
 from peftkern.train.logprobs import token_logprobs
 
@@ -101,51 +101,18 @@ class LMWithHeads(nn.Module):
         return out
 
 
-def load_tokenizer(cfg):
-    if cfg.model.startswith("tiny"):
-        from peftkern.models import build_byte_tokenizer
-
-        return build_byte_tokenizer()
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def load_lm(cfg, quiet: bool = False) -> nn.Module:
-    """The causal LM named by ``cfg.model``: ``tiny`` (the pretrained embedded default, built and cached
-    on first use), ``tiny-micro`` (a random micro model, for tests) or a local directory."""
-    if cfg.model == "tiny":
-        from peftkern.models import pretrained_tiny
-
-        return pretrained_tiny(quiet=quiet)
-    if cfg.model == "tiny-micro":
-        from peftkern.models import build_tiny_model
-
-        return build_tiny_model("micro", seed=cfg.seed)
-    if not os.path.isdir(cfg.model):
-        raise FileNotFoundError(f"--model {cfg.model}: not 'tiny' and not a local model directory")
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
-
-
 def prepare_lm(cfg, lm: nn.Module) -> nn.Module:
     """Apply ``--quant``, LoRA / DoRA and gradient checkpointing as ``cfg`` asks."""
     if cfg.quant == "nf4":
         lm = quantize_nf4(lm)
-    if cfg.lora_r > 0:
-        from peftkern.train.adapters import add_lora
-
-        lm = add_lora(lm, cfg.lora_r, cfg.lora_alpha, cfg.target_modules, cfg.lora_dropout, cfg.dora)
+    if uses_adapters(cfg):
+        lm = add_adapters(lm, cfg)
     elif cfg.quant == "nf4":
         raise ValueError("--quant nf4 freezes the base weights: it needs LoRA adapters (lora_r > 0)")
     if cfg.grad_checkpointing:
         base = base_causal_lm(lm)
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.lora_r > 0 and hasattr(base, "enable_input_require_grads"):
+        if uses_adapters(cfg) and hasattr(base, "enable_input_require_grads"):
             base.enable_input_require_grads()
     return lm
 

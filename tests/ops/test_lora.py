@@ -32,7 +32,7 @@ def _inputs(lead, k, n, r, dtype, bias=True):
 
 
 def _tolerance(dtype, own_error):
-    """ARCHITECTURE.md: the dtype's tolerance, or at most twice torch's own error in that dtype."""
+    """docs/ARCHITECTURE.md: the dtype's tolerance, or at most twice torch's own error in that dtype."""
     return max(RTOL[dtype], 2.0 * own_error)
 
 
