@@ -198,9 +198,9 @@ def _parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)  # peftkern eval (peftkern.evaluation.cli)
 
-    from peftkern.train.fisher_cli import add_parser as add_fisher_parser
+    from peftkern.train.forgetting_cli import add_parser as add_forgetting_parsers
 
-    add_fisher_parser(sub)  # peftkern fisher --model DIR --data FILE --out F (peftkern.train.fisher_cli.run)
+    add_forgetting_parsers(sub)  # peftkern fisher ..., peftkern forgetting --out DIR (peftkern.train.forgetting_cli)
 
     from peftkern.data.cli import add_parser as add_data_parser
 
