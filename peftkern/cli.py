@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import sys
+import warnings
 
 
 def _cmd_info(args) -> int:
@@ -56,11 +58,24 @@ def _version_of(module_name: str) -> str:
             return "not installed"
 
 
+def _arch_list(text: str) -> tuple[str, ...]:
+    """``--arch``: comma-separated names from peftkern.kernels.ARCHS (argparse reports a bad one)."""
+    from peftkern.kernels import ARCHS
+
+    archs = tuple(a.strip() for a in text.split(",") if a.strip())
+    if not archs:
+        raise argparse.ArgumentTypeError(f"no architecture given; choose from {', '.join(ARCHS)}")
+    unknown = [a for a in archs if a not in ARCHS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown architecture {', '.join(map(repr, unknown))}; choose from "
+                                         f"{', '.join(ARCHS)}")
+    return archs
+
+
 def _cmd_kernels(args) -> int:
     from peftkern import kernels
 
-    archs = tuple(a.strip() for a in args.arch.split(",") if a.strip())
-    rows = kernels.report(archs, jobs=args.jobs)
+    rows = kernels.report(args.arch, jobs=args.jobs)
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=1))
     else:
@@ -102,18 +117,57 @@ def _cmd_demo(args) -> int:
 
 def _cmd_train(args) -> int:
     from peftkern.train.config import config_from_args
-    from peftkern.train.data import DataError
+    from peftkern.train.distributed import is_main_process
+    from peftkern.train.errors import RunWarning, TrainError
+    from peftkern.train.logs import dumps
     from peftkern.train.run import run
 
+    command = f"peftkern {args.command}"
+    show_default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, RunWarning):
+            print(f"{command}: warning: {message}", file=sys.stderr, flush=True)
+        else:
+            show_default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
     try:
         cfg = config_from_args(args, args.command)
         summary = run(args.command, cfg)
-    except (DataError, ValueError, FileNotFoundError) as exc:
-        print(f"peftkern {args.command}: error: {exc}", file=sys.stderr)
+    except (TrainError, ValueError, FileNotFoundError) as exc:
+        print(f"{command}: error: {exc}", file=sys.stderr)
         return 2
-    if summary is not None:
-        print(json.dumps(summary, indent=1))
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted; resume from the newest checkpoint with --resume", file=sys.stderr)
+        return 130
+    finally:
+        warnings.showwarning = show_default
+    if summary is None or not is_main_process():
+        return 0
+    if summary.get("preempted"):
+        again = " ".join(shlex.quote(a) for a in ["peftkern", *_without_resume(args.argv), "--resume"])
+        where = summary.get("checkpoint") or "the newest checkpoint"
+        print(f"{command}: stopped by {summary['signal']} after step {summary['steps']}; checkpoint {where}.\n"
+              f"resume with: {again}", file=sys.stderr)
+        return 0
+    print(dumps(summary, indent=1))
     return 0
+
+
+def _without_resume(argv: list[str]) -> list[str]:
+    """``argv`` less any ``--resume`` / ``--resume PATH`` / ``--resume=PATH``."""
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == "--resume":
+            skip = i + 1 < len(argv) and not argv[i + 1].startswith("-")
+            continue
+        if not a.startswith("--resume="):
+            out.append(a)
+    return out
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -126,15 +180,33 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("kernels", help="compile every Triton kernel for sm_80/sm_90 and report registers, "
                        "spills, shared memory, wgmma")
-    p.add_argument("--arch", default="sm_80,sm_90", help="comma-separated archs (default: sm_80,sm_90)")
+    p.add_argument("--arch", default="sm_80,sm_90", type=_arch_list,
+                   help="comma-separated archs (default: sm_80,sm_90)")
     p.add_argument("--json", action="store_true", help="print a JSON list of objects "
                    "(kernel, config, arch, registers, spill_bytes, shared_bytes, wgmma, ok)")
     p.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPU count)")
     p.set_defaults(func=_cmd_kernels)
 
+    from peftkern.editing.cli import add_parser as add_editing_parsers
     from peftkern.quant.cli import add_parser as add_quantize_parser
 
     add_quantize_parser(sub)  # peftkern quantize MODEL_DIR OUT_DIR (peftkern.quant.cli.run)
+    from peftkern.generate.cli import add_parser as add_generate_parser
+
+    add_generate_parser(sub)  # peftkern generate, peftkern chat (peftkern.generate.cli)
+    from peftkern.evaluation.cli import add_parser as add_eval_parser
+
+    add_eval_parser(sub)  # peftkern eval (peftkern.evaluation.cli)
+
+    from peftkern.train.fisher_cli import add_parser as add_fisher_parser
+
+    add_fisher_parser(sub)  # peftkern fisher --model DIR --data FILE --out F (peftkern.train.fisher_cli.run)
+
+    from peftkern.data.cli import add_parser as add_data_parser
+
+    add_data_parser(sub)  # peftkern data convert|inspect|self-instruct|augment|pairs, peftkern sweep
+
+    add_editing_parsers(sub)  # peftkern edit / eval-edits (peftkern.editing.cli)
 
     p = sub.add_parser("bench", help="run the benchmark suite (the repository's benchmarks/, found next to the "
                        "peftkern package: needs a source checkout or editable install)",
@@ -185,6 +257,7 @@ def _add_training_commands(sub) -> None:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     return args.func(args)
 
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
+
+from peftkern.train.errors import ConfigError, PathError
 
 TRAINERS = ("sft", "rm", "dpo", "kto", "ppo")
 
@@ -45,11 +48,25 @@ class TrainConfig:
                                     "ones on --target-modules) or comma-separated module names")
     # -- end of the PEFT method block --
     # data
-    data: str | None = _f(None, "training data, JSONL in TRL's format (default with --model tiny: the bundled set)")
-    eval_data: str | None = _f(None, "held-out data, same format (default with --model tiny: the bundled held-out set)")
+    data: str | None = _f(None, "training data, JSONL in TRL's format (default with --model tiny: the bundled set); "
+                          "SFT mixes several tasks: a.jsonl:0.5,b.jsonl:0.5 (weights) or a.jsonl,b.jsonl (by size "
+                          "and --mix-temperature), logging each task's loss")
+    eval_data: str | None = _f(None, "held-out data, same format (default with --model tiny: the bundled held-out "
+                               "set); SFT: several files give one eval loss per task")
     max_length: int = _f(256, "tokens per sequence (longer ones are truncated)")
     packing: bool = _f(False, "pack SFT examples into rows of max_length tokens", ("sft",))
     completion_only: bool = _f(True, "SFT loss on completion / assistant tokens only", ("sft",))
+    mix_temperature: float = _f(1.0, "multi-task --data: task i is drawn with probability proportional to "
+                                "(weight or size)^(1/T)", ("sft",))
+    rehearsal_data: str | None = _f(None, "JSONL replayed into every batch against forgetting: plain text "
+                                    "({\"text\": ...}, the LM loss on every token) or earlier SFT records", ("sft",))
+    rehearsal_ratio: float = _f(0.1, "share of each batch taken from --rehearsal-data, in [0, 1)", ("sft",))
+    # forgetting: the anchored penalty, folded into the optimizer step
+    ewc: str | None = _f(None, "Fisher file from 'peftkern fisher': add lambda/2 sum F (theta - theta0)^2 to the loss, "
+                         "theta0 the trainable values at the start (EWC)")
+    l2sp: bool = _f(False, "the same penalty with F = 1 (L2-SP): pull the trainable values towards their start")
+    ewc_lambda: float = _f(1.0, "lambda of --ewc / --l2sp (>= 0)")
+    ewc_fisher_bits: int = _f(32, "store --ewc's Fisher in 32 bits or as 8-bit blockwise codes", choices=(32, 8))
     # optimisation
     lr: float = _f(2e-4, "peak learning rate")
     weight_decay: float = _f(0.0, "AdamW weight decay")
@@ -95,44 +112,157 @@ class TrainConfig:
     log_every: int = _f(10, "log every N optimizer steps")
     eval_every: int = _f(0, "evaluate every N optimizer steps (0: only before and after)")
     save_every: int = _f(0, "checkpoint every N optimizer steps (0: only at the end)")
-    keep_last: int = _f(2, "checkpoints kept")
-    resume: bool = _f(False, "continue from the newest checkpoint in --out")
-    strategy: str = _f("auto", "many processes (launch with torchrun): 'ddp' or 'fsdp2'; 'auto': ddp when "
-                       "WORLD_SIZE > 1", choices=("auto", "none", "ddp", "fsdp2"))
+    keep_last: int = _f(2, "checkpoints kept (the newest valid one is never deleted)")
+    resume: bool | str = _f(False, "continue the run in --out from its newest valid checkpoint (--resume), or from "
+                            "the checkpoint directory PATH (--resume PATH)")
+    overwrite: bool = _f(False, "start a new run in a non-empty --out: the previous run's checkpoints, log and "
+                         "outputs are deleted first")
+    save_retries: int = _f(0, "retries of a checkpoint or output write that fails (full disk, I/O error) before "
+                           "the run stops")
+    max_bad_steps: int = _f(5, "optimizer steps in a row with a non-finite loss or gradient (each one skipped) "
+                            "before the run stops")
+    strategy: str = _f("auto", "many processes (launch with torchrun): 'ddp' or 'fsdp2'; 'none': one process only; "
+                       "'auto': ddp when WORLD_SIZE > 1", choices=("auto", "none", "ddp", "fsdp2"))
     quiet: bool = _f(False, "no progress bar")
 
     def check(self) -> "TrainConfig":
-        positive = ("batch_size", "grad_accum", "max_length", "keep_last", "log_every")
+        """Coerce each field to its type (``"1e-4"`` -> 1e-4, ``"false"`` -> False) and check ranges;
+        raises ConfigError naming the setting."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, coerce(f, getattr(self, f.name)))
+        positive = ("batch_size", "grad_accum", "max_length", "keep_last", "log_every", "max_bad_steps")
         for name in positive:
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("lora_r", "max_steps", "epochs", "warmup_steps", "eval_every", "save_every"):
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("lora_r", "max_steps", "epochs", "warmup_steps", "eval_every", "save_every", "save_retries"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
-                raise ValueError(f"{f.name} must be one of {choices}, got {getattr(self, f.name)!r}")
+                raise ConfigError(f"{f.name} must be one of {choices}, got {getattr(self, f.name)!r}")
         if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+            raise ConfigError(f"lr must be positive, got {self.lr}")
         if self.dora and self.lora_r == 0:
-            raise ValueError("--dora needs LoRA adapters (lora_r > 0)")
+            raise ConfigError("--dora needs LoRA adapters (lora_r > 0)")
+        if self.reward_model and self.reward_fn:
+            raise ConfigError("--reward-model and --reward-fn both given: PPO scores with one of them; drop the other")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite both given: continue the run in --out, or replace it")
+        if not self.out:
+            raise ConfigError("out: expected an output directory, got an empty string")
         self.check_peft()
+        self._check_forgetting()
         return self
 
     def check_peft(self) -> None:
         """The PEFT method block: options of another method than --peft are refused, not ignored."""
         if self.dora and self.peft != "lora":
-            raise ValueError(f"--dora is a LoRA option; --peft is {self.peft!r}")
+            raise ConfigError(f"--dora is a LoRA option; --peft is {self.peft!r}")
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         for prefix in ("ia3_", "adalora_", "bitfit_"):
             changed = [n for n in defaults if n.startswith(prefix) and getattr(self, n) != defaults[n]]
             if changed and self.peft != prefix[:-1]:
-                raise ValueError(f"{', '.join('--' + n.replace('_', '-') for n in changed)}: options of --peft "
+                raise ConfigError(f"{', '.join('--' + n.replace('_', '-') for n in changed)}: options of --peft "
                                  f"{prefix[:-1]}, but --peft is {self.peft!r}")
         if self.peft == "adalora" and self.adalora_total_step <= 0 and self.max_steps <= 0:
-            raise ValueError("--peft adalora needs --max-steps (or --adalora-total-step): AdaLoRA's rank budget "
+            raise ConfigError("--peft adalora needs --max-steps (or --adalora-total-step): AdaLoRA's rank budget "
                              "falls on a schedule of that many steps")
+
+    def _check_forgetting(self) -> None:
+        """--ewc / --l2sp / --rehearsal-* / --mix-temperature ranges and combinations."""
+        if not math.isfinite(self.ewc_lambda) or self.ewc_lambda < 0:
+            raise ConfigError(f"ewc_lambda must be a finite number >= 0, got {self.ewc_lambda}")
+        if self.ewc and self.l2sp:
+            raise ConfigError("--ewc and --l2sp both given: L2-SP is EWC with F = 1; choose one")
+        if not (0.0 <= self.rehearsal_ratio < 1.0):
+            raise ConfigError(f"rehearsal_ratio must be in [0, 1), got {self.rehearsal_ratio}")
+        if not math.isfinite(self.mix_temperature) or self.mix_temperature <= 0:
+            raise ConfigError(f"mix_temperature must be a finite number > 0, got {self.mix_temperature}")
+
+
+def _type_name(f: dataclasses.Field) -> str:
+    return str(f.type).replace(" ", "")
+
+
+def _shown(value) -> str:
+    return "null" if value is None else repr(value)
+
+
+def coerce(f: dataclasses.Field, value, where: str = ""):
+    """``value`` as field ``f``'s type. Numbers written as strings (``"1e-4"``, ``"8"``) and booleans
+    written as words (``"false"``, ``"yes"``) are converted; anything else of the wrong type raises
+    ``ConfigError("<where>key: expected ..., got ...")``."""
+    kind = _type_name(f)
+    optional = kind.endswith("|None")
+    kind = kind.removesuffix("|None")
+
+    def bad(expected: str):
+        return ConfigError(f"{where}{f.name}: expected {expected}, got {_shown(value)}")
+
+    if value is None:
+        if optional:
+            return None
+        raise bad({"int": "an integer", "float": "a number", "bool": "true or false"}.get(kind, "a string"))
+    if kind == "int":
+        if isinstance(value, bool):
+            raise bad("an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+            try:
+                value_num = float(value.strip())
+            except ValueError:
+                raise bad("an integer") from None
+        elif isinstance(value, float):
+            value_num = value
+        else:
+            raise bad("an integer")
+        if math.isfinite(value_num) and value_num.is_integer():
+            return int(value_num)
+        raise bad("an integer")
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise bad("a number")
+        try:
+            number = float(value.strip() if isinstance(value, str) else value)
+        except (ValueError, OverflowError):
+            raise bad("a number") from None
+        if not math.isfinite(number):
+            raise bad("a finite number")
+        return number
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str):
+            try:
+                return _parse_bool(value)
+            except argparse.ArgumentTypeError:
+                pass
+        raise bad("true or false")
+    if kind == "bool|str":  # --resume: a flag or a path
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            low = value.strip().lower()
+            if low in ("true", "yes", "on", "1", "false", "no", "off", "0", ""):
+                return low in ("true", "yes", "on", "1")
+            return value
+        raise bad("true, false or a checkpoint directory")
+    # str
+    if f.name == "target_modules" and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return ",".join(value)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise bad("a string")
 
 
 def _parse_bool(text: str) -> bool:
@@ -159,6 +289,9 @@ def add_arguments(parser: argparse.ArgumentParser, kind: str, defaults: dict | N
             parser.add_argument(flag, nargs="?", const=True, default=None, type=_parse_bool, metavar="BOOL",
                                 help=help_text)
             continue
+        if _type_name(f) == "bool|str":
+            parser.add_argument(flag, nargs="?", const=True, default=None, metavar="PATH", help=help_text)
+            continue
         conv = {"int": int, "float": float}.get(str(f.type), str)
         parser.add_argument(flag, default=None, type=conv, choices=f.metadata["choices"], help=help_text)
 
@@ -176,20 +309,40 @@ def config_from_args(args: argparse.Namespace, kind: str, defaults: dict | None 
     return TrainConfig(**values).check()
 
 
-def load_yaml(path: str, kind: str) -> dict:
+def load_yaml(path: str, kind: str | None = None) -> dict:
+    """The settings of a YAML file, each coerced to its field's type; raises ConfigError
+    (``path: key: expected ..., got ...``) for unknown keys, keys of another trainer and bad values."""
     import yaml
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--config {path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        loaded = yaml.safe_load(f) or {}
+        raise PathError(f"--config {path}: no such file" if not os.path.isdir(path)
+                        else f"--config {path}: is a directory, expected a YAML file")
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML ({problem})") from None
+    except (ValueError, RecursionError) as exc:  # e.g. a timestamp out of range, absurd nesting
+        raise ConfigError(f"{path}: not valid YAML ({type(exc).__name__}: {exc})") from None
+    if loaded is None:
+        return {}
     if not isinstance(loaded, dict):
-        raise ValueError(f"{path}: expected a mapping of setting: value, got {type(loaded).__name__}")
+        raise ConfigError(f"{path}: expected a mapping of setting: value, got {type(loaded).__name__}")
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     out = {}
     for key, value in loaded.items():
         name = str(key).replace("-", "_")
         if name not in fields:
-            raise ValueError(f"{path}: unknown setting {key!r} (known: {', '.join(sorted(fields))})")
-        out[name] = value
+            raise ConfigError(f"{path}: unknown setting {key!r} (known: {', '.join(sorted(fields))})")
+        kinds = fields[name].metadata["kinds"]
+        if kind is not None and kind not in kinds:
+            raise ConfigError(f"{path}: {key}: a setting of peftkern {', '.join(kinds)}, not of peftkern {kind}")
+        out[name] = coerce(fields[name], value, f"{path}: ")
     return out

@@ -14,17 +14,17 @@ not fit raises :class:`DataError` naming the file and line (or the record index)
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 
 import torch
 
+from peftkern.train.errors import DataError
+
 IGNORE_INDEX = -100
 KINDS = ("sft", "dpo", "rm", "kto", "ppo")
-
-
-class DataError(ValueError):
-    """A training record that does not fit its trainer's format; the message says where and why."""
+__all__ = ["DataError", "Record", "read_jsonl", "load_records", "check_record"]
 
 
 @dataclass
@@ -36,19 +36,29 @@ class Record:
 
 # -- reading -------------------------------------------------------------------------------------
 def read_jsonl(path: str) -> list[Record]:
-    """Every non-blank line of ``path`` as a JSON object; bad JSON raises DataError with file:line."""
-    if not os.path.isfile(path):
+    """Every non-blank line of ``path`` as a JSON object (UTF-8, a leading byte-order mark allowed);
+    bad JSON or bytes that are not UTF-8 raise DataError with file:line."""
+    if not os.path.exists(path):
         raise DataError(f"{path}: no such data file")
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory, expected a JSONL data file")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            where = f"{path}:{line_no}"
+            try:
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{where}: not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1}); "
+                                "save the file as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{line_no}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            except RecursionError:
+                raise DataError(f"{where}: not valid JSON (nested too deeply)") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             records.append(Record(obj, where))
@@ -64,7 +74,11 @@ def load_records(source, kind: str) -> list[Record]:
     if isinstance(source, (str, os.PathLike)):
         records = read_jsonl(os.fspath(source))
     else:
-        records = [Record(dict(row), f"record {i}") for i, row in enumerate(source)]
+        records = []
+        for i, row in enumerate(source):
+            if not isinstance(row, dict) and not hasattr(row, "keys"):
+                raise DataError(f"record {i}: expected a mapping of field: value, got {type(row).__name__}")
+            records.append(Record(dict(row), f"record {i}"))
         if not records:
             raise DataError("the dataset has no records")
     for rec in records:
@@ -106,6 +120,10 @@ def check_record(rec: Record, kind: str) -> None:
         fields = ("prompt", "completion")
     elif kind in ("dpo", "rm"):
         fields = ("prompt", "chosen", "rejected")
+        if kind == "rm" and "margin" in d:
+            m = d["margin"]
+            if isinstance(m, bool) or not isinstance(m, (int, float)) or not _finite(m):
+                raise DataError(f"{rec.where}: 'margin' must be a finite number (or left out), got {m!r}")
     elif kind == "kto":
         fields = ("prompt", "completion")
         if not isinstance(d.get("label"), bool):
@@ -114,9 +132,18 @@ def check_record(rec: Record, kind: str) -> None:
         fields = ("prompt",)
     for field in fields:
         _check_text(rec, field)
+    if kind == "ppo" and not d["prompt"]:
+        raise DataError(f"{rec.where}: 'prompt' is empty: PPO needs a prompt to generate from")
     conversational = [isinstance(d[f], list) for f in fields]
     if any(conversational) and not all(conversational):
         raise DataError(f"{rec.where}: fields {list(fields)} mix plain strings and message lists")
+
+
+def _finite(number) -> bool:
+    try:
+        return math.isfinite(number)
+    except OverflowError:  # an integer beyond the float range (JSON allows any)
+        return False
 
 
 # -- tokenizing ----------------------------------------------------------------------------------
@@ -162,7 +189,8 @@ def encode_messages(tokenizer, messages, where: str = "") -> tuple[list[int], li
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start = len(_chat(tokenizer, messages[:i], add_generation_prompt=True)) if i else 0
+        start = len(_chat(tokenizer, messages[:i], add_generation_prompt=True)) if i else \
+            _first_turn_header(tokenizer, full, where)
         end = len(_chat(tokenizer, messages[:i + 1]))
         if not full.startswith(_chat(tokenizer, messages[:i + 1])):
             raise DataError(f"{where}: the chat template does not render turns as prefixes of the conversation; "
@@ -183,6 +211,18 @@ def encode_messages(tokenizer, messages, where: str = "") -> tuple[list[int], li
     return ids, trainable
 
 
+def _first_turn_header(tokenizer, full: str, where: str) -> int:
+    """Characters of ``full`` before the content of a conversation's first turn when that turn is the
+    assistant's: the template's start and the assistant header, which are not the assistant's to learn."""
+    marker = "\x00peftkern-content\x00"
+    rendered = _chat(tokenizer, [{"role": "assistant", "content": marker}])
+    cut = rendered.find(marker)
+    if cut < 0 or not full.startswith(rendered[:cut]):
+        raise DataError(f"{where}: the chat template does not render the assistant's first turn as header + "
+                        "content; cannot find the assistant tokens")
+    return cut
+
+
 def encode_sft(tokenizer, rec: Record, max_length: int, completion_only: bool = True) -> dict:
     """``{"input_ids", "labels"}`` (lists): labels are -100 outside the completion when
     ``completion_only``; truncated on the right to ``max_length``."""
@@ -196,7 +236,7 @@ def encode_sft(tokenizer, rec: Record, max_length: int, completion_only: bool = 
     ids, labels = ids[:max_length], labels[:max_length]
     if all(t == IGNORE_INDEX for t in labels[1:]):
         raise DataError(f"{rec.where}: no completion token left to learn from within max_length={max_length}")
-    return {"input_ids": ids, "labels": labels}
+    return {"input_ids": ids, "labels": labels, "where": rec.where}
 
 
 def _fit(prompt: list[int], completion: list[int], max_length: int) -> tuple[list[int], list[int]]:
@@ -217,7 +257,8 @@ def encode_pair(tokenizer, rec: Record, max_length: int) -> dict:
     d = rec.data
     p, c = encode_prompt_completion(tokenizer, d["prompt"], d["chosen"], rec.where)
     p2, r = encode_prompt_completion(tokenizer, d["prompt"], d["rejected"], rec.where)
-    return {"chosen": encode_sequence(p, c, max_length), "rejected": encode_sequence(p2, r, max_length)}
+    return {"chosen": encode_sequence(p, c, max_length), "rejected": encode_sequence(p2, r, max_length),
+            "where": rec.where}
 
 
 def encode_kto(tokenizer, rec: Record, max_length: int) -> dict:
@@ -225,6 +266,7 @@ def encode_kto(tokenizer, rec: Record, max_length: int) -> dict:
     p, c = encode_prompt_completion(tokenizer, d["prompt"], d["completion"], rec.where)
     out = encode_sequence(p, c, max_length)
     out["label"] = bool(d["label"])
+    out["where"] = rec.where
     return out
 
 
@@ -259,15 +301,28 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
 
 def pack(examples: list[dict], seq_len: int) -> list[dict]:
     """Concatenate examples (in order) and cut into rows of exactly ``seq_len`` tokens (the tail that
-    does not fill a row is dropped). Labels travel with their tokens, so completion-only masks hold."""
+    does not fill a row is dropped). Labels travel with their tokens, so completion-only masks hold.
+    Each row's ``where`` lists the records it holds tokens of (when the examples carry ``where``)."""
+    import bisect
+
     if seq_len < 2:
         raise ValueError(f"packing seq_len must be >= 2, got {seq_len}")
-    ids, labels = [], []
+    ids, labels, starts, wheres = [], [], [], []
     for e in examples:
+        starts.append(len(ids))
+        wheres.append(e.get("where"))
         ids += e["input_ids"]
         labels += e["labels"]
     rows = len(ids) // seq_len
     if rows == 0:
         raise DataError(f"packing: {len(ids)} tokens in all do not fill one row of seq_len={seq_len}")
-    return [{"input_ids": ids[i * seq_len:(i + 1) * seq_len], "labels": labels[i * seq_len:(i + 1) * seq_len]}
-            for i in range(rows)]
+    out = []
+    for i in range(rows):
+        row = {"input_ids": ids[i * seq_len:(i + 1) * seq_len], "labels": labels[i * seq_len:(i + 1) * seq_len]}
+        first = bisect.bisect_right(starts, i * seq_len) - 1
+        last = bisect.bisect_left(starts, (i + 1) * seq_len) - 1
+        held = [w for w in wheres[first:last + 1] if w]
+        if held:
+            row["where"] = held
+        out.append(row)
+    return out

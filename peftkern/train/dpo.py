@@ -6,7 +6,7 @@ import torch
 
 from peftkern.train.data import encode_pair, load_records, pad_batch
 from peftkern.train.loop import Trainer
-from peftkern.train.objectives import dpo_loss
+from peftkern.train.objectives import dpo_head_loss
 from peftkern.train.reference import cached_reference_logps
 
 
@@ -16,7 +16,7 @@ def pair_examples(tokenizer, source, cfg, kind: str = "dpo") -> list[dict]:
     for i, rec in enumerate(load_records(source, kind)):
         ex = encode_pair(tokenizer, rec, cfg.max_length)
         ex["index"] = i
-        if "margin" in rec.data:
+        if kind == "rm" and "margin" in rec.data:  # checked by load_records
             ex["margin"] = float(rec.data["margin"])
         out.append(ex)
     return out
@@ -46,7 +46,8 @@ class DPOTrainer(Trainer):
             groups[f"{split}_chosen"] = [e["chosen"] for e in examples]
             groups[f"{split}_rejected"] = [e["rejected"] for e in examples]
         groups = {k: v for k, v in groups.items() if v}
-        self.ref = cached_reference_logps(self.module, groups, pad, self.device, self.cfg.out, write=self.dist.main)
+        ref = cached_reference_logps(self.module, groups, pad, self.device, self.cfg.out, write=self.dist.main)
+        self.ref = {k: v.to(self.device) for k, v in ref.items()}  # indexed on the device: no host sync per batch
 
     def collate(self, examples):
         return collate_pairs(examples, self.tokenizer.pad_token_id)
@@ -56,11 +57,13 @@ class DPOTrainer(Trainer):
 
     def _pair_terms(self, model, batch, split: str):
         b = batch["index"].numel()
-        seq = model(batch["input_ids"], batch["attention_mask"], batch["labels"])["logps"].sum(1)
-        idx = batch["index"].cpu()
-        rc = self.ref[f"{split}_chosen"][idx].to(seq.device)
-        rr = self.ref[f"{split}_rejected"][idx].to(seq.device)
-        return dpo_loss(seq[:b], seq[b:], rc, rr, self.cfg.beta, self.cfg.loss_type, self.cfg.label_smoothing), seq, b
+        idx = batch["index"]
+        rc = self.ref[f"{split}_chosen"][idx]
+        rr = self.ref[f"{split}_rejected"][idx]
+        head_loss = dpo_head_loss(rc, rr, self.cfg.beta, self.cfg.loss_type, self.cfg.label_smoothing)
+        loss, chosen_rewards, rejected_rewards, seq = model(batch["input_ids"], batch["attention_mask"],
+                                                            batch["labels"], head_loss=head_loss)["head_loss"]
+        return (loss, chosen_rewards, rejected_rewards), seq, b
 
     def loss(self, model, batch):
         (losses, cr, rr), _, _ = self._pair_terms(model, batch, "train")

@@ -9,12 +9,12 @@ is used inside its forward.
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 from torch import nn
 
 from peftkern.train.adapters import add_adapters, uses_adapters
+from peftkern.losses import head_parameters
 from peftkern.train.logprobs import token_logprobs
 
 
@@ -36,14 +36,11 @@ def decoder_of(lm: nn.Module) -> nn.Module:
     raise TypeError(f"cannot find the decoder of {type(lm).__name__}: expected a transformers *ForCausalLM")
 
 
-def head_of(lm: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight [V, H], bias [V] or None) of the output head."""
-    head = base_causal_lm(lm).get_output_embeddings()
-    if hasattr(head, "base_layer"):
-        head = head.base_layer
-    if not isinstance(head, nn.Linear):
-        raise TypeError(f"the fused log-prob path needs an nn.Linear output head, got {type(head).__name__}")
-    return head.weight, head.bias
+def head_of(lm: nn.Module) -> dict:
+    """The output head as the fused losses take it: {weight [V, H], bias [V] or None, lora_A, lora_B,
+    lora_scaling} (``peftkern.losses.head_parameters``): a LoRA on the head trains with the rest,
+    and one that the fused path cannot express (DoRA, several adapters) raises."""
+    return head_parameters(base_causal_lm(lm).get_output_embeddings())
 
 
 class LMWithHeads(nn.Module):
@@ -73,14 +70,22 @@ class LMWithHeads(nn.Module):
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def forward(self, input_ids, attention_mask, labels=None, want_hidden: bool = False, want_entropy: bool = False):
+    def forward(self, input_ids, attention_mask, labels=None, want_hidden: bool = False, want_entropy: bool = False,
+                head_loss=None):
+        """With ``head_loss`` (a callable (hidden [B, T-1, H], targets [B, T-1], head dict) -> anything,
+        from ``peftkern.train.objectives``), its result is ``out["head_loss"]`` instead of ``logps``: a
+        fused loss from hidden states, computed here so that DDP / FSDP2 see the head used in forward."""
         out = {}
         with self._autocast(input_ids.device):
             hidden = decoder_of(self.lm)(input_ids=input_ids, attention_mask=attention_mask,
                                          use_cache=False).last_hidden_state
-            if labels is not None:
-                weight, bias = head_of(self.lm)
-                got = token_logprobs(hidden[:, :-1], weight, labels[:, 1:], bias, return_entropy=want_entropy)
+            if labels is not None and head_loss is not None:
+                out["head_loss"] = head_loss(hidden[:, :-1], labels[:, 1:], head_of(self.lm))
+            elif labels is not None:
+                head = head_of(self.lm)
+                got = token_logprobs(hidden[:, :-1], head["weight"], labels[:, 1:], head["bias"],
+                                     return_entropy=want_entropy, lora_A=head["lora_A"], lora_B=head["lora_B"],
+                                     lora_scaling=head["lora_scaling"])
                 if want_entropy:
                     out["logps"], out["entropy"] = got
                 else:
@@ -94,37 +99,6 @@ class LMWithHeads(nn.Module):
         if want_hidden:
             out["hidden"] = hidden
         return out
-
-
-def load_tokenizer(cfg):
-    if cfg.model.startswith("tiny"):
-        from peftkern.models import build_byte_tokenizer
-
-        return build_byte_tokenizer()
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def load_lm(cfg, quiet: bool = False) -> nn.Module:
-    """The causal LM named by ``cfg.model``: ``tiny`` (the pretrained embedded default, built and cached
-    on first use), ``tiny-micro`` (a random micro model, for tests) or a local directory."""
-    if cfg.model == "tiny":
-        from peftkern.models import pretrained_tiny
-
-        return pretrained_tiny(quiet=quiet)
-    if cfg.model == "tiny-micro":
-        from peftkern.models import build_tiny_model
-
-        return build_tiny_model("micro", seed=cfg.seed)
-    if not os.path.isdir(cfg.model):
-        raise FileNotFoundError(f"--model {cfg.model}: not 'tiny' and not a local model directory")
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
 
 
 def prepare_lm(cfg, lm: nn.Module) -> nn.Module:

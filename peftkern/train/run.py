@@ -2,7 +2,12 @@
 models when no ``--data`` is given), the trainer of the right kind."""
 from __future__ import annotations
 
+from peftkern.train import outdir
 from peftkern.train.config import TrainConfig
+from peftkern.train.distributed import is_main_process
+from peftkern.train.errors import ConfigError
+from peftkern.train.loading import check_paths, data_paths, is_embedded, load_lm, load_tokenizer
+from peftkern.train.mixing import attach_mixture, is_mixture, task_examples
 
 BUNDLED_TRAIN, BUNDLED_EVAL = 480, 48
 
@@ -20,19 +25,23 @@ def bundled_records(kind: str, seed: int) -> tuple[list[dict], list[dict]]:
 def _sources(kind: str, cfg: TrainConfig):
     if cfg.data:
         return cfg.data, cfg.eval_data
-    if not cfg.model.startswith("tiny"):
-        raise ValueError(f"peftkern {kind}: --data is required with --model {cfg.model} "
+    if not is_embedded(cfg.model):
+        raise ConfigError(f"peftkern {kind}: --data is required with --model {cfg.model} "
                          "(the bundled data fits the tiny models' tokenizer only)")
     train, held_out = bundled_records(kind, cfg.seed)
     return train, (cfg.eval_data or held_out)
 
 
 def build_trainer(kind: str, cfg: TrainConfig, callbacks=()):
-    """The trainer of ``kind`` ready to ``train()``."""
-    from peftkern.train.model import LMWithHeads, load_lm, load_tokenizer, prepare_lm
-
+    """The trainer of ``kind`` ready to ``train()``. Paths and ``--out`` are checked first, so a wrong one
+    fails before any model loads."""
     import torch
 
+    from peftkern.train.model import LMWithHeads, prepare_lm
+
+    check_paths(cfg, kind)
+    if is_main_process():
+        outdir.preflight(cfg)
     tok = load_tokenizer(cfg)
     train_src, eval_src = _sources(kind, cfg)
     torch.manual_seed(cfg.seed)  # adapter and head initialisation: the same run gives the same model
@@ -57,8 +66,15 @@ def build_trainer(kind: str, cfg: TrainConfig, callbacks=()):
         make, cls = ppo_prompts, PPOTrainer
     else:
         raise ValueError(f"unknown trainer {kind!r}")
+    if kind == "sft" and cfg.eval_data and len(data_paths(cfg.eval_data, "--eval-data", kind)) > 1:
+        evals = [e for ex in task_examples(tok, cfg.eval_data, None, cfg, make, "--eval-data")[0].values() for e in ex]
+    else:
+        evals = make(tok, eval_src, cfg) if eval_src is not None else []
+    if kind == "sft" and is_mixture(cfg):  # several tasks, weights or rehearsal: a sampler fills each step
+        trainer = cls(cfg, model, tok, [], evals, callbacks=callbacks)
+        attach_mixture(trainer, tok, cfg, train_src, make)
+        return trainer
     train = make(tok, train_src, cfg)
-    evals = make(tok, eval_src, cfg) if eval_src is not None else []
     return cls(cfg, model, tok, train, evals, callbacks=callbacks)
 
 
