@@ -266,7 +266,8 @@ class Trainer(abc.ABC):
 
     def _run(self, start_time: float) -> dict:
         cfg, d = self.cfg, self.dist
-        self._fingerprint = data_fingerprint(self.train_examples)
+        replay = list(getattr(self.sampler, "replay", None) or [])  # --rehearsal-data is training data too
+        self._fingerprint = data_fingerprint(self.train_examples + replay)
         ckpt = self._resume_point()  # before the reference pass: a refused resume costs nothing
         self.prepare()
         total = self.total_steps()
