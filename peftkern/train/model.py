@@ -13,9 +13,13 @@ import contextlib
 import torch
 from torch import nn
 
-from peftkern.train.adapters import add_adapters, uses_adapters
 from peftkern.losses import head_parameters
+from peftkern.nn import NF4Linear
+from peftkern.train.adapters import add_adapters, attach_adalora_steps, uses_adapters
+from peftkern.train.config import TrainConfig
+from peftkern.train.errors import ConfigError
 from peftkern.train.logprobs import token_logprobs
+from peftkern.tuners import load_adapter
 
 
 def base_causal_lm(model: nn.Module) -> nn.Module:
@@ -102,13 +106,23 @@ class LMWithHeads(nn.Module):
 
 
 def prepare_lm(cfg, lm: nn.Module) -> nn.Module:
-    """Apply ``--quant``, LoRA / DoRA and gradient checkpointing as ``cfg`` asks."""
-    if cfg.quant == "nf4":
+    """Apply ``--quant``, the adapters (fresh, or ``--adapter``'s) and gradient checkpointing as
+    ``cfg`` asks. Adapter weights train in fp32 whatever the base's dtype (as PEFT's
+    ``autocast_adapter_dtype``); the layers cast them to the compute dtype in forward."""
+    if cfg.quant == "nf4" and not has_nf4(lm):  # a folder's model was quantized while it was read
         lm = quantize_nf4(lm)
-    if uses_adapters(cfg):
+    if getattr(cfg, "adapter", None):
+        lm = load_adapter_to_train(lm, cfg)
+    elif uses_adapters(cfg):
         lm = add_adapters(lm, cfg)
-    elif cfg.quant == "nf4":
-        raise ValueError("--quant nf4 freezes the base weights: it needs LoRA adapters (lora_r > 0)")
+    elif has_nf4(lm):
+        raise ValueError("the base weights are 4-bit (--quant nf4, or a 4-bit checkpoint) and stay frozen: "
+                         "train adapters on them (lora_r > 0)")
+    if uses_adapters(cfg) or getattr(cfg, "adapter", None):
+        with torch.no_grad():
+            for p in lm.parameters():
+                if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+                    p.data = p.data.float()
     if cfg.grad_checkpointing:
         base = base_causal_lm(lm)
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -117,12 +131,34 @@ def prepare_lm(cfg, lm: nn.Module) -> nn.Module:
     return lm
 
 
+def has_nf4(lm: nn.Module) -> bool:
+    return any(isinstance(m, NF4Linear) for m in lm.modules())
+
+
+ADAPTER_FLAGS = ("peft", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "dora")
+
+
+def load_adapter_to_train(lm: nn.Module, cfg) -> nn.Module:
+    """``--adapter DIR``: the adapter folder (PEFT's files, any method) loaded trainable on ``lm``; its
+    config decides the method, rank and targets, so a flag that sets them otherwise is refused. An
+    adapter that does not fit the model (another architecture, other shapes) raises ConfigError
+    naming the file and tensor."""
+    defaults = TrainConfig()
+    changed = [f"--{n.replace('_', '-')}" for n in ADAPTER_FLAGS if getattr(cfg, n) != getattr(defaults, n)]
+    if changed:
+        raise ConfigError(f"--adapter {cfg.adapter}: the adapter's own adapter_config.json sets the method, rank and "
+                          f"targets; drop {', '.join(changed)}")
+    try:
+        wrapped = load_adapter(lm, cfg.adapter, is_trainable=True)
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as exc:
+        raise ConfigError(f"--adapter {cfg.adapter}: does not fit --model {cfg.model}: {exc}") from None
+    if any(c.peft_type == "ADALORA" for c in wrapped.peft_config.values()):
+        attach_adalora_steps(wrapped)
+    return wrapped
+
+
 def quantize_nf4(lm: nn.Module) -> nn.Module:
     """Every decoder linear to NF4 (QLoRA's base), through peftkern.nn.NF4Linear."""
-    try:
-        from peftkern.nn import NF4Linear
-    except ImportError:
-        raise ValueError("--quant nf4 needs peftkern.nn.NF4Linear, which this build lacks") from None
     head = base_causal_lm(lm).get_output_embeddings()
     for name, module in list(lm.named_modules()):
         if isinstance(module, nn.Linear) and module is not head:
