@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 from peftkern.models import build_byte_tokenizer, build_tiny_model
 from peftkern.quant.layout import ModelFolderError
 from peftkern.quant.shards import CheckpointFileError, weight_files
+from peftkern.train.data import read_chat_template
 from peftkern.train.errors import ConfigError, PathError
 from peftkern.train.pretrain import build_pretrained_tiny
 from peftkern.train.pretrained import DTYPES, DtypeError, check_dtype_runs, load_pretrained
@@ -115,8 +116,6 @@ def load_tokenizer(cfg):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     if getattr(cfg, "chat_template", None):
-        from peftkern.train.data import read_chat_template
-
         tok.chat_template = read_chat_template(cfg.chat_template, tok)
     return tok
 

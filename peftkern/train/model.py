@@ -75,14 +75,20 @@ class LMWithHeads(nn.Module):
         return contextlib.nullcontext()
 
     def forward(self, input_ids, attention_mask, labels=None, want_hidden: bool = False, want_entropy: bool = False,
-                head_loss=None):
+                head_loss=None, position_ids=None):
         """With ``head_loss`` (a callable (hidden [B, T-1, H], targets [B, T-1], head dict) -> anything,
         from ``peftkern.train.objectives``), its result is ``out["head_loss"]`` instead of ``logps``: a
-        fused loss from hidden states, computed here so that DDP / FSDP2 see the head used in forward."""
+        fused loss from hidden states, computed here so that DDP / FSDP2 see the head used in forward.
+        ``position_ids`` [B, T] (packed rows, ``attention_mask`` None): positions restart at 0 for each
+        packed example and attention stays inside it (transformers' padding-free convention)."""
         out = {}
         with self._autocast(input_ids.device):
-            hidden = decoder_of(self.lm)(input_ids=input_ids, attention_mask=attention_mask,
-                                         use_cache=False).last_hidden_state
+            if position_ids is not None:
+                hidden = decoder_of(self.lm)(input_ids=input_ids, position_ids=position_ids,
+                                             use_cache=False).last_hidden_state
+            else:
+                hidden = decoder_of(self.lm)(input_ids=input_ids, attention_mask=attention_mask,
+                                             use_cache=False).last_hidden_state
             if labels is not None and head_loss is not None:
                 out["head_loss"] = head_loss(hidden[:, :-1], labels[:, 1:], head_of(self.lm))
             elif labels is not None:
@@ -103,6 +109,26 @@ class LMWithHeads(nn.Module):
         if want_hidden:
             out["hidden"] = hidden
         return out
+
+
+@torch.no_grad()
+def check_packed_attention(lm: nn.Module) -> None:
+    """``--packing`` relies on the model starting a new sequence where ``position_ids`` restart
+    (transformers' padding-free convention). Probe it once: two sequences packed in one row must
+    give the second the hidden states it has alone; an attention implementation that ignores the
+    boundary raises ConfigError instead of training across examples."""
+    decoder = decoder_of(lm)
+    device = next(p for p in lm.parameters() if p.device.type != "meta").device
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7]], device=device) % base_causal_lm(lm).config.vocab_size
+    packed = decoder(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3]], device=device),
+                     use_cache=False).last_hidden_state[0, 3:].float()
+    alone = decoder(input_ids=ids[:, 3:], use_cache=False).last_hidden_state[0].float()
+    if not torch.allclose(packed, alone, rtol=2e-2, atol=2e-2 * float(alone.abs().max())):
+        impl = getattr(base_causal_lm(lm).config, "_attn_implementation", "?")
+        raise ConfigError(f"--packing: this model's attention (attn_implementation={impl!r}) does not start a new "
+                          "sequence where position_ids restart, so packed examples would attend to each other; "
+                          "train without --packing (or with an attention implementation that honours it: eager, "
+                          "sdpa, flash_attention_2)")
 
 
 def prepare_lm(cfg, lm: nn.Module) -> nn.Module:
