@@ -60,7 +60,11 @@ def _cmd_kernels(args) -> int:
     from peftkern import kernels
 
     archs = tuple(a.strip() for a in args.arch.split(",") if a.strip())
-    rows = kernels.report(archs, jobs=args.jobs)
+    try:
+        rows = kernels.report(archs, jobs=args.jobs, ops=args.op)
+    except ValueError as exc:
+        print(f"peftkern kernels: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=1))
     else:
@@ -130,11 +134,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON list of objects "
                    "(kernel, config, arch, registers, spill_bytes, shared_bytes, wgmma, ok)")
     p.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPU count)")
+    p.add_argument("--op", action="append", help="only this op's kernels (lora, dora, nf4, logprobs, adamw, ...); "
+                   "repeat for several")
     p.set_defaults(func=_cmd_kernels)
 
-    from peftkern.quant.cli import add_parser as add_quantize_parser
+    from peftkern.quantize import add_parser as add_quantize_parser
 
-    add_quantize_parser(sub)  # peftkern quantize MODEL_DIR OUT_DIR (peftkern.quant.cli.run)
+    add_quantize_parser(sub)  # peftkern quantize MODEL_DIR OUT_DIR (peftkern.quantize.run)
 
     p = sub.add_parser("bench", help="run the benchmark suite (the repository's benchmarks/, found next to the "
                        "peftkern package: needs a source checkout or editable install)",
