@@ -276,12 +276,12 @@ def _torch_backward(dy, x2d, z, weight, scale, feedforward, need_dx, need_dscale
     if feedforward:
         g = dy @ weight  # [M, K]
         if need_dscale:
-            dl = torch.einsum("mk,mk->k", x2d.float(), g.float())
+            dl = torch.linalg.vecdot(x2d.float(), g.float(), dim=0)  # (einsum: 30x slower on the CPU)
         if need_dx:
             dx = _times(g, scale, g.dtype)
         return dx, dl
     if need_dscale:
-        dl = torch.einsum("mn,mn->n", dy.float(), z.float())
+        dl = torch.linalg.vecdot(dy.float(), z.float(), dim=0)
     if need_dx:
         dx = dy @ _times(weight, scale[:, None], weight.dtype)
     return dx, dl
@@ -334,11 +334,14 @@ def _setup_context(ctx, inputs, output):
     keep_x = weight.requires_grad or (feedforward and scale.requires_grad)
     ctx.save_for_backward(x2d if keep_x else None, z, weight, scale)
     ctx.feedforward, ctx.face, ctx.has_bias = feedforward, face, bias is not None
+    ctx.set_materialize_grads(False)  # z is for the backward only: no zero-filled [M, N] grad for it
 
 
 def _backward(ctx, dy, _dz):
     x2d, z, weight, scale = ctx.saved_tensors
     need_dx, need_w, need_b, need_l = ctx.needs_input_grad[:4]
+    if dy is None:
+        return (None,) * 7
     dy = dy.contiguous()
     ff = ctx.feedforward
     if need_l and not ff and z.numel() == 0 and dy.shape[0] > 0:
