@@ -204,6 +204,13 @@ class GRPOTrainer(Trainer):
 
             self.reward_model = load_reward_model(cfg.reward_model).to(self.device)
 
+    def prepare(self) -> None:
+        super().prepare()
+        if self.dist.strategy == "fsdp2":  # one forward through the root first, so it initializes as FSDP's
+            with torch.no_grad():  # root (decoding calls the inner LM, whose layers would claim the role)
+                ids = torch.full((1, 2), self.pad, dtype=torch.long, device=self.device)
+                self.model(ids, torch.ones_like(ids))
+
     def extra_state(self) -> dict:
         """The rollout in use when the next step still needs it (a resume mid-rollout reuses it)."""
         ro = self.rollout
@@ -231,16 +238,21 @@ class GRPOTrainer(Trainer):
         scorer = SamplingLogps(ModelStepper(lm), settings.temperature if settings.do_sample else 1.0)
         was = lm.training
         lm.eval()
+        fsdp = self.dist.strategy == "fsdp2"
+        if fsdp:  # the root's own parameters (embeddings, head): decoding calls the LM, not the root's forward
+            self.model.unshard()
         try:
             result = decode(scorer, ids.to(self.device), mask.to(self.device), settings, eos_token_ids=self.eos,
                             pad_token_id=self.pad, generator=generator)
-            if self.dist.strategy == "fsdp2":  # sharded layers gather in every forward: match the count
+            if fsdp:  # sharded layers gather in every forward: every process runs as many
                 most = _gather(torch.tensor([float(scorer.calls)], device=self.device), self.dist).max()
                 filler = torch.full((ids.shape[0],), self.pad, dtype=torch.long, device=self.device)
                 for _ in range(int(most.item()) - scorer.calls):
                     scorer.inner.advance(filler)
         finally:
             lm.train(was)
+            if fsdp:
+                self.model.reshard()
         logps = scorer.token_logps(result.tokens)
         completions = [result.tokens[i, :n].tolist() for i, n in enumerate(result.lengths)]
         return completions, result.finish_reasons, logps
