@@ -8,8 +8,11 @@ import os
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from peftkern.models import build_byte_tokenizer, build_tiny_model
 from peftkern.train.errors import PathError
+from peftkern.train.pretrain import build_pretrained_tiny
 
 EMBEDDED = ("tiny", "tiny-micro")
 MODEL_FILES = ("config.json",)
@@ -82,11 +85,7 @@ def check_paths(cfg, kind: str) -> None:
 
 def load_tokenizer(cfg):
     if is_embedded(cfg.model) and cfg.tokenizer is None:
-        from peftkern.models import build_byte_tokenizer
-
         return build_byte_tokenizer()
-    from transformers import AutoTokenizer
-
     path = cfg.tokenizer or cfg.model
     check_tokenizer_dir(path, "--tokenizer" if cfg.tokenizer else "--model")
     tok = AutoTokenizer.from_pretrained(path)
@@ -99,35 +98,9 @@ def load_lm(cfg, quiet: bool = False) -> nn.Module:
     """The causal LM named by ``cfg.model``: ``tiny`` (the pretrained embedded default, built and cached
     on first use), ``tiny-micro`` (a random micro model, for tests) or a local directory."""
     if cfg.model == "tiny":
-        from peftkern.train.pretrain import pretrained_tiny
-
-        return pretrained_tiny(quiet=quiet)
+        return build_pretrained_tiny(quiet=quiet)
     if cfg.model == "tiny-micro":
-        from peftkern.models import build_tiny_model
-
         return build_tiny_model("micro", seed=cfg.seed)
     check_model_dir(cfg.model)
-    from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
-
-
-def adapter_base(cfg, out_dir: str, write: bool = True) -> str:
-    """The directory an adapter trained on ``cfg.model`` names as ``base_model_name_or_path``: a local
-    model's own directory, the cached pretrained tiny base, or (``tiny-micro``) the micro model saved to
-    ``out_dir/base_model`` (model and tokenizer), so PEFT's loaders find the base each adapter needs."""
-    if cfg.model == "tiny":
-        from peftkern.train.pretrain import tiny_base_dir
-
-        return tiny_base_dir(quiet=True)
-    if cfg.model == "tiny-micro":
-        from peftkern.models import build_byte_tokenizer, build_tiny_model
-        from peftkern.train.atomic import atomic_dir
-
-        path = os.path.abspath(os.path.join(out_dir, "base_model"))
-        if write and not os.path.isfile(os.path.join(path, "config.json")):  # a resumed run's is the same
-            with atomic_dir(path) as tmp:
-                build_tiny_model("micro", seed=cfg.seed).save_pretrained(tmp)
-                build_byte_tokenizer().save_pretrained(tmp)
-        return path
-    return os.path.abspath(cfg.model)

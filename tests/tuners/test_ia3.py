@@ -153,3 +153,22 @@ def test_unknown_keys_warn_and_feedforward_mismatch_is_refused(tmp_path):
     with pytest.raises(ValueError, match="scale its input; adapter 'b' would scale its output"):
         model.add_adapter("b", IA3Config(target_modules=["down_proj"], feedforward_modules=[]))
     assert list(model.peft_config) == ["default"] and os.path.exists(tmp_path / "adapter_model.safetensors")
+
+
+def test_adapter_layers_compile_fullgraph():
+    """Every adapter layer's forward asks for mixed-batch rows: that read must not break the graph."""
+    from torch import nn
+
+    from peftkern.nn import LoRALinear
+
+    ia3 = IA3Linear(nn.Linear(16, 8), is_feedforward=False)
+    ia3.update_layer("a")
+    ia3.set_adapter("a")
+    lora = LoRALinear.from_linear(nn.Linear(16, 8), r=4, lora_alpha=8)
+    x = torch.randn(3, 16)
+    for layer in (ia3, lora):
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+        y = compiled(x)
+        y.square().sum().backward()
+        torch.testing.assert_close(y, layer(x))
+    assert ia3.ia3_l["a"].grad is not None
