@@ -267,6 +267,12 @@ def _add_training_commands(sub) -> None:
         "dpo": "DPO family, reference log-probs precomputed and cached (data: 'prompt'/'chosen'/'rejected')",
         "kto": "KTO on unpaired labelled completions (data: 'prompt'/'completion'/'label')",
         "ppo": "PPO with a value head against a reward model or a Python reward function (data: 'prompt')",
+        "grpo": "GRPO: G sampled completions per prompt, group-normalized rewards from reward functions or a reward "
+                "model, TRL's loss types (data: 'prompt' and any columns the rewards read)",
+        "rloo": "RLOO: G sampled completions per prompt, leave-one-out baseline, KL in the reward (data: 'prompt')",
+        "orpo": "ORPO, reference-free: NLL of the chosen plus the odds-ratio term (data: 'prompt'/'chosen'/'rejected')",
+        "simpo": "SimPO, reference-free: length-normalized margin with gamma (data: 'prompt'/'chosen'/'rejected')",
+        "cpo": "CPO, reference-free: pair loss plus the chosen completions' NLL (data: 'prompt'/'chosen'/'rejected')",
     }
     for kind, text in described.items():
         p = sub.add_parser(kind, help=text, description=f"peftkern {kind}: {text}. Many processes: torchrun "
