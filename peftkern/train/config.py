@@ -32,7 +32,14 @@ class TrainConfig:
     lora_alpha: float = _f(32.0, "LoRA alpha (scaling = alpha / r)")
     lora_dropout: float = _f(0.0, "dropout on the LoRA input")
     target_modules: str = _f("all-linear", "comma-separated module names to adapt, or 'all-linear'")
-    quant: str = _f("none", "base weight format: 'none' or 'nf4' (QLoRA)", choices=("none", "nf4"))
+    quant: str = _f("none", "base weight format: 'none' or 'nf4' (QLoRA; each linear is quantized as it is read, "
+                    "so the 16-bit model is never whole in memory)", choices=("none", "nf4"))
+    dtype: str = _f("auto", "dtype of the base weights: fp32, bf16, fp16, or auto (the checkpoint's own on the CPU, "
+                    "bf16 on a GPU that has it); adapters train in fp32", choices=("auto", "fp32", "bf16", "fp16"))
+    adapter: str | None = _f(None, "start from this adapter folder (adapter_config.json + adapter_model.safetensors, "
+                             "PEFT's or peftkern's, any method) instead of a fresh adapter; its config sets the method")
+    chat_template: str | None = _f(None, "Jinja chat-template file used instead of the tokenizer's (the assistant "
+                                   "tokens are found from how it renders, so it needs no generation markers)")
     dora: bool = _f(False, "DoRA adapters instead of LoRA")
     # -- PEFT method (peftkern.tuners; built in train/adapters.py): the method and its main options --
     peft: str = _f("lora", "adapter method: 'lora' (DoRA with --dora), 'ia3', 'adalora' or 'bitfit'",

@@ -39,7 +39,7 @@ def build_trainer(kind: str, cfg: TrainConfig, callbacks=()):
     fails before any model loads."""
     import torch
 
-    from peftkern.train.model import LMWithHeads, prepare_lm
+    from peftkern.train.model import LMWithHeads, check_packed_attention, prepare_lm
 
     resolve_kind_defaults(cfg, kind)
     check_paths(cfg, kind)
@@ -53,6 +53,8 @@ def build_trainer(kind: str, cfg: TrainConfig, callbacks=()):
         lm, base_path = merged_init_adapter(cfg, lm, tok)
     torch.manual_seed(cfg.seed)  # adapter and head initialisation: the same run gives the same model
     lm = prepare_lm(cfg, lm)
+    if kind == "sft" and cfg.packing:
+        check_packed_attention(lm)
     model = LMWithHeads(lm, value_head=kind == "ppo", score_head=kind == "rm", autocast_bf16=cfg.bf16)
     if kind == "sft":
         from peftkern.train.sft import SFTTrainer, sft_examples
