@@ -67,7 +67,8 @@ def _load(args):
     from peftkern.editing.facts import bundled_requests
     from peftkern.editing.requests import load_requests
     from peftkern.editing.tiny_facts import tiny_with_facts
-    from peftkern.models import build_byte_tokenizer, pretrained_tiny
+    from peftkern.models import build_byte_tokenizer
+    from peftkern.train.pretrain import pretrained_tiny
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -79,7 +80,8 @@ def _load(args):
     else:
         requests = load_requests(args.requests)
     if args.model in ("tiny", "tiny-facts"):
-        model = pretrained_tiny(quiet=True) if args.model == "tiny" else tiny_with_facts(quiet=True)
+        model = pretrained_tiny(quiet=True) if args.model == "tiny" else \
+            tiny_with_facts(quiet=True, base=lambda: pretrained_tiny(quiet=True))
         tok = build_byte_tokenizer()
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -3,10 +3,15 @@ country's capital, the instrument a person plays, what a company makes), each re
 phrasings. Nothing here exists in the world, so no pretrained model knows them: the embedded tiny
 model learns them first (:func:`fact_sentences` is its training text), then the edits rewrite them.
 
+Subjects come in families of five whose names differ only in their last letter (Velora, Velore,
+... Veloru): a byte-level model can then tell them apart only at the subject's last token, which is
+where ROME and MEMIT write (a word-level tokenizer would see each as one token).
+
 From them come edit requests in the CounterFact style (:func:`bundled_requests`): the first
 phrasing is the edit prompt, the others are its paraphrases, the new object is another subject's
-object in the same relation, and the neighbourhood prompts are facts about other subjects of the
-relation whose answer is not the new object.
+object in the same relation, and the five neighbourhood prompts are facts about other subjects of
+the relation whose answer is not the new object: two of the subject's own family (the hardest
+case: one letter apart), then those sharing its old object (CounterFact's choice), then others.
 """
 from __future__ import annotations
 
@@ -62,29 +67,36 @@ def _new_object(fact: Fact, facts: list[Fact]) -> str:
     return objects[(objects.index(fact.object) + 7) % len(objects)]
 
 
-def bundled_requests(n: int | None = None) -> list[EditRequest]:
-    """Edit requests for the bundled facts (all 100, or the first ``n`` in a fixed interleaved
-    order that takes the relations in turn)."""
-    facts = bundled_facts()
-    by_relation: dict[str, list[int]] = {}
-    for i, f in enumerate(facts):
-        by_relation.setdefault(f.relation, []).append(i)
-    order, queues = [], [list(v) for v in by_relation.values()]
+def _interleave(queues: list[list[int]]) -> list[int]:
+    order = []
+    queues = [list(q) for q in queues]
     while any(queues):
         for q in queues:
             if q:
                 order.append(q.pop(0))
+    return order
+
+
+def bundled_requests(n: int | None = None) -> list[EditRequest]:
+    """Edit requests for the bundled facts: all 100, or the first ``n`` in a fixed order that takes
+    the relations in turn and, within a relation, one subject of each family before the second."""
+    facts = bundled_facts()
+    families: dict[str, dict[str, list[int]]] = {}
+    for i, f in enumerate(facts):
+        families.setdefault(f.relation, {}).setdefault(f.subject[:-1], []).append(i)
+    order = _interleave([_interleave(list(fams.values())) for fams in families.values()])
     out = []
     for i in order[:n]:
         f = facts[i]
         phrasings = templates(f.relation)
         new = _new_object(f, facts)
         others = [g for g in facts if g.relation == f.relation and g.subject != f.subject and g.object != new]
-        same_answer = [g for g in others if g.object == f.object]  # CounterFact's neighbours share the old object
-        rest = [g for g in others if g.object != f.object]
-        start = facts.index(f)
-        rest = rest[start % max(len(rest), 1):] + rest[:start % max(len(rest), 1)]
-        neighbours = (same_answer + rest)[:N_NEIGHBOURS]
+        kin = [g for g in others if g.subject[:-1] == f.subject[:-1]]  # differ only in the last letter
+        family = kin[:2]
+        same_answer = [g for g in others if g.object == f.object and g not in kin]  # as CounterFact's
+        rest = [g for g in others if g not in kin and g not in same_answer]
+        rest = rest[i % max(len(rest), 1):] + rest[:i % max(len(rest), 1)]  # i: the fact's index
+        neighbours = (family + same_answer + rest)[:N_NEIGHBOURS]
         out.append(EditRequest(
             prompt=phrasings[0], subject=f.subject, target_new=new, target_true=f.object,
             paraphrase_prompts=tuple(t.replace("{}", f.subject) for t in phrasings[1:]),

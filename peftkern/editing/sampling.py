@@ -35,13 +35,16 @@ def sample(model, tok, prompts: list[str], max_new_tokens: int, top_k: int = 5, 
 
 
 def context_prefixes(model, tok, n: int = 10, length: int = 10, starts=("The", "Therefore", "Because", "I", "You"),
-                     seed: int = 0) -> list[str]:
+                     seed: int = 0, separator: str = ". ") -> list[str]:
     """``""`` and ``n`` short texts the model writes itself from ``starts`` (``length`` tokens
-    each), each ending in ``". "``: the prefixes x_j of the papers' k* and v* averages."""
+    each), each ending in ``separator``: the prefixes x_j of the papers' k* and v* averages. (For a
+    model trained on one sentence per document, such as the embedded tiny one, a separator that
+    ends one document and starts the next, ``".<|end|><|bos|>"``, keeps the prompt in the form it
+    was trained on.)"""
     prompts = [starts[i % len(starts)] for i in range(n)]
     texts = sample(model, tok, prompts, length, seed=seed)
     out = [""]
     for start, text in zip(prompts, texts):
         words = " ".join((start + text).split())
-        out.append(words.rstrip(". ") + ". ")
+        out.append(words.rstrip(". ") + separator)
     return out

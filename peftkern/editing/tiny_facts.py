@@ -1,6 +1,6 @@
 """The embedded tiny model after learning the bundled facts: the base the editing experiments edit.
 
-The pretrained tiny Llama (:func:`peftkern.models.pretrained_tiny`) knows none of the invented
+The pretrained tiny Llama (:func:`peftkern.train.pretrain.pretrained_tiny`) knows none of the invented
 facts. This fine-tunes all its weights on them, deterministically: each step a batch of
 ``<|bos|>sentence<|end|>`` rows, three quarters fact sentences (every fact in each of its three
 phrasings, drawn at random) and one quarter sentences of the base's own corpus (rehearsal, so it
@@ -21,9 +21,10 @@ import tempfile
 import torch
 
 from peftkern.editing.facts import FACTS_PATH, fact_sentences
+from peftkern.editing.requests import EditError
 from peftkern.editing.tokens import encode, pad
-from peftkern.models import build_byte_tokenizer, pretrained_tiny, tasks
-from peftkern.models.base import PRETRAIN, cache_root
+from peftkern.models import build_byte_tokenizer, cached_path, load_cached_tiny, tasks
+from peftkern.models.base import cache_root
 
 LEARN = dict(steps=1200, batch_size=32, fact_share=0.75, lr=3e-3, warmup=20, min_lr_ratio=0.1, seed=0,
              rehearsal_sentences=3000)
@@ -32,24 +33,34 @@ LEARN = dict(steps=1200, batch_size=32, fact_share=0.75, lr=3e-3, warmup=20, min
 def _key(settings: dict) -> str:
     with open(FACTS_PATH, "rb") as fh:
         facts = hashlib.sha256(fh.read()).hexdigest()
-    blob = json.dumps({"learn": settings, "base": PRETRAIN, "facts": facts}, sort_keys=True)
+    blob = json.dumps({"learn": settings, "base": os.path.basename(cached_path()), "facts": facts}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def tiny_with_facts(quiet: bool = False, settings: dict | None = None, cache: bool = True):
-    """The pretrained tiny model fine-tuned on the bundled facts (``LlamaForCausalLM``, fp32, eval mode)."""
+def tiny_with_facts(quiet: bool = False, settings: dict | None = None, cache: bool = True, base=None):
+    """The pretrained tiny model fine-tuned on the bundled facts (``LlamaForCausalLM``, fp32, eval mode).
+
+    When it is not cached yet it is learned from the pretrained tiny base: ``base`` (the model, or a
+    function returning it; the CLI passes ``peftkern.train.pretrain.pretrained_tiny``, which
+    trains the base when that is not cached either), else the cached base."""
     from transformers import LlamaForCausalLM
 
     settings = {**LEARN, **(settings or {})}
     path = os.path.join(cache_root(), f"tiny-facts-{_key(settings)}")
     if cache and os.path.isfile(os.path.join(path, "config.json")):
         return LlamaForCausalLM.from_pretrained(path).eval()
-    model = learn_facts(pretrained_tiny(quiet=quiet), settings, quiet)
+    start = base() if callable(base) and not isinstance(base, torch.nn.Module) else base
+    start = start if start is not None else load_cached_tiny()
+    if start is None:
+        raise EditError("the pretrained tiny base is not in the cache; build it first (peftkern demo, or "
+                        "peftkern.train.pretrain.pretrained_tiny()), or pass base=")
+    model = learn_facts(start, settings, quiet)
     if cache:
         os.makedirs(cache_root(), exist_ok=True)
         tmp = tempfile.mkdtemp(dir=cache_root(), prefix=".tiny-facts-")
         try:
             model.save_pretrained(tmp)
+            build_byte_tokenizer().save_pretrained(tmp)
             os.replace(tmp, path)
         except OSError:
             if not os.path.isfile(os.path.join(path, "config.json")):  # not another process finishing first

@@ -20,6 +20,8 @@ from torch import nn
 
 from peftkern.train import distributed as D
 from peftkern.train import outdir
+from peftkern.train.adapter_base import adapter_base
+from peftkern.train.adapters import has_lora, save_adapter
 from peftkern.train.atomic import atomic_dir, atomic_write_text, with_retries
 from peftkern.train.checkpoint import (latest_checkpoint, load_checkpoint, read_state, resolve_resume,
                                        save_checkpoint, set_rng_state)
@@ -27,7 +29,7 @@ from peftkern.train.errors import CheckpointError, NonFiniteError, RunWarning
 from peftkern.train.fisher import attach_anchors, wants_anchors
 from peftkern.train.logs import RunLog, dumps, read_json
 from peftkern.train.mixing import add_task_means
-from peftkern.train.model import load_trainable_state
+from peftkern.train.model import base_causal_lm, load_trainable_state
 from peftkern.train.preempt import Preemption
 from peftkern.train.resume import check_resume, data_fingerprint, settings_of
 from peftkern.train.schedule import make_scheduler
@@ -160,9 +162,9 @@ class Trainer(abc.ABC):
         processes' stop flag (preemption) travel to the host together, after one all-reduce."""
         grad_norm = self.clip_norm()
         keys = sorted(metric_sums)
-        stop = torch.ones(()) if (self._preemption is not None and self._preemption.requested) else torch.zeros(())
+        stop = float(self._preemption is not None and self._preemption.requested)
         sums = torch.stack([loss_sum.float()] + [torch.as_tensor(metric_sums[k]).float() for k in keys])
-        packed = D.all_reduce_sum(torch.cat([sums, stop.to(sums.device).reshape(1)]), self.dist)
+        packed = D.all_reduce_sum(torch.cat([sums, torch.full((1,), stop, device=sums.device)]), self.dist)
         values = torch.cat([packed[:-1] / total, packed[-1:], grad_norm.float().reshape(1).to(packed.device)]).tolist()
         loss, norm, stop_votes = values[0], values[-1], values[-2]
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it next)
@@ -264,7 +266,8 @@ class Trainer(abc.ABC):
 
     def _run(self, start_time: float) -> dict:
         cfg, d = self.cfg, self.dist
-        self._fingerprint = data_fingerprint(self.train_examples)
+        replay = list(getattr(self.sampler, "replay", None) or [])  # --rehearsal-data is training data too
+        self._fingerprint = data_fingerprint(self.train_examples + replay)
         ckpt = self._resume_point()  # before the reference pass: a refused resume costs nothing
         self.prepare()
         total = self.total_steps()
@@ -314,8 +317,9 @@ class Trainer(abc.ABC):
         return summary
 
     def _preempted(self, done: int, saved_at: str | None, start_time: float, log) -> dict:
-        name = self._preemption.name if self._preemption is not None and self._preemption.requested else "a signal"
-        summary = {"preempted": True, "signal": name or "another process's signal", "steps": done,
+        own = self._preemption is not None and self._preemption.requested
+        summary = {"preempted": True, "signal": self._preemption.name if own else "another process's signal",
+                   "steps": done,
                    "checkpoint": saved_at, "seconds": round(time.time() - start_time, 2),
                    "bad_steps": self.bad_steps}
         if self.dist.main:
@@ -417,10 +421,6 @@ class Trainer(abc.ABC):
         """The adapter (PEFT format) or the full model, and ``metrics.json``, in ``cfg.out``. Every
         process calls this (FSDP2 gathers the shards); the main one writes, each output atomically (a
         failed write leaves the previous one intact)."""
-        from peftkern.train.adapters import has_lora, save_adapter
-        from peftkern.train.loading import adapter_base
-        from peftkern.train.model import base_causal_lm
-
         cfg, main = self.cfg, self.dist.main
         retry = dict(retries=cfg.save_retries, warn=self.warn)
 
