@@ -44,7 +44,7 @@ METHODS = ("none", "rehearsal", "rehearsal (corpus)", "EWC", "L2-SP")
 # Stage settings (full / quick).
 PLANS = {
     "full": dict(train=480, steps_a=150, steps_b=150, batch=16, eval_limit=90, corpus=480, curve_epochs=4,
-                 fisher_samples=128, ewc_lambdas=(10.0, 100.0, 1000.0), l2sp_lambdas=(0.001, 0.01, 0.1)),
+                 fisher_samples=128, ewc_lambdas=(100.0, 1e3, 1e4, 1e5), l2sp_lambdas=(0.01, 0.1, 1.0)),
     "quick": dict(train=48, steps_a=4, steps_b=4, batch=8, eval_limit=6, corpus=32, curve_epochs=2, fisher_samples=8,
                   ewc_lambdas=(100.0,), l2sp_lambdas=(0.01,)),
 }
@@ -94,18 +94,39 @@ def write_data(folder: str, plan: dict, seed: int = 0) -> dict:
     return paths
 
 
+def held_out_examples(tokenizer, limit: int) -> dict[str, list[dict]]:
+    """The evaluation's held-out questions of A and of B as tokenized SFT examples (for their NLL)."""
+    from peftkern.evaluation.suites import HELD_OUT_SEED
+    from peftkern.train.data import Record, encode_sft
+
+    out = {TASK_A: [], TASK_B: []}
+    for i, item in enumerate(tasks.questions(limit, HELD_OUT_SEED)):
+        skill = tasks.SKILLS[i % len(tasks.SKILLS)]
+        if skill in out:
+            rec = Record(tasks.sft_records([item])[0], f"held-out {i}")
+            out[skill].append(encode_sft(tokenizer, rec, 96, True))
+    return out
+
+
 def evaluate_lm(lm, tokenizer, limit: int) -> dict:
-    """{A accuracy, B accuracy, base-corpus perplexity} of ``lm`` as it is (adapters as set)."""
+    """{A and B held-out accuracy, A and B held-out answer NLL per token, base-corpus perplexity} of
+    ``lm`` as it is (adapters as set). The NLL of A's right answers shows how much of A is left
+    before the greedy answer flips."""
     from peftkern.evaluation import evaluate
+    from peftkern.train.model import LMWithHeads
+    from peftkern.train.sft import sft_eval_loss
 
     was = lm.training
     lm.eval()
     with torch.no_grad():
         out = evaluate(lm, tokenizer, ["tasks", "perplexity-tasks"], limit=limit, batch_size=16)["suites"]
+        device = next(lm.parameters()).device
+        nll = {skill: sft_eval_loss(LMWithHeads(lm), examples, tokenizer.pad_token_id, device)
+               for skill, examples in held_out_examples(tokenizer, limit).items()}
     lm.train(was)
     m = out["tasks"]["metrics"]
     return {"acc_a": m.get(f"exact_match/{TASK_A}"), "acc_b": m.get(f"exact_match/{TASK_B}"),
-            "ppl": out["perplexity-tasks"]["metrics"]["perplexity"]}
+            "nll_a": nll[TASK_A], "nll_b": nll[TASK_B], "ppl": out["perplexity-tasks"]["metrics"]["perplexity"]}
 
 
 def _config(out: str, model: str, mode: str, plan: dict, steps: int, data: str, seed: int, **extra) -> TrainConfig:
@@ -188,7 +209,8 @@ def run_report(out_dir: str, plan_name: str = "full", seed: int = 0, progress=pr
             row = {"mode": mode, "variant": method, **after_b, "train_seconds": round(time.time() - t0, 1),
                    "acc_a_before_b": after_a["acc_a"], "acc_b_before_b": after_a["acc_b"],
                    "b_gain": after_b["acc_b"] - after_a["acc_b"], "a_kept": after_b["acc_a"] - after_a["acc_a"],
-                   "ppl_before_b": after_a["ppl"], "lambda": lam, "rehearsal_ratio": extra.get("rehearsal_ratio")}
+                   "ppl_before_b": after_a["ppl"], "nll_a_before_b": after_a["nll_a"], "lambda": lam,
+                   "rehearsal_ratio": extra.get("rehearsal_ratio")}
             rows.append(row)
             progress(f"forgetting: {mode} / {method} {knobs}: {after_b}")
     curve = epoch_curve(out_dir, plan, data, tok, seed)
@@ -227,17 +249,18 @@ def label_of(row: dict) -> str:
 
 
 def format_markdown(report: dict) -> str:
-    lines = ["| mode | variant | task A acc after B (before B) | task B gain (acc after B) | base-corpus ppl after B "
-             "(before B) | lambda / ratio | train s |", "|---|---|---|---|---|---|---|"]
+    lines = ["| mode | variant | task A acc after B (before B) | task A answer NLL after B (before B) | "
+             "task B gain (acc after B) | base-corpus ppl after B (before B) | lambda / ratio | train s |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         knob = (f"lambda {r['lambda']:g}" if r.get("lambda") is not None else
                 f"ratio {r['rehearsal_ratio']:g}" if r.get("rehearsal_ratio") else "")
         lines.append(f"| {r['mode']} | {r['variant']} | {r['acc_a']:.2f} ({r['acc_a_before_b']:.2f}) | "
-                     f"{r['b_gain']:+.2f} ({r['acc_b']:.2f}) | {r['ppl']:.3f} ({r['ppl_before_b']:.3f}) | {knob} | "
-                     f"{r['train_seconds']:.0f} |")
-    lines += ["", "| epoch on B | task A acc | task B acc | base-corpus ppl |", "|---|---|---|---|"]
+                     f"{r['nll_a']:.2f} ({r['nll_a_before_b']:.2f}) | {r['b_gain']:+.2f} ({r['acc_b']:.2f}) | "
+                     f"{r['ppl']:.2f} ({r['ppl_before_b']:.2f}) | {knob} | {r['train_seconds']:.0f} |")
+    lines += ["", "| epoch on B | task A acc | task A answer NLL | task B acc | base-corpus ppl |", "|---|---|---|---|---|"]
     for p in report["curve"]:
-        lines.append(f"| {p['epoch']} | {p['acc_a']:.2f} | {p['acc_b']:.2f} | {p['ppl']:.3f} |")
+        lines.append(f"| {p['epoch']} | {p['acc_a']:.2f} | {p['nll_a']:.2f} | {p['acc_b']:.2f} | {p['ppl']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -249,16 +272,17 @@ def plot(report: dict, path_bars: str, path_curve: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.8))
     width = 0.38
     labels = [label_of(r) for r in report["rows"] if r["mode"] == "full"]
     for k, mode in enumerate(MODES):
         rows = [r for r in report["rows"] if r["mode"] == mode]
         xs = [i + (k - 0.5) * width for i in range(len(rows))]
-        for ax, key in zip(axes, ("acc_a", "b_gain", "ppl")):
+        for ax, key in zip(axes, ("acc_a", "nll_a", "b_gain", "ppl")):
             ax.bar(xs, [r[key] for r in rows], width, label=mode)
-    titles = (f"task A ({report['task_a']}) held-out accuracy after B", f"task B ({report['task_b']}) gain in accuracy",
-              "base-corpus perplexity after B")
+    titles = (f"task A ({report['task_a']}) held-out accuracy after B", "task A answer NLL/token after B (lower: kept)",
+              f"task B ({report['task_b']}) gain in accuracy", "base-corpus perplexity after B (log)")
+    axes[3].set_yscale("log")
     for ax, title in zip(axes, titles):
         ax.set_title(title, fontsize=10)
         ax.set_xticks(range(len(labels)))
