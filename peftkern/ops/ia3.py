@@ -347,7 +347,7 @@ def _backward(ctx, dy, _dz):
         return (None,) * 7
     dy = dy.contiguous()
     ff = ctx.feedforward
-    if need_l and not ff and z.numel() == 0 and dy.shape[0] > 0:
+    if need_l and not ff and z.dim() != 2:  # z kept is [M, N]; not kept, an empty [0]
         raise RuntimeError("ia3_linear: the scale needs a gradient but its forward ran without keeping the "
                            "unscaled output (the scale did not require grad then)")
     # an output scale with a frozen W never reads x: a stand-in of its shape, a view of W's first row
