@@ -20,6 +20,8 @@ from torch import nn
 
 from peftkern.train import distributed as D
 from peftkern.train import outdir
+from peftkern.train.adapter_base import adapter_base
+from peftkern.train.adapters import has_lora, save_adapter
 from peftkern.train.atomic import atomic_dir, atomic_write_text, with_retries
 from peftkern.train.checkpoint import (latest_checkpoint, load_checkpoint, read_state, resolve_resume,
                                        save_checkpoint, set_rng_state)
@@ -27,7 +29,7 @@ from peftkern.train.errors import CheckpointError, NonFiniteError, RunWarning
 from peftkern.train.fisher import attach_anchors, wants_anchors
 from peftkern.train.logs import RunLog, dumps, read_json
 from peftkern.train.mixing import add_task_means
-from peftkern.train.model import load_trainable_state
+from peftkern.train.model import base_causal_lm, load_trainable_state
 from peftkern.train.preempt import Preemption
 from peftkern.train.resume import check_resume, data_fingerprint, settings_of
 from peftkern.train.schedule import make_scheduler
@@ -264,7 +266,8 @@ class Trainer(abc.ABC):
 
     def _run(self, start_time: float) -> dict:
         cfg, d = self.cfg, self.dist
-        self._fingerprint = data_fingerprint(self.train_examples)
+        replay = list(getattr(self.sampler, "replay", None) or [])  # --rehearsal-data is training data too
+        self._fingerprint = data_fingerprint(self.train_examples + replay)
         ckpt = self._resume_point()  # before the reference pass: a refused resume costs nothing
         self.prepare()
         total = self.total_steps()
@@ -418,10 +421,6 @@ class Trainer(abc.ABC):
         """The adapter (PEFT format) or the full model, and ``metrics.json``, in ``cfg.out``. Every
         process calls this (FSDP2 gathers the shards); the main one writes, each output atomically (a
         failed write leaves the previous one intact)."""
-        from peftkern.train.adapters import has_lora, save_adapter
-        from peftkern.train.loading import adapter_base
-        from peftkern.train.model import base_causal_lm
-
         cfg, main = self.cfg, self.dist.main
         retry = dict(retries=cfg.save_retries, warn=self.warn)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from peftkern.train.data import IGNORE_INDEX, encode_sft, load_records, pack, pad_batch
+from peftkern.train.data import IGNORE_INDEX, encode_sft, load_records, pack_examples, pad_batch
 from peftkern.train.errors import CheckpointError
 from peftkern.train.loop import Trainer
 from peftkern.train.mixing import label_tokens, task_metric_sums
@@ -13,10 +13,8 @@ from peftkern.train.objectives import sft_head_loss
 def sft_examples(tokenizer, source, cfg) -> list[dict]:
     """Tokenized SFT examples (``input_ids``, ``labels``) from a path / dataset / list, packed if asked."""
     records = load_records(source, "sft")
-    # Packed examples are cut by the packing, not one by one.
-    limit = 1 << 30 if cfg.packing else cfg.max_length
-    examples = [encode_sft(tokenizer, r, limit, cfg.completion_only) for r in records]
-    return pack(examples, cfg.max_length) if cfg.packing else examples
+    examples = [encode_sft(tokenizer, r, cfg.max_length, cfg.completion_only) for r in records]
+    return pack_examples(examples, cfg.max_length) if cfg.packing else examples
 
 
 class SFTTrainer(Trainer):
@@ -33,10 +31,11 @@ class SFTTrainer(Trainer):
 
     def loss(self, model, batch):
         if "tasks" not in batch:
-            nll = model(batch["input_ids"], batch["attention_mask"], batch["labels"], head_loss=sft_head_loss)
+            nll = model(batch["input_ids"], batch["attention_mask"], batch["labels"], head_loss=sft_head_loss,
+                        position_ids=batch.get("position_ids"))
             return nll["head_loss"], {}
         # mixed tasks log each task's loss, which needs per-row log-probs: the statistics path
-        out = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        out = model(batch["input_ids"], batch["attention_mask"], batch["labels"], position_ids=batch.get("position_ids"))
         nll = -out["logps"].sum()
         per_row = -out["logps"].detach().sum(dim=1)
         return nll, task_metric_sums(per_row, label_tokens(batch["labels"]), batch["tasks"])
@@ -75,8 +74,8 @@ def sft_eval_loss(model, examples: list[dict], pad_id: int, device, batch_size: 
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = pad_batch(examples[i:i + batch_size], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        out = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        batch = {k: (v.to(device) if v is not None else None) for k, v in batch.items()}
+        out = model(batch["input_ids"], batch["attention_mask"], batch["labels"], position_ids=batch.get("position_ids"))
         total += -out["logps"].sum().item()
         count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     return total / max(count, 1)

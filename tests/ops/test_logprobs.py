@@ -285,6 +285,36 @@ def test_a_registered_unit_loss_with_split_units(seed, face):
         _compare_grads(_grads(out.loss, mine), g_expected, torch.float32)
 
 
+def _entropy_bonus_loss(chunk, tensors, scalars, variant):
+    """sum_i w_i (logp_i + c * entropy_i): a token-local loss that reads the entropy."""
+    weight = tensors[0].index_select(0, chunk.pos)
+    (c,) = scalars
+    value = torch.dot(weight, chunk.logp) + c * torch.dot(weight, chunk.entropy)
+    return UnitGrads(value, weight, c * weight)
+
+
+register_unit_loss("test_entropy_bonus", _entropy_bonus_loss, token_local=True)
+
+
+@pytest.mark.parametrize("face", FACES)
+def test_a_registered_loss_reading_the_entropy(seed, face):
+    *params, t = _inputs((2, 9), 16, 70, 2, True, True)
+    p64 = _leaves(params, torch.float64)
+    lp, ent = ref.linear_logprobs(p64[0], p64[1], t, bias=p64[2], temperature=1.2, return_entropy=True,
+                                  lora_A=p64[3], lora_B=p64[4], lora_scaling=0.5)
+    weight = torch.randn(2, 9)
+    expected = (weight.double() * (lp - 0.3 * ent)).sum()
+    g_expected = _grads(expected, p64)
+    mine = _leaves(params, torch.float32)
+    with backend.use(face):
+        out = fused_unit_loss(mine[0], mine[1], t, "test_entropy_bonus", tensors=[weight.reshape(-1)], scalars=[-0.3],
+                              entropy=True, bias=mine[2], temperature=1.2, lora_A=mine[3], lora_B=mine[4],
+                              lora_scaling=0.5, chunk_size=5)
+    assert_close(out.loss, expected.detach(), torch.float32, "loss")
+    assert_close(out.entropy, ent.detach(), torch.float32, "entropy")
+    _compare_grads(_grads(out.loss, mine), g_expected, torch.float32)
+
+
 def test_unit_loss_errors():
     h, w, t = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
     with pytest.raises(ValueError, match="no unit loss 'nope'"):
