@@ -347,11 +347,13 @@ def _backward(ctx, dy, _dz):
         return (None,) * 7
     dy = dy.contiguous()
     ff = ctx.feedforward
-    if need_l and not ff and z.numel() == 0 and dy.shape[0] > 0:
+    if need_l and not ff and z.dim() != 2:  # z kept is [M, N]; not kept, an empty [0]
         raise RuntimeError("ia3_linear: the scale needs a gradient but its forward ran without keeping the "
                            "unscaled output (the scale did not require grad then)")
-    # an output scale with a frozen W never reads x: a stand-in of the right shape and no memory
-    x_arg = x2d if x2d is not None else dy.new_zeros(1, 1).expand(dy.shape[0], weight.shape[1])
+    # an output scale with a frozen W never reads x: a stand-in of its shape, a view of W's first row
+    # (no memory, no launch)
+    x_arg = x2d if x2d is not None else (weight[:1] if weight.shape[0] else weight.new_zeros(1, weight.shape[1])
+                                         ).expand(dy.shape[0], weight.shape[1])
     dx, dl = None, None
     if need_dx or need_l:
         dx, dl = torch.ops.peftkern.ia3_linear_bwd(dy, x_arg, z, weight, scale, ff, need_dx, need_l, ctx.face)
