@@ -31,6 +31,7 @@ from peftkern.train.config import resolve_kind_defaults
 from peftkern.train.data import IGNORE_INDEX, DataError, encode_prompt, left_pad, load_records, pad_batch
 from peftkern.train.errors import ConfigError
 from peftkern.train.loading import is_embedded
+from peftkern.train.init_adapter import write_pending_base
 from peftkern.train.loop import Trainer
 from peftkern.train.model import LMWithHeads, base_causal_lm
 from peftkern.train.rewards import Reward, call_rewards, load_rewards
@@ -196,6 +197,7 @@ class GRPOTrainer(Trainer):
 
     # -- setup -----------------------------------------------------------------------------------
     def before_train(self):
+        write_pending_base(self)
         cfg = self.cfg
         if cfg.beta and not has_lora(self.module.lm):  # full fine-tuning: a frozen copy is the reference
             self.reference = LMWithHeads(copy.deepcopy(self.module.lm)).eval().requires_grad_(False)
@@ -367,7 +369,8 @@ class GRPOTrainer(Trainer):
         """The normalizer of one optimizer step over every process, such that the loss is TRL's."""
         cfg = self.cfg
         if cfg.loss_type in ("dapo", "cispo"):  # tokens of the rollout, scaled to one step (TRL's num_items)
-            return torch.tensor(self.rollout["tokens"] * cfg.grad_accum / self.micro_per_rollout, device=self.device)
+            tokens = max(self.rollout["tokens"], 1.0)  # every completion masked (truncated): no loss, no NaN
+            return torch.tensor(tokens * cfg.grad_accum / self.micro_per_rollout, device=self.device)
         if cfg.loss_type == "bnpo":  # each micro-batch's token mean, averaged
             return torch.tensor(float(cfg.grad_accum * self.dist.world), device=self.device)
         rows = cfg.batch_size * cfg.num_generations * cfg.grad_accum * self.dist.world
