@@ -271,3 +271,18 @@ def test_init_adapter_trains_on_top_of_an_sft_adapter(tmp_path):
         policy = load_adapter(base, str(out / "adapter"), is_trainable=False)(input_ids=ids).logits
     with torch.no_grad():
         assert torch.allclose(policy, t.module.lm(input_ids=ids).logits, atol=1e-5)
+
+
+def test_shared_prefill_decodes_as_the_plain_batch(tmp_path):
+    """Prefilling each prompt once and repeating its KV cache for its G copies draws the same tokens
+    with the same log-probs as decoding all G x prompts rows from scratch (prompts of several lengths)."""
+    from peftkern.generate import DecodingSettings
+
+    t = _trainer("grpo", _cfg(tmp_path))
+    examples = t.rollout_examples(0) + t.rollout_examples(1)
+    assert len({len(e["prompt_ids"]) for e in examples}) > 1
+    rows = [e["prompt_ids"] for e in examples for _ in range(4)]
+    settings = DecodingSettings(max_new_tokens=6, do_sample=True, temperature=0.9).check()
+    outs = [t.sample(rows, settings, torch.Generator().manual_seed(3), group=g) for g in (1, 4)]
+    assert outs[0][0] == outs[1][0] and outs[0][1] == outs[1][1]
+    assert torch.allclose(outs[0][2], outs[1][2], atol=1e-5)
