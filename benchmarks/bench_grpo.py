@@ -40,13 +40,17 @@ E2E = pick(full=dict(prompts=4, g=8, completion=16, size="demo"), quick=dict(pro
 E2E_ROUNDS = pick(5, 2)
 
 
-def _batch(prompts, g, seq, v, h, dtype, device, seed=0):
+def _batch(prompts, g, seq, v, h, dtype, device, seed=0, ragged=True):
+    """Hidden states, head, targets (completions of random lengths from seq / 2 to seq with
+    ``ragged``; every token scored without: the modeled count must be affine in the sizes), old and
+    reference log-probs, advantages."""
     gen = torch.Generator().manual_seed(seed)
     b = prompts * g
     hidden = torch.randn(b, seq, h, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
     weight = (torch.randn(v, h, generator=gen) / h ** 0.5).to(device=device, dtype=dtype).requires_grad_(True)
     targets = torch.randint(0, v, (b, seq), generator=gen).to(device)
-    lengths = torch.randint(seq // 2, seq + 1, (b,), generator=gen).to(device)
+    lengths = torch.randint(seq // 2, seq + 1, (b,), generator=gen).to(device) if ragged else \
+        torch.full((b,), seq, device=device)
     mask = torch.arange(seq, device=device)[None, :] < lengths[:, None]
     targets = targets.masked_fill(~mask, -100)
     # old and reference log-probs near the policy's (about -log V), advantages of a few groups
@@ -58,9 +62,10 @@ def _batch(prompts, g, seq, v, h, dtype, device, seed=0):
 
 
 def build_loss_step(impl: str, prompts: int, g: int, seq: int, v: int, h: int, dtype: str = "float32",
-                    device: str = "cpu", chunk_size: int | None = None):
+                    device: str = "cpu", chunk_size: int | None = None, ragged: bool = True):
     """One GRPO loss step of ``impl`` (forward, backward to hidden and weight)."""
-    hidden, weight, targets, mask, old, ref, adv = _batch(prompts, g, seq, v, h, getattr(torch, dtype), device)
+    hidden, weight, targets, mask, old, ref, adv = _batch(prompts, g, seq, v, h, getattr(torch, dtype), device,
+                                                          ragged=ragged)
     if impl == "ours":
         from peftkern.losses import fused_grpo_loss
 
@@ -173,7 +178,8 @@ def _ours_for_count(chunks, chunk_tokens, v, h):
     import peftkern
 
     # one completion per chunk: [chunks, chunk_tokens] tokens, every one scored
-    inner = build_loss_step("ours", chunks, 1, chunk_tokens, v, h, dtype="bfloat16", chunk_size=chunk_tokens)
+    inner = build_loss_step("ours", chunks, 1, chunk_tokens, v, h, dtype="bfloat16", chunk_size=chunk_tokens,
+                            ragged=False)
 
     def step():
         with peftkern.backend.use("triton"):
@@ -193,7 +199,7 @@ def test_modeled_h100(record):
     chunks = _chunks(n, v)
     ours = traffic.extrapolate_grid(_corner_counts(chunks), (n // chunks, v, h))
     naive = traffic.count_eager(build_loss_step("naive", p["prompts"], p["g"], p["seq"], v, h, dtype="bfloat16",
-                                                device="meta"))
+                                                device="meta", ragged=False))
     roofline = traffic.H100_SXM
     model = (f"{roofline.describe()}; ours: Triton kernels (+ launcher aten ops) counted under the interpreter on "
              f"{chunks} chunk(s) (as the Triton face cuts {n} tokens at V={v}) at (tokens per chunk, V, H) corners "

@@ -118,7 +118,7 @@ class TrainConfig:
     init_adapter: str | None = _f(None, "an adapter folder (PEFT format, e.g. an SFT run's adapter/) merged into the "
                                   "model before training starts: train on top of it, with the merged model as the "
                                   "reference; the new adapter names <out>/base_model as its base",
-                                  ("dpo", "kto", "ppo", "grpo", "rloo", "orpo", "simpo", "cpo"))
+                                  ("dpo", "grpo", "rloo", "orpo", "simpo", "cpo"))
     # PPO, GRPO, RLOO
     reward_model: str | None = _f(None, "reward model: a directory written by 'peftkern rm'", ("ppo", "grpo", "rloo"))
     reward_fn: str | None = _f(None, "reward function 'module:function' (default with --model tiny: the bundled task "

@@ -16,6 +16,7 @@ from peftkern.losses.dpo_mix import fused_dpo_mix_loss, ld_token_weights
 from peftkern.train.config import parse_floats, resolve_kind_defaults, split_list
 from peftkern.train.data import IGNORE_INDEX, encode_pair, load_records, pad_batch
 from peftkern.train.errors import ConfigError
+from peftkern.train.init_adapter import write_pending_base
 from peftkern.train.loop import Trainer
 from peftkern.train.objectives import dpo_head_loss
 from peftkern.train.reference import cached_reference_logps
@@ -89,6 +90,7 @@ class DPOTrainer(Trainer):
                       and self.loss_types[0] != "ipo" and self.loss_weights == [1.0] and cfg.ld_alpha is None)
 
     def before_train(self):
+        write_pending_base(self)
         pad = self.tokenizer.pad_token_id
         groups = {}
         for split, examples in (("train", self.train_examples), ("eval", self.eval_examples)):

@@ -31,6 +31,7 @@ from peftkern.train.config import resolve_kind_defaults
 from peftkern.train.data import IGNORE_INDEX, DataError, encode_prompt, left_pad, load_records, pad_batch
 from peftkern.train.errors import ConfigError
 from peftkern.train.loading import is_embedded
+from peftkern.train.init_adapter import write_pending_base
 from peftkern.train.loop import Trainer
 from peftkern.train.model import LMWithHeads, base_causal_lm
 from peftkern.train.rewards import Reward, call_rewards, load_rewards
@@ -85,6 +86,26 @@ class SamplingLogps:
         """[B, n] log-probs of the drawn ``tokens`` [B, n] (after decoding ended)."""
         last = self._logp.gather(1, tokens[:, -1:]).squeeze(1)
         return torch.stack(self.taken + [last], dim=1)[:, :tokens.shape[1]]
+
+
+class SharedPrefill:
+    """A ``ModelStepper`` over rows that come in groups of ``group`` copies of one prompt: each prompt is
+    prefilled once and its KV cache repeated for its copies (transformers' ``Cache.batch_repeat_interleave``),
+    so the prompt costs one forward row instead of G."""
+
+    def __init__(self, stepper: ModelStepper, group: int):
+        self.inner, self.group = stepper, group
+
+    def start(self, input_ids, attention_mask):
+        g = self.group
+        scores = self.inner.start(input_ids[::g], attention_mask[::g])
+        self.inner.cache.batch_repeat_interleave(g)
+        self.inner.mask = attention_mask
+        self.inner.positions = self.inner.positions.repeat_interleave(g, dim=0)
+        return scores.repeat_interleave(g, dim=0)
+
+    def advance(self, tokens):
+        return self.inner.advance(tokens)
 
 
 def _seed(*parts: int) -> int:
@@ -196,6 +217,7 @@ class GRPOTrainer(Trainer):
 
     # -- setup -----------------------------------------------------------------------------------
     def before_train(self):
+        write_pending_base(self)
         cfg = self.cfg
         if cfg.beta and not has_lora(self.module.lm):  # full fine-tuning: a frozen copy is the reference
             self.reference = LMWithHeads(copy.deepcopy(self.module.lm)).eval().requires_grad_(False)
@@ -230,12 +252,14 @@ class GRPOTrainer(Trainer):
 
     # -- rollouts --------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, prompt_rows: list[list[int]], settings: DecodingSettings, generator=None):
+    def sample(self, prompt_rows: list[list[int]], settings: DecodingSettings, generator=None, group: int = 1):
         """Decode every row in one batch -> (completion token lists, finish reasons, sampling log-probs
-        [N, n] of the drawn tokens). Under FSDP2 every process runs as many forwards as the longest."""
+        [N, n] of the drawn tokens). Rows in consecutive groups of ``group`` copies of a prompt share
+        its prefill. Under FSDP2 every process runs as many forwards as the longest."""
         lm = self.module.lm
         ids, mask = left_pad(prompt_rows, self.pad)
-        scorer = SamplingLogps(ModelStepper(lm), settings.temperature if settings.do_sample else 1.0)
+        stepper = ModelStepper(lm) if group == 1 else SharedPrefill(ModelStepper(lm), group)
+        scorer = SamplingLogps(stepper, settings.temperature if settings.do_sample else 1.0)
         was = lm.training
         lm.eval()
         fsdp = self.dist.strategy == "fsdp2"
@@ -319,7 +343,7 @@ class GRPOTrainer(Trainer):
         settings = DecodingSettings(max_new_tokens=cfg.max_completion_length, do_sample=True,
                                     temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p).check()
         generator = torch.Generator(device=self.device).manual_seed(_seed(cfg.seed, r, self.dist.rank))
-        completions, reasons, sampled = self.sample(rows, settings, generator)
+        completions, reasons, sampled = self.sample(rows, settings, generator, group=G)
         truncated = torch.tensor([why == "length" and (not c or c[-1] not in self.eos)
                                   for why, c in zip(reasons, completions)], device=self.device)
         seqs = []
@@ -367,7 +391,8 @@ class GRPOTrainer(Trainer):
         """The normalizer of one optimizer step over every process, such that the loss is TRL's."""
         cfg = self.cfg
         if cfg.loss_type in ("dapo", "cispo"):  # tokens of the rollout, scaled to one step (TRL's num_items)
-            return torch.tensor(self.rollout["tokens"] * cfg.grad_accum / self.micro_per_rollout, device=self.device)
+            tokens = max(self.rollout["tokens"], 1.0)  # every completion masked (truncated): no loss, no NaN
+            return torch.tensor(tokens * cfg.grad_accum / self.micro_per_rollout, device=self.device)
         if cfg.loss_type == "bnpo":  # each micro-batch's token mean, averaged
             return torch.tensor(float(cfg.grad_accum * self.dist.world), device=self.device)
         rows = cfg.batch_size * cfg.num_generations * cfg.grad_accum * self.dist.world

@@ -16,6 +16,7 @@ import torch
 from peftkern.losses import fused_cpo_loss, fused_orpo_loss, fused_simpo_loss
 from peftkern.train.config import resolve_kind_defaults
 from peftkern.train.dpo import collate_pairs, preference_accuracy
+from peftkern.train.init_adapter import write_pending_base
 from peftkern.train.loop import Trainer
 
 
@@ -26,6 +27,9 @@ class PreferenceTrainer(Trainer):
                  base_model_path=None):
         resolve_kind_defaults(cfg, self.kind)
         super().__init__(cfg, model, tokenizer, train_examples, eval_examples, callbacks, base_model_path)
+
+    def before_train(self):
+        write_pending_base(self)
 
     def collate(self, examples):
         return collate_pairs(examples, self.tokenizer.pad_token_id)

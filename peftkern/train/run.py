@@ -6,6 +6,7 @@ from peftkern.train import outdir
 from peftkern.train.config import TrainConfig, resolve_kind_defaults
 from peftkern.train.distributed import is_main_process
 from peftkern.train.errors import ConfigError
+from peftkern.train.init_adapter import merge_init_adapter
 from peftkern.train.loading import check_paths, data_paths, is_embedded, load_lm, load_tokenizer
 from peftkern.train.mixing import attach_mixture, is_mixture, task_examples
 
@@ -48,9 +49,9 @@ def build_trainer(kind: str, cfg: TrainConfig, callbacks=()):
         outdir.preflight(cfg)
     tok = load_tokenizer(cfg)
     train_src, eval_src = _sources(kind, cfg)
-    lm, base_path = load_lm(cfg, quiet=cfg.quiet), None
+    lm, base = load_lm(cfg, quiet=cfg.quiet), None
     if cfg.init_adapter:
-        lm, base_path = merged_init_adapter(cfg, lm, tok)
+        lm, base = merge_init_adapter(cfg, lm, tok)
     torch.manual_seed(cfg.seed)  # adapter and head initialisation: the same run gives the same model
     lm = prepare_lm(cfg, lm)
     if kind == "sft" and cfg.packing:
@@ -93,7 +94,10 @@ def build_trainer(kind: str, cfg: TrainConfig, callbacks=()):
         attach_mixture(trainer, tok, cfg, train_src, make)
         return trainer
     train = make(tok, train_src, cfg)
-    return cls(cfg, model, tok, train, evals, callbacks=callbacks, base_model_path=base_path)
+    trainer = cls(cfg, model, tok, train, evals, callbacks=callbacks,
+                  base_model_path=None if base is None else base.path)
+    trainer.pending_base = base  # written into --out once the run holds it (before_train)
+    return trainer
 
 
 def check_more_paths(cfg: TrainConfig, kind: str) -> None:
@@ -108,28 +112,6 @@ def check_more_paths(cfg: TrainConfig, kind: str) -> None:
     if cfg.init_adapter and not os.path.isfile(os.path.join(cfg.init_adapter, "adapter_config.json")):
         raise PathError(f"--init-adapter {cfg.init_adapter}: no adapter_config.json in it: not a PEFT adapter folder "
                         "(a run's <out>/adapter)")
-
-
-def merged_init_adapter(cfg: TrainConfig, lm, tok):
-    """(the model with ``--init-adapter`` merged in, the directory it is saved to for the new adapter to
-    name as its base: ``<out>/base_model``, written by the main process)."""
-    import os
-
-    from peftkern.train.adapters import merge
-    from peftkern.train.atomic import atomic_dir
-    from peftkern.tuners import load_adapter
-
-    try:
-        lm = merge(load_adapter(lm, cfg.init_adapter, is_trainable=False))
-    except (ValueError, KeyError, FileNotFoundError) as exc:
-        raise ConfigError(f"--init-adapter {cfg.init_adapter}: does not fit --model {cfg.model}: {exc}") from None
-    path = os.path.abspath(os.path.join(cfg.out, "base_model"))
-    if is_main_process() and not cfg.resume:
-        with atomic_dir(path) as tmp:
-            lm.save_pretrained(tmp)
-            if hasattr(tok, "save_pretrained"):
-                tok.save_pretrained(tmp)
-    return lm, path
 
 
 def run(kind: str, cfg: TrainConfig) -> dict:

@@ -210,3 +210,79 @@ def test_log_and_outputs(tmp_path):
     assert len(steps) == 2 and all("reward" in r and "reward_std" in r and "completion_length" in r for r in steps)
     assert os.path.isfile(os.path.join(out, "adapter", "adapter_model.safetensors"))
     assert "reward" in summary["eval_after"]
+
+
+def test_reward_model_truncation_mask_and_entropy_quantile(tmp_path):
+    """--reward-model scores the rollouts (a 'peftkern rm' output); --mask-truncated-completions takes
+    completions cut at max_completion_length out of the loss; --top-entropy-quantile trains."""
+    build_trainer("rm", TrainConfig(model="tiny-micro", lora_r=4, lora_alpha=8, batch_size=4, max_steps=1,
+                                    out=str(tmp_path / "rm"), quiet=True, strategy="none").check()).train()
+    t = _trainer("grpo", _cfg(tmp_path / "g", reward_fn=None, reward_model=str(tmp_path / "rm" / "reward_model"),
+                              mask_truncated_completions=True, max_completion_length=2, top_entropy_quantile=0.5))
+    ro = t.make_rollout(0)
+    assert "rewards/reward_model" in ro["stats"] and ro["stats"]["reward_std"] > 0
+    truncated = ro["stats"]["clipped_ratio"]
+    scored_rows = (ro["labels"] != IGNORE_INDEX).any(1).float().mean().item()
+    assert truncated > 0 and abs(scored_rows - (1 - truncated)) < 1e-6
+    t.rollout = ro
+    record = t.train_step(0)  # every completion may be truncated here: a zero loss, never NaN
+    assert not record.get("skipped") and record["loss"] == record["loss"] and record["entropy"] >= 0
+
+
+def test_cli_repeated_reward_functions(tmp_path):
+    from peftkern import cli
+
+    out = tmp_path / "cli"
+    code = cli.main(["grpo", "--model", "tiny-micro", "--lora-r", "4", "--max-steps", "1", "--batch-size", "2",
+                     "--num-generations", "2", "--max-completion-length", "4", "--reward-fn", REWARD, "--reward-fn",
+                     "tests.train.grpo_rewards:short", "--reward-weights", "1,2", "--out", str(out), "--quiet"])
+    assert code == 0
+    with open(out / "log.jsonl") as f:
+        step = [r for r in map(json.loads, f) if "loss" in r][0]
+    assert {"rewards/lowercase_share", "rewards/short"} <= set(step)
+    assert abs(step["reward"] - (step["rewards/lowercase_share"] + 2 * step["rewards/short"])) < 1e-5
+
+
+def test_init_adapter_trains_on_top_of_an_sft_adapter(tmp_path):
+    """--init-adapter merges an SFT adapter first: the merged model is the reference (adapters off) and
+    is written to <out>/base_model, which the new adapter names; base_model + the new adapter is the
+    trained policy."""
+    import safetensors.torch as st
+    from transformers import AutoModelForCausalLM
+
+    from peftkern.train.adapters import adapters_disabled
+    from peftkern.tuners import load_adapter
+
+    build_trainer("sft", TrainConfig(model="tiny-micro", lora_r=4, lora_alpha=8, lr=5e-2, batch_size=4, max_steps=2,
+                                     out=str(tmp_path / "sft"), quiet=True, strategy="none").check()).train()
+    sft = str(tmp_path / "sft" / "adapter")
+    assert any(v.abs().max() > 0 for k, v in st.load_file(f"{sft}/adapter_model.safetensors").items() if "lora_B" in k)
+    out = tmp_path / "grpo"
+    t = build_trainer("grpo", _cfg(out, init_adapter=sft, max_steps=1, beta=0.1))
+    t.eval_examples = t.eval_examples[:2]
+    t.train()
+    with open(out / "adapter" / "adapter_config.json") as f:
+        assert json.load(f)["base_model_name_or_path"] == str(out / "base_model")
+    base = AutoModelForCausalLM.from_pretrained(out / "base_model")
+    ids = torch.tensor([[1, 5, 9, 13, 2]])
+    with torch.no_grad(), adapters_disabled(t.module.lm):
+        reference = t.module.lm(input_ids=ids).logits
+        assert torch.allclose(base(input_ids=ids).logits, reference, atol=1e-5)
+        policy = load_adapter(base, str(out / "adapter"), is_trainable=False)(input_ids=ids).logits
+    with torch.no_grad():
+        assert torch.allclose(policy, t.module.lm(input_ids=ids).logits, atol=1e-5)
+
+
+def test_shared_prefill_decodes_as_the_plain_batch(tmp_path):
+    """Prefilling each prompt once and repeating its KV cache for its G copies draws the same tokens
+    with the same log-probs as decoding all G x prompts rows from scratch (prompts of several lengths)."""
+    from peftkern.generate import DecodingSettings
+
+    t = _trainer("grpo", _cfg(tmp_path))
+    examples = t.rollout_examples(0) + t.rollout_examples(1)
+    assert len({len(e["prompt_ids"]) for e in examples}) > 1
+    rows = [e["prompt_ids"] for e in examples for _ in range(4)]
+    settings = DecodingSettings(max_new_tokens=6, do_sample=True, temperature=0.9).check()
+    outs = [t.sample(rows, settings, torch.Generator().manual_seed(3), group=g) for g in (1, 4)]
+    assert outs[0][0] == outs[1][0] and outs[0][1] == outs[1][1]
+    assert torch.allclose(outs[0][2], outs[1][2], atol=1e-5)
