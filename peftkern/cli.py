@@ -212,6 +212,9 @@ def _parser() -> argparse.ArgumentParser:
     from peftkern.train.forgetting_cli import add_parser as add_forgetting_parsers
 
     add_forgetting_parsers(sub)  # peftkern fisher ..., peftkern forgetting --out DIR (peftkern.train.forgetting_cli)
+    from peftkern.train.merge_cli import add_parser as add_merge_parsers
+
+    add_merge_parsers(sub)  # peftkern merge --model DIR --adapter DIR --out DIR, peftkern export (peftkern.train.merge_cli)
 
     from peftkern.data.cli import add_parser as add_data_parser
 

@@ -157,3 +157,31 @@ def missing_parameters(model: nn.Module, mapping: dict[str, str], model_keys) ->
     module computed from the config, as transformers does)."""
     params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     return [k for k in model_keys if k not in mapping and k in params]
+
+
+def reshard_checkpoint(model_dir: str, out_dir: str, max_shard_bytes: int, dtype: torch.dtype | None = None) -> dict:
+    """Copy a checkpoint folder into safetensors shards of at most ``max_shard_bytes`` (named and
+    indexed as ``save_pretrained`` does), floating tensors cast to ``dtype`` when given (a 4-bit
+    checkpoint keeps its codes and statistics; its 16-bit tensors are cast), with config.json
+    (its ``dtype`` updated) and the tokenizer files. One tensor is read at a time."""
+    config = layout.read_config(model_dir)
+    quantized = layout.stored_quantization(config) is not None
+    reader = CheckpointReader(model_dir)
+    stats = {n for n in reader.names() if any(n.endswith(f".weight.{s}") for s in BNB_SUFFIXES)}
+    packed = {n[: -len(f".{QUANT_STATE_KEY}")] for n in stats if n.endswith(QUANT_STATE_KEY)}
+
+    def convert(name, t):
+        keep = dtype is None or not t.is_floating_point() or name in stats or name in packed
+        return t.clone() if keep else t.to(dtype, copy=True)
+
+    with staged_directory(out_dir) as tmp:
+        writer = ShardWriter(tmp, max_shard_bytes)
+        for name in reader.names():
+            writer.add(name, reader.read([name], convert)[name])
+        files = writer.close()
+        if dtype is not None:
+            config.dtype = dtype
+        config.save_pretrained(tmp)
+        copy_side_files(model_dir, tmp)
+    return {"files": files, "tensors": len(reader.names()), "quantized": quantized,
+            "bytes": sum(os.path.getsize(os.path.join(out_dir, f)) for f in files if f.endswith(".safetensors"))}

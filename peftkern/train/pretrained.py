@@ -42,13 +42,23 @@ def check_dtype_runs(dtype: torch.dtype, device: torch.device, flag: str = "--dt
             from None
 
 
-def resolve_dtype(name: str, config, device: torch.device) -> torch.dtype:
-    """``--dtype``: fp32 / bf16 / fp16, or ``auto``: the checkpoint's own dtype on the CPU (fp32
-    when the config names none), bf16 on a GPU that has it (fp16 on one that does not)."""
+def stored_dtype(reader: CheckpointReader) -> torch.dtype | None:
+    """The floating dtype most of the checkpoint's bytes are stored in (4-bit statistics aside)."""
+    size: dict[torch.dtype, int] = {}
+    for name in reader.names():
+        info = reader.info(name)
+        if info.dtype.is_floating_point and ".weight." not in name:
+            size[info.dtype] = size.get(info.dtype, 0) + info.nbytes
+    return max(size, key=size.get) if size else None
+
+
+def resolve_dtype(name: str, config, device: torch.device, reader: CheckpointReader | None = None) -> torch.dtype:
+    """``--dtype``: fp32 / bf16 / fp16, or ``auto``: on the CPU the dtype the checkpoint's tensors are
+    stored in (else its config's, else fp32), on a GPU bf16 where it has it (fp16 where not)."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        stored = layout.checkpoint_dtype(config)
+        stored = (stored_dtype(reader) if reader is not None else None) or layout.checkpoint_dtype(config)
         return stored if stored in DTYPE_NAMES else torch.float32
     if name not in DTYPES:
         raise DtypeError(f"--dtype must be one of {', '.join(DTYPES)} or auto, got {name!r}")
@@ -68,9 +78,9 @@ def load_pretrained(model_dir: str, dtype: str | torch.dtype = "auto", device=No
     stored = layout.stored_quantization(config)
     if stored is not None:
         del config.quantization_config  # the modules are built plain, then the 4-bit ones replaced
-    if isinstance(dtype, str):
-        dtype = resolve_dtype(dtype, config, device)
     reader = CheckpointReader(model_dir)
+    if isinstance(dtype, str):
+        dtype = resolve_dtype(dtype, config, device, reader)
     model = layout.empty_causal_lm(config, dtype)
     tied = tied_keys(model)
     model_keys = [k for k in model.state_dict(keep_vars=True) if k not in tied]
