@@ -5,8 +5,10 @@
 
 The choice comes from, in order: ``use(...)`` (innermost wins), the environment variable
 ``PEFTKERN_BACKEND``, else ``"auto"``. Auto picks the fastest face the op has for the tensors'
-device: CUDA C++ where the op has one and the fatbin loads, then Triton, on a GPU; torch on the CPU.
-Asking for a face that cannot run raises :class:`BackendUnavailable` with the reason.
+device: CUDA C++ where the op has one and its kernels load and run on that GPU (probed once per
+device, see ``_cuda.why_unavailable``), then Triton, on a GPU; torch on the CPU. Asking for a face
+that cannot run raises :class:`BackendUnavailable` with the reason; ``peftkern info`` prints each
+face's reason.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import importlib.util
 import os
 
 import torch
+
+from peftkern import _cuda
 
 FACES = ("torch", "triton", "cuda")
 CHOICES = ("auto",) + FACES
@@ -74,8 +78,14 @@ def _cuda_present() -> bool:
     return torch.cuda.is_available()
 
 
-def why_unavailable(face: str, device_type: str = "cuda") -> str | None:
-    """None if ``face`` can run on tensors of ``device_type``, else the reason it cannot."""
+def why_unavailable(face: str, device_type: str = "cuda", device_index: int | None = None) -> str | None:
+    """None if ``face`` can run on tensors of ``device_type``, else the reason it cannot.
+
+    For the CUDA C++ face on "cuda" this loads the kernels on ``device_index`` (default: the current
+    device) and launches a probe kernel there, once per device (cached): a fatbin without code for
+    this GPU, a driver too old for it or a cuda-python that cannot talk to the driver reads as
+    unavailable, with the cause.
+    """
     _validate(face)
     if face == "torch":
         return None
@@ -94,9 +104,7 @@ def why_unavailable(face: str, device_type: str = "cuda") -> str | None:
         return f"the CUDA C++ face needs CUDA tensors; these are on {device_type!r}"
     if not _cuda_present():
         return "no CUDA device is visible to torch"
-    from peftkern import _cuda
-
-    return _cuda.why_unavailable()
+    return _cuda.why_unavailable(device_index)
 
 
 def available(device_type: str | None = None) -> dict[str, bool]:
@@ -107,8 +115,9 @@ def available(device_type: str | None = None) -> dict[str, bool]:
 
 
 @torch.compiler.assume_constant_result
-def pick(op_name: str, op_faces: tuple[str, ...], device_type: str) -> str:
-    """The face ``op_name`` runs with for tensors on ``device_type``.
+def pick(op_name: str, op_faces: tuple[str, ...], device_type: str, device_index: int | None = None) -> str:
+    """The face ``op_name`` runs with for tensors on ``device_type`` (device ``device_index``, default
+    the current one, for the CUDA C++ probe).
 
     Under ``torch.compile`` the face is decided when the graph is traced and fixed in it.
 
@@ -120,12 +129,12 @@ def pick(op_name: str, op_faces: tuple[str, ...], device_type: str) -> str:
         if device_type != "cuda":
             return "torch"
         for face in reversed(op_faces):
-            if why_unavailable(face, device_type) is None:
+            if why_unavailable(face, device_type, device_index) is None:
                 return face
         return "torch"
     if choice not in op_faces:
         raise BackendUnavailable(f"{op_name} has no {choice!r} face (it has: {', '.join(op_faces)})")
-    reason = why_unavailable(choice, device_type)
+    reason = why_unavailable(choice, device_type, device_index)
     if reason is not None:
         raise BackendUnavailable(f"{op_name}: the {choice!r} face cannot run: {reason}")
     return choice

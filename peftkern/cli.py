@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import sys
+import warnings
 
 
 def _cmd_info(args) -> int:
@@ -56,13 +58,26 @@ def _version_of(module_name: str) -> str:
             return "not installed"
 
 
+def _arch_list(text: str) -> tuple[str, ...]:
+    """``--arch``: comma-separated names from peftkern.kernels.ARCHS (argparse reports a bad one)."""
+    from peftkern.kernels import ARCHS
+
+    archs = tuple(a.strip() for a in text.split(",") if a.strip())
+    if not archs:
+        raise argparse.ArgumentTypeError(f"no architecture given; choose from {', '.join(ARCHS)}")
+    unknown = [a for a in archs if a not in ARCHS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown architecture {', '.join(map(repr, unknown))}; choose from "
+                                         f"{', '.join(ARCHS)}")
+    return archs
+
+
 def _cmd_kernels(args) -> int:
     from peftkern import kernels
 
-    archs = tuple(a.strip() for a in args.arch.split(",") if a.strip())
     try:
-        rows = kernels.report(archs, jobs=args.jobs, ops=args.op)
-    except ValueError as exc:
+        rows = kernels.report(args.arch, jobs=args.jobs, ops=args.op)
+    except ValueError as exc:  # an unknown --op
         print(f"peftkern kernels: {exc}", file=sys.stderr)
         return 2
     if args.json:
@@ -104,20 +119,70 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_pretrain(args) -> int:
+    import torch
+
+    from peftkern.train.pretrain import tiny_base_dir
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(tiny_base_dir(quiet=args.quiet))
+    return 0
+
+
 def _cmd_train(args) -> int:
     from peftkern.train.config import config_from_args
-    from peftkern.train.data import DataError
+    from peftkern.train.distributed import is_main_process
+    from peftkern.train.errors import RunWarning, TrainError
+    from peftkern.train.logs import dumps
     from peftkern.train.run import run
 
+    command = f"peftkern {args.command}"
+    show_default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, RunWarning):
+            print(f"{command}: warning: {message}", file=sys.stderr, flush=True)
+        else:
+            show_default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
     try:
         cfg = config_from_args(args, args.command)
         summary = run(args.command, cfg)
-    except (DataError, ValueError, FileNotFoundError) as exc:
-        print(f"peftkern {args.command}: error: {exc}", file=sys.stderr)
+    except (TrainError, ValueError, FileNotFoundError) as exc:
+        print(f"{command}: error: {exc}", file=sys.stderr)
         return 2
-    if summary is not None:
-        print(json.dumps(summary, indent=1))
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted; resume from the newest checkpoint with --resume", file=sys.stderr)
+        return 130
+    finally:
+        warnings.showwarning = show_default
+    if summary is None or not is_main_process():
+        return 0
+    if summary.get("preempted"):
+        again = " ".join(shlex.quote(a) for a in ["peftkern", *_without_resume(args.argv), "--resume"])
+        where = summary.get("checkpoint") or "the newest checkpoint"
+        print(f"{command}: stopped by {summary['signal']} after step {summary['steps']}; checkpoint {where}.\n"
+              f"resume with: {again}", file=sys.stderr)
+        return 0
+    print(dumps(summary, indent=1))
     return 0
+
+
+def _without_resume(argv: list[str]) -> list[str]:
+    """``argv`` less any ``--resume`` / ``--resume PATH`` / ``--resume=PATH``."""
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == "--resume":
+            skip = i + 1 < len(argv) and not argv[i + 1].startswith("-")
+            continue
+        if not a.startswith("--resume="):
+            out.append(a)
+    return out
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -130,17 +195,38 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("kernels", help="compile every Triton kernel for sm_80/sm_90 and report registers, "
                        "spills, shared memory, wgmma")
-    p.add_argument("--arch", default="sm_80,sm_90", help="comma-separated archs (default: sm_80,sm_90)")
+    p.add_argument("--arch", default="sm_80,sm_90", type=_arch_list,
+                   help="comma-separated archs (default: sm_80,sm_90)")
     p.add_argument("--json", action="store_true", help="print a JSON list of objects "
                    "(kernel, config, arch, registers, spill_bytes, shared_bytes, wgmma, ok)")
     p.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPU count)")
-    p.add_argument("--op", action="append", help="only this op's kernels (lora, dora, nf4, logprobs, adamw, ...); "
-                   "repeat for several")
+    p.add_argument("--op", action="append", help="only this op's kernels (lora, dora, nf4, logprobs, adamw, ia3, "
+                   "...); repeat for several")
     p.set_defaults(func=_cmd_kernels)
 
-    from peftkern.quantize import add_parser as add_quantize_parser
+    from peftkern.editing.cli import add_parser as add_editing_parsers
+    from peftkern.quant.cli import add_parser as add_quantize_parser
 
-    add_quantize_parser(sub)  # peftkern quantize MODEL_DIR OUT_DIR (peftkern.quantize.run)
+    add_quantize_parser(sub)  # peftkern quantize MODEL_DIR OUT_DIR (peftkern.quant.cli.run)
+    from peftkern.generate.cli import add_parser as add_generate_parser
+
+    add_generate_parser(sub)  # peftkern generate, peftkern chat (peftkern.generate.cli)
+    from peftkern.evaluation.cli import add_parser as add_eval_parser
+
+    add_eval_parser(sub)  # peftkern eval (peftkern.evaluation.cli)
+
+    from peftkern.train.forgetting_cli import add_parser as add_forgetting_parsers
+
+    add_forgetting_parsers(sub)  # peftkern fisher ..., peftkern forgetting --out DIR (peftkern.train.forgetting_cli)
+    from peftkern.train.merge_cli import add_parser as add_merge_parsers
+
+    add_merge_parsers(sub)  # peftkern merge --model DIR --adapter DIR --out DIR, peftkern export (peftkern.train.merge_cli)
+
+    from peftkern.data.cli import add_parser as add_data_parser
+
+    add_data_parser(sub)  # peftkern data convert|inspect|self-instruct|augment|pairs, peftkern sweep
+
+    add_editing_parsers(sub)  # peftkern edit / eval-edits (peftkern.editing.cli)
 
     p = sub.add_parser("bench", help="run the benchmark suite (the repository's benchmarks/, found next to the "
                        "peftkern package: needs a source checkout or editable install)",
@@ -175,12 +261,27 @@ def _add_training_commands(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
 
+    p = sub.add_parser("pretrain", help="build the embedded tiny base ('--model tiny') into the cache once; prints "
+                       "its directory (model and tokenizer)",
+                       description="Trains the tiny Llama on the bundled corpus (a few minutes on one CPU core) and "
+                       "keeps it under $PEFTKERN_CACHE (default ~/.cache/peftkern); a no-op when it is there. The "
+                       "trainers and the demo build it on first use; generate, eval and edit load it from there.")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0: torch's default)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_pretrain)
+
     described = {
         "sft": "supervised fine-tuning (loss on completions; data: 'messages' or 'prompt'/'completion')",
         "rm": "reward model: scalar head, Bradley-Terry loss with optional 'margin' (data: 'prompt'/'chosen'/'rejected')",
         "dpo": "DPO family, reference log-probs precomputed and cached (data: 'prompt'/'chosen'/'rejected')",
         "kto": "KTO on unpaired labelled completions (data: 'prompt'/'completion'/'label')",
         "ppo": "PPO with a value head against a reward model or a Python reward function (data: 'prompt')",
+        "grpo": "GRPO: G sampled completions per prompt, group-normalized rewards from reward functions or a reward "
+                "model, TRL's loss types (data: 'prompt' and any columns the rewards read)",
+        "rloo": "RLOO: G sampled completions per prompt, leave-one-out baseline, KL in the reward (data: 'prompt')",
+        "orpo": "ORPO, reference-free: NLL of the chosen plus the odds-ratio term (data: 'prompt'/'chosen'/'rejected')",
+        "simpo": "SimPO, reference-free: length-normalized margin with gamma (data: 'prompt'/'chosen'/'rejected')",
+        "cpo": "CPO, reference-free: pair loss plus the chosen completions' NLL (data: 'prompt'/'chosen'/'rejected')",
     }
     for kind, text in described.items():
         p = sub.add_parser(kind, help=text, description=f"peftkern {kind}: {text}. Many processes: torchrun "
@@ -191,6 +292,7 @@ def _add_training_commands(sub) -> None:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     return args.func(args)
 
 

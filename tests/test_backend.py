@@ -71,3 +71,26 @@ def test_explicit_face_that_cannot_run_here():
         pytest.skip("a GPU is present")
     with backend.use("cuda"), pytest.raises(backend.BackendUnavailable, match="cannot run"):
         backend.pick("op", ("torch", "cuda"), "cpu")
+
+
+# -- auto on a GPU where the CUDA C++ kernels cannot run (tests/fake_cuda.py) ----------------------
+
+from tests.fake_cuda import fake_gpu  # noqa: E402,F401  (fixture)
+
+
+def test_auto_falls_back_to_triton_when_the_cuda_kernels_do_not_load(fake_gpu, monkeypatch):
+    monkeypatch.delenv("PEFTKERN_BACKEND", raising=False)
+    fake_gpu(fatbin_runs=False, nvrtc_runs=False)  # e.g. sm_120 with a fatbin of sm_80/sm_90a cubins only
+    assert backend.pick("op", ("torch", "triton", "cuda"), "cuda") == "triton"
+    reason = backend.why_unavailable("cuda", "cuda")
+    assert "do not run on cuda:0" in reason
+    assert backend.available("cuda") == {"torch": True, "triton": True, "cuda": False}
+    with backend.use("cuda"), pytest.raises(backend.BackendUnavailable, match="NO_BINARY_FOR_GPU"):
+        backend.pick("op", ("torch", "triton", "cuda"), "cuda")
+
+
+def test_auto_picks_cuda_where_the_probe_runs(fake_gpu, monkeypatch):
+    monkeypatch.delenv("PEFTKERN_BACKEND", raising=False)
+    _, core = fake_gpu(count=2)
+    assert backend.pick("op", ("torch", "triton", "cuda"), "cuda", 1) == "cuda"
+    assert core.launches[0]["kernel"] == "peftkern_probe" and core.launches[0]["device"] == 1

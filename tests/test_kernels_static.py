@@ -75,9 +75,9 @@ def test_one_op_and_bad_arguments():
     assert proc.returncode == 2 and "unknown op 'nosuch'" in proc.stderr and "lora" in proc.stderr
     assert "Traceback" not in proc.stderr
     proc = _kernels(sys.executable, "--arch", "sm_12", "--op", "lora")
-    assert proc.returncode == 2 and "unknown arch 'sm_12'" in proc.stderr
+    assert proc.returncode == 2 and "unknown architecture 'sm_12'" in proc.stderr
     proc = _kernels(sys.executable, "--arch", "", "--op", "lora")
-    assert proc.returncode == 2 and "no arch given" in proc.stderr
+    assert proc.returncode == 2 and "no architecture given" in proc.stderr
     proc = _kernels(sys.executable, "--op", "lora", "--arch", "sm_80", "--json", timeout=1800)
     rows = json.loads(proc.stdout)
     assert rows and {r["kernel"] for r in rows} == {"_lora_fwd_kernel", "_lora_bwd_kernel", "_keep_mask_kernel"}

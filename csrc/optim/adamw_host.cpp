@@ -4,6 +4,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -46,7 +47,7 @@ std::array<float, po::kMapSize - 1> midpoints_of(const Array<float>& map) {
 
 template <typename P>
 py::tuple adamw32(Array<typename P::storage> p_in, Array<typename P::storage> g, Array<float> m_in,
-                  Array<float> v_in, const po::StepScalars& s) {
+                  Array<float> v_in, const po::StepScalars& s, const po::PenaltyArgs<P>* pen = nullptr) {
     const py::ssize_t n = p_in.size();
     check_size("grad", g.size(), n);
     check_size("exp_avg", m_in.size(), n);
@@ -56,7 +57,9 @@ py::tuple adamw32(Array<typename P::storage> p_in, Array<typename P::storage> g,
     for (py::ssize_t i = 0; i < n; ++i) {
         float pf = P::load(p_in.data()[i]);
         float mf = m_in.data()[i], vf = v_in.data()[i];
-        po::adamw_update(pf, P::load(g.data()[i]), mf, vf, s);
+        float gf = P::load(g.data()[i]);
+        if (pen != nullptr) gf = pen->apply(gf, pf, i);
+        po::adamw_update(pf, gf, mf, vf, s);
         p.mutable_data()[i] = P::store(pf);
         m.mutable_data()[i] = mf;
         v.mutable_data()[i] = vf;
@@ -67,7 +70,7 @@ py::tuple adamw32(Array<typename P::storage> p_in, Array<typename P::storage> g,
 template <typename P>
 py::tuple adamw8bit(Array<typename P::storage> p_in, Array<typename P::storage> g, Array<uint8_t> mq_in,
                     Array<float> mabs_in, Array<uint8_t> vq_in, Array<float> vabs_in, Array<float> smap,
-                    Array<float> umap, const po::StepScalars& s) {
+                    Array<float> umap, const po::StepScalars& s, const po::PenaltyArgs<P>* pen = nullptr) {
     const py::ssize_t n = p_in.size();
     const py::ssize_t blocks = (n + po::kQuantBlock - 1) / po::kQuantBlock;
     check_size("grad", g.size(), n);
@@ -90,7 +93,9 @@ py::tuple adamw8bit(Array<typename P::storage> p_in, Array<typename P::storage> 
             float pf = P::load(p_in.data()[i]);
             mf[j] = po::dequantize(smap.data(), mq_in.data()[i], mabs_in.data()[b]);
             vf[j] = po::dequantize(umap.data(), vq_in.data()[i], vabs_in.data()[b]);
-            po::adamw_update(pf, P::load(g.data()[i]), mf[j], vf[j], s);
+            float gf = P::load(g.data()[i]);
+            if (pen != nullptr) gf = pen->apply(gf, pf, i);
+            po::adamw_update(pf, gf, mf[j], vf[j], s);
             p.mutable_data()[i] = P::store(pf);
             m_max = std::fmax(m_max, std::fabs(mf[j]));
             v_max = std::fmax(v_max, std::fabs(vf[j]));
@@ -133,6 +138,54 @@ Array<float> dequantize_blockwise(Array<uint8_t> codes, Array<float> absmax, Arr
     return out;
 }
 
+// The penalty's buffers as the kernels receive them: raw pointers, null where absent.
+struct PenaltyBuffers {
+    py::array anchor;
+    std::optional<Array<float>> fisher;
+    std::optional<Array<uint8_t>> fisher_codes;
+    std::optional<Array<float>> fisher_absmax;
+    Array<float> fisher_map;
+    float lam;
+
+    void check(py::ssize_t n) const {
+        check_size("anchor", anchor.size(), n);
+        check_size("fisher_map", fisher_map.size(), po::kMapSize);
+        if (fisher && fisher_codes) throw std::invalid_argument("give fisher (fp32) or fisher_codes, not both");
+        if (fisher) check_size("fisher", fisher->size(), n);
+        if (fisher_codes) {
+            check_size("fisher_codes", fisher_codes->size(), n);
+            if (!fisher_absmax) throw std::invalid_argument("fisher_codes need fisher_absmax");
+            check_size("fisher_absmax", fisher_absmax->size(), (n + po::kQuantBlock - 1) / po::kQuantBlock);
+        }
+    }
+
+    template <typename P>
+    po::PenaltyArgs<P> args(const Array<typename P::storage>& anchor_typed) const {
+        return po::PenaltyArgs<P>{anchor_typed.data(), fisher ? fisher->data() : nullptr,
+                                  fisher_codes ? fisher_codes->data() : nullptr,
+                                  fisher_codes ? fisher_absmax->data() : nullptr, fisher_map.data(), lam};
+    }
+};
+
+template <typename P>
+py::tuple adamw32_penalized(py::array p, py::array g, Array<float> m, Array<float> v, const po::StepScalars& s,
+                            const PenaltyBuffers& pen) {
+    pen.check(p.size());
+    Array<typename P::storage> anchor(pen.anchor);
+    const auto args = pen.args<P>(anchor);
+    return adamw32<P>(p, g, m, v, s, &args);
+}
+
+template <typename P>
+py::tuple adamw8bit_penalized(py::array p, py::array g, Array<uint8_t> mq, Array<float> mabs, Array<uint8_t> vq,
+                              Array<float> vabs, Array<float> smap, Array<float> umap, const po::StepScalars& s,
+                              const PenaltyBuffers& pen) {
+    pen.check(p.size());
+    Array<typename P::storage> anchor(pen.anchor);
+    const auto args = pen.args<P>(anchor);
+    return adamw8bit<P>(p, g, mq, mabs, vq, vabs, smap, umap, s, &args);
+}
+
 void check_dtype(const std::string& dtype) {
     if (dtype != "float32" && dtype != "float16" && dtype != "bfloat16")
         throw std::invalid_argument("dtype must be 'float32', 'float16' or 'bfloat16', got '" + dtype + "'");
@@ -162,6 +215,35 @@ const peftkern::RegisterHostBindings kRegister([](py::module_& m) {
             return adamw8bit<po::ParamBF16>(p, g, mq, mabs, vq, vabs, smap, umap, s);
         },
         "8-bit AdamW step -> (param, m_codes, m_absmax, v_codes, v_absmax), as the CUDA kernel computes it");
+    m.def(
+        "adamw32_penalty_step",
+        [](py::array p, py::array g, Array<float> m_, Array<float> v, py::array anchor,
+           std::optional<Array<float>> fisher, std::optional<Array<uint8_t>> fisher_codes,
+           std::optional<Array<float>> fisher_absmax, Array<float> fisher_map, float lam, const std::string& dtype,
+           const std::vector<float>& scalars) {
+            check_dtype(dtype);
+            const auto s = to_scalars(scalars);
+            const PenaltyBuffers pen{anchor, fisher, fisher_codes, fisher_absmax, fisher_map, lam};
+            if (dtype == "float32") return adamw32_penalized<po::ParamF32>(p, g, m_, v, s, pen);
+            if (dtype == "float16") return adamw32_penalized<po::ParamF16>(p, g, m_, v, s, pen);
+            return adamw32_penalized<po::ParamBF16>(p, g, m_, v, s, pen);
+        },
+        "AdamW step with the anchored penalty (EWC / L2-SP) -> (param, exp_avg, exp_avg_sq); anchor in param's "
+        "storage; fisher fp32, or fisher_codes + fisher_absmax of fisher_map, or neither (F = 1)");
+    m.def(
+        "adamw8bit_penalty_step",
+        [](py::array p, py::array g, Array<uint8_t> mq, Array<float> mabs, Array<uint8_t> vq, Array<float> vabs,
+           Array<float> smap, Array<float> umap, py::array anchor, std::optional<Array<float>> fisher,
+           std::optional<Array<uint8_t>> fisher_codes, std::optional<Array<float>> fisher_absmax, float lam,
+           const std::string& dtype, const std::vector<float>& scalars) {
+            check_dtype(dtype);
+            const auto s = to_scalars(scalars);
+            const PenaltyBuffers pen{anchor, fisher, fisher_codes, fisher_absmax, umap, lam};
+            if (dtype == "float32") return adamw8bit_penalized<po::ParamF32>(p, g, mq, mabs, vq, vabs, smap, umap, s, pen);
+            if (dtype == "float16") return adamw8bit_penalized<po::ParamF16>(p, g, mq, mabs, vq, vabs, smap, umap, s, pen);
+            return adamw8bit_penalized<po::ParamBF16>(p, g, mq, mabs, vq, vabs, smap, umap, s, pen);
+        },
+        "8-bit AdamW step with the anchored penalty (F's codes use the unsigned map umap), as the CUDA kernel");
     m.def("optim_quantize_blockwise", &quantize_blockwise,
           "fp32 [n] -> (uint8 codes [n], fp32 absmax [ceil(n/256)]): nearest map value per element, ties low");
     m.def("optim_dequantize_blockwise", &dequantize_blockwise, "codes, absmax, map -> fp32: map[code] * absmax");

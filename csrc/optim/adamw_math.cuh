@@ -71,6 +71,12 @@ PK_HD void adamw_update(float& p, float g, float& m, float& v, const StepScalars
     p = sub_rn(p, mul_rn(s.step_size, div_rn(m, denom)));
 }
 
+// The anchored penalty's gradient joined to the loss's (EWC, or L2-SP with fisher = 1, for which
+// the product is exact): g + lam * ((p - anchor) * fisher), with p the value before this step.
+PK_HD float penalized_grad(float g, float p, float anchor, float fisher, float lam) {
+    return add_rn(g, mul_rn(lam, mul_rn(sub_rn(p, anchor), fisher)));
+}
+
 // Midpoint i (0..254) between neighbouring values of a sorted map.
 PK_HD float map_midpoint(const float* map, int i) { return mul_rn(add_rn(map[i], map[i + 1]), 0.5f); }
 
@@ -91,6 +97,28 @@ PK_HD uint8_t nearest_code(const float* midpoints, float normed) {
 
 // Parameter storage: fp32 as is, fp16 and bf16 as their bit patterns (no CUDA half headers, so the
 // same code builds under nvcc, NVRTC and g++).
+// Where a kernel finds one element's anchored penalty: the anchor (parameter storage), and F as
+// fp32, as 8-bit codes of `fisher_map` with one absmax per kQuantBlock, or neither (F = 1).
+template <typename P>
+struct PenaltyArgs {
+    const typename P::storage* anchor;
+    const float* fisher;
+    const uint8_t* fisher_codes;
+    const float* fisher_absmax;
+    const float* fisher_map;
+    float lam;
+
+    PK_HD float fisher_at(int64_t i) const {
+        if (fisher != nullptr) return fisher[i];
+        if (fisher_codes != nullptr) return dequantize(fisher_map, fisher_codes[i], fisher_absmax[i / kQuantBlock]);
+        return 1.0f;
+    }
+
+    PK_HD float apply(float g, float p, int64_t i) const {
+        return penalized_grad(g, p, P::load(anchor[i]), fisher_at(i), lam);
+    }
+};
+
 struct ParamF32 {
     using storage = float;
     static PK_HD float load(float x) { return x; }

@@ -9,13 +9,16 @@ loads the reference model while the cache exists.
 
 Each stored tensor is indexed by the example's position in the dataset. The fingerprint (strings)
 is stored in the file's metadata; loading with a different one raises, so a cache built for
-another model or data set is never used by mistake. Files are written to a temporary name and
-moved into place (``os.replace``), so a crash never leaves a half-written cache.
+another model or data set is never used by mistake. Files are written to a temporary name, flushed
+to the disk (fsync) and moved into place (``os.replace``), so a crash never leaves a half-written
+cache; a cache that is damaged anyway (truncated, empty, not safetensors) is a miss for
+:meth:`RefLogpCache.load_or_build`, which rebuilds it, and a clear error for :meth:`RefLogpCache.load`.
 """
 from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
@@ -59,25 +62,44 @@ class RefLogpCache:
         try:
             save_file(out, tmp, metadata={"format": _FORMAT, **self.fingerprint,
                                           "lengths": ",".join(f"{k}={n}" for k, n in lengths.items())})
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            mask = os.umask(0o022)
+            os.umask(mask)
+            os.chmod(tmp, 0o666 & ~mask)  # mkstemp made it 0600
             os.replace(tmp, self.path)
+            _fsync_dir(directory)
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
 
-    def load(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        """{name: fp32 [N]}; raises if the file is missing, not ours, or has another fingerprint."""
+    def read(self, device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor] | None, str | None]:
+        """(tensors, None), or (None, why not): ``"missing"``, ``"unreadable: ..."`` (truncated, empty,
+        not safetensors), ``"foreign: ..."`` (not our format) or ``"fingerprint: ..."`` (built for other inputs)."""
         if not self.exists():
+            return None, "missing"
+        try:
+            with safe_open(self.path, framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != _FORMAT:
+                    return None, f"foreign: {self.path} is not a peftkern reference log-prob cache"
+                stored = {k: v for k, v in meta.items() if k not in ("format", "lengths")}
+                if stored != self.fingerprint:
+                    return None, f"fingerprint: {self.path} was built for {stored}, not {self.fingerprint}"
+                tensors = {k: f.get_tensor(k).to(device) for k in f.keys()}
+        except Exception as exc:  # safetensors raises its own error types for a damaged header
+            return None, f"unreadable: {self.path} is truncated or corrupted ({type(exc).__name__}: {exc})"
+        return tensors, None
+
+    def load(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """{name: fp32 [N]}; raises if the file is missing, damaged, not ours, or has another fingerprint."""
+        tensors, why = self.read(device)
+        if why == "missing":
             raise FileNotFoundError(f"RefLogpCache: no cache at {self.path}")
-        with safe_open(self.path, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != _FORMAT:
-                raise ValueError(f"RefLogpCache: {self.path} is not a peftkern reference log-prob cache")
-            stored = {k: v for k, v in meta.items() if k not in ("format", "lengths")}
-            if stored != self.fingerprint:
-                raise ValueError(f"RefLogpCache: {self.path} was built for {stored}, not {self.fingerprint}; "
-                                 "delete it or build a new one")
-            return {k: f.get_tensor(k).to(device) for k in f.keys()}
+        if why is not None:
+            raise ValueError(f"RefLogpCache: {why.split(': ', 1)[1]}; delete it or build a new one")
+        return tensors
 
     def build(self, compute: Callable[[object], dict[str, torch.Tensor]], batches: Iterable,
               indices: Callable[[object], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -111,7 +133,27 @@ class RefLogpCache:
         return tensors
 
     def load_or_build(self, compute, batches, indices=None, device="cpu") -> dict[str, torch.Tensor]:
-        """:meth:`load` when the cache exists, else :meth:`build` (the only time ``compute`` runs)."""
-        if self.exists():
-            return self.load(device)
+        """:meth:`load` when the cache exists and is readable, else :meth:`build` (the only time
+        ``compute`` runs). A damaged cache (truncated, empty) is rebuilt with a warning; one built for
+        another fingerprint still raises."""
+        tensors, why = self.read(device)
+        if why is None:
+            return tensors
+        if why.startswith("unreadable"):
+            warnings.warn(f"RefLogpCache: {why.split(': ', 1)[1]}; rebuilding it", RuntimeWarning, stacklevel=2)
+        elif why != "missing":
+            raise ValueError(f"RefLogpCache: {why.split(': ', 1)[1]}; delete it or build a new one")
         return {k: v.to(device) for k, v in self.build(compute, batches, indices).items()}
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,7 +1,7 @@
 """The embedded default model: a tiny transformers ``LlamaForCausalLM`` over the byte tokenizer.
 
 Sizes: ``"demo"`` (~1.6M parameters, what ``--model tiny`` and ``peftkern demo`` use) and ``"micro"``
-(~60k parameters, for tests). Weights start random from a seed; :mod:`peftkern.models.base` trains
+(~60k parameters, for tests). Weights start random from a seed; :mod:`peftkern.train.pretrain` trains
 the demo size briefly on the bundled corpus and caches it.
 """
 from __future__ import annotations

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from peftkern.nn.lora import LoRALinear
+from peftkern.nn.mixed_batch import current_rows, forward_by_rows
 from peftkern.ops.dora import dora_from_base, dora_linear, dora_row_norm_from_rows, weight_row_sq_norm
 
 
@@ -61,17 +62,27 @@ class DoRALinear(LoRALinear):
 
     Build one with :meth:`from_linear`, or ``DoRALinear(base)`` then :meth:`update_layer`. The
     magnitude starts as ||W + s B A||_row (= ||W||_row with B = 0), as PEFT initializes it.
-    ||W||^2_row of a frozen dense W is cached and recomputed when W changes (merge, load).
+    ||W||^2_row is recomputed on every call, in the pass that already reads W for W A^T: a cache
+    keyed on W's version missed edits through ``weight.data`` (which bump no version), and reading
+    W once more costs less than a stale norm.
+
+    Several active adapters compose as PEFT 0.21.2 composes them (eval, or no dropout): each one
+    rescales the running result, y_i = (m_i / ||W + s_i B_i A_i||) * (y_{i-1} + s_i x A_i^T B_i^T)
+    with y_0 = x W^T, then the bias is added once.
     """
 
+    adapter_layer_names = ("lora_A", "lora_B", "lora_magnitude_vector")
+
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool | None = None):
+        if hasattr(base_layer, "adapter_layer_names"):
+            raise TypeError(f"DoRA needs the adapted module itself as its base (its norm is the base weight's), "
+                            f"got another adapter layer ({type(base_layer).__name__}); put DoRA on the module first")
         self._nf4 = nf4_weight_of(base_layer) is not None
         if self._nf4 and fan_in_fan_out:
             raise ValueError("an NF4 base is [out, in]; fan_in_fan_out must be False")
         super().__init__(base_layer, False if self._nf4 else fan_in_fan_out)
         self.lora_magnitude_vector = nn.ModuleDict()
         self._merged_norms: dict[str, torch.Tensor] = {}
-        self._wsq_cache: tuple | None = None
 
     # -- adapters ---------------------------------------------------------------------------
     def base_weight(self):
@@ -121,12 +132,8 @@ class DoRALinear(LoRALinear):
         return w if dtype is None else w.to(dtype)
 
     def weight_sq_norm(self, dtype: torch.dtype) -> torch.Tensor:
-        """||W||^2 per row (fp32 [out]) of the dense base in ``dtype``, cached while W is unchanged."""
-        w = self.base_layer.weight
-        key = (w.data_ptr(), w._version, dtype, w.device)
-        if self._wsq_cache is None or self._wsq_cache[0] != key:
-            self._wsq_cache = (key, weight_row_sq_norm(self._dense_weight(dtype)))
-        return self._wsq_cache[1]
+        """||W||^2 per row (fp32 [out]) of the dense base in ``dtype``, as it is now."""
+        return weight_row_sq_norm(self._dense_weight(dtype))
 
     def _nf4_norm(self, lora_A, lora_B, scaling) -> torch.Tensor:
         w4 = self.base_weight()
@@ -167,7 +174,7 @@ class DoRALinear(LoRALinear):
             raise RuntimeError(f"{type(self.base_layer).__name__} cannot be requantized (no set_weight); "
                                "merging into it is not possible")
         for name in adapter_names if adapter_names is not None else self.active_adapters:
-            if name in self.merged_adapters:
+            if name in self.merged_adapters or name not in self.lora_A:  # not on this layer: skipped, as PEFT
                 continue
             norm = self.weight_norm(name)
             scale = self.lora_magnitude_vector[name].weight.float() / norm
@@ -193,19 +200,24 @@ class DoRALinear(LoRALinear):
 
         return nf4_linear(x, self.base_weight(), None)
 
-    def _dora(self, name: str, x: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor:
-        """This adapter's DoRA output (m / norm) * (x W^T + s drop(x) A^T B^T) + bias."""
+    def _dora(self, name: str, x: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None,
+              base: torch.Tensor | None = None) -> torch.Tensor:
+        """This adapter's DoRA output (m / norm) * (base + s drop(x) A^T B^T) + bias, base = x W^T
+        (computed here, fused, when not given)."""
         a = self.lora_A[name].weight.to(dtype)
         b = self.lora_B[name].weight.to(dtype)
         m = self.lora_magnitude_vector[name].weight
         s, p = self.scaling[name], self._dropout_p(name)
-        if self._nf4:
-            norm = self._nf4_norm(a.detach().float(), b.detach().float(), s)
-            return dora_from_base(self._base_no_bias(x), x, bias, a, b, m, norm, s, p, self.training)
-        weight = self._dense_weight(dtype)
-        return dora_linear(x, weight, bias, a, b, m, s, p, self.training, self.weight_sq_norm(dtype))
+        if self._nf4 or base is not None:
+            norm = self._nf4_norm(a.detach().float(), b.detach().float(), s) if self._nf4 else self.weight_norm(name)
+            base = self._base_no_bias(x) if base is None else base
+            return dora_from_base(base, x, bias, a, b, m, norm, s, p, self.training)
+        return dora_linear(x, self._dense_weight(dtype), bias, a, b, m, s, p, self.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = current_rows()
+        if rows is not None and not self.disable_adapters:
+            return forward_by_rows(self, x, rows)
         active = self._runnable_adapters()
         if not active:
             return self.base_layer(x)
@@ -218,13 +230,18 @@ class DoRALinear(LoRALinear):
             x = x.to(dtype)
             bias = self.base_layer.bias
             bias = bias.to(dtype) if bias is not None else None
-            y = self._dora(active[0], x, dtype, bias)
-            if len(active) > 1:
-                # PEFT adds each further adapter's (scale - 1) * x W^T + scale * s * lora(x) on top.
-                base = self._base_no_bias(x) if self._nf4 else x @ self._dense_weight(dtype).t()
-                for name in active[1:]:
-                    y = y + (self._dora(name, x, dtype, None) - base)
+            if len(active) == 1:
+                return self._dora(active[0], x, dtype, bias).to(out_dtype)
+            # PEFT 0.21.2 feeds each adapter the running result (minus the bias) as its base output:
+            # y_i = (m_i / norm_i) * (y_{i-1} + s_i lora_i(x)), y_0 = x W^T; the bias joins once, at the end.
+            y = None
+            for name in active:
+                y = self._dora(name, x, dtype, None, base=y if y is not None else self._plain_base(x, dtype))
+            y = y + bias if bias is not None else y
         return y.to(out_dtype)
+
+    def _plain_base(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self._base_no_bias(x) if self._nf4 else x @ self._dense_weight(dtype).t()
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", base=nf4" if self._nf4 else "")

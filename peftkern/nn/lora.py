@@ -12,12 +12,22 @@ import math
 import torch
 from torch import nn
 
+from peftkern.nn.mixed_batch import current_rows, forward_by_rows, is_adapter_layer, runnable_adapters
 from peftkern.ops.lora import lora_linear
+
+INIT_CHOICES = (True, False, "gaussian")
 
 
 def is_conv1d(module: nn.Module) -> bool:
     """transformers' GPT-2 ``Conv1D``: a linear whose weight is stored [in, out]."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def inner_module(module: nn.Module) -> nn.Module:
+    """The adapted module under any stack of adapter layers (methods stacked on one module)."""
+    while is_adapter_layer(module):
+        module = module.base_layer
+    return module
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
@@ -34,14 +44,26 @@ class LoRALinear(nn.Module):
     """y = base(x) + sum over active adapters of s * (drop(x) A^T) B^T.
 
     The base layer is frozen and kept as ``self.base_layer``. ``s = lora_alpha / r``
-    (``lora_alpha / sqrt(r)`` with rsLoRA). Build one with :meth:`from_linear`.
+    (``lora_alpha / sqrt(r)`` with rsLoRA). Build one with :meth:`from_linear`. The base is a
+    linear module (nn.Linear, GPT-2 Conv1D, NF4Linear), where the fused op runs, or another
+    method's adapter layer (methods stacked on one module), where the rank-r term is added to
+    its output.
     """
+
+    peft_type = "LORA"
+    adapter_layer_names: tuple[str, ...] = ("lora_A", "lora_B")
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool | None = None):
         super().__init__()
+        if isinstance(base_layer, LoRALinear) or getattr(base_layer, "peft_type", None) == "LORA":
+            raise TypeError(f"the base layer is already a {type(base_layer).__name__}; add another adapter to it "
+                            "with update_layer(name, r, lora_alpha, ...) instead of wrapping it again")
+        if not isinstance(base_layer, nn.Module):
+            raise TypeError(f"base_layer must be an nn.Module (nn.Linear, Conv1D, ...), got {type(base_layer).__name__}")
         self.base_layer = base_layer
         self.in_features, self.out_features = linear_shape(base_layer)
-        self.fan_in_fan_out = is_conv1d(base_layer) if fan_in_fan_out is None else fan_in_fan_out
+        inner = inner_module(base_layer)
+        self.fan_in_fan_out = is_conv1d(inner) if fan_in_fan_out is None else fan_in_fan_out
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
@@ -58,7 +80,9 @@ class LoRALinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                     use_rslora: bool = False, adapter_name: str = "default", init_lora_weights=True) -> "LoRALinear":
-        """Wrap ``linear`` (nn.Linear or GPT-2 Conv1D) with one adapter of rank ``r``."""
+        """Wrap ``linear`` (nn.Linear or GPT-2 Conv1D) with one adapter of rank ``r``. Every setting is
+        checked before ``linear`` is touched."""
+        check_adapter_settings(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
         module = cls(linear)
         module.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
         module.set_adapter(adapter_name)
@@ -68,10 +92,7 @@ class LoRALinear(nn.Module):
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                      use_rslora: bool = False, init_lora_weights=True) -> None:
         """Add (or replace) adapter ``adapter_name``; A Kaiming-uniform as PEFT does, B zeros."""
-        if not isinstance(r, int) or r <= 0:
-            raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
-        if not 0.0 <= float(lora_dropout) < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        check_adapter_settings(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
         weight = self.base_weight()
         factory = {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else torch.float32}
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **factory)
@@ -140,7 +161,7 @@ class LoRALinear(nn.Module):
         """Add s B A into the base weight for the given (default: active) adapters."""
         weight = self.base_weight()
         for name in adapter_names if adapter_names is not None else self.active_adapters:
-            if name in self.merged_adapters:
+            if name in self.merged_adapters or name not in self.lora_A:  # not on this layer: skipped, as PEFT
                 continue
             delta = self.delta_weight(name)
             delta = delta.t() if self.fan_in_fan_out else delta
@@ -175,24 +196,30 @@ class LoRALinear(nn.Module):
     def _runnable_adapters(self) -> list[str]:
         """The active adapters to run, or [] when the base layer alone gives the output (adapters
         disabled, which unmerges any merged one, or merged, or none active)."""
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return []
-        if self.merged:
-            return []
-        return [n for n in self.active_adapters if n in self.lora_A]
+        return runnable_adapters(self, self.lora_A)
 
     @staticmethod
     def _compute_dtype(x: torch.Tensor) -> torch.dtype:
         return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = current_rows()
+        if rows is not None and not self.disable_adapters:
+            return forward_by_rows(self, x, rows)
         active = self._runnable_adapters()
         if not active:
             return self.base_layer(x)
         out_dtype = x.dtype
         dtype = self._compute_dtype(x)
+        if is_adapter_layer(self.base_layer):  # another method's layer below: its output, plus ours
+            y = self.base_layer(x)
+            with torch.autocast(x.device.type, enabled=False):
+                x = x.to(dtype)
+                y = y.to(dtype)
+                for name in active:
+                    a, b = self.lora_A[name].weight.to(dtype), self.lora_B[name].weight.to(dtype)
+                    y = y + self.scaling[name] * (self.lora_dropout[name](x) @ a.t()) @ b.t()
+            return y.to(out_dtype)
         with torch.autocast(x.device.type, enabled=False):
             x = x.to(dtype)
             first, rest = active[0], active[1:]
@@ -218,3 +245,21 @@ class LoRALinear(nn.Module):
         state = ", merged" if self.merged else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"fan_in_fan_out={self.fan_in_fan_out}, adapters=[{adapters}], active={self.active_adapters}{state}")
+
+
+def check_adapter_settings(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights) -> None:
+    """Types and ranges of one adapter's settings, each error naming the argument."""
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
+    for name, value in (("lora_alpha", lora_alpha), ("lora_dropout", lora_dropout)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise TypeError(f"{name} must be a finite real number, got {value!r}")
+    if not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+    if not isinstance(use_rslora, bool):
+        raise TypeError(f"use_rslora must be a bool, got {use_rslora!r}")
+    if init_lora_weights not in INIT_CHOICES or (isinstance(init_lora_weights, (int, float))
+                                                 and not isinstance(init_lora_weights, bool)):
+        raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")

@@ -15,6 +15,15 @@ the neighbouring code. Parameters may be fp32, fp16 or bf16; 32-bit states are f
 states are uint8 codes of bitsandbytes' dynamic maps (signed for m, unsigned for v) with one fp32
 absmax per 256 elements.
 
+Anchored penalty (EWC / L2-SP, ``reference.adamw.penalized_gradient``): given an ``anchor`` (the
+parameter's dtype) and optionally a diagonal Fisher (fp32, or 8-bit codes of the unsigned map with
+a block absmax), every face adds ``penalty * F * (p - anchor)`` to the gradient inside the same pass:
+one extra read of the anchor and of F, no autograd term, no temporary of the parameter's size on
+the GPU faces (the torch face builds the penalized gradient one cache-sized chunk at a time).
+
+Launches enter the parameter's CUDA device (``launch.device_guard``) and restore the caller's, so a
+model spread over several GPUs steps each tensor on its own device and stream.
+
 File order (docs/ARCHITECTURE.md): Triton kernels, launchers, CUDA launchers, torch face, registered
 ops, public entry points with the boundary checks.
 """
@@ -23,12 +32,14 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
+from typing import Optional
 
 import torch
 
-from peftkern import backend
+from peftkern import _cuda, backend
 from peftkern.ops import _checks
 from peftkern.ops._triton import KernelSpec, tl, tl_dtype_name, triton
+from peftkern.ops.launch import device_guard
 from peftkern.reference.adamw import BLOCKSIZE, bias_corrections, dynamic_map, map_midpoints
 
 OP_32BIT = "adamw_step"
@@ -62,6 +73,32 @@ class StepScalars:
                 self.bc2_sqrt, self.eps)
 
 
+# Penalty modes, as the kernels' PENALTY constexpr (Triton) and the CUDA kernels' pointers say them.
+NO_PENALTY, ANCHOR_ONLY, FISHER_32BIT, FISHER_8BIT = 0, 1, 2, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Penalty:
+    """The anchored penalty of one tensor, flattened: ``anchor`` [n] (the parameter's dtype),
+    ``fisher`` None (F = 1, L2-SP), fp32 [n], or uint8 codes [n] with ``fisher_absmax`` fp32
+    [ceil(n / 256)]; ``lam`` the strength."""
+
+    anchor: torch.Tensor
+    fisher: torch.Tensor | None
+    fisher_absmax: torch.Tensor | None
+    lam: float
+
+    @property
+    def mode(self) -> int:
+        if self.fisher is None:
+            return ANCHOR_ONLY
+        return FISHER_8BIT if self.fisher.dtype == torch.uint8 else FISHER_32BIT
+
+
+def _penalty(anchor, fisher, fisher_absmax, lam: float) -> Penalty | None:
+    return None if anchor is None else Penalty(anchor, fisher, fisher_absmax, float(lam))
+
+
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
 # ---------------------------------------------------------------------------------------------
@@ -78,13 +115,32 @@ def _adamw_math(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, deca
 
 
 @triton.jit
-def _adamw32_kernel(p_ptr, g_ptr, m_ptr, v_ptr, n, beta1, one_minus_beta1, beta2, one_minus_beta2, decay,
-                    step_size, bc2_sqrt, eps, BLOCK: tl.constexpr):
-    """p, g [n] in the parameter dtype; m, v [n] fp32; all updated in place, one read and write each."""
+def _penalized(g, p, a_ptr, f_ptr, fabs_ptr, fmap_ptr, offs, mask, lam, PENALTY: tl.constexpr,
+               QBLOCK: tl.constexpr):
+    """g + lam * ((p - anchor) * F) (reference.adamw.penalized_gradient), p before this step.
+    PENALTY: 0 none, 1 F = 1 (L2-SP), 2 F fp32 [n], 3 F as unsigned-map codes [n] with absmax per QBLOCK."""
+    if PENALTY != 0:
+        diff = p - tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if PENALTY == 2:
+            diff = diff * tl.load(f_ptr + offs, mask=mask, other=0.0)
+        if PENALTY == 3:
+            code = tl.load(f_ptr + offs, mask=mask, other=0).to(tl.int32)
+            diff = diff * (tl.load(fmap_ptr + code) * tl.load(fabs_ptr + offs // QBLOCK, mask=mask, other=0.0))
+        g = g + lam * diff
+    return g
+
+
+@triton.jit
+def _adamw32_kernel(p_ptr, g_ptr, m_ptr, v_ptr, a_ptr, f_ptr, fabs_ptr, fmap_ptr, n, lam, beta1, one_minus_beta1,
+                    beta2, one_minus_beta2, decay, step_size, bc2_sqrt, eps, BLOCK: tl.constexpr,
+                    PENALTY: tl.constexpr, QBLOCK: tl.constexpr):
+    """p, g [n] in the parameter dtype; m, v [n] fp32; all updated in place, one read and write each.
+    With PENALTY, the anchor a [n] (parameter dtype) and F (see :func:`_penalized`) are read once."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = _penalized(g, p, a_ptr, f_ptr, fabs_ptr, fmap_ptr, offs, mask, lam, PENALTY, QBLOCK)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0)
     p, m, v = _adamw_math(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, decay, step_size,
@@ -119,16 +175,18 @@ def _nearest_code(mid_ptr, x, absmax):
 
 
 @triton.jit
-def _adamw8bit_kernel(p_ptr, g_ptr, mq_ptr, mabs_ptr, vq_ptr, vabs_ptr, smap_ptr, umap_ptr, smid_ptr, umid_ptr, n,
-                      beta1, one_minus_beta1, beta2, one_minus_beta2, decay, step_size, bc2_sqrt, eps,
-                      QBLOCK: tl.constexpr):
+def _adamw8bit_kernel(p_ptr, g_ptr, mq_ptr, mabs_ptr, vq_ptr, vabs_ptr, smap_ptr, umap_ptr, smid_ptr, umid_ptr,
+                      a_ptr, f_ptr, fabs_ptr, n, lam, beta1, one_minus_beta1, beta2, one_minus_beta2, decay,
+                      step_size, bc2_sqrt, eps, QBLOCK: tl.constexpr, PENALTY: tl.constexpr):
     """One quantization block per program: dequantize m, v (codes [n] uint8, absmax [blocks] fp32),
-    update them and p in fp32, take the block's new absmax and store the nearest codes."""
+    update them and p in fp32, take the block's new absmax and store the nearest codes. With
+    PENALTY, the anchor and F (8-bit F uses the unsigned map) join the gradient first."""
     block = tl.program_id(0).to(tl.int64)
     offs = block * QBLOCK + tl.arange(0, QBLOCK)
     mask = offs < n
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = _penalized(g, p, a_ptr, f_ptr, fabs_ptr, umap_ptr, offs, mask, lam, PENALTY, QBLOCK)
     mq = tl.load(mq_ptr + offs, mask=mask, other=0).to(tl.int32)
     vq = tl.load(vq_ptr + offs, mask=mask, other=0).to(tl.int32)
     # Lanes past the end hold m = v = 0, so they stay 0 and drop out of the block absmax.
@@ -161,45 +219,76 @@ def _maps(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return tuple(t.to(device) for t in (signed, unsigned, map_midpoints(signed), map_midpoints(unsigned)))
 
 
-def _triton_adamw32(param, grad, exp_avg, exp_avg_sq, scalars: StepScalars) -> None:
+def _penalty_args(param: torch.Tensor, fmap: torch.Tensor, pen: Penalty | None) -> tuple:
+    """(anchor, F or its codes, F's absmax, lam, PENALTY) kernel arguments; unused pointers point at
+    tensors of the types the static report compiles with (the anchor slot at the parameter, the F
+    slots at the map)."""
+    if pen is None:
+        return param, fmap, fmap, 0.0, NO_PENALTY
+    fisher = pen.fisher if pen.fisher is not None else fmap
+    absmax = pen.fisher_absmax if pen.fisher_absmax is not None else fmap
+    return pen.anchor, fisher, absmax, pen.lam, pen.mode
+
+
+def _triton_adamw32(param, grad, exp_avg, exp_avg_sq, scalars: StepScalars, pen: Penalty | None = None) -> None:
     n = param.numel()
     if n == 0:
         return
-    _adamw32_kernel[(triton.cdiv(n, _BLOCK_32BIT),)](
-        param, grad, exp_avg, exp_avg_sq, n, *scalars.as_tuple(), BLOCK=_BLOCK_32BIT, num_warps=_WARPS_32BIT,
-        enable_fp_fusion=False)
+    umap = _maps(param.device)[1]
+    anchor, fisher, absmax, lam, mode = _penalty_args(param, umap, pen)
+    with device_guard(param):
+        _adamw32_kernel[(triton.cdiv(n, _BLOCK_32BIT),)](
+            param, grad, exp_avg, exp_avg_sq, anchor, fisher, absmax, umap, n, lam, *scalars.as_tuple(),
+            BLOCK=_BLOCK_32BIT, PENALTY=mode, QBLOCK=BLOCKSIZE, num_warps=_WARPS_32BIT, enable_fp_fusion=False)
 
 
-def _triton_adamw8bit(param, grad, m_codes, m_absmax, v_codes, v_absmax, scalars: StepScalars) -> None:
+def _triton_adamw8bit(param, grad, m_codes, m_absmax, v_codes, v_absmax, scalars: StepScalars,
+                      pen: Penalty | None = None) -> None:
     n = param.numel()
     if n == 0:
         return
     smap, umap, smid, umid = _maps(param.device)
-    _adamw8bit_kernel[(triton.cdiv(n, BLOCKSIZE),)](
-        param, grad, m_codes, m_absmax, v_codes, v_absmax, smap, umap, smid, umid, n, *scalars.as_tuple(),
-        QBLOCK=BLOCKSIZE, num_warps=_WARPS_8BIT, enable_fp_fusion=False)
+    anchor, fisher, absmax, lam, mode = _penalty_args(param, umap, pen)
+    with device_guard(param):
+        _adamw8bit_kernel[(triton.cdiv(n, BLOCKSIZE),)](
+            param, grad, m_codes, m_absmax, v_codes, v_absmax, smap, umap, smid, umid, anchor, fisher, absmax, n,
+            lam, *scalars.as_tuple(), QBLOCK=BLOCKSIZE, PENALTY=mode, num_warps=_WARPS_8BIT, enable_fp_fusion=False)
 
 
 _SCALAR_ARGS = ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "decay", "step_size", "bc2_sqrt", "eps")
+_MODE_NAMES = {NO_PENALTY: "", ANCHOR_ONLY: " +l2sp", FISHER_32BIT: " +ewc fp32 F", FISHER_8BIT: " +ewc 8-bit F"}
 
 
 def triton_kernel_specs() -> list:
-    """Every config the launchers above can launch, per parameter dtype (``peftkern kernels``)."""
+    """Every config the launchers above can launch, per parameter dtype and penalty mode
+    (``peftkern kernels``). The launchers compile with ``enable_fp_fusion=False`` (the faces agree
+    to the bit only without contracted multiply-adds), and so does the report."""
     specs = []
     scalars = {name: "fp32" for name in _SCALAR_ARGS}
+    fp_options = {"enable_fp_fusion": False}
     for dtype in PARAM_DTYPES:
         t = tl_dtype_name(dtype)
-        specs.append(KernelSpec(
-            _adamw32_kernel, f"{t} block={_BLOCK_32BIT}",
-            {"p_ptr": f"*{t}", "g_ptr": f"*{t}", "m_ptr": "*fp32", "v_ptr": "*fp32", "n": "i64", **scalars},
-            {"BLOCK": _BLOCK_32BIT}, num_warps=_WARPS_32BIT, num_stages=1))
-        specs.append(KernelSpec(
-            _adamw8bit_kernel, f"{t} qblock={BLOCKSIZE}",
-            {"p_ptr": f"*{t}", "g_ptr": f"*{t}", "mq_ptr": "*u8", "mabs_ptr": "*fp32", "vq_ptr": "*u8",
-             "vabs_ptr": "*fp32", "smap_ptr": "*fp32", "umap_ptr": "*fp32", "smid_ptr": "*fp32", "umid_ptr": "*fp32",
-             "n": "i64", **scalars},
-            {"QBLOCK": BLOCKSIZE}, num_warps=_WARPS_8BIT, num_stages=1))
+        for mode, label in _MODE_NAMES.items():
+            penalty = {"a_ptr": f"*{t}", "f_ptr": "*u8" if mode == FISHER_8BIT else "*fp32", "fabs_ptr": "*fp32"}
+            specs.append(_spec(
+                _adamw32_kernel, f"{t} block={_BLOCK_32BIT}{label}",
+                {"p_ptr": f"*{t}", "g_ptr": f"*{t}", "m_ptr": "*fp32", "v_ptr": "*fp32", **penalty,
+                 "fmap_ptr": "*fp32", "n": "i64", "lam": "fp32", **scalars},
+                {"BLOCK": _BLOCK_32BIT, "PENALTY": mode, "QBLOCK": BLOCKSIZE}, _WARPS_32BIT, fp_options))
+            specs.append(_spec(
+                _adamw8bit_kernel, f"{t} qblock={BLOCKSIZE}{label}",
+                {"p_ptr": f"*{t}", "g_ptr": f"*{t}", "mq_ptr": "*u8", "mabs_ptr": "*fp32", "vq_ptr": "*u8",
+                 "vabs_ptr": "*fp32", "smap_ptr": "*fp32", "umap_ptr": "*fp32", "smid_ptr": "*fp32", "umid_ptr": "*fp32",
+                 **penalty, "n": "i64", "lam": "fp32", **scalars},
+                {"QBLOCK": BLOCKSIZE, "PENALTY": mode}, _WARPS_8BIT, fp_options))
     return specs
+
+
+def _spec(kernel, config: str, signature: dict, constexprs: dict, num_warps: int, options: dict) -> KernelSpec:
+    """A KernelSpec carrying the launch's compile options where this KernelSpec has a field for them."""
+    fields = {f.name for f in dataclasses.fields(KernelSpec)}
+    extra = {"options": options} if "options" in fields else {}
+    return KernelSpec(kernel, config, signature, constexprs, num_warps=num_warps, num_stages=1, **extra)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,34 +300,54 @@ _CUDA_THREADS_32BIT = 256
 _CUDA_MAX_GRID_8BIT = 8192  # blocks loop over quantization blocks, amortizing their map loads
 
 
+_NULL = ctypes.c_void_p(0)
+
+
 def _cuda_scalars(scalars: StepScalars) -> list:
     return [ctypes.c_float(x) for x in scalars.as_tuple()]
 
 
-def _cuda_adamw32(param, grad, exp_avg, exp_avg_sq, scalars: StepScalars) -> None:
-    from peftkern import _cuda
+def _cuda_penalty_args(pen: Penalty, umap: torch.Tensor) -> list:
+    """anchor, fisher fp32 | null, fisher codes | null, fisher absmax | null, fisher map, lam."""
+    fisher32 = _cuda.pointer(pen.fisher) if pen.mode == FISHER_32BIT else _NULL
+    codes = _cuda.pointer(pen.fisher) if pen.mode == FISHER_8BIT else _NULL
+    absmax = _cuda.pointer(pen.fisher_absmax) if pen.mode == FISHER_8BIT else _NULL
+    return [_cuda.pointer(pen.anchor), fisher32, codes, absmax, _cuda.pointer(umap), ctypes.c_float(pen.lam)]
 
+
+def _cuda_adamw32(param, grad, exp_avg, exp_avg_sq, scalars: StepScalars, pen: Penalty | None = None) -> None:
     n = param.numel()
     if n == 0:
         return
     grid = (triton.cdiv(n, _CUDA_THREADS_32BIT), 1, 1)
-    _cuda.launch(f"peftkern_adamw32_step_{_CUDA_SUFFIX[param.dtype]}", grid, (_CUDA_THREADS_32BIT, 1, 1),
-                 _cuda.pointer(param), _cuda.pointer(grad), _cuda.pointer(exp_avg), _cuda.pointer(exp_avg_sq),
-                 ctypes.c_int64(n), *_cuda_scalars(scalars), device_index=param.device.index)
+    suffix = _CUDA_SUFFIX[param.dtype]
+    args = [_cuda.pointer(param), _cuda.pointer(grad), _cuda.pointer(exp_avg), _cuda.pointer(exp_avg_sq)]
+    if pen is None:
+        name = f"peftkern_adamw32_step_{suffix}"
+    else:
+        name = f"peftkern_adamw32_penalty_step_{suffix}"
+        args += _cuda_penalty_args(pen, _maps(param.device)[1])
+    _cuda.launch(name, grid, (_CUDA_THREADS_32BIT, 1, 1), *args, ctypes.c_int64(n), *_cuda_scalars(scalars),
+                 device_index=param.device.index)
 
 
-def _cuda_adamw8bit(param, grad, m_codes, m_absmax, v_codes, v_absmax, scalars: StepScalars) -> None:
-    from peftkern import _cuda
-
+def _cuda_adamw8bit(param, grad, m_codes, m_absmax, v_codes, v_absmax, scalars: StepScalars,
+                    pen: Penalty | None = None) -> None:
     n = param.numel()
     if n == 0:
         return
     smap, umap, _, _ = _maps(param.device)
     grid = (min(triton.cdiv(n, BLOCKSIZE), _CUDA_MAX_GRID_8BIT), 1, 1)
-    _cuda.launch(f"peftkern_adamw8bit_step_{_CUDA_SUFFIX[param.dtype]}", grid, (BLOCKSIZE, 1, 1),
-                 _cuda.pointer(param), _cuda.pointer(grad), _cuda.pointer(m_codes), _cuda.pointer(m_absmax),
-                 _cuda.pointer(v_codes), _cuda.pointer(v_absmax), _cuda.pointer(smap), _cuda.pointer(umap),
-                 ctypes.c_int64(n), *_cuda_scalars(scalars), device_index=param.device.index)
+    suffix = _CUDA_SUFFIX[param.dtype]
+    args = [_cuda.pointer(param), _cuda.pointer(grad), _cuda.pointer(m_codes), _cuda.pointer(m_absmax),
+            _cuda.pointer(v_codes), _cuda.pointer(v_absmax), _cuda.pointer(smap), _cuda.pointer(umap)]
+    if pen is None:
+        name = f"peftkern_adamw8bit_step_{suffix}"
+    else:  # the 8-bit kernel dequantizes F with the unsigned map it already stages
+        name = f"peftkern_adamw8bit_penalty_step_{suffix}"
+        args += _cuda_penalty_args(pen, umap)[:4] + [ctypes.c_float(pen.lam)]
+    _cuda.launch(name, grid, (BLOCKSIZE, 1, 1), *args, ctypes.c_int64(n), *_cuda_scalars(scalars),
+                 device_index=param.device.index)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,18 +372,66 @@ def _torch_update_(p32, g32, m, v, s: StepScalars) -> None:
     p32.mul_(s.decay).addcdiv_(m, denom, value=-s.step_size)
 
 
-def _torch_adamw32(param, grad, exp_avg, exp_avg_sq, scalars: StepScalars, lr: float, weight_decay: float) -> None:
-    if param.dtype == torch.float32 and hasattr(torch, "_fused_adamw_"):
+def _torch_fisher_chunk(param, pen: Penalty, start: int, out: torch.Tensor) -> torch.Tensor:
+    """fp32 F into ``out`` for elements ``start .. start + out.numel()`` (``start`` a multiple of 256),
+    from its 8-bit codes."""
+    count = out.numel()
+    f = torch.index_select(_maps(param.device)[1], 0, pen.fisher[start:start + count].int(), out=out)
+    whole = count // BLOCKSIZE * BLOCKSIZE
+    first = start // BLOCKSIZE
+    f[:whole].view(-1, BLOCKSIZE).mul_(pen.fisher_absmax[first:first + whole // BLOCKSIZE].view(-1, 1))
+    if whole < count:
+        f[whole:].mul_(pen.fisher_absmax[first + whole // BLOCKSIZE])
+    return f
+
+
+class _PenaltyBuffers:
+    """Two fp32 scratch chunks reused over a step's chunks: allocating half a megabyte per chunk
+    would go to the kernel (mmap) and fault every page in again."""
+
+    def __init__(self, param: torch.Tensor):
+        size = min(param.numel(), _TORCH_CHUNK)
+        self.diff = torch.empty(size, dtype=torch.float32, device=param.device)
+        self.fisher = torch.empty(size, dtype=torch.float32, device=param.device)
+
+    def penalized_grad(self, param, grad, pen: Penalty, chunk: slice) -> torch.Tensor:
+        """fp32 grad + lam * F * (p - anchor) for one chunk in two passes (a difference, then one
+        addcmul, both into the scratch), the reference's formula to an ulp."""
+        p, a, g = param[chunk], pen.anchor[chunk], grad[chunk]
+        diff = self.diff[:p.numel()]
+        if p.dtype == torch.float32:
+            torch.sub(p, a, out=diff)
+        else:  # a 16-bit difference would round: widen first (exactly), then subtract in fp32
+            diff.copy_(p).sub_(a)
+        if pen.mode == ANCHOR_ONLY:
+            return torch.add(g, diff, alpha=pen.lam, out=diff)
+        if pen.mode == FISHER_32BIT:
+            f = pen.fisher[chunk]
+        else:
+            f = _torch_fisher_chunk(param, pen, chunk.start, self.fisher[:p.numel()])
+        return torch.addcmul(g, diff, f, value=pen.lam, out=diff)
+
+
+def _torch_adamw32(param, grad, exp_avg, exp_avg_sq, scalars: StepScalars, lr: float, weight_decay: float,
+                   pen: Penalty | None = None) -> None:
+    fused = param.dtype == torch.float32 and hasattr(torch, "_fused_adamw_")
+    if fused:
         # torch's fused AdamW kernel: one vectorized pass (the step tensor is read, not advanced)
         step = torch.tensor(float(scalars.step), dtype=torch.float32, device=param.device)
-        torch._fused_adamw_([param], [grad], [exp_avg], [exp_avg_sq], [], [step], lr=lr, beta1=scalars.beta1,
-                            beta2=scalars.beta2, weight_decay=weight_decay, eps=scalars.eps, amsgrad=False,
-                            maximize=False)
-        return
+        hyper = dict(lr=lr, beta1=scalars.beta1, beta2=scalars.beta2, weight_decay=weight_decay, eps=scalars.eps,
+                     amsgrad=False, maximize=False)
+        if pen is None:
+            torch._fused_adamw_([param], [grad], [exp_avg], [exp_avg_sq], [], [step], **hyper)
+            return
+    scratch = _PenaltyBuffers(param) if pen is not None else None
     for start in range(0, param.numel(), _TORCH_CHUNK):
         chunk = slice(start, start + _TORCH_CHUNK)
+        g = grad[chunk] if pen is None else scratch.penalized_grad(param, grad, pen, chunk)
+        if fused:
+            torch._fused_adamw_([param[chunk]], [g], [exp_avg[chunk]], [exp_avg_sq[chunk]], [], [step], **hyper)
+            continue
         p32 = param[chunk].float()
-        _torch_update_(p32, grad[chunk].float(), exp_avg[chunk], exp_avg_sq[chunk], scalars)
+        _torch_update_(p32, g.float(), exp_avg[chunk], exp_avg_sq[chunk], scalars)
         if param.dtype != torch.float32:
             param[chunk].copy_(p32)
 
@@ -315,10 +472,12 @@ def _quantize_chunk_(x: torch.Tensor, tables, codes_out: torch.Tensor, absmax_ou
     absmax_out.copy_(absmax.view(-1))
 
 
-def _torch_adamw8bit(param, grad, m_codes, m_absmax, v_codes, v_absmax, scalars: StepScalars) -> None:
+def _torch_adamw8bit(param, grad, m_codes, m_absmax, v_codes, v_absmax, scalars: StepScalars,
+                     pen: Penalty | None = None) -> None:
     smap, umap, _, _ = _maps(param.device)
     signed_tables, unsigned_tables = _code_tables(True, param.device), _code_tables(False, param.device)
     n = param.numel()
+    scratch = _PenaltyBuffers(param) if pen is not None else None
     for start in range(0, n, _TORCH_CHUNK):
         chunk = slice(start, min(start + _TORCH_CHUNK, n))
         blocks = slice(start // BLOCKSIZE, -(-chunk.stop // BLOCKSIZE))
@@ -333,8 +492,9 @@ def _torch_adamw8bit(param, grad, m_codes, m_absmax, v_codes, v_absmax, scalars:
         m2, v2 = m.view(-1, BLOCKSIZE), v.view(-1, BLOCKSIZE)
         m2.mul_(m_absmax[blocks].view(-1, 1))
         v2.mul_(v_absmax[blocks].view(-1, 1))
+        g = grad[chunk].float() if pen is None else scratch.penalized_grad(param, grad, pen, chunk)
         p32 = param[chunk].float()
-        _torch_update_(p32, grad[chunk].float(), m[:count], v[:count], scalars)
+        _torch_update_(p32, g, m[:count], v[:count], scalars)
         if param.dtype != torch.float32:
             param[chunk].copy_(p32)
         _quantize_chunk_(m2, signed_tables, m_codes[chunk], m_absmax[blocks])
@@ -348,19 +508,23 @@ def _torch_adamw8bit(param, grad, m_codes, m_absmax, v_codes, v_absmax, scalars:
 @torch.library.custom_op("peftkern::adamw_step", mutates_args=("param", "exp_avg", "exp_avg_sq"))
 def adamw_step_op(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                   step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                  face: str) -> None:
-    """One AdamW step in place on contiguous param [n], grad [n] (param dtype), exp_avg, exp_avg_sq [n] fp32."""
+                  face: str, anchor: Optional[torch.Tensor] = None, fisher: Optional[torch.Tensor] = None,
+                  fisher_absmax: Optional[torch.Tensor] = None, penalty: float = 0.0) -> None:
+    """One AdamW step in place on contiguous param [n], grad [n] (param dtype), exp_avg, exp_avg_sq [n] fp32;
+    with ``anchor`` [n] the anchored penalty (``fisher`` None, fp32 [n], or uint8 codes [n] + ``fisher_absmax``)."""
     scalars = StepScalars.make(step, lr, beta1, beta2, eps, weight_decay)
+    pen = _penalty(anchor, fisher, fisher_absmax, penalty)
     if face == "triton":
-        _triton_adamw32(param, grad, exp_avg, exp_avg_sq, scalars)
+        _triton_adamw32(param, grad, exp_avg, exp_avg_sq, scalars, pen)
     elif face == "cuda":
-        _cuda_adamw32(param, grad, exp_avg, exp_avg_sq, scalars)
+        _cuda_adamw32(param, grad, exp_avg, exp_avg_sq, scalars, pen)
     else:
-        _torch_adamw32(param, grad, exp_avg, exp_avg_sq, scalars, lr, weight_decay)
+        _torch_adamw32(param, grad, exp_avg, exp_avg_sq, scalars, lr, weight_decay, pen)
 
 
 @adamw_step_op.register_fake
-def _(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay, face):
+def _(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay, face, anchor=None, fisher=None,
+      fisher_absmax=None, penalty=0.0):
     return None
 
 
@@ -368,19 +532,23 @@ def _(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_deca
                          mutates_args=("param", "m_codes", "m_absmax", "v_codes", "v_absmax"))
 def adamw8bit_step_op(param: torch.Tensor, grad: torch.Tensor, m_codes: torch.Tensor, m_absmax: torch.Tensor,
                       v_codes: torch.Tensor, v_absmax: torch.Tensor, step: int, lr: float, beta1: float,
-                      beta2: float, eps: float, weight_decay: float, face: str) -> None:
-    """One 8-bit AdamW step in place: codes [n] uint8, absmax [ceil(n / 256)] fp32."""
+                      beta2: float, eps: float, weight_decay: float, face: str,
+                      anchor: Optional[torch.Tensor] = None, fisher: Optional[torch.Tensor] = None,
+                      fisher_absmax: Optional[torch.Tensor] = None, penalty: float = 0.0) -> None:
+    """One 8-bit AdamW step in place: codes [n] uint8, absmax [ceil(n / 256)] fp32; penalty as adamw_step's."""
     scalars = StepScalars.make(step, lr, beta1, beta2, eps, weight_decay)
+    pen = _penalty(anchor, fisher, fisher_absmax, penalty)
     if face == "triton":
-        _triton_adamw8bit(param, grad, m_codes, m_absmax, v_codes, v_absmax, scalars)
+        _triton_adamw8bit(param, grad, m_codes, m_absmax, v_codes, v_absmax, scalars, pen)
     elif face == "cuda":
-        _cuda_adamw8bit(param, grad, m_codes, m_absmax, v_codes, v_absmax, scalars)
+        _cuda_adamw8bit(param, grad, m_codes, m_absmax, v_codes, v_absmax, scalars, pen)
     else:
-        _torch_adamw8bit(param, grad, m_codes, m_absmax, v_codes, v_absmax, scalars)
+        _torch_adamw8bit(param, grad, m_codes, m_absmax, v_codes, v_absmax, scalars, pen)
 
 
 @adamw8bit_step_op.register_fake
-def _(param, grad, m_codes, m_absmax, v_codes, v_absmax, step, lr, beta1, beta2, eps, weight_decay, face):
+def _(param, grad, m_codes, m_absmax, v_codes, v_absmax, step, lr, beta1, beta2, eps, weight_decay, face,
+      anchor=None, fisher=None, fisher_absmax=None, penalty=0.0):
     return None
 
 
@@ -427,31 +595,72 @@ def _check_state(op: str, name: str, t: torch.Tensor, dtype: torch.dtype, numel:
                          f"{'' if t.is_contiguous() else ' (not contiguous)'}")
 
 
+def check_penalty(op: str, param: torch.Tensor, anchor, fisher, penalty: float) -> tuple:
+    """Validate an anchored penalty for ``param``: returns the flat (anchor, fisher, fisher_absmax,
+    penalty) the registered ops take (all None / 0.0 without an anchor)."""
+    penalty = _checks.check_finite_scalar(op, "penalty", penalty)
+    if penalty < 0.0:
+        raise ValueError(f"{op}: penalty (the EWC / L2-SP lambda) must be >= 0, got {penalty}")
+    if anchor is None:
+        if fisher is not None:
+            raise ValueError(f"{op}: a Fisher was given without an anchor; the penalty is lam/2 F (p - anchor)^2")
+        return None, None, None, 0.0
+    if not isinstance(anchor, torch.Tensor):
+        raise TypeError(f"{op}: anchor must be a torch.Tensor, got {type(anchor).__name__}")
+    if anchor.dtype != param.dtype:
+        raise TypeError(f"{op}: anchor has dtype {anchor.dtype} but param has {param.dtype}")
+    _checks.check_shape(op, "anchor", anchor, tuple(param.shape), "the parameter's shape")
+    if not anchor.is_contiguous():
+        raise ValueError(f"{op}: anchor must be contiguous (shape {tuple(anchor.shape)}, strides {anchor.stride()})")
+    n = param.numel()
+    absmax = None
+    if isinstance(fisher, (tuple, list)):
+        if len(fisher) != 2:
+            raise ValueError(f"{op}: an 8-bit Fisher is a pair (codes uint8, absmax fp32), got {len(fisher)} items")
+        fisher, absmax = fisher
+        _check_state(op, "fisher codes", fisher, torch.uint8, n)
+        _check_state(op, "fisher absmax", absmax, torch.float32, -(-n // BLOCKSIZE))
+    elif fisher is not None:
+        _check_state(op, "fisher", fisher, torch.float32, n)
+    _checks.check_same(op, {"param": param, "anchor": anchor, "fisher": fisher, "fisher absmax": absmax})
+    return anchor.view(-1), (None if fisher is None else fisher.view(-1)), absmax, penalty
+
+
 def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
                step: int, lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
-               weight_decay: float = 0.0) -> None:
+               weight_decay: float = 0.0, anchor: torch.Tensor | None = None, fisher=None,
+               penalty: float = 0.0) -> None:
     """One AdamW step in place (``reference.adamw.adamw_update``).
 
     param and grad: contiguous, one dtype (fp32, fp16, bf16), one shape; exp_avg and exp_avg_sq:
     contiguous fp32 with param's element count; ``step`` counts this step (1 on the first).
+
+    Anchored penalty (EWC / L2-SP): with ``anchor`` (param's dtype and shape) the step minimises
+    loss + penalty / 2 * sum F (param - anchor)^2; ``fisher`` is None (F = 1, L2-SP), an fp32
+    tensor of param's element count, or a pair (codes uint8 [n], absmax fp32 [ceil(n / 256)]) of
+    the unsigned dynamic map (``reference.adamw.quantize_blockwise(F, dynamic_map(False))``).
     """
     _check_param_grad(OP_32BIT, param, grad)
     for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         _check_state(OP_32BIT, name, t, torch.float32, param.numel())
     _checks.check_same(OP_32BIT, {"param": param, "grad": grad, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq})
     check_hyperparameters(OP_32BIT, step, lr, beta1, beta2, eps, weight_decay)
-    face = backend.pick(OP_32BIT, FACES, param.device.type)
+    anchor, fisher, fisher_absmax, penalty = check_penalty(OP_32BIT, param, anchor, fisher, penalty)
+    face = backend.pick(OP_32BIT, FACES, param.device.type, param.device.index)
     torch.ops.peftkern.adamw_step(param.view(-1), grad.view(-1), exp_avg.view(-1), exp_avg_sq.view(-1), int(step),
-                                  float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), face)
+                                  float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), face,
+                                  anchor, fisher, fisher_absmax, penalty)
 
 
 def adamw8bit_step(param: torch.Tensor, grad: torch.Tensor, m_codes: torch.Tensor, m_absmax: torch.Tensor,
                    v_codes: torch.Tensor, v_absmax: torch.Tensor, *, step: int, lr: float, beta1: float = 0.9,
-                   beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+                   beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
+                   anchor: torch.Tensor | None = None, fisher=None, penalty: float = 0.0) -> None:
     """One 8-bit AdamW step in place (``reference.adamw.adamw8bit_update``).
 
     param, grad as in :func:`adamw_step`; m_codes, v_codes: contiguous uint8 with param's element
     count; m_absmax, v_absmax: fp32 [ceil(numel / 256)]. Fresh states are all-zero codes and absmax.
+    ``anchor``, ``fisher``, ``penalty``: the anchored penalty, as in :func:`adamw_step`.
     """
     _check_param_grad(OP_8BIT, param, grad)
     n = param.numel()
@@ -463,7 +672,8 @@ def adamw8bit_step(param: torch.Tensor, grad: torch.Tensor, m_codes: torch.Tenso
     _checks.check_same(OP_8BIT, {"param": param, "grad": grad, "m_codes": m_codes, "m_absmax": m_absmax,
                                  "v_codes": v_codes, "v_absmax": v_absmax})
     check_hyperparameters(OP_8BIT, step, lr, beta1, beta2, eps, weight_decay)
-    face = backend.pick(OP_8BIT, FACES, param.device.type)
+    anchor, fisher, fisher_absmax, penalty = check_penalty(OP_8BIT, param, anchor, fisher, penalty)
+    face = backend.pick(OP_8BIT, FACES, param.device.type, param.device.index)
     torch.ops.peftkern.adamw8bit_step(param.view(-1), grad.view(-1), m_codes.view(-1), m_absmax, v_codes.view(-1),
                                       v_absmax, int(step), float(lr), float(beta1), float(beta2), float(eps),
-                                      float(weight_decay), face)
+                                      float(weight_decay), face, anchor, fisher, fisher_absmax, penalty)

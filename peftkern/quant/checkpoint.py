@@ -1,7 +1,6 @@
-"""4-bit checkpoints in the layout transformers + bitsandbytes write: the format only (read the
-NF4 weights out of a state dict, write a model's state dict and config the same way). Building
-NF4Linear modules from them is ``peftkern.quantize`` (above the layer module, which this layer
-does not import).
+"""4-bit checkpoints in the layout transformers + bitsandbytes write, the format only: the NF4
+weights read out of a state dict, the quantization config checked. Building NF4Linear modules from
+them is ``peftkern.nn.nf4.load_pretrained_nf4`` (the layer module; this layer imports none).
 
 A bitsandbytes 4-bit checkpoint stores, per quantized linear ``name``: ``name.weight`` (uint8
 codes [n/2, 1]), ``name.weight.absmax``, ``name.weight.quant_map``, with double quant
@@ -12,13 +11,9 @@ config.json carries a ``quantization_config`` with ``quant_method: "bitsandbytes
 from __future__ import annotations
 
 import glob
-import json
 import os
-import shutil
-import tempfile
 
 import torch
-from torch import nn
 
 from peftkern.quant.nf4 import QUANT_STATE_KEY, NF4Weight
 
@@ -71,55 +66,3 @@ def read_quantization_config(config) -> torch.dtype | None:
     del config.quantization_config
     dtype = qconfig.get("bnb_4bit_compute_dtype")
     return getattr(torch, dtype) if isinstance(dtype, str) else None
-
-
-def save_nf4_pretrained(model: nn.Module, out_dir: str, blocksize: int, double_quant: bool,
-                        compute_dtype: torch.dtype | None, skipped: list[str]) -> None:
-    """Write ``model`` (its linears NF4Linear) as a transformers + bitsandbytes 4-bit checkpoint:
-    model.safetensors and config.json with a ``quantization_config``, each written atomically."""
-    from safetensors.torch import save_file
-
-    os.makedirs(out_dir, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    seen: dict[int, str] = {}
-    for key in list(state):  # tied weights: safetensors stores each storage once
-        ptr = state[key].data_ptr()
-        if ptr in seen and state[key].numel():
-            del state[key]
-        else:
-            seen[ptr] = key
-    _atomic(os.path.join(out_dir, "model.safetensors"), lambda path: save_file(state, path, metadata={"format": "pt"}))
-    config = model.config.to_dict() if hasattr(model, "config") else {}
-    config["quantization_config"] = {
-        "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
-        "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": bool(double_quant),
-        "bnb_4bit_compute_dtype": str(compute_dtype or torch.float32).split(".")[-1],
-        "bnb_4bit_quant_storage": "uint8", "bnb_4bit_blocksize": blocksize,
-        "llm_int8_skip_modules": skipped,
-    }
-    _atomic(os.path.join(out_dir, "config.json"),
-            lambda path: open(path, "w").write(json.dumps(config, indent=2, sort_keys=True, default=str)))
-
-
-def copy_side_files(model_dir: str, out_dir: str) -> list[str]:
-    """Copy tokenizer and generation files (everything but weights and config.json)."""
-    copied = []
-    for path in sorted(glob.glob(os.path.join(model_dir, "*"))):
-        name = os.path.basename(path)
-        if os.path.isfile(path) and name != "config.json" and not name.endswith((".safetensors", ".bin", ".pt",
-                                                                                      ".pth", ".index.json")):
-            shutil.copy2(path, os.path.join(out_dir, name))
-            copied.append(name)
-    return copied
-
-
-def _atomic(path: str, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-" + os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

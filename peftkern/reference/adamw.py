@@ -13,6 +13,15 @@ map (signed for m, unsigned for v), times the absolute maximum of the element's 
 update reads the dequantized states, updates them in fp32, takes each block's new absmax and
 stores the nearest codes again. Nearest means: the code whose value is closest, ties to the
 lower index, i.e. the number of midpoints between neighbouring map values that lie below x.
+
+Anchored quadratic penalty (EWC, L2-SP), folded into the step: the optimizer minimises
+loss + lam / 2 * sum F (p - anchor)^2, whose gradient lam * F * (p - anchor) is added to the loss's
+gradient before the moments, at the parameter's value before this step:
+
+    g = g + lam * ((p - anchor) * F)          (F = 1 for L2-SP: the product is skipped)
+
+F is the diagonal Fisher (fp32, or 8-bit codes of the unsigned dynamic map with a block absmax,
+dequantized as the states are); the anchor has the parameter's dtype.
 """
 from __future__ import annotations
 
@@ -89,12 +98,39 @@ def bias_corrections(step: int, beta1: float, beta2: float) -> tuple[float, floa
     return 1.0 - beta1 ** step, math.sqrt(1.0 - beta2 ** step)
 
 
+def penalized_gradient(param: torch.Tensor, grad: torch.Tensor, anchor: torch.Tensor, fisher: torch.Tensor | None,
+                       lam: float, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """grad + lam * ((param - anchor) * fisher) in ``compute_dtype``: the gradient of
+    loss + lam / 2 * sum fisher * (param - anchor)^2. ``fisher`` None means 1 (L2-SP)."""
+    diff = param.to(compute_dtype) - anchor.to(compute_dtype)
+    if fisher is not None:
+        diff = diff * fisher.to(compute_dtype)
+    return grad.to(compute_dtype) + lam * diff
+
+
+def fisher_values(fisher) -> torch.Tensor | None:
+    """An fp32 Fisher tensor as is; ``(codes uint8, absmax fp32)`` of the unsigned map dequantized
+    (flattened); None stays None."""
+    if fisher is None or isinstance(fisher, torch.Tensor):
+        return fisher
+    codes, absmax = fisher
+    return dequantize_blockwise(codes.reshape(-1), absmax, dynamic_map(False, codes.device))
+
+
 def adamw_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                  step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                 compute_dtype: torch.dtype = torch.float32):
+                 compute_dtype: torch.dtype = torch.float32, anchor: torch.Tensor | None = None,
+                 fisher=None, penalty: float = 0.0):
     """One AdamW step, out of place: returns (param, exp_avg, exp_avg_sq) in ``compute_dtype``
-    (param is returned unrounded; the caller casts it to the parameter's dtype)."""
+    (param is returned unrounded; the caller casts it to the parameter's dtype).
+
+    With ``anchor``, the penalty's gradient ``penalty * F * (param - anchor)`` joins ``grad`` first
+    (``fisher``: None for F = 1, an fp32 tensor, or ``(codes, absmax)`` 8-bit blockwise codes)."""
     bc1, bc2_sqrt = bias_corrections(step, beta1, beta2)
+    if anchor is not None:
+        f = fisher_values(fisher)
+        grad = penalized_gradient(param, grad, anchor, None if f is None else f.reshape(param.shape), penalty,
+                                  compute_dtype)
     g = grad.to(compute_dtype)
     p = param.to(compute_dtype)
     m = exp_avg.to(compute_dtype) * beta1 + g * (1.0 - beta1)
@@ -107,16 +143,19 @@ def adamw_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
 
 def adamw8bit_update(param: torch.Tensor, grad: torch.Tensor, m_codes: torch.Tensor, m_absmax: torch.Tensor,
                      v_codes: torch.Tensor, v_absmax: torch.Tensor, step: int, lr: float, beta1: float,
-                     beta2: float, eps: float, weight_decay: float):
+                     beta2: float, eps: float, weight_decay: float, anchor: torch.Tensor | None = None,
+                     fisher=None, penalty: float = 0.0):
     """One 8-bit AdamW step, out of place: returns (param fp32, m_codes, m_absmax, v_codes, v_absmax).
 
-    The states are dequantized, updated in fp32 as in :func:`adamw_update`, the parameter moves with
-    the fp32 states, and the states are requantized with their new block absmax.
+    The states are dequantized, updated in fp32 as in :func:`adamw_update` (with the anchored
+    penalty, when given), the parameter moves with the fp32 states, and the states are requantized
+    with their new block absmax.
     """
     signed, unsigned = dynamic_map(True, param.device), dynamic_map(False, param.device)
     m = dequantize_blockwise(m_codes, m_absmax, signed)
     v = dequantize_blockwise(v_codes, v_absmax, unsigned)
-    p, m, v = adamw_update(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay)
+    p, m, v = adamw_update(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, anchor=anchor,
+                           fisher=fisher, penalty=penalty)
     m_codes, m_absmax = quantize_blockwise(m, signed)
     v_codes, v_absmax = quantize_blockwise(v, unsigned)
     return p, m_codes, m_absmax, v_codes, v_absmax

@@ -3,8 +3,9 @@
 Stages: the base model (the tiny Llama briefly trained on the bundled corpus, cached), LoRA SFT on
 the bundled chat tasks, then DPO (a fresh LoRA on the SFT model merged into its base, so the
 reference is the SFT model) on correct-versus-wrong answer pairs. Writes to ``out``: ``report.json``,
-``<stage>_loss.png``, the adapters in PEFT's format (``sft/adapter``, ``dpo/adapter``), the base model
-(``base_model/``) and sample generations before and after.
+``<stage>_loss.png``, the adapters in PEFT's format, each naming the base it needs in its
+``base_model_name_or_path``: ``sft/adapter`` on ``base_model/`` and ``dpo/adapter`` on ``sft_model/``
+(the base with the SFT adapter merged in), both saved with the tokenizer, and sample generations.
 """
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ import torch
 
 from peftkern.models import tasks
 from peftkern.models.tokenizer import build_byte_tokenizer
-from peftkern.train.checkpoint import atomic_write_text
+from peftkern.train.atomic import atomic_dir, atomic_write_text
 from peftkern.train.config import TrainConfig
 from peftkern.train.generate import exact_match, generate
 from peftkern.train.model import LMWithHeads, prepare_lm
+from peftkern.train.pretrain import build_pretrained_tiny
 
 # Sized for 2 CPU cores: the full demo is a few minutes; "quick" is a seconds-long smoke run.
 PLANS = {
@@ -47,12 +49,21 @@ def _accuracy(lm, tok, items) -> tuple[float, list[str]]:
 
 def _stage_cfg(out: str, name: str, settings: dict, quiet: bool, seed: int) -> TrainConfig:
     return TrainConfig(model="tiny", out=os.path.join(out, name), log_every=1, quiet=quiet, seed=seed,
-                       schedule="cosine", keep_last=1, strategy="none", max_length=128, **settings).check()
+                       schedule="cosine", keep_last=1, strategy="none", max_length=128, overwrite=True,
+                       **settings).check()
+
+
+def _save_base(model, tokenizer, path: str) -> str:
+    """``model`` and ``tokenizer`` in ``path`` (atomically); returns the absolute path adapters name."""
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return os.path.abspath(path)
 
 
 def run_demo(out: str, plan: str = "full", quiet: bool = False, seed: int = 0) -> dict:
     """Run every stage and write ``out/report.json``; returns the report."""
-    from peftkern.models.base import pretrained_tiny
+    from peftkern.models.base import is_cached
     from peftkern.train.adapters import merge
     from peftkern.train.dpo import DPOTrainer, pair_examples
     from peftkern.train.plots import plot_losses
@@ -67,12 +78,9 @@ def run_demo(out: str, plan: str = "full", quiet: bool = False, seed: int = 0) -
 
     # -- base ------------------------------------------------------------------------------------
     t = time.time()
-    from peftkern.models.base import is_cached
-
     cached = plan == "full" and is_cached(p["base"])
-    base = pretrained_tiny(quiet=quiet, settings=p["base"], cache=plan == "full").eval()
-    base.save_pretrained(os.path.join(out, "base_model"))
-    tok.save_pretrained(os.path.join(out, "base_model"))
+    base = build_pretrained_tiny(quiet=quiet, settings=p["base"], cache=plan == "full").eval()
+    base_dir = _save_base(base, tok, os.path.join(out, "base_model"))
     report["model"] = {"parameters": sum(x.numel() for x in base.parameters()),
                        "config": {k: getattr(base.config, k) for k in ("hidden_size", "num_hidden_layers",
                                                                        "intermediate_size", "vocab_size")}}
@@ -89,7 +97,7 @@ def run_demo(out: str, plan: str = "full", quiet: bool = False, seed: int = 0) -
     torch.manual_seed(seed)  # the adapter's initialisation: the same whether the base was cached or just trained
     lm = prepare_lm(cfg, copy.deepcopy(base))
     trainer = SFTTrainer(cfg, LMWithHeads(lm), tok, sft_examples(tok, tasks.sft_records(sft_items), cfg),
-                         sft_examples(tok, tasks.sft_records(held_out), cfg))
+                         sft_examples(tok, tasks.sft_records(held_out), cfg), base_model_path=base_dir)
     summary = trainer.train()
     acc_after, preds_sft = _accuracy(lm, tok, held_out)
     report["stages"].append({
@@ -101,11 +109,12 @@ def run_demo(out: str, plan: str = "full", quiet: bool = False, seed: int = 0) -
     # -- DPO -------------------------------------------------------------------------------------
     t = time.time()
     sft_model = merge(lm)
+    sft_dir = _save_base(sft_model, tok, os.path.join(out, "sft_model"))  # DPO's base and reference
     cfg = _stage_cfg(out, "dpo", p["dpo"], quiet, seed)
     torch.manual_seed(seed)
     lm = prepare_lm(cfg, sft_model)
     trainer = DPOTrainer(cfg, LMWithHeads(lm), tok, pair_examples(tok, tasks.preference_records(pair_items), cfg),
-                         pair_examples(tok, tasks.preference_records(held_out), cfg))
+                         pair_examples(tok, tasks.preference_records(held_out), cfg), base_model_path=sft_dir)
     summary = trainer.train()
     acc_dpo, preds_dpo = _accuracy(lm, tok, held_out)
     before, after = summary["eval_before"], summary["eval_after"]

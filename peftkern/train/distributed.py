@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from peftkern.train.errors import ConfigError
+
 
 @dataclass
 class Dist:
@@ -26,7 +28,11 @@ def setup(strategy: str) -> Dist:
     """Read torchrun's environment, start the process group, pick this process's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if strategy in ("ddp", "fsdp2") and world == 1 and "RANK" not in os.environ:
-        raise ValueError(f"--strategy {strategy} needs several processes: launch with torchrun --nproc_per_node N")
+        raise ConfigError(f"--strategy {strategy} needs several processes: launch with torchrun --nproc_per_node N")
+    if strategy == "none" and world > 1:
+        raise ConfigError(f"--strategy none, but torchrun started {world} processes: each would train alone on "
+                          "the same data and write the same --out; use --strategy ddp or fsdp2 (or auto), or "
+                          "run one process without torchrun")
     if world == 1:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return Dist(device=device, strategy="none")
@@ -40,7 +46,12 @@ def setup(strategy: str) -> Dist:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend)
-    return Dist(rank, world, local_rank, device, "ddp" if strategy in ("auto", "none") else strategy)
+    return Dist(rank, world, local_rank, device, "ddp" if strategy == "auto" else strategy)
+
+
+def is_main_process() -> bool:
+    """Whether this process is rank 0 of a torchrun launch (or the only process), from the environment."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def wrap(model: nn.Module, d: Dist) -> nn.Module:

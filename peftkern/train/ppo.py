@@ -10,32 +10,90 @@ from __future__ import annotations
 
 import copy
 import importlib
+import math
+import numbers
+import os
+import sys
 
 import torch
 
 from peftkern.train import distributed as D
 from peftkern.train.adapters import adapters_disabled, has_lora
-from peftkern.train.data import IGNORE_INDEX, encode_prompt, encode_sequence, left_pad, load_records, pad_batch
+from peftkern.train.data import (IGNORE_INDEX, DataError, encode_prompt, encode_sequence, left_pad, load_records,
+                                 pad_batch)
+from peftkern.train.errors import ConfigError
+from peftkern.train.loading import is_embedded
 from peftkern.train.loop import Trainer
 from peftkern.train.model import base_causal_lm
 from peftkern.train.objectives import kl_rewards, ppo_loss_sums
 
 
 def ppo_prompts(tokenizer, source, cfg) -> list[dict]:
-    """``{"prompt_ids", "prompt", "index"}`` per record (``prompt``: the raw prompt, for the reward)."""
-    return [{"prompt_ids": encode_prompt(tokenizer, r.data["prompt"]), "prompt": r.data["prompt"], "index": i}
-            for i, r in enumerate(load_records(source, "ppo"))]
+    """``{"prompt_ids", "prompt", "index", "where"}`` per record (``prompt``: the raw prompt, for the reward)."""
+    out = []
+    for i, r in enumerate(load_records(source, "ppo")):
+        ids = encode_prompt(tokenizer, r.data["prompt"])
+        if not ids:
+            raise DataError(f"{r.where}: 'prompt' has no tokens: PPO needs a prompt to generate from")
+        out.append({"prompt_ids": ids, "prompt": r.data["prompt"], "index": i, "where": r.where})
+    return out
 
 
 def load_reward_fn(spec: str):
-    """``"package.module:function"`` -> the function, called as f(prompt, completion_text) -> float."""
+    """``"package.module:function"`` -> the function, called as f(prompt, completion_text) -> float. The
+    module is looked up on ``sys.path`` and then in the current directory (a console script, unlike
+    ``python -m``, does not put it on the path)."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise ValueError(f"--reward-fn must look like 'module:function', got {spec!r}")
-    fn = getattr(importlib.import_module(module_name), attr, None)
+        raise ConfigError(f"--reward-fn must look like 'module:function', got {spec!r}")
+    try:
+        module = _import_from_path_or_cwd(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise ConfigError(f"--reward-fn {spec}: no module named {exc.name!r} (looked on sys.path and in the "
+                              f"current directory {os.getcwd()})") from None
+        raise
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise ConfigError(f"--reward-fn {spec}: module {module_name} has no {attr!r}")
     if not callable(fn):
-        raise ValueError(f"--reward-fn {spec}: {attr!r} is not a function of {module_name}")
+        raise ConfigError(f"--reward-fn {spec}: {attr!r} is a {type(fn).__name__}, not a function")
     return fn
+
+
+def _import_from_path_or_cwd(module_name: str):
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        top = module_name.split(".")[0]
+        cwd = os.getcwd()
+        if exc.name != top or cwd in sys.path or not (os.path.isfile(os.path.join(cwd, top + ".py"))
+                                                        or os.path.isdir(os.path.join(cwd, top))):
+            raise
+    sys.path.append(cwd)
+    return importlib.import_module(module_name)
+
+
+def call_reward_fn(fn, spec: str, prompts: list, texts: list[str]) -> torch.Tensor:
+    """[B] fp32 rewards from ``fn(prompt, completion)`` per rollout; a value that is not one finite
+    number is a ConfigError naming the function, the rollout and what came back."""
+    out = []
+    for i, (p, t) in enumerate(zip(prompts, texts)):
+        value = fn(p, t)
+        if isinstance(value, torch.Tensor) or type(value).__module__ == "numpy":  # a tensor / array / NumPy scalar
+            n = value.numel() if isinstance(value, torch.Tensor) else int(value.size)
+            if n != 1:
+                raise ConfigError(f"--reward-fn {spec} returned {n} values for one completion (rollout {i}); it "
+                                  "is called once per (prompt, completion) and must return one number")
+            value = value.item() if hasattr(value, "item") else value
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            length = f" of length {len(value)}" if hasattr(value, "__len__") else ""
+            raise ConfigError(f"--reward-fn {spec} returned {type(value).__name__}{length} for rollout {i}; "
+                              "expected one number per (prompt, completion)")
+        if not math.isfinite(float(value)):
+            raise ConfigError(f"--reward-fn {spec} returned {float(value)} for rollout {i}; expected a finite number")
+        out.append(float(value))
+    return torch.tensor(out, dtype=torch.float32)
 
 
 class AdaptiveKL:
@@ -86,12 +144,14 @@ class PPOTrainer(Trainer):
             self.reward = lambda prompts, texts, seqs: rm(seqs["input_ids"], seqs["attention_mask"])["scores"].float()
         else:
             if cfg.reward_fn:
-                fn = load_reward_fn(cfg.reward_fn)
-            elif cfg.model.startswith("tiny"):
+                fn, spec = load_reward_fn(cfg.reward_fn), cfg.reward_fn
+            elif is_embedded(cfg.model):
                 from peftkern.models.tasks import task_reward as fn
+
+                spec = "peftkern.models.tasks:task_reward"
             else:
-                raise ValueError("peftkern ppo needs --reward-model or --reward-fn")
-            self.reward = lambda prompts, texts, seqs: torch.tensor([float(fn(p, t)) for p, t in zip(prompts, texts)])
+                raise ConfigError("peftkern ppo needs --reward-model or --reward-fn")
+            self.reward = lambda prompts, texts, seqs: call_reward_fn(fn, spec, prompts, texts)
 
     def extra_state(self):
         return {"kl_coef": self.kl.coef}
@@ -183,6 +243,7 @@ class PPOTrainer(Trainer):
         keys = ("input_ids", "attention_mask", "labels", "old_logps", "old_values", "advantages", "returns")
         sums: dict[str, torch.Tensor] = {}
         loss_sum = torch.zeros((), device=self.device)
+        finite = True  # every pass before the last stepped on finite gradients
         for epoch in range(self.cfg.ppo_epochs):
             for i in range(0, n, b):
                 micro = {k: batch[k][i:i + b] for k in keys}
@@ -196,10 +257,8 @@ class PPOTrainer(Trainer):
                     for k, v in metrics.items():
                         sums[k] = sums.get(k, 0.0) + v
             if epoch < self.cfg.ppo_epochs - 1:
-                self.clip()
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-        record = self.finish_step(loss_sum, sums, total)
+                finite = self.step_if_finite() and finite
+        record = self.finish_step(loss_sum, sums, total, skip=not finite)
         stats = D.all_reduce_sum(torch.stack([batch["scores"].sum(), batch["kl"].sum(),
                                               torch.tensor(float(n), device=self.device)]).float(), self.dist)
         record["reward"] = (stats[0] / stats[2]).item()

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 
 import torch
 
 from peftkern.train.adapters import adapters_disabled
 from peftkern.train.data import pad_batch
+from peftkern.train.errors import RunWarning
+
+CACHE_NAME = "reference_logps.safetensors"
 
 
 @torch.no_grad()
@@ -44,22 +48,23 @@ def fingerprint(model, sequences: list[dict]) -> str:
 
 def cached_reference_logps(model, groups: dict[str, list[dict]], pad_id: int, device, out_dir: str | None,
                            write: bool = True) -> dict[str, torch.Tensor]:
-    """``{group: [N] reference log-probs}`` for each list of sequences, read from or written to the cache."""
-    from safetensors.torch import load_file, safe_open, save_file
+    """``{group: [N] reference log-probs}`` for each list of sequences, read from or written to the cache.
+    A cache that is missing, damaged (truncated, empty), of an older format or of other inputs is a
+    miss: the log-probs are computed again and the cache rewritten."""
+    from peftkern.losses.ref_cache import RefLogpCache
 
-    path = os.path.join(out_dir, "reference_logps.safetensors") if out_dir else None
     all_seqs = [s for name in sorted(groups) for s in groups[name]]
-    key = fingerprint(model, all_seqs)
-    if path and os.path.isfile(path):
-        with safe_open(path, "pt") as f:
-            stored = (f.metadata() or {}).get("fingerprint")
-        if stored == key:
-            return load_file(path)
+    cache = RefLogpCache(os.path.join(out_dir, CACHE_NAME), {"fingerprint": fingerprint(model, all_seqs)}) \
+        if out_dir else None
+    if cache is not None:
+        stored, why = cache.read()
+        if why is None and set(stored) == set(groups) and all(stored[k].shape[0] == len(v) for k, v in groups.items()):
+            return stored
+        if why is not None and why.startswith("unreadable") and write:
+            warnings.warn(f"{why.split(': ', 1)[1]}; computing the reference log-probs again", RunWarning,
+                          stacklevel=2)
     with adapters_disabled(model.lm):
         result = {name: sequence_logps(model, seqs, pad_id, device) for name, seqs in groups.items()}
-    if path and write:
-        os.makedirs(out_dir, exist_ok=True)
-        tmp = path + ".tmp"
-        save_file({k: v.contiguous() for k, v in result.items()}, tmp, metadata={"fingerprint": key})
-        os.replace(tmp, path)
+    if cache is not None and write and result:
+        cache.save(result)
     return result

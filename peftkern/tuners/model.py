@@ -1,5 +1,6 @@
-"""PeftKernModel: a transformers model with peftkern LoRA layers swapped in, and PEFT's adapter
-methods (add/set/delete/disable, weighted combination, merge_and_unload)."""
+"""PeftKernModel: a transformers model with adapters of any method swapped in, and PEFT's adapter
+methods (add/set/delete/disable, mixed-adapter batches, weighted combination, merge_and_unload,
+saving). Everything method-specific goes through the adapter's tuner (``tuners/methods.py``)."""
 from __future__ import annotations
 
 import contextlib
@@ -8,31 +9,66 @@ import os
 import torch
 from torch import nn
 
-from peftkern.tuners.config import ALL_LINEAR, LoraConfig
-from peftkern.tuners.inject import _parent_and_attr, inject_adapter
-from peftkern.tuners.layers import activate_layer, adapter_parameters, delete_from_layer, is_lora_layer
+from peftkern.nn.mixed_batch import BASE_ONLY, row_adapters
+from peftkern.tuners.config import PeftConfig
+from peftkern.tuners.files import adapter_directory, write_adapter_files
+from peftkern.tuners.layers import activate_layer, delete_from_layer, is_adapter_layer, layer_adapters
+from peftkern.tuners.lora.tuner import lora_layers
+from peftkern.tuners.lora.weighted import adapter_rank, combine_layer, combined_rank
+from peftkern.tuners.methods import TUNERS, tuner_for
 from peftkern.tuners.modules_to_save import ModulesToSaveWrapper
-from peftkern.tuners.targeting import resolve_target_modules
-from peftkern.tuners.weighted import adapter_rank, combine_layer, combined_rank
-
-CLASSIFIER_TASKS = ("SEQ_CLS", "TOKEN_CLS")
-CLASSIFIER_HEADS = ("classifier", "score")
+from peftkern.tuners.state_dict import adapter_slots
+from peftkern.tuners.tuner import Injection, adapter_stacks, check_adapter_name, parent_and_attr, wrappers
 
 
 class PeftKernModel(nn.Module):
     """Wraps the adapted model (``self.model``, the very object passed in, changed in place).
     Calls and unknown attributes go through to it, so ``model(**batch)``, ``model.generate(...)``
-    and ``model.config`` work as before."""
+    and ``model.config`` work as before. Adapters of different methods may sit on one model at
+    once (``set_adapter([...])`` runs several)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.peft_config: dict[str, LoraConfig] = {}
+        self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapters: list[str] = []
+        self.adapters_disabled = False
+        self.method_state: dict[str, object] = {}  # per-adapter state a method keeps (AdaLoRA's allocator)
 
     # -- plumbing ---------------------------------------------------------------------------
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The model's forward. ``adapter_names`` (one name per row of the batch, ``"__base__"`` for
+        the base model alone): each row runs through its own adapter, as PEFT's mixed-batch inference."""
+        active = [] if self.adapters_disabled else list(self.active_adapters)
+        for name in active:
+            args, kwargs = tuner_for(self.peft_config[name]).before_forward(self, name, args, kwargs)
+        with self._rows(adapter_names):
+            outputs = self.model(*args, **kwargs)
+        for name in active:
+            outputs = tuner_for(self.peft_config[name]).after_forward(self, name, outputs)
+        return outputs
+
+    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """``model.generate`` of the wrapped model; ``adapter_names`` as in :meth:`forward` (one per
+        prompt; repeated for each beam / returned sequence)."""
+        if adapter_names is not None:
+            repeat = max(int(kwargs.get("num_beams") or 1), int(kwargs.get("num_return_sequences") or 1))
+            if isinstance(adapter_names, (list, tuple)):
+                adapter_names = [n for n in adapter_names for _ in range(repeat)]
+        with self._rows(adapter_names):
+            return self.model.generate(*args, **kwargs)
+
+    def _rows(self, adapter_names):
+        if adapter_names is None:
+            return contextlib.nullcontext()
+        if self.training:
+            raise ValueError("adapter_names= is for inference, as in PEFT: call model.eval() first")
+        if isinstance(adapter_names, (list, tuple)):
+            unknown = sorted({n for n in adapter_names if n != BASE_ONLY and n not in self.peft_config})
+            if unknown:
+                raise ValueError(f"adapter_names: unknown adapter(s) {unknown}; adapters: {list(self.peft_config)} "
+                                 f"(and {BASE_ONLY!r} for the base model)")
+        return row_adapters(adapter_names)
 
     def __getattr__(self, name: str):
         try:
@@ -49,36 +85,43 @@ class PeftKernModel(nn.Module):
     def active_adapter(self) -> str | list[str]:
         return self.active_adapters[0] if len(self.active_adapters) == 1 else list(self.active_adapters)
 
+    def adapter_layers(self) -> list[tuple[str, nn.Module]]:
+        """(path of the adapted module, layer) of every adapter layer, any method."""
+        return [(path, layer) for path, stack in adapter_stacks(self.model) for layer in stack]
+
     def lora_layers(self) -> list[tuple[str, nn.Module]]:
-        return [(n, m) for n, m in self.model.named_modules() if is_lora_layer(m)]
+        return lora_layers(self.model)
 
     def _wrappers(self) -> list[tuple[str, ModulesToSaveWrapper]]:
-        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+        return wrappers(self.model)
 
     # -- adapters ---------------------------------------------------------------------------
-    def _inject(self, config: LoraConfig, adapter_name: str):
-        """Insert a new adapter (inactive), recording the resolved target list in its config."""
+    def _inject(self, config: PeftConfig, adapter_name: str) -> Injection:
+        """Insert a new adapter (inactive), recording its resolved config."""
+        check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists (adapters: {list(self.peft_config)})")
-        config = config.replace()
-        if config.task_type in CLASSIFIER_TASKS:  # PEFT trains and saves the classification head in full
-            saved = list(config.modules_to_save or [])
-            config.modules_to_save = saved + [n for n in CLASSIFIER_HEADS if n not in saved]
-        if config.target_modules is None or (isinstance(config.target_modules, str)
-                                             and config.target_modules.lower() == ALL_LINEAR):
-            config.target_modules = sorted(resolve_target_modules(self.model, config))
-        journal = inject_adapter(self.model, config, adapter_name)
+        tuner = tuner_for(config)
+        config = tuner.prepare_config(self.model, config)
+        tuner.check_new_adapter(self, config, adapter_name)
+        journal = tuner.inject(self.model, config, adapter_name)
         self.peft_config[adapter_name] = config
         return journal
 
-    def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
+    def _forget(self, adapter_name: str, journal: Injection) -> None:
+        """Undo a failed addition: the layers, the config, any method state."""
+        journal.undo()
+        self.peft_config.pop(adapter_name, None)
+        self.method_state.pop(adapter_name, None)
+
+    def add_adapter(self, adapter_name: str, config: PeftConfig) -> None:
         """Add adapter ``adapter_name`` (left inactive and frozen, as in PEFT; ``set_adapter`` runs it)."""
         self._inject(config, adapter_name)
         self._refresh()
 
     def set_adapter(self, adapter_names: str | list[str]) -> None:
-        """Run ``adapter_names`` (one name or several, summed) and let them train unless their config
-        is in inference mode."""
+        """Run ``adapter_names`` (one name or several, of any methods, combined) and let them train
+        unless their config is in inference mode."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
@@ -92,56 +135,66 @@ class PeftKernModel(nn.Module):
         self._refresh()
 
     def _refresh(self) -> None:
-        """Apply the active adapter set to every layer: which run, which train, which biases train."""
+        """Apply the active adapter set to every layer: which run, which train, which extras train."""
         names = self.active_adapters
-        trainable = {n: not self.peft_config[n].inference_mode for n in self.peft_config}
-        for _, layer in self.lora_layers():
-            activate_layer(layer, names, trainable=True)
-            for n in layer.lora_A.keys():
-                if not trainable.get(n, False):
-                    for p in adapter_parameters(layer, n):
-                        p.requires_grad_(False)
+        trainable = {n for n in names if not self.peft_config[n].inference_mode}
+        for _, layer in self.adapter_layers():
+            activate_layer(layer, names, trainable)
         for _, wrapper in self._wrappers():
             held = [n for n in names if n in wrapper.modules_to_save]
-            wrapper.set_adapter(held, trainable=bool(held) and trainable[held[0]])
-        for name in names:
-            bias = self.peft_config[name].bias
-            if not trainable[name] or bias == "none":
-                continue
-            if bias == "all":
-                for key, p in self.model.named_parameters():
-                    if key == "bias" or key.endswith(".bias"):
-                        p.requires_grad_(True)
-            else:
-                for _, layer in self.lora_layers():
-                    if getattr(layer.base_layer, "bias", None) is not None:
-                        layer.base_layer.bias.requires_grad_(True)
+            wrapper.set_adapter(held, trainable=bool(held) and held[0] in trainable)
+        extras = {name: tuner_for(config).extra_trainable(self.model, config, name)
+                  for name, config in self.peft_config.items()}
+        for params in extras.values():
+            for p in params:
+                p.requires_grad_(False)
+        for name in trainable:
+            for p in extras[name]:
+                p.requires_grad_(True)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove ``adapter_name`` everywhere; if it was active, the first remaining adapter becomes active."""
         if adapter_name not in self.peft_config:
             raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {list(self.peft_config)}")
-        for _, layer in self.lora_layers():
+        for _, layer in self.adapter_layers():
             delete_from_layer(layer, adapter_name)
         for _, wrapper in self._wrappers():
             wrapper.delete(adapter_name)
+        self._drop_empty_layers()
         del self.peft_config[adapter_name]
+        self.method_state.pop(adapter_name, None)
         remaining = [n for n in self.active_adapters if n != adapter_name]
         if not remaining and adapter_name in self.active_adapters and self.peft_config:
             remaining = [next(iter(self.peft_config))]
         self.active_adapters = remaining
         self._refresh()
 
+    def _drop_empty_layers(self) -> None:
+        """Take out adapter layers that hold no adapter any more (so their module is plain again)."""
+        for path, stack in adapter_stacks(self.model):
+            kept = [m for m in stack if layer_adapters(m)]
+            if len(kept) == len(stack):
+                continue
+            below = stack[-1].base_layer
+            for layer in reversed(kept):
+                layer.base_layer = below
+                below = layer
+            parent, attr = parent_and_attr(self.model, path)
+            setattr(parent, attr, below)
+
     @contextlib.contextmanager
     def disable_adapter(self):
         """Within the block the model runs as the base model (adapters and modules_to_save copies off)."""
-        modules = [m for _, m in self.lora_layers()] + [m for _, m in self._wrappers()]
+        modules = [m for _, m in self.adapter_layers()] + [m for _, m in self._wrappers()]
         previous = [m.disable_adapters for m in modules]
+        was = self.adapters_disabled
         try:
+            self.adapters_disabled = True
             for m in modules:
                 m.disable_adapters = True
             yield
         finally:
+            self.adapters_disabled = was
             for m, state in zip(modules, previous):
                 m.disable_adapters = state
 
@@ -149,9 +202,9 @@ class PeftKernModel(nn.Module):
                              combination_type: str = "svd", svd_rank: int | None = None,
                              svd_clamp: float | None = None, svd_full_matrices: bool = True,
                              svd_driver: str | None = None) -> None:
-        """A new adapter ``adapter_name`` combining ``adapters`` with ``weights`` ("linear", "cat" or
-        "svd"; see peftkern.tuners.weighted). It targets the union of their modules, has r = alpha =
-        the new rank and rsLoRA off (so its scaling is 1), and is left inactive."""
+        """A new LoRA adapter ``adapter_name`` combining LoRA ``adapters`` with ``weights`` ("linear",
+        "cat" or "svd"; see peftkern.tuners.lora.weighted). It targets the union of their modules, has
+        r = alpha = the new rank and rsLoRA off (so its scaling is 1), and is left inactive."""
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists")
         if not adapters or len(adapters) != len(weights):
@@ -159,6 +212,9 @@ class PeftKernModel(nn.Module):
         unknown = [a for a in adapters if a not in self.peft_config]
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; adapters: {list(self.peft_config)}")
+        kinds = {a: self.peft_config[a].peft_type for a in adapters}
+        if set(kinds.values()) != {"LORA"}:
+            raise TypeError(f"add_weighted_adapter combines LoRA adapters only, got {kinds}")
         for path, wrapper in self._wrappers():
             if sum(a in wrapper.modules_to_save for a in adapters) > 1:
                 raise ValueError(f"adapters {adapters} hold several modules_to_save copies of {path!r}, which "
@@ -166,10 +222,10 @@ class PeftKernModel(nn.Module):
         combination_type = "linear" if len(adapters) == 1 else combination_type
         configs = [self.peft_config[a] for a in adapters]
         new_rank = combined_rank(combination_type, [adapter_rank(c) for c in configs], svd_rank)
-        kinds = {isinstance(c.target_modules, str) for c in configs}
-        if len(kinds) > 1:
+        regex = {isinstance(c.target_modules, str) for c in configs}
+        if len(regex) > 1:
             raise ValueError("cannot combine adapters whose target_modules mix regex strings and lists")
-        if kinds == {True}:
+        if regex == {True}:
             targets = "|".join(f"({c.target_modules})" for c in configs)
         else:
             targets = sorted(set().union(*[set(c.target_modules) for c in configs]))
@@ -186,34 +242,50 @@ class PeftKernModel(nn.Module):
                     layer.lora_A[adapter_name].weight.copy_(a)
                     layer.lora_B[adapter_name].weight.copy_(b)
         except BaseException:
-            journal.undo()
-            del self.peft_config[adapter_name]
+            self._forget(adapter_name, journal)
             raise
         self._refresh()
 
+    # -- a method's own steps -------------------------------------------------------------------
+    def update_and_allocate(self, global_step: int) -> None:
+        """AdaLoRA's rank allocation, between the optimizer step and ``zero_grad`` (as PEFT's)."""
+        done = False
+        for name, config in self.peft_config.items():
+            tuner = tuner_for(config)
+            if hasattr(tuner, "update_and_allocate") and not config.inference_mode:
+                tuner.update_and_allocate(self, name, global_step)
+                done = True
+        if not done:
+            raise ValueError("update_and_allocate is AdaLoRA's step, and this model has no trainable AdaLoRA adapter "
+                             f"(adapters: { {n: c.peft_type for n, c in self.peft_config.items()} })")
+
     # -- merging ----------------------------------------------------------------------------
     def _unload(self, merge: bool, adapter_names: list[str] | None, safe_merge: bool) -> nn.Module:
-        for path, layer in self.lora_layers():
+        names = adapter_names if adapter_names is not None else self.active_adapters
+        for path, stack in adapter_stacks(self.model):
             if merge:
-                names = adapter_names if adapter_names is not None else self.active_adapters
-                layer.merge([n for n in names if n in layer.lora_A], safe_merge=safe_merge)
-            parent, attr = _parent_and_attr(self.model, path)
-            setattr(parent, attr, layer.base_layer)
+                for layer in reversed(stack):  # innermost first: each layer merges into what is below it
+                    TUNERS[layer.peft_type].merge_layer(layer, list(names), safe_merge)
+            parent, attr = parent_and_attr(self.model, path)
+            setattr(parent, attr, stack[-1].base_layer)
         for path, wrapper in self._wrappers():
-            parent, attr = _parent_and_attr(self.model, path)
+            parent, attr = parent_and_attr(self.model, path)
             setattr(parent, attr, wrapper.running_module() if merge else wrapper.original_module)
         self.peft_config.clear()
+        self.method_state.clear()
         self.active_adapters = []
         return self.model
 
     def merge_and_unload(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> nn.Module:
-        """Add the active (or the given) adapters into the base weights, put every original module
+        """Fold the active (or the given) adapters into the base weights, put every original module
         back (modules_to_save: the active adapter's copy) and return the plain transformers model.
         ``safe_merge`` checks for non-finite weights before writing them."""
         if adapter_names is not None:
             unknown = [n for n in adapter_names if n not in self.peft_config]
             if unknown:
                 raise ValueError(f"unknown adapter(s) {unknown}; adapters: {list(self.peft_config)}")
+        for name in adapter_names if adapter_names is not None else self.active_adapters:
+            tuner_for(self.peft_config[name]).check_mergeable(self, name)
         return self._unload(True, adapter_names, safe_merge)
 
     def unload(self) -> nn.Module:
@@ -223,7 +295,7 @@ class PeftKernModel(nn.Module):
     # -- reporting and files ----------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = total = 0
-        for p in self.model.parameters():
+        for p in self.parameters():
             total += p.numel()
             trainable += p.numel() if p.requires_grad else 0
         return trainable, total
@@ -233,22 +305,52 @@ class PeftKernModel(nn.Module):
         share = 100.0 * trainable / total if total else 0.0
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
 
+    def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The tensors of ``adapter_name``'s file under PEFT's keys (live tensors, not copies)."""
+        config = self.peft_config[adapter_name]
+        return {k: s.read() for k, s in adapter_slots(self.model, tuner_for(config), config, adapter_name).items()}
+
+    def config_to_save(self, adapter_name: str) -> PeftConfig:
+        config = self.peft_config[adapter_name]
+        return tuner_for(config).config_to_save(self, config, adapter_name)
+
     def save_pretrained(self, directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
-        """Same as ``peftkern.save_adapter`` (PEFT's layout: "default" at the top, others in subfolders)."""
-        from peftkern.tuners.io import save_adapter
+        """PEFT's layout: ``adapter_config.json`` + ``adapter_model.safetensors`` per adapter, "default"
+        in ``directory``, others in ``directory/<name>``."""
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        for name in names:
+            if name not in self.peft_config:
+                raise ValueError(f"unknown adapter {name!r}; adapters: {list(self.peft_config)}")
+        for name in names:
+            tensors = self.adapter_state_dict(name)
+            write_adapter_files(adapter_directory(directory, name), self.config_to_save(name).to_json(), tensors)
 
-        for name in selected_adapters if selected_adapters is not None else list(self.peft_config):
-            save_adapter(self, directory, name)
+
+def carries_adapters(model: nn.Module) -> bool:
+    """Whether ``model`` already holds peftkern adapter layers or modules_to_save wrappers."""
+    return any(is_adapter_layer(m) or isinstance(m, ModulesToSaveWrapper) for m in model.modules())
 
 
-def get_peft_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> PeftKernModel:
-    """Swap the modules ``config`` targets for peftkern LoRA layers (in place), freeze everything
+def refuse_adapted(model: nn.Module, what: str) -> None:
+    """An already adapted model passed where a plain one is expected: refuse (issue: a second wrapper
+    over the same layers ran one adapter while reporting another, and saved files that did not load)."""
+    if isinstance(model, PeftKernModel):
+        raise ValueError(f"{what}: the model is already a PeftKernModel (adapters {list(model.peft_config)}); "
+                         "add another adapter with model.add_adapter(name, config) or peftkern.load_adapter(model, dir, "
+                         "adapter_name=...)")
+    if carries_adapters(model):
+        layers = sorted({type(m).__name__ for m in model.modules()
+                         if is_adapter_layer(m) or isinstance(m, ModulesToSaveWrapper)})
+        raise ValueError(f"{what}: the model already carries peftkern adapter layers ({', '.join(layers)}); use the "
+                         "PeftKernModel that holds them (add_adapter / load_adapter on it), or unload() it first")
+
+
+def get_peft_model(model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> PeftKernModel:
+    """Put adapter ``adapter_name`` of ``config``'s method on ``model`` (in place), freeze everything
     else, and return the model wrapped with PEFT's adapter methods. The adapter is active and
     trainable (unless ``config.inference_mode``). Nothing changes if a target matches nothing."""
-    if isinstance(model, PeftKernModel):
-        raise TypeError("model already carries peftkern adapters; use model.add_adapter(name, config)")
-    if not isinstance(config, LoraConfig):
-        raise TypeError(f"config must be a peftkern.LoraConfig, got {type(config).__name__}")
+    tuner_for(config)
+    refuse_adapted(model, "get_peft_model")
     wrapped = PeftKernModel(model)
     wrapped._inject(config, adapter_name)
     freeze_base(wrapped)
@@ -259,3 +361,6 @@ def get_peft_model(model: nn.Module, config: LoraConfig, adapter_name: str = "de
 def freeze_base(wrapped: PeftKernModel) -> None:
     for p in wrapped.model.parameters():
         p.requires_grad_(False)
+
+
+__all__ = ["PeftKernModel", "get_peft_model", "freeze_base", "refuse_adapted", "carries_adapters"]

@@ -6,6 +6,8 @@ import copy
 
 from torch import nn
 
+from peftkern.nn.mixed_batch import current_rows
+
 
 class ModulesToSaveWrapper(nn.Module):
     """Runs the active adapter's copy of the module, or the frozen original when no adapter of this
@@ -52,7 +54,25 @@ class ModulesToSaveWrapper(nn.Module):
         return self.modules_to_save[self.active_adapter]
 
     def forward(self, *args, **kwargs):
+        rows = current_rows()
+        if rows is not None and not self.disable_adapters and args:
+            return self._forward_by_rows(rows, *args, **kwargs)
         return self.running_module()(*args, **kwargs)
+
+    def _forward_by_rows(self, rows, x, *args, **kwargs):
+        """Row i through the copy of adapter ``rows.names[i]`` (the original for names this wrapper
+        does not hold, and for "__base__"), as PEFT's mixed batches."""
+        if x.shape[0] != len(rows.names):
+            raise ValueError(f"adapter_names has {len(rows.names)} entries but the input has {x.shape[0]} rows")
+        out = None
+        for name in rows.groups:
+            module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+            idx = rows.index(name, x.device)
+            y = module(x.index_select(0, idx), *args, **kwargs)
+            if out is None:
+                out = y.new_empty((x.shape[0], *y.shape[1:]))
+            out.index_copy_(0, idx, y)
+        return out
 
     def __getattr__(self, name: str):
         try:

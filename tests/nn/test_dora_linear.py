@@ -298,3 +298,49 @@ def test_peft_files_both_ways(tmp_path, seed):
     back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "from_ours").eval()
     with torch.no_grad():
         assert rel_error(back(input_ids=IDS).logits, expected) < 1e-5
+
+
+# ---- issue 28 (10, 13) ----------------------------------------------------------------------
+
+def test_norm_follows_edits_through_weight_data(seed):
+    """``weight.data.mul_()`` bumps no version counter: the row norm must still follow the edit."""
+    base = nn.Linear(16, 12)
+    layer = DoRALinear.from_linear(copy.deepcopy(base), r=4, lora_alpha=8)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    x = torch.randn(5, 16)
+    layer(x)
+    for edit in (lambda w: w.data.mul_(1.7), lambda w: w.data.copy_(torch.randn_like(w))):
+        edit(layer.base_layer.weight)
+        w = layer.base_layer.weight
+        delta = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+        scale = layer.lora_magnitude_vector["default"].weight / (w + delta).norm(dim=1)
+        expected = scale * (x @ (w + delta).t()) + layer.base_layer.bias
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_two_active_dora_adapters_match_peft(seed):
+    """PEFT 0.21.2 rescales the running result with each further adapter's magnitude."""
+    base = _tiny_llama()
+    config = dict(r=4, lora_alpha=8, use_dora=True, init_lora_weights=False)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(target_modules=TARGETS, **config),
+                                 adapter_name="a")
+    theirs.add_adapter("b", peft.LoraConfig(target_modules=["q_proj", "down_proj"], **config))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1.0 + 0.2 * torch.rand_like(p))
+    tuners = pytest.importorskip("peftkern.tuners")
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        theirs.save_pretrained(tmp)
+        ours = tuners.load_adapter(copy.deepcopy(base), tmp, adapter_name="a")
+        tuners.load_adapter(ours, f"{tmp}/b", adapter_name="b")
+    theirs.base_model.set_adapter(["a", "b"])
+    ours.set_adapter(["a", "b"])
+    with torch.no_grad():
+        expected = theirs.eval()(input_ids=IDS).logits
+        single = copy.deepcopy(ours)
+        single.set_adapter("a")
+        assert rel_error(single(input_ids=IDS).logits, expected) > 1e-4  # b matters
+        assert rel_error(ours.eval()(input_ids=IDS).logits, expected) < 1e-5

@@ -156,3 +156,46 @@ def test_tiny_model_trains_the_same_on_every_face():
     for face, curve in curves.items():
         for step, (a, b) in enumerate(zip(curve, torch_curve)):
             assert abs(a - b) <= 1e-4 * max(1.0, abs(b)), f"{face} diverges from torch at step {step}: {a} vs {b}"
+
+
+# ---- issue 28 (16, 18): bad settings name the argument; merge skips adapters a layer lacks --------
+
+@pytest.mark.parametrize("kwargs,exc,message", [
+    (dict(lora_alpha="8"), TypeError, "lora_alpha must be a finite real number, got '8'"),
+    (dict(lora_dropout="0.1"), TypeError, "lora_dropout must be a finite real number, got '0.1'"),
+    (dict(lora_alpha=float("inf")), TypeError, "lora_alpha must be a finite real number"),
+    (dict(r=True), ValueError, "rank r must be a positive integer, got True"),
+    (dict(r=2.0), ValueError, "rank r must be a positive integer, got 2.0"),
+    (dict(use_rslora="yes"), TypeError, "use_rslora must be a bool"),
+    (dict(init_lora_weights="pissa"), ValueError, "init_lora_weights must be True, False or 'gaussian'"),
+    (dict(adapter_name="a.b"), ValueError, "adapter_name must be a non-empty string without '.'"),
+])
+def test_from_linear_validates_every_setting_before_touching_the_base(kwargs, exc, message):
+    base = nn.Linear(8, 4)
+    settings = {"r": 2, "lora_alpha": 4, **kwargs}
+    with pytest.raises(exc, match=message.replace("(", r"\(").replace(")", r"\)")):
+        LoRALinear.from_linear(base, **settings)
+    assert base.weight.requires_grad and base.bias.requires_grad  # untouched
+
+
+def test_a_lora_layer_is_not_a_base_layer():
+    layer = LoRALinear.from_linear(nn.Linear(8, 4), r=2, lora_alpha=4)
+    with pytest.raises(TypeError, match="already a LoRALinear; add another adapter to it with update_layer"):
+        LoRALinear.from_linear(layer, r=2, lora_alpha=4)
+    with pytest.raises(TypeError, match="must be an nn.Module"):
+        LoRALinear(torch.zeros(4, 8))
+
+
+def test_merge_skips_active_adapters_the_layer_does_not_hold(seed):
+    base = nn.Linear(10, 6)
+    module = LoRALinear.from_linear(copy.deepcopy(base), r=2, lora_alpha=2)
+    _randomize_adapter(module)
+    module.active_adapters = ["default", "elsewhere"]  # "elsewhere" lives on other layers of the model
+    x = torch.randn(3, 10)
+    before = module(x)
+    module.merge()
+    assert module.merged_adapters == ["default"]
+    torch.testing.assert_close(module(x), before, rtol=1e-5, atol=1e-5)
+    module.unmerge()
+    module.merge(["elsewhere"])
+    assert not module.merged

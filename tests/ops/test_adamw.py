@@ -212,7 +212,9 @@ def test_subnormal_states_quantize_like_the_reference(face):
     """A block whose states are all subnormal floats still scales by its own absmax."""
     n = 256
     p0 = torch.randn(n, device=DEVICE)
-    g = torch.randn(n, device=DEVICE) * 1e-21  # g^2 ~ 1e-42: v lands in fp32's subnormal range
+    # g^2 ~ 1e-38: v ~ 1e-41 lands in fp32's subnormal range with ~13 bits left. At 1e-21 (v ~ 1e-45, a few
+    # subnormal ulps) the fp32 state itself is too coarse for codes to agree: 27 of 300 seeds failed.
+    g = torch.randn(n, device=DEVICE) * 1e-19
     zeros = [torch.zeros(n, dtype=torch.uint8, device=DEVICE), torch.zeros(1, device=DEVICE),
              torch.zeros(n, dtype=torch.uint8, device=DEVICE), torch.zeros(1, device=DEVICE)]
     hyper = dict(HYPER, weight_decay=0.0)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peftkern.tuners.config import LoraConfig
+from peftkern.tuners import LoraConfig
 from peftkern.tuners.io import write_adapter_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -22,7 +22,7 @@ CHILD = textwrap.dedent("""
     import os, sys, time, builtins
     import torch
     from peftkern.tuners import io
-    from peftkern.tuners.config import LoraConfig
+    from peftkern.tuners import LoraConfig
     directory, pause, big = sys.argv[1], sys.argv[2], int(sys.argv[3])
 
     def stop():

@@ -137,7 +137,7 @@ def test_key_that_fits_no_module_or_wrong_shape(saved, tmp_path):
     folder = copy_adapter(root, tmp_path / "shape", edit_tensors=lambda t: t.update({key: torch.ones(16, 3)}))
     _load_fails(folder, r"v_proj.lora_B.weight' has shape \(16, 3\) but .* is \(16, 4\)")
     folder = copy_adapter(root, tmp_path / "missing", edit_tensors=lambda t: t.pop(key))
-    _load_fails(folder, "adapter weights missing for .*v_proj.lora_B.default.weight")
+    _load_fails(folder, "adapter weights missing for .*v_proj.lora_B.weight")
     folder = copy_adapter(root, tmp_path / "rank", edit_config=lambda c: c.update(r=8))
     _load_fails(folder, "has shape")
 
