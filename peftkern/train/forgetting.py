@@ -279,8 +279,12 @@ def plot(report: dict, path_bars: str, path_curve: str) -> None:
     for k, mode in enumerate(MODES):
         rows = [r for r in report["rows"] if r["mode"] == mode]
         xs = [i + (k - 0.5) * width for i in range(len(rows))]
+        color = f"C{k}"
         for ax, key in zip(axes, ("acc_a", "nll_a", "b_gain", "ppl")):
-            ax.bar(xs, [r[key] for r in rows], width, label=mode)
+            ax.bar(xs, [r[key] for r in rows], width, label=mode, color=color)
+            before = {"acc_a": "acc_a_before_b", "nll_a": "nll_a_before_b", "ppl": "ppl_before_b"}.get(key)
+            if before and rows and rows[0].get(before) is not None:  # the level after A, before B
+                ax.axhline(rows[0][before], color=color, linestyle="--", linewidth=1)
     titles = (f"task A ({report['task_a']}) held-out accuracy after B", "task A answer NLL/token after B (lower: kept)",
               f"task B ({report['task_b']}) gain in accuracy", "base-corpus perplexity after B (log)")
     axes[3].set_yscale("log")
@@ -288,7 +292,7 @@ def plot(report: dict, path_bars: str, path_curve: str) -> None:
         ax.set_title(title, fontsize=10)
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
-    axes[0].legend()
+    axes[0].legend(title="dashed: after A, before B", fontsize=8, title_fontsize=8)
     fig.suptitle(f"Forgetting on the embedded default: SFT on A ({report['task_a']}), then B ({report['task_b']}) - "
                  "measured (CPU)")
     fig.tight_layout()
