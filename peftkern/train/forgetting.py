@@ -161,8 +161,9 @@ def _merged_model_dir(trainer, out: str, tokenizer) -> str:
     return out
 
 
-def run_report(out_dir: str, plan_name: str = "full", seed: int = 0, progress=print) -> dict:
-    """Every stage, variant and evaluation; writes the report files in ``out_dir``; returns the report."""
+def run_report(out_dir: str, plan_name: str = "full", seed: int = 0, progress=print, model: str = "tiny") -> dict:
+    """Every stage, variant and evaluation; writes the report files in ``out_dir``; returns the report.
+    ``model``: the embedded default ("tiny"), or "tiny-micro" (random weights: for tests of the pipeline)."""
     from peftkern.train.fisher import save_fisher
     from peftkern.train.forgetting_cli import fisher_for_config
     from peftkern.train.loading import load_tokenizer
@@ -170,8 +171,8 @@ def run_report(out_dir: str, plan_name: str = "full", seed: int = 0, progress=pr
     plan = PLANS[plan_name]
     started = time.time()
     data = write_data(os.path.join(out_dir, "data"), plan, seed)
-    tok = load_tokenizer(TrainConfig(model="tiny"))
-    base_cfg = _config(os.path.join(out_dir, "base"), "tiny", "full", plan, 1, data["a"], seed)
+    tok = load_tokenizer(TrainConfig(model=model))
+    base_cfg = _config(os.path.join(out_dir, "base"), model, "full", plan, 1, data["a"], seed)
     from peftkern.train.loading import load_lm
 
     rows, stages = [], {}
@@ -179,7 +180,7 @@ def run_report(out_dir: str, plan_name: str = "full", seed: int = 0, progress=pr
     progress(f"forgetting: base {stages['base']}")
     for mode in MODES:
         stage1_out = os.path.join(out_dir, mode, "stage1")
-        trainer, _ = _train(_config(stage1_out, "tiny", mode, plan, plan["steps_a"], data["a"], seed))
+        trainer, _ = _train(_config(stage1_out, model, mode, plan, plan["steps_a"], data["a"], seed))
         after_a = evaluate_lm(trainer.module.lm, tok, plan["eval_limit"])
         model_a = _merged_model_dir(trainer, os.path.join(out_dir, mode, "model_a"), tok)
         stages[f"{mode}: after A"] = after_a
@@ -214,7 +215,7 @@ def run_report(out_dir: str, plan_name: str = "full", seed: int = 0, progress=pr
             rows.append(row)
             progress(f"forgetting: {mode} / {method} {knobs}: {after_b}")
     curve = epoch_curve(out_dir, plan, data, tok, seed)
-    report = {"plan": plan_name, "settings": plan, "modes": MODES, "schedule": SCHEDULE, "task_a": TASK_A,
+    report = {"plan": plan_name, "model": model, "settings": plan, "modes": MODES, "schedule": SCHEDULE, "task_a": TASK_A,
               "task_b": TASK_B, "rehearsal_ratio": REHEARSAL_RATIO, "stages": stages, "rows": rows, "curve": curve,
               "seconds": round(time.time() - started, 1), "torch": torch.__version__,
               "threads": torch.get_num_threads()}
@@ -278,8 +279,12 @@ def plot(report: dict, path_bars: str, path_curve: str) -> None:
     for k, mode in enumerate(MODES):
         rows = [r for r in report["rows"] if r["mode"] == mode]
         xs = [i + (k - 0.5) * width for i in range(len(rows))]
+        color = f"C{k}"
         for ax, key in zip(axes, ("acc_a", "nll_a", "b_gain", "ppl")):
-            ax.bar(xs, [r[key] for r in rows], width, label=mode)
+            ax.bar(xs, [r[key] for r in rows], width, label=mode, color=color)
+            before = {"acc_a": "acc_a_before_b", "nll_a": "nll_a_before_b", "ppl": "ppl_before_b"}.get(key)
+            if before and rows and rows[0].get(before) is not None:  # the level after A, before B
+                ax.axhline(rows[0][before], color=color, linestyle="--", linewidth=1)
     titles = (f"task A ({report['task_a']}) held-out accuracy after B", "task A answer NLL/token after B (lower: kept)",
               f"task B ({report['task_b']}) gain in accuracy", "base-corpus perplexity after B (log)")
     axes[3].set_yscale("log")
@@ -287,7 +292,7 @@ def plot(report: dict, path_bars: str, path_curve: str) -> None:
         ax.set_title(title, fontsize=10)
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
-    axes[0].legend()
+    axes[0].legend(title="dashed: after A, before B", fontsize=8, title_fontsize=8)
     fig.suptitle(f"Forgetting on the embedded default: SFT on A ({report['task_a']}), then B ({report['task_b']}) - "
                  "measured (CPU)")
     fig.tight_layout()
