@@ -8,7 +8,7 @@ PIN := -c constraints.txt
 STAMP := $(VENV)/.peftkern-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test ctest kernels bench clean
+.PHONY: install demo test ctest kernels bench gpu-check clean
 
 $(STAMP): pyproject.toml setup.py constraints.txt $(wildcard csrc/*/*.cu csrc/*/*.cuh csrc/*/*.cpp csrc/*.cpp)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,20 @@ kernels: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/peftkern bench
+
+# The first-GPU check (docs/gpu-check.md): every CUDA-only path, one JSON report in benchmarks/results.
+# It runs in the Python that has the GPU's torch (GPU_PYTHON, default python3), never in the CPU .venv,
+# and skips with exit 0 where no GPU is visible. The fatbin is rebuilt first when csrc/ changed and nvcc
+# is there (else the CUDA face compiles csrc/ with NVRTC, or reports why it cannot).
+GPU_PYTHON ?= $(PYTHON)
+GPU_CHECK_ARGS ?=
+gpu-check:
+	@if command -v nvcc >/dev/null 2>&1 && { [ ! -f peftkern/_kernels.fatbin ] || \
+	    [ -n "$$(find csrc -newer peftkern/_kernels.fatbin -name '*.cu*' 2>/dev/null)" ]; }; then \
+	  PEFTKERN_BUILD_CUDA=1 $(GPU_PYTHON) setup.py -q build_ext --inplace || \
+	    echo "gpu-check: building the fatbin failed; the check reports what the CUDA face can do without it"; \
+	fi
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info peftkern/_host*.so peftkern/_kernels.fatbin

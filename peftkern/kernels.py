@@ -23,6 +23,7 @@ OP_MODULES = (
     "peftkern.ops.adamw",
     "peftkern.ops.nf4",
     "peftkern.ops.dora",
+    "peftkern.ops.ia3",
 )
 
 ARCHS = {"sm_80": 80, "sm_90": 90}

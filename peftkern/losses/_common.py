@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
@@ -40,3 +41,22 @@ def check_positive(op: str, name: str, value: float) -> float:
     if not value > 0.0:
         raise ValueError(f"{op}: {name} must be > 0, got {value}")
     return value
+
+
+def smoothed_logsigmoid(logits: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """-(1 - e) log s(x) - e log s(-x): the cDPO loss (Mitchell 2023, "A note on DPO with noisy
+    preferences"), which is the plain DPO loss at e = 0 (also SimPO's and CPO's)."""
+    loss = -F.logsigmoid(logits) * (1.0 - label_smoothing)
+    if label_smoothing:
+        loss = loss - F.logsigmoid(-logits) * label_smoothing
+    return loss
+
+
+def smoothed_logsigmoid_grad(logits: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """d/dx of :func:`smoothed_logsigmoid`: -(1 - e) s(-x) + e s(x)."""
+    return -(1.0 - label_smoothing) * torch.sigmoid(-logits) + label_smoothing * torch.sigmoid(logits)
+
+
+def sigmoid_slope(x: torch.Tensor) -> torch.Tensor:
+    """d s(x) / dx = s(x) s(-x)."""
+    return torch.sigmoid(x) * torch.sigmoid(-x)

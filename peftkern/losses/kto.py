@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from peftkern.losses._common import check_choice, check_positive, check_same_shape
+from peftkern.losses._common import check_choice, check_positive, check_same_shape, sigmoid_slope
 
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
@@ -15,6 +15,28 @@ def kl_estimate(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> to
     if policy_kl_logps.numel() == 0:
         return policy_kl_logps.new_zeros(())
     return (policy_kl_logps - ref_kl_logps).mean().clamp(min=0).detach()
+
+
+def kto_example_losses(ratio: torch.Tensor, desirable: torch.Tensor, beta: float, kl, desirable_weight: float = 1.0,
+                       undesirable_weight: float = 1.0, loss_type: str = "kto", with_grad: bool = False):
+    """Weighted per-example KTO losses [B] from r = policy - reference sequence log-probs [B] and
+    ``desirable`` [B] bool, with the reference point ``kl`` (z0, a constant); with ``with_grad`` also
+    d loss / d r [B], written out for the fused loss.
+
+    kto: desirable w_d (1 - s(beta (r - z0))), undesirable w_u (1 - s(beta (z0 - r)));
+    apo_zero_unpaired: desirable w_d (1 - s(beta r)), undesirable w_u s(beta r)."""
+    if loss_type == "kto":
+        x_good, x_bad = beta * (ratio - kl), beta * (kl - ratio)
+        good, bad = 1.0 - torch.sigmoid(x_good), 1.0 - torch.sigmoid(x_bad)
+        d_good, d_bad = -beta * sigmoid_slope(x_good), beta * sigmoid_slope(x_bad)
+    else:
+        x = beta * ratio
+        good, bad = 1.0 - torch.sigmoid(x), torch.sigmoid(x)
+        d_good, d_bad = -beta * sigmoid_slope(x), beta * sigmoid_slope(x)
+    losses = torch.where(desirable, desirable_weight * good, undesirable_weight * bad)
+    if not with_grad:
+        return losses
+    return losses, torch.where(desirable, desirable_weight * d_good, undesirable_weight * d_bad)
 
 
 def kto_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
@@ -49,12 +71,8 @@ def kto_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
         kl = policy_chosen_logps.new_zeros(())
     chosen = policy_chosen_logps - ref_chosen_logps
     rejected = policy_rejected_logps - ref_rejected_logps
-    if loss_type == "kto":
-        chosen_losses = 1.0 - torch.sigmoid(beta * (chosen - kl))
-        rejected_losses = 1.0 - torch.sigmoid(beta * (kl - rejected))
-    else:
-        chosen_losses = 1.0 - torch.sigmoid(beta * chosen)
-        rejected_losses = torch.sigmoid(beta * rejected)
-    losses = torch.cat([desirable_weight * chosen_losses, undesirable_weight * rejected_losses])
+    ratio = torch.cat([chosen, rejected])
+    desirable = torch.arange(ratio.shape[0], device=ratio.device) < chosen.shape[0]
+    losses = kto_example_losses(ratio, desirable, beta, kl, desirable_weight, undesirable_weight, loss_type)
     loss = losses.mean() if losses.numel() else losses.sum()
     return loss, beta * chosen.detach(), beta * rejected.detach(), kl

@@ -16,9 +16,19 @@ State per parameter (``state_dict()`` holds these tensors as they are):
   8-bit:  ``step``, ``exp_avg_codes``, ``exp_avg_sq_codes`` (uint8, the parameter's shape),
           ``exp_avg_absmax``, ``exp_avg_sq_absmax`` (fp32 [ceil(numel / 256)]).
 Loading converts between the two forms when a parameter's bits differ from the saved ones.
+
+Anchored penalty (EWC, L2-SP): :meth:`PagedAdamW.set_anchor` gives a parameter an anchor (its
+value now, by default) and optionally a diagonal Fisher F; with a group's ``anchor_lambda`` > 0
+every step then minimises loss + anchor_lambda / 2 * sum F (p - anchor)^2, the penalty's gradient
+folded into the fused step (one extra read of the anchor and of F, no autograd term). F = 1 when
+none is given (L2-SP). The anchor (the parameter's dtype) and F (fp32, or 8-bit codes of the
+unsigned dynamic map with an absmax per 256, ``fisher_bits=8``) are state entries too:
+``anchor``, ``anchor_fisher`` or ``anchor_fisher_codes`` + ``anchor_fisher_absmax``, saved and
+restored with the rest, paged like the moments.
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -29,6 +39,7 @@ from peftkern.reference.adamw import BLOCKSIZE, dequantize_blockwise, dynamic_ma
 
 STATE_32BIT = ("exp_avg", "exp_avg_sq")
 STATE_8BIT = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
+ANCHOR_STATE = ("anchor", "anchor_fisher", "anchor_fisher_codes", "anchor_fisher_absmax")
 PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -47,6 +58,10 @@ def _check_group(name: str, group: dict) -> None:
     size = group["min_8bit_size"]
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
         raise ValueError(f"{name}: min_8bit_size must be an int >= 0, got {size!r}")
+    lam = group["anchor_lambda"]
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0.0:
+        raise ValueError(f"{name}: anchor_lambda (the EWC / L2-SP strength) must be a finite number >= 0, "
+                         f"got {lam!r}")
 
 
 class PagedAdamW(torch.optim.Optimizer):
@@ -61,13 +76,16 @@ class PagedAdamW(torch.optim.Optimizer):
             prefetched to the GPU before each step when it has room, else kept in host memory.
             Without CUDA the states stay in ordinary memory (said once).
         min_8bit_size: parameters with fewer elements keep 32-bit states under ``optim_bits=8``.
+        anchor_lambda: strength of the anchored penalty (EWC / L2-SP) on parameters given an anchor
+            with :meth:`set_anchor`; 0 turns it off. A group may set its own.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01, optim_bits: int = 32, paged: bool = True, min_8bit_size: int = 4096):
+                 weight_decay: float = 0.01, optim_bits: int = 32, paged: bool = True, min_8bit_size: int = 4096,
+                 anchor_lambda: float = 0.0):
         _check_betas(type(self).__name__, betas)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, optim_bits=optim_bits,
-                        min_8bit_size=min_8bit_size)
+                        min_8bit_size=min_8bit_size, anchor_lambda=anchor_lambda)
         _check_group(type(self).__name__, defaults)
         self.paged = bool(paged)
         self._pager = Pager(self.paged, owner=type(self).__name__)
@@ -107,6 +125,67 @@ class PagedAdamW(torch.optim.Optimizer):
             state["exp_avg"] = self._zeros(n, torch.float32, p.device).view(p.shape)
             state["exp_avg_sq"] = self._zeros(n, torch.float32, p.device).view(p.shape)
         return state
+
+    # -- anchored penalty (EWC / L2-SP) ---------------------------------------------------------
+
+    def _group_of(self, p: torch.Tensor) -> dict:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise ValueError(f"{type(self).__name__}.set_anchor: the tensor of shape {tuple(p.shape)} is not a "
+                         "parameter of this optimizer")
+
+    @torch.no_grad()
+    def set_anchor(self, p: torch.Tensor, anchor: torch.Tensor | None = None, fisher: torch.Tensor | None = None,
+                   fisher_bits: int = 32) -> None:
+        """Anchor parameter ``p``: its steps minimise loss + anchor_lambda / 2 * sum F (p - anchor)^2.
+
+        ``anchor`` defaults to ``p``'s value now (copied); ``fisher`` (p's shape, finite, >= 0) to
+        None, meaning F = 1 (L2-SP). ``fisher_bits=8`` stores F as 8-bit blockwise codes (1.02 bytes
+        per element instead of 4), dequantized inside the step as the 8-bit moments are.
+        """
+        name = f"{type(self).__name__}.set_anchor"
+        group = self._group_of(p)
+        anchor = p.detach() if anchor is None else anchor
+        if not isinstance(anchor, torch.Tensor) or tuple(anchor.shape) != tuple(p.shape):
+            raise ValueError(f"{name}: anchor must be a tensor of the parameter's shape {tuple(p.shape)}, got "
+                             f"{tuple(anchor.shape) if isinstance(anchor, torch.Tensor) else type(anchor).__name__}")
+        if fisher_bits not in (8, 32):
+            raise ValueError(f"{name}: fisher_bits must be 32 or 8, got {fisher_bits!r}")
+        if fisher is not None:
+            if not isinstance(fisher, torch.Tensor) or tuple(fisher.shape) != tuple(p.shape):
+                raise ValueError(f"{name}: fisher must be a tensor of the parameter's shape {tuple(p.shape)}, got "
+                                 f"{tuple(fisher.shape) if isinstance(fisher, torch.Tensor) else type(fisher).__name__}")
+            if not fisher.is_floating_point():
+                raise TypeError(f"{name}: fisher has dtype {fisher.dtype}, expected a float dtype")
+            lo, hi = torch.aminmax(fisher.float()) if fisher.numel() else (torch.zeros(()), torch.zeros(()))
+            if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))) or lo.item() < 0.0:
+                raise ValueError(f"{name}: fisher (shape {tuple(p.shape)}) must be finite and >= 0; its range is "
+                                 f"[{lo.item()}, {hi.item()}]")
+        state = self.state[p]
+        if not state:
+            state.update(self._fresh_state(p, group))
+        self.clear_anchor(p)
+        n = p.numel()
+        state["anchor"] = self._zeros(n, p.dtype, p.device).view(p.shape)
+        state["anchor"].copy_(anchor)
+        if fisher is None:
+            return
+        fisher = fisher.to(p.device, torch.float32)
+        if fisher_bits == 32:
+            state["anchor_fisher"] = self._zeros(n, torch.float32, p.device).view(p.shape)
+            state["anchor_fisher"].copy_(fisher)
+        else:
+            codes, absmax = quantize_blockwise(fisher, dynamic_map(False, p.device))
+            state["anchor_fisher_codes"] = self._zeros(n, torch.uint8, p.device).view(p.shape)
+            state["anchor_fisher_codes"].copy_(codes)
+            state["anchor_fisher_absmax"] = self._zeros(absmax.numel(), torch.float32, p.device)
+            state["anchor_fisher_absmax"].copy_(absmax)
+
+    def clear_anchor(self, p: torch.Tensor) -> None:
+        """Remove ``p``'s anchor and Fisher (its steps are plain AdamW again)."""
+        for key in ANCHOR_STATE:
+            self.state[p].pop(key, None)
 
     def state_bytes(self) -> int:
         """Bytes held by every state tensor (step counters included)."""
@@ -151,6 +230,11 @@ class PagedAdamW(torch.optim.Optimizer):
                      weight_decay=group["weight_decay"])
         target = p if p.is_contiguous() else p.contiguous()
         grad = p.grad.contiguous()
+        if "anchor" in state and group["anchor_lambda"] > 0:
+            fisher = state.get("anchor_fisher")
+            if "anchor_fisher_codes" in state:
+                fisher = (state["anchor_fisher_codes"].view(-1), state["anchor_fisher_absmax"])
+            hyper.update(anchor=state["anchor"], fisher=fisher, penalty=group["anchor_lambda"])
         if "exp_avg_codes" in state:
             adamw_ops.adamw8bit_step(target, grad, state["exp_avg_codes"], state["exp_avg_absmax"],
                                      state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], **hyper)
@@ -175,6 +259,7 @@ class PagedAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             group.setdefault("optim_bits", self.defaults["optim_bits"])
             group.setdefault("min_8bit_size", self.defaults["min_8bit_size"])
+            group.setdefault("anchor_lambda", self.defaults["anchor_lambda"])
             group["betas"] = tuple(group["betas"])
             _check_group(type(self).__name__, group)
         owners = {}
@@ -222,7 +307,28 @@ class PagedAdamW(torch.optim.Optimizer):
         else:
             state["exp_avg"].view(-1).copy_(m)
             state["exp_avg_sq"].view(-1).copy_(v)
+        self._restore_anchor(name, p, state, saved)
         return state
+
+    def _restore_anchor(self, name: str, p: torch.Tensor, state: dict, saved: dict) -> None:
+        if "anchor" not in saved:
+            if any(k in saved for k in ANCHOR_STATE):
+                raise ValueError(f"{name}: a state (parameter of shape {tuple(p.shape)}) has a Fisher but no anchor")
+            return
+        n, blocks = p.numel(), -(-p.numel() // BLOCKSIZE)
+        expected = {"anchor": (p.dtype, n)}
+        if "anchor_fisher" in saved:
+            expected["anchor_fisher"] = (torch.float32, n)
+        if "anchor_fisher_codes" in saved or "anchor_fisher_absmax" in saved:
+            expected.update(anchor_fisher_codes=(torch.uint8, n), anchor_fisher_absmax=(torch.float32, blocks))
+        missing = [k for k in expected if k not in saved]
+        if missing:
+            raise ValueError(f"{name}: a state (parameter of shape {tuple(p.shape)}) lacks {missing}")
+        _check_saved(name, saved, p, expected)
+        for key in expected:
+            shape = (blocks,) if key == "anchor_fisher_absmax" else p.shape
+            state[key] = self._zeros(expected[key][1], expected[key][0], p.device).view(shape)
+            state[key].view(-1).copy_(saved[key].reshape(-1))
 
 
 def _check_saved(name: str, saved: dict, p: torch.Tensor, expected: dict) -> None:

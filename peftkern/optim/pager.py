@@ -37,7 +37,9 @@ MIN_PAGED_BYTES = 1 << 20
 # Device memory kept free when deciding to prefetch, for the step's own temporaries.
 PREFETCH_HEADROOM_BYTES = 256 << 20
 
-_TYPESTR = {torch.float32: "<f4", torch.uint8: "|u1", torch.float16: "<f2", torch.int32: "<i4"}
+_TYPESTR = {torch.float32: "<f4", torch.uint8: "|u1", torch.float16: "<f2", torch.int32: "<i4", torch.int16: "<i2"}
+# dtypes the array interface cannot name: allocated as an integer of the same size, then viewed
+_STORAGE_DTYPE = {torch.bfloat16: torch.int16}
 
 _managed_lock = threading.Lock()
 _managed_bytes: dict[int, int] = {}  # device index -> managed bytes alive, over every pager
@@ -253,12 +255,12 @@ class Pager:
                         f"{total / 2**30:.2f} GiB; use optim_bits=8 or fewer trainable parameters")
                 _managed_bytes[index] = alive + nbytes
             try:
-                buffer = _ManagedBuffer(numel, dtype, index)
+                buffer = _ManagedBuffer(numel, _STORAGE_DTYPE.get(dtype, dtype), index)
             except BaseException:
                 with _managed_lock:
                     _managed_bytes[index] -= nbytes
                 raise
-            tensor = torch.as_tensor(buffer, device=torch.device("cuda", index))
+            tensor = torch.as_tensor(buffer, device=torch.device("cuda", index)).view(dtype)
             tensor.zero_()
         return tensor
 

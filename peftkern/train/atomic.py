@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -125,15 +126,28 @@ def remove_temp_entries(directory: str) -> None:
                     os.unlink(path)
 
 
+def as_os_error(exc: BaseException) -> OSError | None:
+    """``exc`` as an OSError when it is one, or wraps one (safetensors reports a failed write as
+    ``SafetensorError: ... I/O error: ... (os error 28)``); else None."""
+    if isinstance(exc, OSError):
+        return exc
+    found = re.search(r"os error (\d+)", str(exc))
+    if found:
+        code = int(found.group(1))
+        return OSError(code, os.strerror(code))
+    return None
+
+
 def with_retries(write: Callable[[], object], what: str, kept: str, retries: int = 0, warn=None):
-    """Run ``write()``; on an OSError retry up to ``retries`` times (waiting ``RETRY_DELAY_S``, doubling),
-    then raise SaveError naming ``what`` failed, the OS error, and what is ``kept`` intact."""
+    """Run ``write()``; on an I/O error retry up to ``retries`` times (waiting ``RETRY_DELAY_S``,
+    doubling), then raise SaveError naming ``what`` failed, the OS error, and what is ``kept`` intact."""
     attempt = 0
     while True:
         try:
             return write()
-        except OSError as exc:
-            if isinstance(exc, SaveError):
+        except Exception as raised:
+            exc = as_os_error(raised)
+            if exc is None or isinstance(raised, SaveError):
                 raise
             reason = f"{exc.strerror or exc}" + (f" (errno {exc.errno})" if exc.errno else "")
             if attempt < retries:
@@ -146,4 +160,4 @@ def with_retries(write: Callable[[], object], what: str, kept: str, retries: int
             tried = f" after {retries} retries" if retries else ""
             raise SaveError(f"could not write {what}{tried}: {reason}. {kept} "
                             "Free space or fix the permission, then resume with --resume"
-                            + ("" if retries else " (--save-retries N retries a failed write)") + ".") from exc
+                            + ("" if retries else " (--save-retries N retries a failed write)") + ".") from raised

@@ -3,6 +3,8 @@
 import json
 import os
 
+import pytest
+
 from peftkern.cli import main
 from peftkern.models import tasks
 
@@ -44,6 +46,21 @@ def test_demo_quick_writes_the_report(tmp_path, capsys):
                  "dpo/adapter/adapter_config.json", "base_model/config.json", "base_model/tokenizer.json"):
         assert os.path.isfile(out / path), path
     assert "preference accuracy" in capsys.readouterr().out
+    # Issue 28.7: each adapter names the base it was trained on, and PEFT, loading it through that
+    # name, gives what the demo's own model generated
+    for stage, base in (("sft", "base_model"), ("dpo", "sft_model")):
+        config = json.loads((out / stage / "adapter" / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == str((out / base).resolve()), stage
+        assert (out / base / "config.json").is_file() and (out / base / "tokenizer.json").is_file()
+    peft = pytest.importorskip("peft")
+    from peftkern.models import build_byte_tokenizer
+    from peftkern.train.generate import generate
+
+    prompts = [tasks.prompt_records([(s["prompt"], s["answer"], "")])[0]["prompt"] for s in report["samples"]]
+    for stage, key in (("sft", "after_sft"), ("dpo", "after_dpo")):
+        model = peft.AutoPeftModelForCausalLM.from_pretrained(str(out / stage / "adapter")).eval()
+        got = generate(model, build_byte_tokenizer(), prompts, max_new_tokens=8)
+        assert got == [s[key] for s in report["samples"]], stage
 
 
 def test_cli_trains_a_local_model_directory(tmp_path, capsys):
