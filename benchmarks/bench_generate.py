@@ -27,9 +27,10 @@ import torch
 from benchmarks.harness import pick, spread
 
 ROUNDS = pick(5, 2)
-NEW_TOKENS = pick(16, 3)
-THREADS = (1, 2)
-MODELS = pick(full=["tiny", "mid"], quick=["micro"])
+NEW_TOKENS = pick(12, 3)
+# (model, torch threads): the mid-size model at 2 threads is left out: on this shared 2-core machine
+# (load 12-16 while measured) two OpenMP threads spin-wait on each other, 10-30x slower per token.
+CASES = pick(full=[("tiny", 1), ("tiny", 2), ("mid", 1)], quick=[("micro", 1), ("micro", 2)])
 BATCH, PROMPT = pick(8, 2), pick(32, 8)
 
 
@@ -124,8 +125,7 @@ class _BaseOnceScorer:
         return self._scores(self.stepper.advance, torch.cat([tokens, tokens]))
 
 
-@pytest.mark.parametrize("threads", THREADS, ids=lambda t: f"{t}thread")
-@pytest.mark.parametrize("size", MODELS)
+@pytest.mark.parametrize("size,threads", CASES, ids=lambda c: str(c))
 def test_contrastive_one_batch_cpu(size, threads, timer, record):
     from peftkern.generate import DecodingSettings, ModelStepper, decode
     from peftkern.generate.contrastive import Contrastive, TwoPassScorer
@@ -163,8 +163,7 @@ def test_contrastive_one_batch_cpu(size, threads, timer, record):
                 "expert's rows only (not the package's path)")
 
 
-@pytest.mark.parametrize("threads", THREADS, ids=lambda t: f"{t}thread")
-@pytest.mark.parametrize("size", MODELS)
+@pytest.mark.parametrize("size,threads", CASES, ids=lambda c: str(c))
 def test_loop_vs_transformers_cpu(size, threads, timer, record):
     from peftkern.generate import DecodingSettings, ModelStepper, decode
 
