@@ -266,12 +266,25 @@ def staged_directory(out_dir: str):
     tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(out_dir)}-", dir=parent)
     try:
         yield tmp
+        _usual_modes(tmp)
         if os.path.isdir(out_dir):
             os.rmdir(out_dir)
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _usual_modes(directory: str) -> None:
+    """The modes a plain ``mkdir`` / ``open`` give under the process's umask (a temporary folder and
+    safetensors' files are created private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            os.chmod(path, 0o666 & ~umask)
 
 
 def copy_side_files(model_dir: str, out_dir: str) -> list[str]:

@@ -9,6 +9,7 @@ is used inside its forward.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from torch import nn
@@ -177,7 +178,9 @@ def load_adapter_to_train(lm: nn.Module, cfg) -> nn.Module:
     try:
         wrapped = load_adapter(lm, cfg.adapter, is_trainable=True)
     except (ValueError, KeyError, TypeError, FileNotFoundError) as exc:
-        raise ConfigError(f"--adapter {cfg.adapter}: does not fit --model {cfg.model}: {exc}") from None
+        text = str(exc)
+        where = "" if cfg.adapter in text else f"{os.path.join(cfg.adapter, 'adapter_config.json')}: "
+        raise ConfigError(f"--adapter {cfg.adapter}: does not fit --model {cfg.model}: {where}{text}") from None
     if any(c.peft_type == "ADALORA" for c in wrapped.peft_config.values()):
         attach_adalora_steps(wrapped)
     return wrapped
