@@ -37,7 +37,9 @@ def device_guard(where):
     string) current for a launch and restores the caller's device after, so a model spread over
     several GPUs launches each kernel on its own device and stream. A no-op context for any other
     device (the CPU interpreter, meta). Building it touches no CUDA state."""
-    device = where.device if isinstance(where, torch.Tensor) else torch.device(where)
+    device = where if isinstance(where, torch.device) else getattr(where, "device", None)
+    if not isinstance(device, torch.device):  # a string or index, not a tensor-like object
+        device = torch.device(where)
     if device.type == "cuda":
         return torch.cuda.device(device)
     return contextlib.nullcontext()
