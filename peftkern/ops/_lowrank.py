@@ -20,10 +20,10 @@ The blocks, in the order a LoRA step uses them:
   only ever point at programs with a lower id, so they never deadlock; the flags live in a
   per-launch buffer (:func:`flag_buffer`).
 * :func:`down_tile`: drop(x[rows]) A^T in fp32 (the producer of the forward).
-* :func:`rank_term`: acc += u[rows] (s B[cols])^T over rank chunks, the rank-r term added to a GEMM
+* :func:`rank_term`: acc += s u[rows] B[cols]^T over rank chunks, the rank-r term added to a GEMM
   accumulator after its K loop.
 * :func:`g_db_step`: one N step of the backward's producer: g += dy B, and dB += s dy^T u (atomics).
-* :func:`ga_term`: acc += g[rows] (s A[:, ks]), the rank-r term of dx.
+* :func:`ga_term`: acc += s g[rows] A[:, ks], the rank-r term of dx.
 * :func:`da_from_x`: dA[:, ks] += s g^T (keep * x) from x sub-tiles (atomics).
 * :func:`last_arrival` and :func:`cast_tile`: fp32 atomic accumulators are cast to the output dtype
   by the last program that adds into them, so no cast launch follows.
@@ -161,23 +161,21 @@ def down_tile(x_ptr, a_ptr, rows, row_ok, ranks, rank_ok, K, stride_xm, stride_x
 def rank_term(acc, u_ptr, b_ptr, rows, row_ok, cols, col_ok, R, stride_um, stride_ur, stride_bn, stride_br, scale,
               PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
     """acc + scale * u[rows] B[cols]^T over rank chunks of BLOCK_R: one more short K-step into the
-    GEMM's accumulator. The scale joins the B tile (a weight, far from overflow) for 16-bit inputs,
-    never u, which may be near its dtype's range; fp32 u takes it (no overflow there, and it keeps
-    the FMA-based fp32 dot's operands as loaded). u is read past L1 (a producer wrote it)."""
+    GEMM's accumulator, as ((acc / s) + u B^T) * s in fp32. So the scale touches neither u (which
+    may sit near its 16-bit dtype's range) nor a 16-bit B tile (no extra rounding), and the dot's
+    operands stay as loaded. The launcher keeps s in [2^-64, 2^64] (:func:`scale_fits_kernels`).
+    u is read past L1 (a producer wrote it)."""
     u_rows = u_ptr + rows.to(tl.int64)[:, None] * stride_um
     b_rows = b_ptr + cols.to(tl.int64)[:, None] * stride_bn
+    acc = acc * (1.0 / scale)
     for r0 in range(0, R, BLOCK_R):
         ranks = r0 + tl.arange(0, BLOCK_R)
         rank_ok = ranks < R
         u = tl.load(u_rows + ranks[None, :] * stride_ur, mask=row_ok[:, None] & rank_ok[None, :], other=0.0,
                     cache_modifier=".cg")
         b = tl.load(b_rows + ranks[None, :] * stride_br, mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
-        if u.dtype == tl.float32:
-            u = u * scale
-        else:
-            b = (b.to(tl.float32) * scale).to(b.dtype)
         acc = tl.dot(u, tl.trans(b), acc, input_precision=PRECISION)
-    return acc
+    return acc * scale
 
 
 @triton.jit
@@ -195,12 +193,12 @@ def g_db_step(g, dy, u, cols, col_ok, ranks, rank_ok, b_ptr, db_ptr, stride_bn, 
 
 
 @triton.jit
-def ga_term(acc, g_ptr, a_ptr, rows, row_ok, ks, k_ok, R, stride_gm, stride_gr, stride_ar, stride_ak, a_scale,
+def ga_term(acc, g_ptr, a_ptr, rows, row_ok, ks, k_ok, R, stride_gm, stride_gr, stride_ar, stride_ak, scale,
             PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
-    """acc + a_scale * g[rows] A[:, ks] over rank chunks: the rank-r term of dx, the scale folded
-    into the A tile for 16-bit inputs and into g for fp32 (as in :func:`rank_term`). g is read
-    past L1 (a producer wrote it)."""
+    """acc + scale * g[rows] A[:, ks] over rank chunks: the rank-r term of dx, as in :func:`rank_term`
+    (((acc / s) + g A) * s in fp32). g is read past L1 (a producer wrote it)."""
     g_rows = g_ptr + rows.to(tl.int64)[:, None] * stride_gm
+    acc = acc * (1.0 / scale)
     for r0 in range(0, R, BLOCK_R):
         ranks = r0 + tl.arange(0, BLOCK_R)
         rank_ok = ranks < R
@@ -208,12 +206,8 @@ def ga_term(acc, g_ptr, a_ptr, rows, row_ok, ks, k_ok, R, stride_gm, stride_gr, 
                     cache_modifier=".cg")
         a = tl.load(a_ptr + ranks.to(tl.int64)[:, None] * stride_ar + ks[None, :] * stride_ak,
                     mask=rank_ok[:, None] & k_ok[None, :], other=0.0)
-        if g.dtype == tl.float32:
-            g = g * a_scale
-        else:
-            a = (a.to(tl.float32) * a_scale).to(a.dtype)
         acc = tl.dot(g, a, acc, input_precision=PRECISION)
-    return acc
+    return acc * scale
 
 
 @triton.jit
@@ -265,6 +259,13 @@ def rank_block(rank: int, dtype: torch.dtype) -> int:
     """The rank chunk for ``rank``: the smallest compiled one that holds it, else the largest (looped)."""
     blocks = rank_blocks(dtype)
     return next((b for b in blocks if rank <= b), blocks[-1])
+
+
+def scale_fits_kernels(scale: float) -> bool:
+    """Whether the kernels can apply ``scale`` to a rank-r term (they divide the accumulator by it
+    and multiply back in fp32): nonzero and within [2^-64, 2^64]. A launcher runs the torch face
+    for any other scale (0 included: the adapter then adds nothing)."""
+    return 2.0 ** -64 <= abs(scale) <= 2.0 ** 64
 
 
 def i32(*names) -> dict:

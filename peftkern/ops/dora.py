@@ -265,7 +265,7 @@ def _norm_config(dtype: torch.dtype) -> dict:
 def _triton_forward(x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, dropout_p):
     M, K = x2d.shape
     N, R = weight.shape[0], lora_A.shape[0]
-    if M == 0 or N == 0 or K == 0:
+    if M == 0 or N == 0 or K == 0 or not lr.scale_fits_kernels(scaling):
         return _torch_forward(x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, dropout_p)
     dev = x2d.device
     y = x2d.new_empty(M, N)
@@ -297,7 +297,7 @@ def _triton_backward(dy, x2d, ynb, weight, lora_A, lora_B, u, scale, magnitude, 
     """ynb = y - b -> (dx or None, dA, dB, dm [N] in m's dtype, db [N] in dy's dtype or None)."""
     M, K = x2d.shape
     N, R = weight.shape[0], lora_A.shape[0]
-    if M == 0 or N == 0 or K == 0:
+    if M == 0 or N == 0 or K == 0 or not lr.scale_fits_kernels(scaling / (1.0 - dropout_p)):
         return _torch_backward_dora(dy, x2d, ynb, weight, lora_A, lora_B, u, scale, magnitude, scaling, dropout_p,
                                     seed, need_dx, need_dbias)
     block_r = lr.rank_block(R, x2d.dtype)

@@ -207,7 +207,7 @@ def _triton_forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p):
     """-> (y [M, N], u [M, r] = drop(x) A^T, seed int64 [1])."""
     M, K = x2d.shape
     N, R = weight.shape[0], lora_A.shape[0]
-    if M == 0 or N == 0 or K == 0:
+    if M == 0 or N == 0 or K == 0 or not lr.scale_fits_kernels(scaling):
         return torch_forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p)
     cfg, meta = lr.split_config(_fwd_config(x2d.dtype))
     tiles_m, tiles_n = triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"])
@@ -228,7 +228,7 @@ def _triton_forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p):
 def _triton_backward(dy, x2d, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx):
     M, K = x2d.shape
     N, R = weight.shape[0], lora_A.shape[0]
-    if M == 0 or N == 0 or K == 0:
+    if M == 0 or N == 0 or K == 0 or not lr.scale_fits_kernels(scaling / (1.0 - dropout_p)):
         return torch_backward(dy, x2d, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx)
     block_r = lr.rank_block(R, x2d.dtype)
     cfg, meta = lr.split_config(_bwd_config(x2d.dtype, block_r, dropout_p > 0.0, need_dx))

@@ -399,7 +399,7 @@ def _triton_forward(x2d, w4, bias, lora_A, lora_B, scaling, dropout_p):
     N = w4.shape[0]
     has_lora = lora_A is not None
     R = lora_A.shape[0] if has_lora else 0
-    if M == 0 or K == 0:
+    if M == 0 or K == 0 or (has_lora and not lr.scale_fits_kernels(scaling)):
         return _torch_forward(x2d, _torch_dequantize(w4, x2d.dtype), bias, lora_A, lora_B, scaling, dropout_p)
     y = x2d.new_empty(M, N)
     u = x2d.new_empty(M, R)
@@ -435,7 +435,8 @@ def _triton_backward(dy, x2d, w4, lora_A, lora_B, u, scaling, dropout_p, seed, n
     N = w4.shape[0]
     has_lora = lora_A is not None
     R = lora_A.shape[0] if has_lora else 0
-    if M == 0 or K == 0 or N == 0 or not (has_lora or need_dx):
+    if (M == 0 or K == 0 or N == 0 or not (has_lora or need_dx)
+            or (has_lora and not lr.scale_fits_kernels(scaling / (1.0 - dropout_p)))):
         return _torch_backward(dy, x2d, _torch_dequantize(w4, x2d.dtype), lora_A, lora_B, u, scaling, dropout_p, seed,
                                need_dx)
     cfg, meta = lr.split_config(_dx_config(x2d.dtype, _row_blocks(w4, _dx_config(x2d.dtype)["BLOCK_K"]),
