@@ -235,3 +235,137 @@ def test_gpu(params, record):
                    dtype="float32", metric="step time", unit="ms", ours=ours_ms, peer=peer_ms,
                    peer_name=PEER_NAMES["torch_fused"], face=face, device=torch.cuda.get_device_name(),
                    mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+
+
+# -- EWC / L2-SP folded into the step (issue 19) -------------------------------------------------------
+EWC_LAMBDA = 10.0
+EWC_IMPLS = ("plain32", "fused_ewc32", "autograd_ewc32", "plain8", "fused_ewc8", "autograd_ewc8")
+EWC_THREADS = pick((1, 2), (1,))
+
+
+def build_ewc(impl: str, shapes, device="cpu", seed=0, dtype=torch.float32, fisher_bits=None):
+    """(step function, optimizer) for an EWC contender: ``plain*`` steps without the penalty,
+    ``fused_ewc*`` with it folded into PagedAdamW's step (F in ``fisher_bits``, default: fp32 F for
+    32-bit states, 8-bit F for 8-bit ones), ``autograd_ewc*`` computes lam/2 sum F (p - p*)^2 by
+    autograd (its backward adds into the gradients, as in a training step's loss) and then takes the
+    plain step. Parameters in ``dtype``."""
+    from peftkern.optim import PagedAdamW
+
+    bits = 8 if impl.endswith("8") else 32
+    fisher_bits = fisher_bits or bits
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device, dtype)) for s in shapes]
+    anchors = [p.detach() + 0.01 * torch.randn(p.shape, generator=gen).to(device) for p in params]
+    fishers = [torch.rand(p.shape, generator=gen).to(device) * 1e-3 for p in params]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(device, dtype)
+    fused = impl.startswith("fused")
+    opt = PagedAdamW(params, optim_bits=bits, paged=False, min_8bit_size=0, anchor_lambda=EWC_LAMBDA if fused else 0.0)
+    if fused:
+        for p, a, f in zip(params, anchors, fishers):
+            opt.set_anchor(p, a, f, fisher_bits=fisher_bits)
+    if not impl.startswith("autograd"):
+        return opt.step, opt
+
+    def step():
+        penalty = sum((f * (p - a) ** 2).sum() for p, a, f in zip(params, anchors, fishers))
+        (EWC_LAMBDA / 2 * penalty).backward()
+        opt.step()
+
+    return step, opt
+
+
+@pytest.mark.parametrize("threads", EWC_THREADS, ids=lambda t: f"{t}thread")
+@pytest.mark.parametrize("shapes", CPU_SHAPES, ids=lambda s: f"{len(s)}tensors")
+def test_ewc_time_cpu(shapes, threads, timer, record):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        steps = {impl: build_ewc(impl, shapes)[0] for impl in EWC_IMPLS}
+        medians = timer(steps, rounds=CPU_ROUNDS)
+    finally:
+        torch.set_num_threads(before)
+    ms = {impl: 1e3 * s for impl, s in medians.items()}
+    noise = ", ".join(f"{k} IQR/median {spread(s):.0%}" for k, s in timer.samples.items())
+    note = f"torch face, {threads} torch thread(s); {CPU_ROUNDS} interleaved rounds; {noise}"
+    for bits in (32, 8):
+        common = dict(kind="measured-cpu", case=f"EWC {bits}-bit step, {_case(shapes)}, {threads} thread(s)",
+                      shape={**_shape(shapes), "threads": threads}, dtype="float32", metric="step time", unit="ms",
+                      ours=ms[f"fused_ewc{bits}"], ours_kind=f"fused_ewc{bits}", note=note)
+        record(**common, peer=ms[f"plain{bits}"], peer_name=f"the plain {bits}-bit step (no penalty)",
+               target="<= 1.2")
+        record(**common, peer=ms[f"autograd_ewc{bits}"], peer_name=f"autograd penalty + the plain {bits}-bit step")
+
+
+def _count_ewc_fused(bits: int, numel: int, dtype=torch.float32, fisher_bits=None) -> traffic.Count:
+    from peftkern import backend
+
+    step, opt = build_ewc(f"fused_ewc{bits}", [(numel,)], dtype=dtype, fisher_bits=fisher_bits)
+    step()  # states exist before counting
+
+    def counted():
+        with backend.use("triton"):
+            step()
+
+    return traffic.count_triton(counted)
+
+
+def _count_plain(bits: int, numel: int, dtype) -> traffic.Count:
+    from peftkern import backend
+
+    step, _ = build_ewc(f"plain{bits}", [(numel,)], dtype=dtype)
+    step()
+
+    def counted():
+        with backend.use("triton"):
+            step()
+
+    return traffic.count_triton(counted)
+
+
+def _count_autograd_penalty(numel: int, dtype=torch.float32) -> traffic.Count:
+    """The separate penalty's forward and backward (aten ops on meta tensors), gradient accumulated
+    into an existing .grad as in a training step."""
+    p = torch.nn.Parameter(torch.empty(numel, device="meta", dtype=dtype))
+    p.grad = torch.empty(numel, device="meta", dtype=dtype)
+    a, f = torch.empty(numel, device="meta", dtype=dtype), torch.empty(numel, device="meta")
+
+    def penalty():
+        (EWC_LAMBDA / 2 * (f * (p - a) ** 2).sum()).backward()
+
+    return traffic.count_eager(penalty)
+
+
+# (state bits, parameter dtype, F bits)
+EWC_MODELED = ((32, torch.float32, 32), (8, torch.float32, 8), (32, torch.bfloat16, 8))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="counts Triton kernels in the CPU interpreter")
+@pytest.mark.parametrize("bits, dtype, fisher_bits", EWC_MODELED, ids=lambda v: str(v).replace("torch.", ""))
+def test_ewc_modeled_h100(bits, dtype, fisher_bits, record):
+    roofline = traffic.H100_SXM
+    small, large = COUNT_NUMELS
+    params = MODELED_PARAMS[0]
+    fused = traffic.extrapolate(*[_count_ewc_fused(bits, n, dtype, fisher_bits) for n in COUNT_NUMELS], small, large,
+                                params)
+    plain = traffic.extrapolate(*[_count_plain(bits, n, dtype) for n in COUNT_NUMELS], small, large, params)
+    pen = traffic.extrapolate(*[_count_autograd_penalty(n, dtype) for n in COUNT_NUMELS], small, large, params)
+    separate = traffic.Count(launches=pen.launches + plain.launches)
+    t = str(dtype).replace("torch.", "")
+    model = (f"{roofline.describe()}; ours: Triton under the interpreter (distinct bytes) at {small} and {large} "
+             f"parameters, extrapolated affinely; the separate penalty: its aten ops (forward and backward, on meta "
+             f"tensors) plus our plain step")
+    common = dict(kind="modeled-h100", case=f"EWC step, {bits}-bit states, {t} params, {fisher_bits}-bit F, "
+                  f"{params / 1e9:g}B params", shape={"params": params, "state_bits": bits, "fisher_bits": fisher_bits},
+                  dtype=t, model=model, ours_kind=f"fused_ewc{bits}")
+    per = {k: c.bytes / params for k, c in (("fused", fused), ("plain", plain), ("separate", separate))}
+    note = f"modeled; B/param: fused {per['fused']:.2f}, plain {per['plain']:.2f}, separate {per['separate']:.2f}"
+    record(**common, metric="bytes moved per step", unit="GB", ours=fused.bytes / 1e9, peer=plain.bytes / 1e9,
+           peer_name=f"the plain {bits}-bit step", note=note)
+    record(**common, metric="bytes moved per step", unit="GB", ours=fused.bytes / 1e9, peer=separate.bytes / 1e9,
+           peer_name=f"autograd penalty + the plain {bits}-bit step", note=note)
+    record(**common, metric="step time", unit="ms", ours=fused.time(roofline) * 1e3, peer=plain.time(roofline) * 1e3,
+           peer_name=f"the plain {bits}-bit step", target="<= 1.2", note="modeled")
+    record(**common, metric="step time", unit="ms", ours=fused.time(roofline) * 1e3,
+           peer=separate.time(roofline) * 1e3, peer_name=f"autograd penalty + the plain {bits}-bit step",
+           note="modeled", launches=len(separate.launches))

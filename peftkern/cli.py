@@ -75,7 +75,11 @@ def _arch_list(text: str) -> tuple[str, ...]:
 def _cmd_kernels(args) -> int:
     from peftkern import kernels
 
-    rows = kernels.report(args.arch, jobs=args.jobs)
+    try:
+        rows = kernels.report(args.arch, jobs=args.jobs, ops=args.op)
+    except ValueError as exc:  # an unknown --op
+        print(f"peftkern kernels: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=1))
     else:
@@ -112,6 +116,17 @@ def _cmd_demo(args) -> int:
     report = run_demo(args.out, plan="quick" if args.quick else "full", quiet=args.quiet, seed=args.seed)
     print(format_report(report))
     print(f"wrote {args.out}/report.json, loss curves, adapters and samples")
+    return 0
+
+
+def _cmd_pretrain(args) -> int:
+    import torch
+
+    from peftkern.train.pretrain import tiny_base_dir
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(tiny_base_dir(quiet=args.quiet))
     return 0
 
 
@@ -185,6 +200,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON list of objects "
                    "(kernel, config, arch, registers, spill_bytes, shared_bytes, wgmma, ok)")
     p.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPU count)")
+    p.add_argument("--op", action="append", help="only this op's kernels (lora, dora, nf4, logprobs, adamw, ia3, "
+                   "...); repeat for several")
     p.set_defaults(func=_cmd_kernels)
 
     from peftkern.editing.cli import add_parser as add_editing_parsers
@@ -198,9 +215,12 @@ def _parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)  # peftkern eval (peftkern.evaluation.cli)
 
-    from peftkern.train.fisher_cli import add_parser as add_fisher_parser
+    from peftkern.train.forgetting_cli import add_parser as add_forgetting_parsers
 
-    add_fisher_parser(sub)  # peftkern fisher --model DIR --data FILE --out F (peftkern.train.fisher_cli.run)
+    add_forgetting_parsers(sub)  # peftkern fisher ..., peftkern forgetting --out DIR (peftkern.train.forgetting_cli)
+    from peftkern.train.merge_cli import add_parser as add_merge_parsers
+
+    add_merge_parsers(sub)  # peftkern merge --model DIR --adapter DIR --out DIR, peftkern export (peftkern.train.merge_cli)
 
     from peftkern.data.cli import add_parser as add_data_parser
 
@@ -241,12 +261,27 @@ def _add_training_commands(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
 
+    p = sub.add_parser("pretrain", help="build the embedded tiny base ('--model tiny') into the cache once; prints "
+                       "its directory (model and tokenizer)",
+                       description="Trains the tiny Llama on the bundled corpus (a few minutes on one CPU core) and "
+                       "keeps it under $PEFTKERN_CACHE (default ~/.cache/peftkern); a no-op when it is there. The "
+                       "trainers and the demo build it on first use; generate, eval and edit load it from there.")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0: torch's default)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_pretrain)
+
     described = {
         "sft": "supervised fine-tuning (loss on completions; data: 'messages' or 'prompt'/'completion')",
         "rm": "reward model: scalar head, Bradley-Terry loss with optional 'margin' (data: 'prompt'/'chosen'/'rejected')",
         "dpo": "DPO family, reference log-probs precomputed and cached (data: 'prompt'/'chosen'/'rejected')",
         "kto": "KTO on unpaired labelled completions (data: 'prompt'/'completion'/'label')",
         "ppo": "PPO with a value head against a reward model or a Python reward function (data: 'prompt')",
+        "grpo": "GRPO: G sampled completions per prompt, group-normalized rewards from reward functions or a reward "
+                "model, TRL's loss types (data: 'prompt' and any columns the rewards read)",
+        "rloo": "RLOO: G sampled completions per prompt, leave-one-out baseline, KL in the reward (data: 'prompt')",
+        "orpo": "ORPO, reference-free: NLL of the chosen plus the odds-ratio term (data: 'prompt'/'chosen'/'rejected')",
+        "simpo": "SimPO, reference-free: length-normalized margin with gamma (data: 'prompt'/'chosen'/'rejected')",
+        "cpo": "CPO, reference-free: pair loss plus the chosen completions' NLL (data: 'prompt'/'chosen'/'rejected')",
     }
     for kind, text in described.items():
         p = sub.add_parser(kind, help=text, description=f"peftkern {kind}: {text}. Many processes: torchrun "

@@ -77,7 +77,10 @@ def add_parser(sub) -> None:
     s.add_argument("--blocked-keywords", default=",".join(defaults.blocked_keywords),
                    help="comma-separated words an instruction must not contain")
     s.add_argument("--no-outputs", action="store_true", help="instructions only: no answers generated")
-    s.add_argument("--augment", type=int, default=0, help="also write N augmented copies per record (augmented.jsonl)")
+    s.add_argument("--augment", type=int, default=0, help="also write N augmented copies per record (augmented.jsonl): "
+                   "templated rephrasings, with the same risk report")
+    s.add_argument("--augment-perturb", type=float, default=0.0,
+                   help="with --augment: share of input words given a typo (default 0)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_self_instruct)
 
@@ -197,7 +200,7 @@ def _self_instruct(args) -> int:
     print(format_risks(result.report, "self-instruct"))
     if args.augment:
         items = [{**r, "where": f"{args.out}/data.jsonl:{i + 1}"} for i, r in enumerate(result.records)]
-        new, areport = augment_mod.augment(items, args.augment, True, 0.0, settings.seed)
+        new, areport = augment_mod.augment(items, args.augment, True, args.augment_perturb, settings.seed)
         write_jsonl([_plain(it) for it in new], os.path.join(args.out, "augmented.jsonl"))
         report["augment"] = areport
         print(format_risks(areport, "augment"))

@@ -78,34 +78,93 @@ class Pair:
     similarity: float
 
 
-def near_duplicate_pairs(texts: list[str], others: list[str] | None = None, threshold: float = 0.8,
-                         k: int = 5, num_perm: int = 128, seed: int = 0) -> list[Pair]:
-    """Pairs of exact Jaccard similarity >= ``threshold`` over ``k``-character shingles (identical
-    texts included, at 1.0: callers set exact duplicates apart with :func:`exact_groups`).
+class _ShingleHashes:
+    """Every text's shingles as 64-bit hashes, flat (``flat[offsets[t]:offsets[t + 1]]``, unique per
+    text): exact Jaccard similarities of one text against many at once, with numpy."""
 
-    Without ``others``: pairs i < j within ``texts``. With ``others``: pairs (i in texts, j in others).
-    Sorted by similarity, highest first.
+    def __init__(self, sets: list[frozenset]):
+        # hash() of str is stable within a process, which is all this needs (nothing is stored).
+        arrays = [np.fromiter((hash(x) for x in s), dtype=np.int64, count=len(s)) for s in sets]
+        self.sizes = np.array([len(a) for a in arrays], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])
+        self.flat = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
+
+    def of(self, t: int) -> np.ndarray:
+        return self.flat[self.offsets[t]:self.offsets[t + 1]]
+
+    def jaccard_many(self, mine: np.ndarray, others: np.ndarray) -> np.ndarray:
+        """Jaccard similarity of the hash set ``mine`` with each text in ``others`` (indices), float64."""
+        lengths = self.sizes[others]
+        starts = self.offsets[others]
+        segment = np.repeat(np.arange(len(others)), lengths)
+        index = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths) + np.arange(lengths.sum())
+        inter = np.bincount(segment, weights=np.isin(self.flat[index], mine), minlength=len(others))
+        union = len(mine) + lengths - inter
+        return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+def _band_keys(sigs: np.ndarray, bands: int, rows: int, seed: int) -> np.ndarray:
+    """[n, bands] uint64: each band of each signature folded into one number (wrapping arithmetic)."""
+    mult = np.random.default_rng(seed + 1).integers(1, 1 << 62, size=rows, dtype=np.uint64) | np.uint64(1)
+    banded = sigs[:, :bands * rows].reshape(len(sigs), bands, rows)
+    with np.errstate(over="ignore"):
+        return (banded * mult).sum(axis=2, dtype=np.uint64)
+
+
+def near_duplicate_pairs(texts: list[str], others: list[str] | None = None, threshold: float = 0.8,
+                         k: int = 5, num_perm: int = 128, seed: int = 0, exclude=None) -> list[Pair]:
+    """For each text, its most similar match of exact Jaccard similarity >= ``threshold`` over ``k``-character
+    shingles, if it has one: at most one pair per text, so the output stays linear in the input.
+
+    Without ``others``: matches among the earlier texts (``j < i``: the pair says "i near-duplicates j").
+    With ``others``: matches in ``others`` (``j`` indexes ``others``). ``exclude(i, j)`` -> True skips a
+    candidate. Ties go to the lowest ``j``. Sorted by i.
+
+    Cost: candidates come from LSH buckets; each is first screened by the share of equal MinHash values
+    (a pair at the threshold fails this screen with probability < 1e-5 at 128 permutations), and the
+    survivors' shingle sets are compared exactly, all of a text's candidates in one numpy pass.
     """
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"near-duplicate threshold must be in (0, 1], got {threshold}")
     hasher = MinHasher(num_perm, seed)
     bands, rows = choose_bands(num_perm, threshold)
-    left = [shingles(t, k) for t in texts]
-    right = left if others is None else [shingles(t, k) for t in others]
-    right_sigs = [hasher.signature(s) for s in right]
-    left_sigs = right_sigs if others is None else [hasher.signature(s) for s in left]
-    buckets: dict[tuple, list[int]] = defaultdict(list)
-    for j, sig in enumerate(right_sigs):
-        for b in range(bands):
-            buckets[(b, sig[b * rows:(b + 1) * rows].tobytes())].append(j)
-    candidates = set()
-    for i, sig in enumerate(left_sigs):
-        for b in range(bands):
-            for j in buckets.get((b, sig[b * rows:(b + 1) * rows].tobytes()), ()):
-                if others is not None or j > i:
-                    candidates.add((i, j))
-    pairs = [Pair(i, j, jaccard(left[i], right[j])) for i, j in candidates]
-    return sorted((p for p in pairs if p.similarity >= threshold), key=lambda p: (-p.similarity, p.i, p.j))
+    screen = max(0.0, threshold - 4.5 * (threshold * (1 - threshold) / num_perm) ** 0.5 - 1e-9)
+    left_sets = [shingles(t, k) for t in texts]
+    right_sets = left_sets if others is None else [shingles(t, k) for t in others]
+
+    def signatures(sets):
+        return np.stack([hasher.signature(s) for s in sets]) if sets else np.zeros((0, num_perm), np.uint64)
+
+    right_sigs = signatures(right_sets)
+    left_sigs = right_sigs if others is None else signatures(left_sets)
+    right_keys = _band_keys(right_sigs, bands, rows, seed)
+    left_keys = right_keys if others is None else _band_keys(left_sigs, bands, rows, seed)
+    right_hashes = _ShingleHashes(right_sets)
+    left_hashes = right_hashes if others is None else _ShingleHashes(left_sets)
+    buckets: list[dict[int, list[int]]] = [defaultdict(list) for _ in range(bands)]
+    if others is not None:
+        for j, row in enumerate(right_keys.tolist()):
+            for b, key in enumerate(row):
+                buckets[b][key].append(j)
+    pairs = []
+    for i, row in enumerate(left_keys.tolist()):
+        found = [buckets[b][key] for b, key in enumerate(row) if key in buckets[b]]
+        cand = np.unique(np.fromiter((j for f in found for j in f), dtype=np.int64)) if found else None
+        if others is None:  # the earlier texts only: i joins the buckets after its own lookup
+            for b, key in enumerate(row):
+                buckets[b][key].append(i)
+        if cand is None:
+            continue
+        cand = cand[(right_sigs[cand] == left_sigs[i]).mean(axis=1) >= screen]
+        if exclude is not None and len(cand):
+            cand = cand[[not exclude(i, int(j)) for j in cand]]
+        if not len(cand):
+            continue
+        sims = right_hashes.jaccard_many(left_hashes.of(i), cand)
+        best = int(np.argmax(sims))  # the first maximum: the lowest j among ties
+        if sims[best] >= threshold:
+            pairs.append(Pair(i, int(cand[best]), float(sims[best])))
+    return pairs
 
 
 def exact_groups(texts: list[str]) -> list[list[int]]:

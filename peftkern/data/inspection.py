@@ -21,7 +21,7 @@ from collections import Counter
 import numpy as np
 
 from peftkern.data.converters import check_format, normalize_all
-from peftkern.data.dedup import exact_groups, near_duplicate_pairs, normalize_text
+from peftkern.data.dedup import Pair, exact_groups, near_duplicate_pairs, normalize_text
 from peftkern.data.diversity import diversity_summary
 from peftkern.data.io import Problem, read_records
 from peftkern.data.negatives import count_negatives
@@ -31,11 +31,13 @@ LIMIT = 200  # locations listed per kind of finding in the report (counts are al
 
 
 def full_text(messages: list[dict]) -> str:
-    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+    """The conversation as text for duplicate detection, system prompt left out: it is shared by design
+    (its consistency is checked apart), and would make every pair of short records look alike."""
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages if m["role"] != "system")
 
 
 def prompt_text(messages: list[dict]) -> str:
-    """Every turn before the last assistant turn (what a model is asked)."""
+    """Every turn before the last assistant turn (what a model is asked), system prompt left out."""
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
     return full_text(messages[:last])
 
@@ -138,14 +140,21 @@ def _truncation(items: list[dict], tokenizer, max_length: int | None) -> tuple[d
 def _duplicates(items: list[dict], threshold: float, k: int, num_perm: int, seed: int) -> dict:
     texts = [full_text(it["messages"]) for it in items]
     groups = exact_groups(texts)
-    # A marked negative shares its prompt with the answer it contrasts: similar by design, not a duplicate.
-    near = [p for p in near_duplicate_pairs(texts, None, threshold, k, num_perm, seed)
-            if normalize_text(texts[p.i]) != normalize_text(texts[p.j])
-            and (items[p.i].get("negative") is None) == (items[p.j].get("negative") is None)]
+    # Exact copies are counted above; only the first of each takes part in the near-duplicate search.
+    first = list({normalize_text(t): i for i, t in reversed(list(enumerate(texts)))}.values())[::-1]
+    first.sort()
+    marked = [items[i].get("negative") is not None for i in first]
+
+    def exclude(a: int, b: int) -> bool:
+        # A marked negative shares its prompt with the answer it contrasts: similar by design.
+        return marked[a] != marked[b]
+
+    near = [Pair(first[p.i], first[p.j], p.similarity)
+            for p in near_duplicate_pairs([texts[i] for i in first], None, threshold, k, num_perm, seed, exclude)]
     return {"exact": {"groups": len(groups), "extra_copies": sum(len(g) - 1 for g in groups),
                       "where": [[items[i]["where"] for i in g] for g in groups[:LIMIT]]},
-            "near": {"pairs": len(near), "where": [{"a": items[p.i]["where"], "b": items[p.j]["where"],
-                                                    "similarity": round(p.similarity, 4)} for p in near[:LIMIT]]}}
+            "near": {"records": len(near), "where": [{"record": items[p.i]["where"], "like": items[p.j]["where"],
+                                                      "similarity": round(p.similarity, 4)} for p in near[:LIMIT]]}}
 
 
 def _leakage(train: list[dict], evals: list[dict], threshold: float, k: int, num_perm: int, seed: int) -> dict:
@@ -156,8 +165,9 @@ def _leakage(train: list[dict], evals: list[dict], threshold: float, k: int, num
         index.setdefault(normalize_text(t), j)
     exact = [{"eval": evals[i]["where"], "train": train[index[normalize_text(t)]]["where"]}
              for i, t in enumerate(eval_prompts) if normalize_text(t) in index]
-    near = [p for p in near_duplicate_pairs(eval_prompts, train_prompts, threshold, k, num_perm, seed)
-            if normalize_text(eval_prompts[p.i]) != normalize_text(train_prompts[p.j])]
+    exact_eval = {e["eval"] for e in exact}
+    near = near_duplicate_pairs(eval_prompts, train_prompts, threshold, k, num_perm, seed,
+                                lambda i, j: evals[i]["where"] in exact_eval)
     leaked = {e["eval"] for e in exact} | {evals[p.i]["where"] for p in near}
     return {"on": "prompts", "eval_records_leaked": len(leaked),
             "exact": {"count": len(exact), "where": exact[:LIMIT]},
@@ -260,8 +270,9 @@ def format_report(report: dict, show: int = 10) -> str:
         d = r["duplicates"]
         row("exact duplicates", f"{d['exact']['extra_copies']} extra copies in {d['exact']['groups']} groups")
         listing(d["exact"]["where"], lambda g: " = ".join(g))
-        row(f"near duplicates (>= {report['settings']['near_threshold']})", f"{d['near']['pairs']} pairs")
-        listing(d["near"]["where"], lambda e: f"{e['a']} ~ {e['b']} ({e['similarity']:.3f})")
+        row(f"near duplicates (>= {report['settings']['near_threshold']})",
+            f"{d['near']['records']} records like an earlier one")
+        listing(d["near"]["where"], lambda e: f"{e['record']} ~ {e['like']} ({e['similarity']:.3f})")
         row(f"length ({r['length_unit']})", _fmt_stats(r["length"]))
         row("turns (user + assistant)", _fmt_stats(r["turns"]))
         mix = r["categories"]

@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
     p.add_argument("--reward-model", default=None, metavar="DIR", help="reward model from 'peftkern rm', for the "
                    "preference suite")
     p.add_argument("--reward-fn", default=None, metavar="MODULE:FUNCTION", help="reward function f(prompt, text) -> "
-                   "float for the preference suite (default with tiny models: the bundled task reward)")
+                   "float for the preference suite (default: the bundled task reward for the bundled suite)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--detail", action="store_true", help="also the per-skill / per-check / per-group rows")
@@ -100,10 +100,6 @@ def run(args) -> int:
             reward = reward_model_scorer(args.reward_model, tok, args.device)
         elif args.reward_fn:
             reward = reward_fn_scorer(import_function(args.reward_fn))
-        elif args.model.startswith("tiny"):
-            from peftkern.models.tasks import task_reward
-
-            reward = reward_fn_scorer(task_reward)
 
         def progress(name):
             print(f"  {name} ...", file=sys.stderr, flush=True)

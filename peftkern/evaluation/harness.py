@@ -9,6 +9,7 @@ Result layout (JSON-ready)::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 
 from peftkern.evaluation import suites as suite_defs
@@ -26,7 +27,8 @@ def evaluate(model, tokenizer, suites=None, *, reward=None, limit: int | None = 
     ``model`` with its adapters as they are set.
 
     ``reward``: ``scores(prompts, completions) -> list[float]`` (``scoring.reward_model_scorer`` /
-    ``reward_fn_scorer``) for the preference suite. ``limit``: items per suite. ``progress(name)`` is
+    ``reward_fn_scorer``) for preference suites (default: the suite's own, the task reward for the
+    bundled one). ``limit``: items per suite. ``progress(name)`` is
     called before each suite."""
     wanted = [suite_defs.resolve(s, limit) if isinstance(s, str) else s
               for s in (suites or suite_defs.EMBEDDED_DEFAULT)]
@@ -43,7 +45,8 @@ def evaluate(model, tokenizer, suites=None, *, reward=None, limit: int | None = 
         if progress is not None:
             progress(suite.name)
         t = time.time()
-        result = RUNNERS[suite.kind](ctx, suite.items)
+        own = ctx if ctx.reward is not None or suite.reward is None else dataclasses.replace(ctx, reward=suite.reward)
+        result = RUNNERS[suite.kind](own, suite.items)
         out[suite.name] = {"kind": suite.kind, **result, "seconds": round(time.time() - t, 2)}
     return {"suites": out, "seconds": round(time.time() - started, 2)}
 

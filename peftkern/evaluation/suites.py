@@ -11,8 +11,8 @@ Named suites:
 * ``perplexity-tasks``: perplexity on the embedded model's plain-text corpus drawn with a seed its
   pretraining never used (what fine-tuning may make it forget);
 * ``preference``: held-out preference pairs (the bundled tasks' right vs typical wrong answers):
-  the model's own log-prob preference, and with a reward its agreement with the reward's ranking and
-  the mean reward of its answers;
+  the model's own log-prob preference, the reward's ranking (the bundled task reward unless another
+  reward is given), the model's agreement with it, and the mean reward of the model's answers;
 * ``safety``: refusal of clearly harmful requests, over-refusal of look-alike harmless ones, and
   counterfactual sentence pairs differing in a demographic word, scored by log-prob difference.
 
@@ -27,6 +27,10 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from peftkern.evaluation.rules import validate_rules
+from peftkern.evaluation.scoring import reward_fn_scorer
+from peftkern.models import tasks
+
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 NAMES = ("tasks", "instruct", "instruct-tasks", "perplexity", "perplexity-tasks", "preference", "safety")
 EMBEDDED_DEFAULT = ("tasks", "instruct-tasks", "preference", "perplexity-tasks")
@@ -40,6 +44,7 @@ class Suite:
     name: str
     kind: str                  # "tasks" | "instruct" | "perplexity" | "preference" | "safety"
     items: list = field(default_factory=list)
+    reward: object = None      # the suite's own reward (scores(prompts, completions)), used when none is given
 
 
 def _read_jsonl(path: str) -> list[dict]:
@@ -85,8 +90,6 @@ def _kind_of(rec: dict, path: str) -> str:
 
 
 def _check_items(suite: Suite) -> Suite:
-    from peftkern.evaluation.rules import validate_rules
-
     need = {"instruct": ("prompt", "checks"), "tasks": ("prompt", "answer"), "perplexity": ("text",),
             "preference": ("prompt", "chosen", "rejected")}.get(suite.kind, ())
     for rec in suite.items:
@@ -107,14 +110,10 @@ def _check_items(suite: Suite) -> Suite:
 
 
 def _tasks_items(n: int) -> list[tuple[str, str, str]]:
-    from peftkern.models import tasks
-
     return tasks.questions(n, HELD_OUT_SEED)
 
 
 def _named(name: str, n: int | None) -> Suite:
-    from peftkern.models import tasks
-
     if name == "tasks":
         items = [{"prompt": r["prompt"], "answer": r["answer"], "skill": tasks.SKILLS[i % len(tasks.SKILLS)]}
                  for i, r in enumerate(tasks.prompt_records(_tasks_items(n or 60)))]
@@ -131,7 +130,7 @@ def _named(name: str, n: int | None) -> Suite:
         return Suite(name, "instruct", items)
     if name == "preference":
         items = tasks.preference_records(_tasks_items(n or 60))
-        return Suite(name, "preference", items)
+        return Suite(name, "preference", items, reward=reward_fn_scorer(tasks.task_reward))
     if name == "perplexity-tasks":
         texts = tasks.pretraining_text(tasks.questions(n or 120, CORPUS_SEED, distinct=False))
         return Suite(name, "perplexity", [{"text": t} for t in texts])

@@ -114,7 +114,8 @@ def steering_from_args(args, lm, tok) -> tuple[list, object]:
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="complete the prompts of a JSONL file with a model and adapters; "
                        "writes JSONL", description="Each input line is a JSON object with 'prompt' (a string, "
-                       "or a list of chat messages) or 'messages'; each output line is that object plus "
+                       "or a list of chat messages) or 'messages', and optionally 'adapter' (a --adapter NAME, or __base__: "
+                       "prompts for different adapters share each batch); each output line is that object plus "
                        "'completion', 'finish_reason' (eos, stop, length), 'prompt_tokens', 'completion_tokens'.")
     add_model_arguments(p, "a PEFT adapter folder (repeatable: all are loaded and run together)")
     p.add_argument("--prompts", required=True, help="JSONL file of prompts")
@@ -149,7 +150,7 @@ def run_generate(args) -> int:
         processors, scorer = steering_from_args(args, lm, tok)
         outs = generate(lm, tok, [r["prompt"] for r in records], settings, processors=processors, scorer=scorer,
                         batch_size=args.batch_size, chat=args.chat, system=args.system,
-                        where=[r["_where"] for r in records])
+                        where=[r["_where"] for r in records], adapter_names=record_adapters(records, lm))
     except (ValueError, FileNotFoundError) as exc:
         return _fail("generate", exc)
     lines = []
@@ -165,6 +166,24 @@ def run_generate(args) -> int:
     else:
         sys.stdout.write(text)
     return 0
+
+
+def record_adapters(records, lm) -> list[str] | None:
+    """One adapter name per record when the records say which (an ``adapter`` field, ``"__base__"`` for
+    none): then each prompt runs through its own adapter, all in the same batches."""
+    if not any("adapter" in r for r in records):
+        return None
+    known = list(getattr(lm, "peft_config", {}))
+    names = []
+    for r in records:
+        name = r.get("adapter")
+        if not isinstance(name, str):
+            raise ValueError(f"{r['_where']}: some records name an 'adapter', so every record must "
+                             f"(a loaded adapter: {known}, or '__base__')")
+        if name != "__base__" and name not in known:
+            raise ValueError(f"{r['_where']}: adapter {name!r} is not loaded (--adapter NAME=DIR); loaded: {known}")
+        names.append(name)
+    return names
 
 
 def write_atomic(path: str, text: str) -> None:

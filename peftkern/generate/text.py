@@ -93,7 +93,7 @@ def check_fits(n_tokens: int, max_new_tokens: int, context: int | None, where: s
 @torch.no_grad()
 def generate(model, tokenizer, prompts, settings: DecodingSettings | None = None, *, processors=(),
              batch_size: int = 16, chat: bool = False, system: str | None = None, scorer=None, on_text=None,
-             where=None, **overrides) -> list[Completion]:
+             where=None, adapter_names: list[str] | None = None, **overrides) -> list[Completion]:
     """One Completion per prompt.
 
     ``prompts``: strings (sent as they are, or as a user turn through the chat template when ``chat``,
@@ -103,6 +103,8 @@ def generate(model, tokenizer, prompts, settings: DecodingSettings | None = None
     ``scorer(model) -> scorer`` replaces the plain model stepper (contrastive decoding).
     ``on_text(prompt_index, text)`` receives the text as it is generated (streaming).
     ``where``: labels of the prompts for error messages (default "prompt i").
+    ``adapter_names``: one adapter name per prompt (``"__base__"``: none), each row run through its
+    own adapter in the same batch (a model whose forward takes per-row ``adapter_names``).
     """
     settings = settings_from(settings, **overrides)
     if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)):
@@ -113,6 +115,11 @@ def generate(model, tokenizer, prompts, settings: DecodingSettings | None = None
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     labels = list(where) if where is not None else [f"prompt {i}" for i in range(len(prompts))]
+    if adapter_names is not None:
+        if len(adapter_names) != len(prompts):
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries for {len(prompts)} prompts")
+        if scorer is not None:
+            raise ValueError("adapter_names (one adapter per prompt) cannot be combined with a scorer")
     encoded = []
     context = context_length(model)
     for p, label in zip(prompts, labels):
@@ -144,7 +151,12 @@ def generate(model, tokenizer, prompts, settings: DecodingSettings | None = None
             on_step = None
             if on_text is not None:
                 on_step = _Streamer(tokenizer, settings.stop, len(rows), lambda r, t, s=start: on_text(s + r, t))
-            stepper = scorer(model) if scorer is not None else ModelStepper(model)
+            if scorer is not None:
+                stepper = scorer(model)
+            elif adapter_names is not None:
+                stepper = ModelStepper(model, {"adapter_names": list(adapter_names[start:start + batch_size])})
+            else:
+                stepper = ModelStepper(model)
             result = decode(stepper, ids.to(device), mask.to(device), settings, eos_token_ids=eos, pad_token_id=pad,
                             processors=processors, stop_check=stop_check, on_step=on_step, generator=generator)
             for r, row in enumerate(rows):

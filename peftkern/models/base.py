@@ -53,3 +53,16 @@ def load_cached_tiny(settings: dict | None = None):
     if not is_cached(settings):
         return None
     return LlamaForCausalLM.from_pretrained(cached_path(settings))
+
+
+def pretrained_tiny(quiet: bool = False, settings: dict | None = None):
+    """The pretrained tiny base (``LlamaForCausalLM``, fp32) from the cache. Building it is training, a
+    job of :mod:`peftkern.train.pretrain` (``peftkern pretrain``, and every trainer or ``peftkern demo``
+    with ``--model tiny`` builds it on first use); here a base not built yet is a FileNotFoundError
+    saying so. ``quiet`` is accepted for the callers that pass it (loading prints nothing)."""
+    model = load_cached_tiny(settings)
+    if model is None:
+        raise FileNotFoundError(f"the embedded tiny base is not built yet (no {cached_path(settings)}): build it "
+                                "once with 'peftkern pretrain' (a few minutes on one CPU core); 'peftkern demo' and "
+                                "the trainers with --model tiny build it too")
+    return model

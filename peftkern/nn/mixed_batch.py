@@ -12,7 +12,6 @@ stack: inside a group the stack runs with exactly that adapter active on every l
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from dataclasses import dataclass, field
 
 import torch
@@ -40,12 +39,25 @@ class RowAdapters:
         return self._index[key]
 
 
-_ROWS: contextvars.ContextVar[RowAdapters | None] = contextvars.ContextVar("peftkern_row_adapters", default=None)
+# The rows of the call in progress. A plain module global rather than a ContextVar: torch.compile
+# reads (and guards on) globals but cannot trace ContextVar.get, and every adapter layer's forward
+# asks. So one mixed-batch call at a time per process.
+_ROWS: list[RowAdapters | None] = [None]
 
 
 def current_rows() -> RowAdapters | None:
     """The per-row adapters of the model call in progress, or None (an ordinary call)."""
-    return _ROWS.get()
+    return _ROWS[0]
+
+
+@contextlib.contextmanager
+def _rows_set(rows: RowAdapters | None):
+    previous = _ROWS[0]
+    _ROWS[0] = rows
+    try:
+        yield
+    finally:
+        _ROWS[0] = previous
 
 
 @contextlib.contextmanager
@@ -53,11 +65,8 @@ def row_adapters(names):
     """Run the adapter layers called inside the block with one adapter per row of their input."""
     if isinstance(names, str) or not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
         raise TypeError(f"adapter_names must be a list of adapter names (one per row), got {names!r}")
-    token = _ROWS.set(RowAdapters(list(names)))
-    try:
+    with _rows_set(RowAdapters(list(names))):
         yield
-    finally:
-        _ROWS.reset(token)
 
 
 def is_adapter_layer(module: nn.Module) -> bool:
@@ -73,6 +82,18 @@ def adapter_stack(layer: nn.Module) -> list[nn.Module]:
     return stack
 
 
+def runnable_adapters(layer: nn.Module, held) -> list[str]:
+    """The active adapters ``layer`` holds (``held``), or [] when its base alone gives the output:
+    adapters disabled (which unmerges any merged one), merged, or none active."""
+    if layer.disable_adapters:
+        if layer.merged:
+            layer.unmerge()
+        return []
+    if layer.merged:
+        return []
+    return [n for n in layer.active_adapters if n in held]
+
+
 def forward_by_rows(layer: nn.Module, x: torch.Tensor, rows: RowAdapters, *args, **kwargs) -> torch.Tensor:
     """``layer(x)`` with row i of x run through adapter ``rows.names[i]`` only, on every layer of
     ``layer``'s stack; layers skip names they do not hold (as PEFT does)."""
@@ -83,7 +104,7 @@ def forward_by_rows(layer: nn.Module, x: torch.Tensor, rows: RowAdapters, *args,
     if any(getattr(m, "merged", False) for m in stack):
         raise ValueError("cannot pass adapter_names while adapters are merged into the base weights; unmerge first")
     saved = [list(m.active_adapters) for m in stack]
-    token = _ROWS.set(None)
+    _ROWS[0] = None
     try:
         if len(rows.groups) == 1:
             _activate(stack, rows.names[0])
@@ -98,7 +119,7 @@ def forward_by_rows(layer: nn.Module, x: torch.Tensor, rows: RowAdapters, *args,
             out.index_copy_(0, idx, y)
         return out
     finally:
-        _ROWS.reset(token)
+        _ROWS[0] = rows
         for m, names in zip(stack, saved):
             m.active_adapters = names
 

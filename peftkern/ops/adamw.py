@@ -372,17 +372,44 @@ def _torch_update_(p32, g32, m, v, s: StepScalars) -> None:
     p32.mul_(s.decay).addcdiv_(m, denom, value=-s.step_size)
 
 
-def _torch_penalized_grad(param, grad, pen: Penalty, chunk: slice) -> torch.Tensor:
-    """fp32 grad + lam * ((p - anchor) * F) for one chunk (reference.adamw.penalized_gradient's order)."""
-    diff = param[chunk].float() - pen.anchor[chunk].float()
-    if pen.mode == FISHER_32BIT:
-        diff.mul_(pen.fisher[chunk])
-    elif pen.mode == FISHER_8BIT:
-        start, count = chunk.start, diff.numel()
-        f = torch.index_select(_maps(param.device)[1], 0, pen.fisher[chunk].int())
-        absmax = pen.fisher_absmax[start // BLOCKSIZE: -(-(start + count) // BLOCKSIZE)]
-        diff.mul_(f.mul_(absmax.repeat_interleave(BLOCKSIZE)[:count]))
-    return grad[chunk].to(torch.float32, copy=True).add_(diff.mul_(pen.lam))
+def _torch_fisher_chunk(param, pen: Penalty, start: int, out: torch.Tensor) -> torch.Tensor:
+    """fp32 F into ``out`` for elements ``start .. start + out.numel()`` (``start`` a multiple of 256),
+    from its 8-bit codes."""
+    count = out.numel()
+    f = torch.index_select(_maps(param.device)[1], 0, pen.fisher[start:start + count].int(), out=out)
+    whole = count // BLOCKSIZE * BLOCKSIZE
+    first = start // BLOCKSIZE
+    f[:whole].view(-1, BLOCKSIZE).mul_(pen.fisher_absmax[first:first + whole // BLOCKSIZE].view(-1, 1))
+    if whole < count:
+        f[whole:].mul_(pen.fisher_absmax[first + whole // BLOCKSIZE])
+    return f
+
+
+class _PenaltyBuffers:
+    """Two fp32 scratch chunks reused over a step's chunks: allocating half a megabyte per chunk
+    would go to the kernel (mmap) and fault every page in again."""
+
+    def __init__(self, param: torch.Tensor):
+        size = min(param.numel(), _TORCH_CHUNK)
+        self.diff = torch.empty(size, dtype=torch.float32, device=param.device)
+        self.fisher = torch.empty(size, dtype=torch.float32, device=param.device)
+
+    def penalized_grad(self, param, grad, pen: Penalty, chunk: slice) -> torch.Tensor:
+        """fp32 grad + lam * F * (p - anchor) for one chunk in two passes (a difference, then one
+        addcmul, both into the scratch), the reference's formula to an ulp."""
+        p, a, g = param[chunk], pen.anchor[chunk], grad[chunk]
+        diff = self.diff[:p.numel()]
+        if p.dtype == torch.float32:
+            torch.sub(p, a, out=diff)
+        else:  # a 16-bit difference would round: widen first (exactly), then subtract in fp32
+            diff.copy_(p).sub_(a)
+        if pen.mode == ANCHOR_ONLY:
+            return torch.add(g, diff, alpha=pen.lam, out=diff)
+        if pen.mode == FISHER_32BIT:
+            f = pen.fisher[chunk]
+        else:
+            f = _torch_fisher_chunk(param, pen, chunk.start, self.fisher[:p.numel()])
+        return torch.addcmul(g, diff, f, value=pen.lam, out=diff)
 
 
 def _torch_adamw32(param, grad, exp_avg, exp_avg_sq, scalars: StepScalars, lr: float, weight_decay: float,
@@ -396,9 +423,10 @@ def _torch_adamw32(param, grad, exp_avg, exp_avg_sq, scalars: StepScalars, lr: f
         if pen is None:
             torch._fused_adamw_([param], [grad], [exp_avg], [exp_avg_sq], [], [step], **hyper)
             return
+    scratch = _PenaltyBuffers(param) if pen is not None else None
     for start in range(0, param.numel(), _TORCH_CHUNK):
         chunk = slice(start, start + _TORCH_CHUNK)
-        g = grad[chunk] if pen is None else _torch_penalized_grad(param, grad, pen, chunk)
+        g = grad[chunk] if pen is None else scratch.penalized_grad(param, grad, pen, chunk)
         if fused:
             torch._fused_adamw_([param[chunk]], [g], [exp_avg[chunk]], [exp_avg_sq[chunk]], [], [step], **hyper)
             continue
@@ -449,6 +477,7 @@ def _torch_adamw8bit(param, grad, m_codes, m_absmax, v_codes, v_absmax, scalars:
     smap, umap, _, _ = _maps(param.device)
     signed_tables, unsigned_tables = _code_tables(True, param.device), _code_tables(False, param.device)
     n = param.numel()
+    scratch = _PenaltyBuffers(param) if pen is not None else None
     for start in range(0, n, _TORCH_CHUNK):
         chunk = slice(start, min(start + _TORCH_CHUNK, n))
         blocks = slice(start // BLOCKSIZE, -(-chunk.stop // BLOCKSIZE))
@@ -463,7 +492,7 @@ def _torch_adamw8bit(param, grad, m_codes, m_absmax, v_codes, v_absmax, scalars:
         m2, v2 = m.view(-1, BLOCKSIZE), v.view(-1, BLOCKSIZE)
         m2.mul_(m_absmax[blocks].view(-1, 1))
         v2.mul_(v_absmax[blocks].view(-1, 1))
-        g = grad[chunk].float() if pen is None else _torch_penalized_grad(param, grad, pen, chunk)
+        g = grad[chunk].float() if pen is None else scratch.penalized_grad(param, grad, pen, chunk)
         p32 = param[chunk].float()
         _torch_update_(p32, g, m[:count], v[:count], scalars)
         if param.dtype != torch.float32:

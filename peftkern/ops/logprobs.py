@@ -481,12 +481,17 @@ def _fp32(t):
 
 
 class _TorchHead:
-    """The head's tensors in fp32 (converted once per call), and the per-block steps of the torch face."""
+    """The head's tensors in fp32 (converted once per call), and the per-block steps of the torch face.
 
-    def __init__(self, hidden, weight, bias, lora_u, lora_B, targets, ignore_index, temperature):
+    Every [rows, V] block is computed into one workspace that the call reuses (allocated at the first
+    block, as large as the largest): a fresh 64 MiB block costs more in page faults than its
+    log-softmax, and the peak stays at one block."""
+
+    def __init__(self, hidden, weight, bias, lora_u, lora_B, targets, ignore_index, temperature, max_rows):
         self.hidden, self.lora_u, self.targets, self.ignore_index = hidden, lora_u, targets, ignore_index
         self.w, self.b, self.lb = _fp32(weight), _fp32(bias), _fp32(lora_B)
         self.inv_temp = 1.0 / temperature
+        self.max_rows, self.workspace = max_rows, None
 
     def rows(self, rows):
         """(h, u) of these rows in fp32: views for a slice, gathered copies for an index tensor."""
@@ -498,24 +503,35 @@ class _TorchHead:
             u = self.lora_u.index_select(0, rows).float() if self.lora_u is not None else None
         return h, u
 
-    def z(self, h, u):
-        z = torch.addmm(self.b, h, self.w.t()) if self.b is not None else h @ self.w.t()
+    def block(self, n: int) -> torch.Tensor:
+        """A [n, V] fp32 view of the workspace (sized once, for the chunk size the call was given)."""
+        if self.workspace is None or self.workspace.shape[0] < n:
+            rows = max(n, min(self.max_rows, self.hidden.shape[0]))
+            self.workspace = torch.empty((rows, self.w.shape[0]), dtype=torch.float32, device=self.w.device)
+        return self.workspace[:n]
+
+    def z(self, h, u, out):
+        if self.b is not None:
+            torch.addmm(self.b, h, self.w.t(), out=out)
+        else:
+            torch.mm(h, self.w.t(), out=out)
         if u is not None:
-            z.addmm_(u, self.lb.t())
+            out.addmm_(u, self.lb.t())
         if self.inv_temp != 1.0:
-            z.mul_(self.inv_temp)
-        return z
+            out.mul_(self.inv_temp)
+        return out
 
     def log_probs(self, rows, want_ent, want_mean):
-        """(log p [C, V] fp32 block, Stats) of these rows (every target kept)."""
+        """(log p [C, V] fp32 block (the workspace), Stats, (h, u)) of these rows (every target kept)."""
         h, u = self.rows(rows)
-        log_p = self.z(h, u)
-        lse = torch.logsumexp(log_p, dim=1)
-        log_p.sub_(lse.unsqueeze(1))
+        log_p = self.z(h, u, self.block(h.shape[0]))
+        z_tgt = log_p.gather(1, self.targets[rows].unsqueeze(1)).squeeze(1)
+        # in place: the CPU kernel reads each row whole before writing it (tests compare with the reference)
+        torch.log_softmax(log_p, 1, out=log_p)
         logp = log_p.gather(1, self.targets[rows].unsqueeze(1)).squeeze(1)
-        ent = -torch.linalg.vecdot(torch.exp(log_p), log_p) if want_ent else None
+        ent = _entropy(log_p) if want_ent else None
         mean = log_p.mean(1) if want_mean else None
-        return log_p, Stats(logp, ent, mean, lse), (h, u)
+        return log_p, Stats(logp, ent, mean, z_tgt - logp), (h, u)
 
     def block_grads(self, rows, log_p, hu, stats: Stats, coefs: Coefs, grads, needs):
         g = _logit_grad_(log_p, self.targets[rows], coefs.d_logp, coefs.d_ent, stats.ent, coefs.d_mean, self.inv_temp)
@@ -523,8 +539,18 @@ class _TorchHead:
 
     def recompute_grads(self, rows, stats: Stats, coefs: Coefs, grads, needs):
         h, u = self.rows(rows)
-        log_p = self.z(h, u).sub_(stats.lse.unsqueeze(1))
+        log_p = self.z(h, u, self.block(h.shape[0])).sub_(stats.lse.unsqueeze(1))
         self.block_grads(rows, log_p, (h, u), stats, coefs, grads, needs)
+
+
+# rows per pass of the entropy and its gradient: their exp(log p) temporaries stay small
+_ENTROPY_ROWS = 64
+
+
+def _entropy(log_p: torch.Tensor) -> torch.Tensor:
+    """-sum_j p_j log p_j per row of log p [C, V]."""
+    return torch.cat([-torch.linalg.vecdot(torch.exp(part), part) for part in log_p.split(_ENTROPY_ROWS)]
+                     or [log_p.new_zeros(0)])
 
 
 def _row_blocks(targets, ignore_index, chunk):
@@ -566,9 +592,12 @@ def _logit_grad_(log_p, tgt, d_logp, d_ent, ent, d_mean, inv_temp):
     V = log_p.shape[1]
     coef = d_logp + d_mean if d_mean is not None else d_logp
     if d_ent is not None:
-        p = torch.exp(log_p)
-        # G = -p * (dlogp + dmean + dent * (log p + H))
-        g = log_p.add_(ent.unsqueeze(1)).mul_(d_ent.unsqueeze(1)).add_(coef.unsqueeze(1)).mul_(p).neg_()
+        # G = -p * (dlogp + dmean + dent * (log p + H)), a few rows at a time (p is a temporary)
+        for s in range(0, log_p.shape[0], _ENTROPY_ROWS):
+            part, r = log_p[s:s + _ENTROPY_ROWS], slice(s, s + _ENTROPY_ROWS)
+            p = torch.exp(part)
+            part.add_(ent[r].unsqueeze(1)).mul_(d_ent[r].unsqueeze(1)).add_(coef[r].unsqueeze(1)).mul_(p).neg_()
+        g = log_p
     else:
         g = log_p.exp_().mul_(coef.neg().unsqueeze(1))
     g.scatter_add_(1, tgt.unsqueeze(1), d_logp.unsqueeze(1))
@@ -609,9 +638,10 @@ def _grad_buffers(hidden, weight, lora_u, lora_B, needs):
     return [torch.zeros(s if need else (0,), **f32) for s, need in zip(shapes, needs)]
 
 
-def _make_head(face, hidden, weight, bias, lora_u, lora_B, targets, ignore_index, temperature):
-    cls = _TritonHead if face == "triton" else _TorchHead
-    return cls(hidden, weight, bias, lora_u, lora_B, targets, ignore_index, temperature)
+def _make_head(face, hidden, weight, bias, lora_u, lora_B, targets, ignore_index, temperature, chunk):
+    if face == "triton":
+        return _TritonHead(hidden, weight, bias, lora_u, lora_B, targets, ignore_index, temperature)
+    return _TorchHead(hidden, weight, bias, lora_u, lora_B, targets, ignore_index, temperature, chunk)
 
 
 def _check_targets_in_range(targets, ignore_index, vocab):
@@ -624,6 +654,17 @@ def _check_targets_in_range(targets, ignore_index, vocab):
             raise ValueError(f"{message}; found {targets[bad][0].item()}")
     else:
         torch._assert_async(~bad.any(), message)
+
+
+def _autocast_off(t: torch.Tensor):
+    """Autocast off inside an op: its inputs already carry the dtype to run in (``_prepare`` casts
+    them), and its fp32 statistics and accumulators must stay fp32."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
+def _resolve_chunk(chunk: int, hidden, weight, face: str) -> int:
+    """The tokens per chunk: ``chunk``, or the default for this face when 0."""
+    return chunk if chunk > 0 else default_chunk_size(hidden.shape[0], weight.shape[0], face)
 
 
 def _mask(d, scored):
@@ -652,7 +693,7 @@ def _unit_loss_impl(face, hidden, weight, bias, lora_u, lora_B, targets, entry, 
     ent_all = torch.zeros(N if want_ent else 0, **f32)
     mean_all = torch.zeros(N if want_mean else 0, **f32)
     grads = _grad_buffers(hidden, weight, lora_u, lora_B, needs)
-    head = _make_head(face, hidden, weight, bias, lora_u, lora_B, targets, ignore_index, temperature)
+    head = _make_head(face, hidden, weight, bias, lora_u, lora_B, targets, ignore_index, temperature, chunk)
     any_grad = any(needs)
     scored_all = targets != ignore_index
     if face == "triton":
@@ -699,20 +740,27 @@ def _unit_loss_impl(face, hidden, weight, bias, lora_u, lora_B, targets, entry, 
         # block's logits again for its gradient
         if face == "triton":
             parts = [head.stats(b, want_ent, want_mean) for b in plan.blocks]
-        else:
-            parts = [head.log_probs(b, want_ent, want_mean)[1] for b in plan.blocks]
+        else:  # the last block's log-probs stay in the workspace: its gradient needs no recompute
+            parts = []
+            for b in plan.blocks:
+                log_p, part, hu = head.log_probs(b, want_ent, want_mean)
+                parts.append(part)
         stats = _cat_stats(parts)
         result = entry.fn(_unit_chunk(stats, pos, scored, plan, layout), tensors, scalars, variant)
         value = value + result.value.float()
         record(pos, stats)
         if any_grad:
             coefs = coefs_of(result, scored, stats)
-            start = 0
-            for b, part in zip(plan.blocks, parts):
-                n = b.shape[0]
-                sl = slice(start, start + n)
-                head.recompute_grads(b, part, Coefs(*(None if c is None else c[sl] for c in coefs)), grads, needs)
-                start += n
+            bounds = [0]
+            for b in plan.blocks:
+                bounds.append(bounds[-1] + b.shape[0])
+            for i in reversed(range(len(plan.blocks))):
+                b, part, sl = plan.blocks[i], parts[i], slice(bounds[i], bounds[i + 1])
+                block_coefs = Coefs(*(None if c is None else c[sl] for c in coefs))
+                if face == "torch" and i == len(plan.blocks) - 1:
+                    head.block_grads(b, log_p, hu, part, block_coefs, grads, needs)
+                else:
+                    head.recompute_grads(b, part, block_coefs, grads, needs)
     return value, logp_all, ent_all, mean_all, grads
 
 
@@ -731,8 +779,16 @@ def linear_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
                         ignore_index: int, temperature: float, chunk: int, want_entropy: bool, want_mean: bool,
                         face: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden [N, H] -> (logp [N], entropy [N] or [0], mean_logp [N] or [0], lse [N]), all fp32."""
+    with _autocast_off(hidden):
+        return _logprobs_fwd_impl(hidden, weight, bias, lora_u, lora_B, targets, ignore_index, temperature, chunk,
+                                  want_entropy, want_mean, face)
+
+
+def _logprobs_fwd_impl(hidden, weight, bias, lora_u, lora_B, targets, ignore_index, temperature, chunk, want_entropy,
+                       want_mean, face):
     _check_targets_in_range(targets, ignore_index, weight.shape[0])
-    head = _make_head(face, hidden, weight, bias, lora_u, lora_B, targets, ignore_index, temperature)
+    chunk = _resolve_chunk(chunk, hidden, weight, face)
+    head = _make_head(face, hidden, weight, bias, lora_u, lora_B, targets, ignore_index, temperature, chunk)
     if face == "triton":
         rows = torch.arange(targets.shape[0], device=hidden.device)
         st = head.stats(rows, want_entropy, want_mean)
@@ -766,8 +822,16 @@ def linear_logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
                         needs: list[bool]) -> list[torch.Tensor]:
     """-> [dh [N, H], dW [V, H], db [V], du [N, r], dB [V, r]] in fp32, each [0] when not needed.
     The coefficients are 0 on ignored rows."""
+    with _autocast_off(hidden):
+        return _logprobs_bwd_impl(hidden, weight, bias, lora_u, lora_B, targets, lse, ent, d_logp, d_ent, d_mean,
+                                  ignore_index, temperature, chunk, face, needs)
+
+
+def _logprobs_bwd_impl(hidden, weight, bias, lora_u, lora_B, targets, lse, ent, d_logp, d_ent, d_mean, ignore_index,
+                       temperature, chunk, face, needs):
     grads = _grad_buffers(hidden, weight, lora_u, lora_B, needs)
-    head = _make_head(face, hidden, weight, bias, lora_u, lora_B, targets, ignore_index, temperature)
+    chunk = _resolve_chunk(chunk, hidden, weight, face)
+    head = _make_head(face, hidden, weight, bias, lora_u, lora_B, targets, ignore_index, temperature, chunk)
     for rows in _backward_blocks(face, targets, ignore_index, chunk):
         pick = (lambda t: None if t is None else t[rows])  # noqa: E731
         stats = Stats(None, pick(ent) if d_ent is not None else None, None, lse[rows])
@@ -838,9 +902,11 @@ def linear_unit_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     gradients dh, dW, db, du, dB (in their inputs' dtypes, [0] when not needed)], all formed here.
     ``loss`` names a registered unit loss (``peftkern.ops.logprob_units``); ``layout`` is (G, U, T)."""
     _check_targets_in_range(targets, ignore_index, weight.shape[0])
-    value, logp, ent, mean, grads = _unit_loss_impl(
-        face, hidden, weight, bias, lora_u, lora_B, targets, unit_loss(loss), list(tensors), list(scalars), variant,
-        tuple(layout), ignore_index, temperature, chunk, want_entropy, want_mean, needs)
+    with _autocast_off(hidden):
+        value, logp, ent, mean, grads = _unit_loss_impl(
+            face, hidden, weight, bias, lora_u, lora_B, targets, unit_loss(loss), list(tensors), list(scalars),
+            variant, tuple(layout), ignore_index, temperature, _resolve_chunk(chunk, hidden, weight, face),
+            want_entropy, want_mean, needs)
     # cast now: the fp32 buffers are freed at once, and only input-dtype gradients wait for the backward
     inputs = (hidden, weight, bias, lora_u, lora_B)
     return [value, logp, ent, mean] + [g.to(t.dtype) if t is not None else g for g, t in zip(grads, inputs)]
@@ -954,7 +1020,7 @@ def _prepare(hidden, weight, targets, ignore_index, bias, temperature, lora_A, l
     u = None
     if lora_A is not None:
         u = ((h2d @ lora_A.t()) * float(lora_scaling)).contiguous()
-    chunk = chunk_size or default_chunk_size(h2d.shape[0], weight.shape[0], face)
+    chunk = chunk_size or 0  # 0: the default, chosen inside the op (it reads the thread count at run time)
     if bias is not None:
         bias = bias.contiguous()
     if face == "triton":

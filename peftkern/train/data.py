@@ -13,6 +13,7 @@ not fit raises :class:`DataError` naming the file and line (or the record index)
 """
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import os
@@ -122,7 +123,7 @@ def check_record(rec: Record, kind: str) -> None:
         fields = ("prompt", "chosen", "rejected")
         if kind == "rm" and "margin" in d:
             m = d["margin"]
-            if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
+            if isinstance(m, bool) or not isinstance(m, (int, float)) or not _finite(m):
                 raise DataError(f"{rec.where}: 'margin' must be a finite number (or left out), got {m!r}")
     elif kind == "kto":
         fields = ("prompt", "completion")
@@ -139,6 +140,13 @@ def check_record(rec: Record, kind: str) -> None:
         raise DataError(f"{rec.where}: fields {list(fields)} mix plain strings and message lists")
 
 
+def _finite(number) -> bool:
+    try:
+        return math.isfinite(number)
+    except OverflowError:  # an integer beyond the float range (JSON allows any)
+        return False
+
+
 # -- tokenizing ----------------------------------------------------------------------------------
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -148,6 +156,40 @@ def _chat(tokenizer, messages, add_generation_prompt: bool = False) -> str:
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError("conversational data needs a tokenizer with a chat template; this one has none")
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def read_chat_template(path: str, tokenizer=None) -> str:
+    """The Jinja chat template in ``path`` (the template text itself, or a JSON file with a
+    ``chat_template`` string, as tokenizer_config.json has), checked by rendering a short
+    conversation with ``tokenizer`` when given. Errors name the file (and the template's line)."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8-sig")
+    except OSError as exc:
+        raise DataError(f"--chat-template {path}: cannot be read ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise DataError(f"--chat-template {path}: not UTF-8 text") from None
+    if path.endswith(".json"):
+        try:
+            text = json.loads(text)["chat_template"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DataError(f"--chat-template {path}: a .json template file must be an object with a "
+                            "'chat_template' string") from None
+        if not isinstance(text, str):
+            raise DataError(f"--chat-template {path}: 'chat_template' must be one template string")
+    if not text.strip():
+        raise DataError(f"--chat-template {path}: the file is empty")
+    if tokenizer is not None:
+        probe = [{"role": "user", "content": "\x01question\x01"}, {"role": "assistant", "content": "\x02answer\x02"}]
+        try:
+            rendered = tokenizer.apply_chat_template(probe, chat_template=text, tokenize=False)
+        except Exception as exc:  # jinja2's TemplateSyntaxError / TemplateError, or an exception the template raises
+            line = getattr(exc, "lineno", None)
+            raise DataError(f"--chat-template {path}{f':{line}' if line else ''}: the template does not render "
+                            f"({type(exc).__name__}: {exc})") from None
+        if "\x02answer\x02" not in rendered or "\x01question\x01" not in rendered:
+            raise DataError(f"--chat-template {path}: the template does not render the messages' 'content'")
+    return text
 
 
 def _eos(tokenizer) -> list[int]:
@@ -268,16 +310,27 @@ def pad_batch(examples: list[dict], pad_id: int) -> dict:
     """Right-pad ``input_ids`` (with ``pad_id``) and ``labels`` (with -100) to the longest example.
 
     Returns ``input_ids`` [B, T] int64, ``labels`` [B, T] int64, ``attention_mask`` [B, T] int64.
+    Packed rows (:func:`pack_examples`, carrying ``position_ids``) give ``position_ids`` [B, T] int64
+    and ``attention_mask`` None instead: transformers' padding-free convention, where a position
+    that does not follow its predecessor starts a new sequence that attends only within itself. A
+    row's padding is such a sequence of its own (positions 0, 1, ...), with no label.
     """
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
+    packed = any("position_ids" in e for e in examples)
+    positions = torch.arange(width, dtype=torch.long).repeat(len(examples), 1) if packed else None
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
         ids[i, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
         labels[i, :n] = torch.tensor(e["labels"], dtype=torch.long)
         mask[i, :n] = 1
+        if packed:
+            positions[i, :n] = torch.tensor(e.get("position_ids", range(n)), dtype=torch.long)
+            positions[i, n:] = torch.arange(width - n, dtype=torch.long)
+    if packed:
+        return {"input_ids": ids, "labels": labels, "position_ids": positions, "attention_mask": None}
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
@@ -292,12 +345,53 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
-def pack(examples: list[dict], seq_len: int) -> list[dict]:
-    """Concatenate examples (in order) and cut into rows of exactly ``seq_len`` tokens (the tail that
-    does not fill a row is dropped). Labels travel with their tokens, so completion-only masks hold.
-    Each row's ``where`` lists the records it holds tokens of (when the examples carry ``where``)."""
-    import bisect
+def pack_examples(examples: list[dict], max_length: int) -> list[dict]:
+    """SFT packing without cross-contamination: whole examples (each at most ``max_length`` tokens)
+    placed into rows of at most ``max_length`` tokens, longest first, each into the fullest row it
+    still fits (best-fit decreasing, as TRL's ``bfd`` packing). A row carries ``position_ids`` that
+    restart at 0 for every example, so the model (transformers' padding-free convention, as TRL's
+    ``padding_free``) attends within each example and numbers its positions from 0: every example's
+    loss is what it would be unpacked. ``where`` lists the records of the row."""
+    if max_length < 2:
+        raise ValueError(f"packing max_length must be >= 2, got {max_length}")
+    too_long = [e.get("where", f"example {i}") for i, e in enumerate(examples) if len(e["input_ids"]) > max_length]
+    if too_long:
+        raise ValueError(f"packing: {too_long[0]} has more than max_length={max_length} tokens; truncate first")
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row), sorted: the best fit is the first with room >= n
+    for i in order:
+        n = len(examples[i]["input_ids"])
+        at = bisect.bisect_left(free, (n, -1))
+        if at < len(free):
+            room, r = free.pop(at)
+        else:
+            rows.append([])
+            room, r = max_length, len(rows) - 1
+        rows[r].append(i)
+        bisect.insort(free, (room - n, r))
+    out = []
+    for members in rows:
+        members.sort()  # the data's own order inside a row
+        row = {"input_ids": [], "labels": [], "position_ids": []}
+        for i in members:
+            e = examples[i]
+            row["input_ids"] += e["input_ids"]
+            row["labels"] += e["labels"]
+            row["position_ids"] += list(range(len(e["input_ids"])))
+        held = [examples[i]["where"] for i in members if examples[i].get("where")]
+        if held:
+            row["where"] = held
+        out.append(row)
+    return out
 
+
+def pack(examples: list[dict], seq_len: int) -> list[dict]:
+    """Pretraining packing: concatenate examples (in order) and cut into rows of exactly ``seq_len``
+    tokens (the tail that does not fill a row is dropped); a row's tokens attend across document
+    boundaries, as in pretraining. Labels travel with their tokens. Each row's ``where`` lists the
+    records it holds tokens of (when the examples carry ``where``). SFT packs with
+    :func:`pack_examples` instead."""
     if seq_len < 2:
         raise ValueError(f"packing seq_len must be >= 2, got {seq_len}")
     ids, labels, starts, wheres = [], [], [], []

@@ -23,7 +23,7 @@ from peftkern.train.atomic import atomic_dir, atomic_write_text
 from peftkern.train.config import TrainConfig
 from peftkern.train.generate import exact_match, generate
 from peftkern.train.model import LMWithHeads, prepare_lm
-from peftkern.train.pretrain import pretrained_tiny
+from peftkern.train.pretrain import build_pretrained_tiny
 
 # Sized for 2 CPU cores: the full demo is a few minutes; "quick" is a seconds-long smoke run.
 PLANS = {
@@ -79,7 +79,7 @@ def run_demo(out: str, plan: str = "full", quiet: bool = False, seed: int = 0) -
     # -- base ------------------------------------------------------------------------------------
     t = time.time()
     cached = plan == "full" and is_cached(p["base"])
-    base = pretrained_tiny(quiet=quiet, settings=p["base"], cache=plan == "full").eval()
+    base = build_pretrained_tiny(quiet=quiet, settings=p["base"], cache=plan == "full").eval()
     base_dir = _save_base(base, tok, os.path.join(out, "base_model"))
     report["model"] = {"parameters": sum(x.numel() for x in base.parameters()),
                        "config": {k: getattr(base.config, k) for k in ("hidden_size", "num_hidden_layers",

@@ -27,7 +27,7 @@ from torch import nn
 from peftkern.train.atomic import atomic_write_bytes
 from peftkern.train.data import IGNORE_INDEX
 from peftkern.train.errors import ConfigError, PathError
-from peftkern.train.model import head_of
+from peftkern.train.model import base_causal_lm, head_of
 
 FORMAT = "peftkern-fisher"
 KINDS = ("empirical", "true")
@@ -53,9 +53,9 @@ def _sampled_labels(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, lab
     """``labels`` with every labelled token replaced by a draw from the model's next-token distribution."""
     with torch.no_grad():
         hidden = model(ids, mask, want_hidden=True)["hidden"][:, :-1]
-        weight, bias = head_of(model.lm)
+        head = base_causal_lm(model.lm).get_output_embeddings()  # the module: a LoRA on the head counts too
         where = labels[:, 1:] != IGNORE_INDEX
-        logits = torch.nn.functional.linear(hidden[where].to(weight.dtype), weight, bias).float()
+        logits = head(hidden[where].to(head_of(model.lm)["weight"].dtype)).float()
         draws = torch.multinomial(torch.softmax(logits, dim=-1).cpu(), 1, generator=generator).view(-1)
     sampled = labels.clone()
     sampled[:, 1:][where] = draws.to(labels.device)
@@ -164,3 +164,43 @@ def match_fisher(fisher: dict[str, torch.Tensor], params: dict[str, torch.Tensor
         if not f.is_floating_point() or not bool(torch.isfinite(f).all()) or bool((f < 0).any()):
             raise ConfigError(f"--ewc {path}: {name} holds values that are not finite and >= 0")
     return {name: fisher[name] for name in params}
+
+
+# -- a run anchored to its start: --ewc F / --l2sp ---------------------------------------------------
+
+def wants_anchors(cfg) -> bool:
+    """Whether the run asks for the anchored penalty (``--ewc`` or ``--l2sp``)."""
+    return bool(getattr(cfg, "ewc", None)) or bool(getattr(cfg, "l2sp", False))
+
+
+def attach_anchors(optimizer, lm: nn.Module, cfg, warn=None) -> None:
+    """Anchor every trainable parameter of ``lm`` at its value now (the run's start) in ``optimizer``
+    (a :class:`peftkern.optim.PagedAdamW`), with ``--ewc``'s Fisher (checked against the parameters,
+    stored in ``--ewc-fisher-bits``) or F = 1 for ``--l2sp``; the strength is ``--ewc-lambda``.
+
+    A Fisher estimated at other parameter values than these (another checkpoint, another adapter
+    initialisation seed) is reported through ``warn``: EWC's anchor is where F was measured.
+    """
+    if not wants_anchors(cfg):
+        return
+    from peftkern.optim import PagedAdamW
+
+    if not isinstance(optimizer, PagedAdamW):
+        raise ConfigError("--ewc / --l2sp fold the penalty into peftkern's AdamW; this run's optimizer is "
+                          f"{type(optimizer).__name__}")
+    params = trainable_parameters(lm)
+    if any(hasattr(p, "full_tensor") for p in params.values()):
+        raise ConfigError("--ewc / --l2sp do not support --strategy fsdp2 (sharded parameters); use ddp")
+    fisher = None
+    if cfg.ewc:
+        tensors, metadata = load_fisher(cfg.ewc)
+        fisher = match_fisher(tensors, params, cfg.ewc)
+        saved = metadata.get("anchor_sha256")
+        if warn is not None and saved and saved != parameter_fingerprint(params):
+            warn(f"--ewc {cfg.ewc}: the Fisher was estimated at other parameter values than this run starts from "
+                 "(another model or checkpoint, or another --seed for the adapter); the anchor is this run's start")
+    for group in optimizer.param_groups:
+        group["anchor_lambda"] = float(cfg.ewc_lambda)
+    for name, p in params.items():
+        optimizer.set_anchor(p, fisher=None if fisher is None else fisher[name].to(p.device),
+                             fisher_bits=cfg.ewc_fisher_bits)

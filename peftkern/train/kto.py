@@ -6,7 +6,7 @@ import torch
 
 from peftkern.train.data import encode_prompt_completion, encode_sequence, load_records, pad_batch
 from peftkern.train.loop import Trainer
-from peftkern.train.objectives import kto_loss_sum
+from peftkern.train.objectives import kto_head_loss
 from peftkern.train.reference import cached_reference_logps
 
 
@@ -32,8 +32,9 @@ class KTOTrainer(Trainer):
             if examples:
                 groups[f"{split}_seq"] = [e["seq"] for e in examples]
                 groups[f"{split}_kl"] = [e["kl_seq"] for e in examples]
-        self.ref = cached_reference_logps(self.module, groups, self.tokenizer.pad_token_id, self.device,
-                                          self.cfg.out, write=self.dist.main)
+        ref = cached_reference_logps(self.module, groups, self.tokenizer.pad_token_id, self.device, self.cfg.out,
+                                     write=self.dist.main)
+        self.ref = {k: v.to(self.device) for k, v in ref.items()}  # indexed on the device: no host sync per batch
 
     def collate(self, examples):
         batch = pad_batch([e["seq"] for e in examples] + [e["kl_seq"] for e in examples], self.tokenizer.pad_token_id)
@@ -45,21 +46,17 @@ class KTOTrainer(Trainer):
         return torch.tensor(float(batch["index"].numel()))
 
     def _terms(self, model, batch, split):
-        b = batch["index"].numel()
-        seq = model(batch["input_ids"], batch["attention_mask"], batch["labels"])["logps"].sum(1)
-        idx = batch["index"].cpu()
-        ref = self.ref[f"{split}_seq"][idx].to(seq.device)
-        ref_kl = self.ref[f"{split}_kl"][idx].to(seq.device)
-        kl = (seq[b:] - ref_kl).mean().clamp_min(0).detach()
-        loss = kto_loss_sum(seq[:b], ref, batch["desirable"], kl, self.cfg.beta, self.cfg.desirable_weight,
-                            self.cfg.undesirable_weight)
-        return loss, self.cfg.beta * (seq[:b] - ref).detach(), kl
+        idx = batch["index"]
+        ref = self.ref[f"{split}_seq"][idx]
+        ref_kl = self.ref[f"{split}_kl"][idx]
+        head_loss = kto_head_loss(ref, ref_kl, batch["desirable"], self.cfg.beta, self.cfg.desirable_weight,
+                                  self.cfg.undesirable_weight)
+        return model(batch["input_ids"], batch["attention_mask"], batch["labels"], head_loss=head_loss)["head_loss"]
 
     def loss(self, model, batch):
-        loss, rewards, kl = self._terms(model, batch, "train")
-        good = batch["desirable"].float()
-        return loss, {"reward_desirable": (rewards * good).sum(), "reward_undesirable": (rewards * (1 - good)).sum(),
-                              "kl": kl * good.numel()}
+        loss, good, bad, kl = self._terms(model, batch, "train")
+        return loss, {"reward_desirable": good.sum(), "reward_undesirable": bad.sum(),
+                      "kl": kl * batch["desirable"].numel()}
 
     def evaluate(self):
         n, bs = len(self.eval_examples), self.cfg.batch_size

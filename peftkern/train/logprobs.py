@@ -51,10 +51,12 @@ def chunked_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                   bias: torch.Tensor | None = None, return_entropy: bool = False):
+                   bias: torch.Tensor | None = None, return_entropy: bool = False, *, lora_A=None, lora_B=None,
+                   lora_scaling: float = 1.0):
     """hidden [B, T, H] (any float dtype), weight [V, H], targets [B, T] int64 (-100: skip) ->
     log p(targets) [B, T] fp32 with 0 at skipped positions (and, with ``return_entropy``, the entropy
-    of each position's next-token distribution [B, T], 0 at skipped positions)."""
+    of each position's next-token distribution [B, T], 0 at skipped positions). A LoRA on the head
+    (lora_A [r, H], lora_B [V, r], lora_scaling) is applied and trained."""
     shape = targets.shape
     h2d, t1d = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     # Only rows with a target go through the head: prompts and padding cost nothing.
@@ -66,9 +68,12 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     h_sel, t_sel = h2d.index_select(0, rows), t1d.index_select(0, rows)
     fused = _fused_op()
     if fused is not None:
-        got = fused(h_sel, weight, t_sel, IGNORE_INDEX, bias, return_entropy=return_entropy)
+        got = fused(h_sel, weight, t_sel, IGNORE_INDEX, bias, return_entropy=return_entropy, lora_A=lora_A,
+                    lora_B=lora_B, lora_scaling=lora_scaling)
         logp, ent = got if return_entropy else (got, None)
     else:
+        if lora_A is not None:
+            raise ValueError("a LoRA on the output head needs peftkern.ops.logprobs, which this build lacks")
         logp, ent = chunked_logprobs(h_sel, weight, t_sel, bias)
     logp = out.index_put((rows,), logp.float()).view(shape)
     if not return_entropy:

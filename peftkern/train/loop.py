@@ -20,30 +20,35 @@ from torch import nn
 
 from peftkern.train import distributed as D
 from peftkern.train import outdir
+from peftkern.train.adapter_base import adapter_base
+from peftkern.train.adapters import has_lora, save_adapter
 from peftkern.train.atomic import atomic_dir, atomic_write_text, with_retries
 from peftkern.train.checkpoint import (latest_checkpoint, load_checkpoint, read_state, resolve_resume,
                                        save_checkpoint, set_rng_state)
 from peftkern.train.errors import CheckpointError, NonFiniteError, RunWarning
+from peftkern.train.fisher import attach_anchors, wants_anchors
 from peftkern.train.logs import RunLog, dumps, read_json
-from peftkern.train.model import load_trainable_state
+from peftkern.train.mixing import add_task_means
+from peftkern.train.model import base_causal_lm, load_trainable_state
 from peftkern.train.preempt import Preemption
 from peftkern.train.resume import check_resume, data_fingerprint, settings_of
 from peftkern.train.schedule import make_scheduler
 
 
 def make_optimizer(params: list[nn.Parameter], cfg):
-    """AdamW with fp32 state (torch), or peftkern's 8-bit (optionally paged) AdamW."""
+    """AdamW with fp32 state (torch), or peftkern's 8-bit (optionally paged) AdamW; with --ewc / --l2sp
+    peftkern's AdamW (32- or 8-bit as --optim says), which folds the penalty into its step."""
     if not params:
         raise ValueError("nothing to train: no parameter requires grad")
     betas = (0.9, 0.999)
-    if cfg.optim == "adamw":
+    if cfg.optim == "adamw" and not wants_anchors(cfg):
         return torch.optim.AdamW(params, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay)
     try:
         from peftkern.optim import PagedAdamW
     except ImportError:
         raise ValueError(f"--optim {cfg.optim} needs peftkern.optim.PagedAdamW, which this build lacks") from None
-    return PagedAdamW(params, lr=cfg.lr, betas=betas, eps=1e-8, weight_decay=cfg.weight_decay, optim_bits=8,
-                      paged=cfg.optim == "paged_adamw8bit")
+    return PagedAdamW(params, lr=cfg.lr, betas=betas, eps=1e-8, weight_decay=cfg.weight_decay,
+                      optim_bits=32 if cfg.optim == "adamw" else 8, paged=cfg.optim == "paged_adamw8bit")
 
 
 class Trainer(abc.ABC):
@@ -70,6 +75,7 @@ class Trainer(abc.ABC):
         self._preemption: Preemption | None = None
         self._stop_agreed = False
         self._fingerprint: str | None = None
+        self.sampler = None  # mixing.MixedSampler with several tasks or rehearsal (SFT)
 
     # -- what a trainer provides ----------------------------------------------------------------
     @abc.abstractmethod
@@ -114,7 +120,10 @@ class Trainer(abc.ABC):
 
     def micro_batches(self, step: int) -> list[list]:
         """This process's micro-batches for optimizer step ``step``: a seeded permutation per epoch, cut
-        into global batches, each split across processes and then into micro-batches."""
+        into global batches, each split across processes and then into micro-batches (with mixed data:
+        the sampler's global batch for the step)."""
+        if self.sampler is not None:
+            return self.sampler.micro_batches(step, self.dist.rank, self.cfg.batch_size, self.cfg.grad_accum)
         spe = self.steps_per_epoch()
         epoch, pos = divmod(step, spe)
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
@@ -153,9 +162,9 @@ class Trainer(abc.ABC):
         processes' stop flag (preemption) travel to the host together, after one all-reduce."""
         grad_norm = self.clip_norm()
         keys = sorted(metric_sums)
-        stop = torch.ones(()) if (self._preemption is not None and self._preemption.requested) else torch.zeros(())
+        stop = float(self._preemption is not None and self._preemption.requested)
         sums = torch.stack([loss_sum.float()] + [torch.as_tensor(metric_sums[k]).float() for k in keys])
-        packed = D.all_reduce_sum(torch.cat([sums, stop.to(sums.device).reshape(1)]), self.dist)
+        packed = D.all_reduce_sum(torch.cat([sums, torch.full((1,), stop, device=sums.device)]), self.dist)
         values = torch.cat([packed[:-1] / total, packed[-1:], grad_norm.float().reshape(1).to(packed.device)]).tolist()
         loss, norm, stop_votes = values[0], values[-1], values[-2]
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it next)
@@ -173,7 +182,7 @@ class Trainer(abc.ABC):
         record.update({k: values[i + 1] for i, k in enumerate(keys)})
         if not finite:
             record["skipped"] = True
-        return record
+        return add_task_means(record)
 
     def clip_norm(self) -> torch.Tensor:
         """Clip the gradients to ``max_grad_norm`` (0: no clipping); the total norm before clipping, as
@@ -212,6 +221,7 @@ class Trainer(abc.ABC):
         self.model = D.wrap(self.module, d)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(trainable, cfg)
+        attach_anchors(self.optimizer, self.module.lm, cfg, self.warn)  # --ewc / --l2sp (a no-op otherwise)
         self.scheduler = make_scheduler(self.optimizer, self.total_steps(), cfg.warmup_steps, cfg.schedule,
                                         cfg.min_lr_ratio)
         self.model.train()
@@ -256,7 +266,8 @@ class Trainer(abc.ABC):
 
     def _run(self, start_time: float) -> dict:
         cfg, d = self.cfg, self.dist
-        self._fingerprint = data_fingerprint(self.train_examples)
+        replay = list(getattr(self.sampler, "replay", None) or [])  # --rehearsal-data is training data too
+        self._fingerprint = data_fingerprint(self.train_examples + replay)
         ckpt = self._resume_point()  # before the reference pass: a refused resume costs nothing
         self.prepare()
         total = self.total_steps()
@@ -306,8 +317,9 @@ class Trainer(abc.ABC):
         return summary
 
     def _preempted(self, done: int, saved_at: str | None, start_time: float, log) -> dict:
-        name = self._preemption.name if self._preemption is not None and self._preemption.requested else "a signal"
-        summary = {"preempted": True, "signal": name or "another process's signal", "steps": done,
+        own = self._preemption is not None and self._preemption.requested
+        summary = {"preempted": True, "signal": self._preemption.name if own else "another process's signal",
+                   "steps": done,
                    "checkpoint": saved_at, "seconds": round(time.time() - start_time, 2),
                    "bad_steps": self.bad_steps}
         if self.dist.main:
@@ -409,10 +421,6 @@ class Trainer(abc.ABC):
         """The adapter (PEFT format) or the full model, and ``metrics.json``, in ``cfg.out``. Every
         process calls this (FSDP2 gathers the shards); the main one writes, each output atomically (a
         failed write leaves the previous one intact)."""
-        from peftkern.train.adapters import has_lora, save_adapter
-        from peftkern.train.loading import adapter_base
-        from peftkern.train.model import base_causal_lm
-
         cfg, main = self.cfg, self.dist.main
         retry = dict(retries=cfg.save_retries, warn=self.warn)
 

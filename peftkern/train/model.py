@@ -9,11 +9,18 @@ is used inside its forward.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from torch import nn
 
+from peftkern.losses import head_parameters
+from peftkern.nn import NF4Linear
+from peftkern.train.adapters import add_adapters, attach_adalora_steps, uses_adapters
+from peftkern.train.config import TrainConfig
+from peftkern.train.errors import ConfigError
 from peftkern.train.logprobs import token_logprobs
+from peftkern.tuners import load_adapter
 
 
 def base_causal_lm(model: nn.Module) -> nn.Module:
@@ -34,14 +41,11 @@ def decoder_of(lm: nn.Module) -> nn.Module:
     raise TypeError(f"cannot find the decoder of {type(lm).__name__}: expected a transformers *ForCausalLM")
 
 
-def head_of(lm: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight [V, H], bias [V] or None) of the output head."""
-    head = base_causal_lm(lm).get_output_embeddings()
-    if hasattr(head, "base_layer"):
-        head = head.base_layer
-    if not isinstance(head, nn.Linear):
-        raise TypeError(f"the fused log-prob path needs an nn.Linear output head, got {type(head).__name__}")
-    return head.weight, head.bias
+def head_of(lm: nn.Module) -> dict:
+    """The output head as the fused losses take it: {weight [V, H], bias [V] or None, lora_A, lora_B,
+    lora_scaling} (``peftkern.losses.head_parameters``): a LoRA on the head trains with the rest,
+    and one that the fused path cannot express (DoRA, several adapters) raises."""
+    return head_parameters(base_causal_lm(lm).get_output_embeddings())
 
 
 class LMWithHeads(nn.Module):
@@ -71,14 +75,28 @@ class LMWithHeads(nn.Module):
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def forward(self, input_ids, attention_mask, labels=None, want_hidden: bool = False, want_entropy: bool = False):
+    def forward(self, input_ids, attention_mask, labels=None, want_hidden: bool = False, want_entropy: bool = False,
+                head_loss=None, position_ids=None):
+        """With ``head_loss`` (a callable (hidden [B, T-1, H], targets [B, T-1], head dict) -> anything,
+        from ``peftkern.train.objectives``), its result is ``out["head_loss"]`` instead of ``logps``: a
+        fused loss from hidden states, computed here so that DDP / FSDP2 see the head used in forward.
+        ``position_ids`` [B, T] (packed rows, ``attention_mask`` None): positions restart at 0 for each
+        packed example and attention stays inside it (transformers' padding-free convention)."""
         out = {}
         with self._autocast(input_ids.device):
-            hidden = decoder_of(self.lm)(input_ids=input_ids, attention_mask=attention_mask,
-                                         use_cache=False).last_hidden_state
-            if labels is not None:
-                weight, bias = head_of(self.lm)
-                got = token_logprobs(hidden[:, :-1], weight, labels[:, 1:], bias, return_entropy=want_entropy)
+            if position_ids is not None:
+                hidden = decoder_of(self.lm)(input_ids=input_ids, position_ids=position_ids,
+                                             use_cache=False).last_hidden_state
+            else:
+                hidden = decoder_of(self.lm)(input_ids=input_ids, attention_mask=attention_mask,
+                                             use_cache=False).last_hidden_state
+            if labels is not None and head_loss is not None:
+                out["head_loss"] = head_loss(hidden[:, :-1], labels[:, 1:], head_of(self.lm))
+            elif labels is not None:
+                head = head_of(self.lm)
+                got = token_logprobs(hidden[:, :-1], head["weight"], labels[:, 1:], head["bias"],
+                                     return_entropy=want_entropy, lora_A=head["lora_A"], lora_B=head["lora_B"],
+                                     lora_scaling=head["lora_scaling"])
                 if want_entropy:
                     out["logps"], out["entropy"] = got
                 else:
@@ -94,30 +112,82 @@ class LMWithHeads(nn.Module):
         return out
 
 
-def prepare_lm(cfg, lm: nn.Module) -> nn.Module:
-    """Apply ``--quant``, LoRA / DoRA and gradient checkpointing as ``cfg`` asks."""
-    if cfg.quant == "nf4":
-        lm = quantize_nf4(lm)
-    if cfg.lora_r > 0:
-        from peftkern.train.adapters import add_lora
+@torch.no_grad()
+def check_packed_attention(lm: nn.Module) -> None:
+    """``--packing`` relies on the model starting a new sequence where ``position_ids`` restart
+    (transformers' padding-free convention). Probe it once: two sequences packed in one row must
+    give the second the hidden states it has alone; an attention implementation that ignores the
+    boundary raises ConfigError instead of training across examples."""
+    decoder = decoder_of(lm)
+    device = next(p for p in lm.parameters() if p.device.type != "meta").device
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7]], device=device) % base_causal_lm(lm).config.vocab_size
+    packed = decoder(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3]], device=device),
+                     use_cache=False).last_hidden_state[0, 3:].float()
+    alone = decoder(input_ids=ids[:, 3:], use_cache=False).last_hidden_state[0].float()
+    if not torch.allclose(packed, alone, rtol=2e-2, atol=2e-2 * float(alone.abs().max())):
+        impl = getattr(base_causal_lm(lm).config, "_attn_implementation", "?")
+        raise ConfigError(f"--packing: this model's attention (attn_implementation={impl!r}) does not start a new "
+                          "sequence where position_ids restart, so packed examples would attend to each other; "
+                          "train without --packing (or with an attention implementation that honours it: eager, "
+                          "sdpa, flash_attention_2)")
 
-        lm = add_lora(lm, cfg.lora_r, cfg.lora_alpha, cfg.target_modules, cfg.lora_dropout, cfg.dora)
-    elif cfg.quant == "nf4":
-        raise ValueError("--quant nf4 freezes the base weights: it needs LoRA adapters (lora_r > 0)")
+
+def prepare_lm(cfg, lm: nn.Module) -> nn.Module:
+    """Apply ``--quant``, the adapters (fresh, or ``--adapter``'s) and gradient checkpointing as
+    ``cfg`` asks. Adapter weights train in fp32 whatever the base's dtype (as PEFT's
+    ``autocast_adapter_dtype``); the layers cast them to the compute dtype in forward."""
+    if cfg.quant == "nf4" and not has_nf4(lm):  # a folder's model was quantized while it was read
+        lm = quantize_nf4(lm)
+    if getattr(cfg, "adapter", None):
+        lm = load_adapter_to_train(lm, cfg)
+    elif uses_adapters(cfg):
+        lm = add_adapters(lm, cfg)
+    elif has_nf4(lm):
+        raise ValueError("the base weights are 4-bit (--quant nf4, or a 4-bit checkpoint) and stay frozen: "
+                         "train adapters on them (lora_r > 0)")
+    if uses_adapters(cfg) or getattr(cfg, "adapter", None):
+        with torch.no_grad():
+            for p in lm.parameters():
+                if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+                    p.data = p.data.float()
     if cfg.grad_checkpointing:
         base = base_causal_lm(lm)
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.lora_r > 0 and hasattr(base, "enable_input_require_grads"):
+        if uses_adapters(cfg) and hasattr(base, "enable_input_require_grads"):
             base.enable_input_require_grads()
     return lm
 
 
+def has_nf4(lm: nn.Module) -> bool:
+    return any(isinstance(m, NF4Linear) for m in lm.modules())
+
+
+ADAPTER_FLAGS = ("peft", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "dora")
+
+
+def load_adapter_to_train(lm: nn.Module, cfg) -> nn.Module:
+    """``--adapter DIR``: the adapter folder (PEFT's files, any method) loaded trainable on ``lm``; its
+    config decides the method, rank and targets, so a flag that sets them otherwise is refused. An
+    adapter that does not fit the model (another architecture, other shapes) raises ConfigError
+    naming the file and tensor."""
+    defaults = TrainConfig()
+    changed = [f"--{n.replace('_', '-')}" for n in ADAPTER_FLAGS if getattr(cfg, n) != getattr(defaults, n)]
+    if changed:
+        raise ConfigError(f"--adapter {cfg.adapter}: the adapter's own adapter_config.json sets the method, rank and "
+                          f"targets; drop {', '.join(changed)}")
+    try:
+        wrapped = load_adapter(lm, cfg.adapter, is_trainable=True)
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as exc:
+        text = str(exc)
+        where = "" if cfg.adapter in text else f"{os.path.join(cfg.adapter, 'adapter_config.json')}: "
+        raise ConfigError(f"--adapter {cfg.adapter}: does not fit --model {cfg.model}: {where}{text}") from None
+    if any(c.peft_type == "ADALORA" for c in wrapped.peft_config.values()):
+        attach_adalora_steps(wrapped)
+    return wrapped
+
+
 def quantize_nf4(lm: nn.Module) -> nn.Module:
     """Every decoder linear to NF4 (QLoRA's base), through peftkern.nn.NF4Linear."""
-    try:
-        from peftkern.nn import NF4Linear
-    except ImportError:
-        raise ValueError("--quant nf4 needs peftkern.nn.NF4Linear, which this build lacks") from None
     head = base_causal_lm(lm).get_output_embeddings()
     for name, module in list(lm.named_modules()):
         if isinstance(module, nn.Linear) and module is not head:

@@ -3,6 +3,10 @@ examples, tokens) so the loop can normalise by the units of the whole step.
 
 Each uses ``peftkern.losses`` (whose functions return means; they are scaled back to sums here) and
 falls back to the same formula written out (TRL's definitions) on a build without that package.
+
+The ``*_head_loss`` builders give ``LMWithHeads.forward(..., head_loss=...)`` a fused loss from the
+last hidden states: the gradients are formed in the forward pass (three vocabulary GEMMs, no
+[tokens, V] logits), which is how the SFT, DPO and KTO trainers compute their losses.
 """
 from __future__ import annotations
 
@@ -96,3 +100,59 @@ def kl_rewards(scores: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tenso
     else:
         rewards = -kl_coef * (logps - ref_logps) * mask
     return rewards.scatter_add(-1, last_true_index(mask)[:, None], scores[:, None].to(rewards.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# fused losses from hidden states, for LMWithHeads.forward(head_loss=...)
+# ---------------------------------------------------------------------------------------------
+
+def _fused_losses():
+    lib = _losses_package()
+    if lib is None:
+        raise ValueError("the trainers' fused losses need peftkern.losses, which this build lacks")
+    return lib
+
+
+def sft_head_loss(hidden: torch.Tensor, targets: torch.Tensor, head: dict) -> torch.Tensor:
+    """Sum over labelled tokens of -log p(target): hidden [B, T, H], targets [B, T] (-100: skip)."""
+    return _fused_losses().fused_sft_loss(hidden, targets=targets, reduction="sum", **head)
+
+
+def dpo_head_loss(ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, beta: float, loss_type: str = "sigmoid",
+                  label_smoothing: float = 0.0):
+    """A head loss over hidden [2B, T, H] (chosen rows first) with the reference sequence log-probs
+    [B] given -> (sum of the per-pair losses, chosen_rewards [B], rejected_rewards [B], policy sequence
+    log-probs [2B], detached). Sequence log-probs are sums over the labelled tokens for every loss type
+    (the reference cache holds sums)."""
+    lib = _fused_losses()
+
+    def head_loss(hidden, targets, head):
+        loss, chosen_rewards, rejected_rewards = lib.fused_dpo_loss(
+            hidden, targets=targets, ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected, beta=beta,
+            loss_type=loss_type, label_smoothing=label_smoothing, average_log_prob=False, reduction="sum", **head)
+        seq = torch.cat([chosen_rewards / beta + ref_chosen.float(), rejected_rewards / beta + ref_rejected.float()])
+        return loss, chosen_rewards, rejected_rewards, seq
+    return head_loss
+
+
+def kto_head_loss(ref: torch.Tensor, ref_kl: torch.Tensor, desirable: torch.Tensor, beta: float,
+                  desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
+    """A head loss over hidden [2B, T, H] (B examples, then their B mismatched KL pairs) with reference
+    log-probs ref, ref_kl [B] -> (KTO summed over the examples, rewards beta (policy - reference) of
+    the desirable [Bd] and undesirable [Bu] examples, the reference point z0). z0 = max(0, mean(policy -
+    reference) over the KL pairs) is detached, so those rows go through the head without gradients."""
+    lib = _fused_losses()
+
+    def head_loss(hidden, targets, head):
+        b = ref.shape[0]
+        weight, bias = head["weight"], head["bias"]
+        lora = {k: head[k] for k in ("lora_A", "lora_B", "lora_scaling")}
+        with torch.no_grad():
+            kl_seq = lib.fused_sequence_logps(hidden[b:], weight, targets[b:], bias=bias, **lora)
+        kl = (kl_seq - ref_kl.float()).mean().clamp_min(0)
+        loss, good, bad, _ = lib.fused_kto_loss(hidden[:b], weight, targets[:b], desirable, ref, kl=kl, beta=beta,
+                                                desirable_weight=desirable_weight,
+                                                undesirable_weight=undesirable_weight, bias=bias, reduction="sum",
+                                                **lora)
+        return loss, good, bad, kl
+    return head_loss

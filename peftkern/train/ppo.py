@@ -19,7 +19,8 @@ import torch
 
 from peftkern.train import distributed as D
 from peftkern.train.adapters import adapters_disabled, has_lora
-from peftkern.train.data import IGNORE_INDEX, DataError, encode_prompt, encode_sequence, left_pad, load_records, pad_batch
+from peftkern.train.data import (IGNORE_INDEX, DataError, encode_prompt, encode_sequence, left_pad, load_records,
+                                 pad_batch)
 from peftkern.train.errors import ConfigError
 from peftkern.train.loading import is_embedded
 from peftkern.train.loop import Trainer

@@ -5,15 +5,18 @@ The cache directory holds the model and the byte tokenizer, so it is a complete 
 can name in ``base_model_name_or_path``."""
 from __future__ import annotations
 
-import os
 import tempfile
 
 from peftkern.models import tasks
 from peftkern.models.base import cached_path, is_cached, load_cached_tiny, resolve_settings
 from peftkern.models.tiny import BOS_ID, END_ID, build_tiny_model
 from peftkern.models.tokenizer import build_byte_tokenizer
-from peftkern.train.checkpoint import atomic_dir
+from peftkern.train.adapter_base import ensure_tokenizer
+from peftkern.train.atomic import atomic_dir
+from peftkern.train.config import TrainConfig
 from peftkern.train.data import pack
+from peftkern.train.model import LMWithHeads
+from peftkern.train.sft import SFTTrainer
 
 
 def corpus_examples(n_questions: int, seq_len: int, seed: int = 0) -> list[dict]:
@@ -27,7 +30,7 @@ def corpus_examples(n_questions: int, seq_len: int, seed: int = 0) -> list[dict]
     return pack(docs, seq_len)
 
 
-def pretrained_tiny(quiet: bool = False, settings: dict | None = None, cache: bool = True):
+def build_pretrained_tiny(quiet: bool = False, settings: dict | None = None, cache: bool = True):
     """The pretrained tiny base (``LlamaForCausalLM``, fp32), from the cache or trained now (a couple of
     minutes on 2 CPU cores for the demo size) and cached."""
     settings = resolve_settings(settings)
@@ -50,25 +53,12 @@ def tiny_base_dir(settings: dict | None = None, quiet: bool = False) -> str:
     if is_cached(settings):
         ensure_tokenizer(path)
     else:
-        pretrained_tiny(quiet=quiet, settings=settings)
+        build_pretrained_tiny(quiet=quiet, settings=settings)
     return path
-
-
-def ensure_tokenizer(path: str) -> None:
-    """Add the byte tokenizer's files to a cached base written before they were kept there."""
-    if not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
-        try:
-            build_byte_tokenizer().save_pretrained(path)
-        except OSError:
-            pass  # a read-only cache still serves the weights
 
 
 def pretrain(settings: dict, quiet: bool = False):
     """Train the tiny base of ``settings`` (see :data:`peftkern.models.base.PRETRAIN`) and return it."""
-    from peftkern.train.config import TrainConfig
-    from peftkern.train.model import LMWithHeads
-    from peftkern.train.sft import SFTTrainer
-
     lm = build_tiny_model(settings["size"], seed=settings["seed"])
     examples = corpus_examples(settings["questions"], settings["seq_len"], settings["seed"])
     with tempfile.TemporaryDirectory(prefix="peftkern-pretrain-") as out:

@@ -31,13 +31,31 @@ def test_near_pairs_within_and_across():
     texts = [base, base.replace("lazy", "sleepy"), "something else entirely, about cooking rice", base.upper()]
     pairs = near_duplicate_pairs(texts, threshold=0.7)
     got = {(p.i, p.j): p.similarity for p in pairs}
-    assert set(got) == {(0, 1), (0, 3), (1, 3)}
-    assert got[(0, 3)] == 1.0 and got[(0, 1)] == pytest.approx(jaccard(shingles(texts[0]), shingles(texts[1])))
+    assert got == {(1, 0): pytest.approx(jaccard(shingles(texts[0]), shingles(texts[1]))), (3, 0): 1.0}
+    skip_exact = near_duplicate_pairs(texts, threshold=0.7, exclude=lambda i, j: texts[i].lower() == texts[j].lower())
+    assert [(p.i, p.j) for p in skip_exact] == [(1, 0), (3, 1)]
     across = near_duplicate_pairs(["cooking rice: something else entirely"], texts, threshold=0.3)
     assert [(p.i, p.j) for p in across] == [(0, 2)]
     assert exact_groups(["A  b", "a b", "c", "a B "]) == [[0, 1, 3]]
     with pytest.raises(ValueError, match="threshold"):
         near_duplicate_pairs(texts, threshold=0)
+
+
+def test_near_pairs_against_brute_force():
+    """Every text with a match >= threshold among the earlier ones is found, with its best match."""
+    rng = random.Random(2)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    texts = [" ".join(rng.choice(words) for _ in range(8)) for _ in range(60)]
+    texts += [t.replace(t.split()[rng.randrange(8)], "omega", 1) for t in texts[:40]]
+    sets = [shingles(t) for t in texts]
+    for threshold in (0.6, 0.8):
+        want = {}
+        for i in range(len(texts)):
+            sims = [(jaccard(sets[i], sets[j]), -j) for j in range(i)]
+            if sims and max(sims)[0] >= threshold:
+                want[i] = -max(sims)[1]
+        got = {p.i: p.j for p in near_duplicate_pairs(texts, threshold=threshold)}
+        assert got == want and len(want) >= 5
 
 
 def test_rouge_l_hand_computation():

@@ -47,7 +47,7 @@ def test_exact_and_near_duplicates(report):
     d = report["train"]["duplicates"]
     assert d["exact"]["groups"] == 1 and d["exact"]["where"] == [[at(1), at(3)]]
     near = d["near"]["where"]
-    assert [(p["a"], p["b"]) for p in near] == [(at(2), at(5))]  # lines 13/14 differ by a counter-example mark
+    assert [(p["record"], p["like"]) for p in near] == [(at(5), at(2))]  # 13/14 differ by a counter-example mark
 
 
 def test_near_duplicate_found_exactly_at_the_threshold():
@@ -56,16 +56,16 @@ def test_near_duplicate_found_exactly_at_the_threshold():
     sim = jaccard(shingles(a), shingles(b))
     assert 0.9 < sim < 1
     at_threshold = inspect_data(TRAIN, threshold=sim)["train"]["duplicates"]["near"]["where"]
-    assert [(p["a"], p["b"]) for p in at_threshold] == [(at(2), at(5))]
+    assert [(p["record"], p["like"]) for p in at_threshold] == [(at(5), at(2))]
     assert at_threshold[0]["similarity"] == round(sim, 4)
     above = inspect_data(TRAIN, threshold=sim + 1e-9)["train"]["duplicates"]["near"]
-    assert above["pairs"] == 0
+    assert above["records"] == 0
 
 
 def test_leakage_across_train_and_eval(report):
     lk = report["leakage"]
     assert lk["exact"]["where"] == [{"eval": at(1, EVAL), "train": at(11)}]
-    assert [(p["eval"], p["train"]) for p in lk["near"]["where"]] == [(at(2, EVAL), at(2)), (at(2, EVAL), at(5))]
+    assert [(p["eval"], p["train"]) for p in lk["near"]["where"]] == [(at(2, EVAL), at(2))]  # the closer of 2 and 5
     assert lk["eval_records_leaked"] == 2
 
 

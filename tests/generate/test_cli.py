@@ -171,3 +171,31 @@ def test_chat_in_a_terminal_answers_streams_and_resets(adapter_dir):
         assert [line for line in lines if line.startswith("bot> ")][-1][5:] == base
     finally:
         tmux.close()
+
+
+def test_generate_serves_different_adapters_in_one_batch(tmp_path, adapter_dir, capsys):
+    """Records naming their adapter run in the same batch, each row through its own adapter: the same
+    completions as running each adapter's prompts alone."""
+    second = tmp_path / "second"
+    model = peftkern.get_peft_model(build_tiny_model("micro"), peftkern.LoraConfig(r=2, target_modules="all-linear"))
+    randomize_adapters(model, seed=9, scale=0.5)
+    peftkern.save_adapter(model, str(second))
+    rows = [{"prompt": "Hi", "adapter": "a"}, {"prompt": "Hello there", "adapter": "b"},
+            {"prompt": "Hey", "adapter": "__base__"}, {"prompt": "Yo", "adapter": "a"}]
+    prompts = _write(tmp_path / "p.jsonl", [json.dumps(r) for r in rows])
+    out = tmp_path / "out.jsonl"
+    argv = ["generate", "--model", "tiny-micro", "--adapter", f"a={adapter_dir}", "--adapter", f"b={second}",
+            "--prompts", prompts, "--out", str(out), "--max-new-tokens", "8"]
+    assert main(argv) == 0
+    got = [json.loads(line)["completion"] for line in out.read_text().splitlines()]
+    tok = build_byte_tokenizer()
+    for row, text in zip(rows, got):
+        lm = build_tiny_model("micro")
+        if row["adapter"] != "__base__":
+            lm = peftkern.load_adapter(lm, adapter_dir if row["adapter"] == "a" else str(second))
+        assert text == generate(lm, tok, [row["prompt"]], max_new_tokens=8)[0].text
+    bad = _write(tmp_path / "bad.jsonl", [json.dumps({"prompt": "Hi", "adapter": "a"}), json.dumps({"prompt": "x"})])
+    assert "bad.jsonl:2: some records name an 'adapter', so every record must" in _error(
+        capsys, argv[:7] + ["--prompts", bad])
+    unknown = _write(tmp_path / "unknown.jsonl", [json.dumps({"prompt": "Hi", "adapter": "zzz"})])
+    assert "unknown.jsonl:1: adapter 'zzz' is not loaded" in _error(capsys, argv[:7] + ["--prompts", unknown])

@@ -9,7 +9,7 @@ import torch
 
 import peftkern
 from peftkern.generate import DecodingSettings, ModelStepper, decode, generate
-from peftkern.generate.contrastive import Contrastive, TwoPassScorer, contrastive_scores
+from peftkern.generate.contrastive import Contrastive, OneBatchScorer, TwoPassScorer, contrastive_scores
 from peftkern.models import build_byte_tokenizer, build_tiny_model
 from tests.generate.models import prompts, randomize_adapters, tiny_model
 
@@ -66,8 +66,9 @@ def _adapted(seed=0):
     return model.eval()
 
 
+@pytest.mark.parametrize("one_batch", [False, True], ids=["two-pass", "one-batch"])
 @pytest.mark.parametrize("amateur", ["__base__", "other"])
-def test_same_model_amateur_equals_two_separate_models(amateur):
+def test_same_model_amateur_equals_two_separate_models(amateur, one_batch):
     """The amateur run on the expert's shared weights (adapters off / another adapter) gives the tokens
     of two separate models: a deep copy with the expert's adapter, one with the amateur's."""
     model = _adapted()
@@ -81,12 +82,30 @@ def test_same_model_amateur_equals_two_separate_models(amateur):
     for settings in (DecodingSettings(max_new_tokens=10),
                      DecodingSettings(max_new_tokens=10, do_sample=True, temperature=0.9, top_p=0.95, seed=3)):
         gen = lambda: torch.Generator().manual_seed(3) if settings.do_sample else None  # noqa: E731
-        shared = decode(Contrastive(amateur, alpha=0.05, beta=0.8, one_batch=False)(model), ids, mask, settings,
+        scorer = Contrastive(amateur, alpha=0.05, beta=0.8, one_batch=one_batch)(model)
+        assert isinstance(scorer, OneBatchScorer if one_batch else TwoPassScorer)
+        shared = decode(scorer, ids, mask, settings,
                         eos_token_ids=[3], pad_token_id=1, generator=gen())
         separate = decode(TwoPassScorer(ModelStepper(expert_copy), ModelStepper(amateur_copy), 0.05, 0.8), ids,
                           mask, settings, eos_token_ids=[3], pad_token_id=1, generator=gen())
         assert torch.equal(shared.tokens, separate.tokens)
     assert model.active_adapters == ["default"]  # the amateur's switch is undone after each forward
+
+
+def test_one_batch_on_an_nf4_base_and_by_default():
+    base = tiny_model("mistral", 2)
+    peftkern.quantize_model(base)
+    model = peftkern.get_peft_model(base, peftkern.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    randomize_adapters(model)
+    model.eval()
+    auto = Contrastive(alpha=0.1, beta=1.0)(model)
+    assert isinstance(auto, OneBatchScorer)
+    ids, mask = prompts()
+    settings = DecodingSettings(max_new_tokens=10)
+    one = decode(auto, ids, mask, settings, eos_token_ids=[3], pad_token_id=1)
+    two = decode(Contrastive(alpha=0.1, beta=1.0, one_batch=False)(model), ids, mask, settings, eos_token_ids=[3],
+                 pad_token_id=1)
+    assert torch.equal(one.tokens, two.tokens)
 
 
 def test_beta_zero_is_the_expert_under_the_cut_and_text_api():

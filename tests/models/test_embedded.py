@@ -78,10 +78,13 @@ def test_task_reward():
 
 
 def test_pretrained_base_is_cached(tmp_path, monkeypatch):
-    from peftkern.train.pretrain import pretrained_tiny
+    from peftkern.models import pretrained_tiny as load_only
+    from peftkern.train.pretrain import build_pretrained_tiny as pretrained_tiny
 
     monkeypatch.setenv("PEFTKERN_CACHE", str(tmp_path))
     settings = dict(size="micro", steps=2, warmup=1, questions=60, batch_size=4, seq_len=32)
+    with pytest.raises(FileNotFoundError, match="the embedded tiny base is not built yet .* 'peftkern pretrain'"):
+        load_only(settings=settings)  # models/ loads; building is training, train/'s job
     first = pretrained_tiny(quiet=True, settings=settings)
     cached = list(tmp_path.iterdir())
     assert len(cached) == 1 and (cached[0] / "model.safetensors").is_file()
@@ -90,3 +93,39 @@ def test_pretrained_base_is_cached(tmp_path, monkeypatch):
     for (n, p), (_, q) in zip(first.named_parameters(), second.named_parameters()):
         assert torch.equal(p, q), n
     assert not torch.equal(first.lm_head.weight, build_tiny_model("micro").lm_head.weight)  # it trained
+    assert torch.equal(load_only(settings=settings).lm_head.weight, first.lm_head.weight)
+
+
+def test_models_import_nothing_above_them():
+    """models/ sits at the bottom of the import order (issue 22): no import of train/ or any layer above,
+    not even inside a function."""
+    import ast
+    import pathlib
+
+    import peftkern.models
+
+    above = ("peftkern.train", "peftkern.cli", "peftkern.tuners", "peftkern.losses", "peftkern.optim",
+             "peftkern.nn", "peftkern.generate", "peftkern.evaluation", "peftkern.alignment", "peftkern.editing")
+    for path in pathlib.Path(peftkern.models.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                assert not name.startswith(above), f"{path.name}:{node.lineno} imports {name}"
+
+
+def test_peftkern_pretrain_builds_what_models_loads(tmp_path, monkeypatch, capsys):
+    from peftkern.cli import main
+    from peftkern.models import base, pretrained_tiny
+
+    monkeypatch.setenv("PEFTKERN_CACHE", str(tmp_path))
+    for key, value in dict(size="micro", steps=2, warmup=1, questions=60, batch_size=4, seq_len=32).items():
+        monkeypatch.setitem(base.PRETRAIN, key, value)
+    assert main(["pretrain", "--quiet"]) == 0
+    path = capsys.readouterr().out.strip()
+    assert path == base.cached_path() and (tmp_path / path).joinpath("tokenizer.json").is_file()
+    assert pretrained_tiny().config.hidden_size == 32

@@ -104,3 +104,39 @@ def test_8bit_cuda_penalty_arguments_follow_the_kernel_signature(two_gpus):
     assert args[10].value == codes.data_ptr() and args[11].value == absmax.data_ptr()
     assert isinstance(args[12], ctypes.c_float) and args[12].value == 0.25
     assert isinstance(args[13], ctypes.c_int64) and args[13].value == 300
+
+
+def test_every_adamw_launch_names_a_kernel_in_the_fatbin(two_gpus):
+    """The names the launchers build (dtype suffix, penalty variant) are entry points of the fatbin."""
+    import os
+    import re
+    import shutil
+    import subprocess
+
+    from peftkern import _cuda
+
+    if not _cuda.fatbin_present():
+        pytest.skip("no fatbin built")
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    tool = tool if os.path.exists(tool) else shutil.which("cuobjdump")
+    if tool is None:
+        pytest.skip("no cuobjdump")
+    symbols = set(re.findall(r"STO_ENTRY\s+(\S+)",
+                             subprocess.run([tool, "-symbols", _cuda.FATBIN_PATH], capture_output=True,
+                                            text=True).stdout))
+    _, core = two_gpus
+    scalars = ops.StepScalars.make(1, 1e-3, 0.9, 0.999, 1e-8, 0.0)
+    for dtype in ops.PARAM_DTYPES:
+        p, g, m, v = _tensors(300, 0, dtype)
+        codes = FakeCudaTensor(torch.zeros(300, dtype=torch.uint8), 0)
+        absmax = FakeCudaTensor(torch.zeros(2), 0)
+        anchor = FakeCudaTensor(torch.zeros(300, dtype=dtype), 0)
+        for pen in (None, ops.Penalty(anchor, None, None, 1.0), ops.Penalty(anchor, m, None, 1.0),
+                    ops.Penalty(anchor, codes, absmax, 1.0)):
+            ops._cuda_adamw32(p, g, m, v, scalars, pen)
+            ops._cuda_adamw8bit(p, g, codes, absmax, codes, absmax, scalars, pen)
+    launched = {launch["kernel"] for launch in core.launches}
+    assert len(launched) == 12 and launched <= symbols, sorted(launched - symbols)
+    assert {s for s in symbols if "adamw" in s} == launched  # and every AdamW kernel is launched by some call

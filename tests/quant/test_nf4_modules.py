@@ -202,14 +202,14 @@ def test_tiny_qlora_trains_like_lora_on_the_same_base(seed):
 def test_transformers_bnb_checkpoint_and_cli_round_trip(tmp_path, seed):
     pytest.importorskip("transformers")
     from peftkern.cli import main
-    from peftkern.quant.checkpoint import load_pretrained_nf4
+    from peftkern.nn.nf4 import load_pretrained_nf4
 
     src, out = tmp_path / "src", tmp_path / "out"
     dense = _tiny_llama(src)
     assert main(["quantize", str(src), str(out), "--no-progress"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "bitsandbytes"
-    assert config["quantization_config"]["llm_int8_skip_modules"] == ["lm_head"]
+    assert config["quantization_config"]["llm_int8_skip_modules"] is None  # transformers' default: the head stays 16-bit
     loaded = load_pretrained_nf4(str(out))
     expected = quantize_model(_tiny_llama(), compute_dtype=torch.bfloat16)
     assert type(loaded.model.layers[1].mlp.up_proj).__name__ == "NF4Linear"
@@ -227,7 +227,7 @@ def test_transformers_bitsandbytes_checkpoint_loads(tmp_path, seed):
     nf4, double quant) loads into NF4Linear modules, bit-identical to quantizing the source ourselves."""
     pytest.importorskip("bitsandbytes")
     transformers = pytest.importorskip("transformers")
-    from peftkern.quant.checkpoint import load_pretrained_nf4
+    from peftkern.nn.nf4 import load_pretrained_nf4
 
     _tiny_llama(tmp_path / "src")
     bnb_config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",

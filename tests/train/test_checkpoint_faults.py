@@ -43,9 +43,11 @@ def _flip_byte(path):
 
 
 DAMAGE = {
-    "truncated weights": (lambda d: _truncate(os.path.join(d, "trainable.safetensors")), "trainable.safetensors is .* bytes"),
+    "truncated weights": (lambda d: _truncate(os.path.join(d, "trainable.safetensors")),
+                          "trainable.safetensors is .* bytes"),
     "missing optimizer": (lambda d: os.unlink(os.path.join(d, "optimizer.pt")), "optimizer.pt is missing"),
-    "corrupted weights": (lambda d: _flip_byte(os.path.join(d, "trainable.safetensors")), "trainable.safetensors does not match its sha256"),
+    "corrupted weights": (lambda d: _flip_byte(os.path.join(d, "trainable.safetensors")),
+                          "trainable.safetensors does not match its sha256"),
     "no manifest": (lambda d: os.unlink(os.path.join(d, "manifest.json")), "no manifest.json"),
 }
 
@@ -143,7 +145,8 @@ def test_save_retries_get_past_a_passing_fault(tmp_path, monkeypatch):
         if step == 3:
             monkeypatch.setattr(safetensors.torch, "save_file", _failing_save_file(real, 1))
 
-    with pytest.warns(RunWarning, match="writing checkpoint .*step-000004 failed: No space left on device .*retry 1 of 2"):
+    with pytest.warns(RunWarning, match="writing checkpoint .*step-000004 failed: No space left on device .*retry 1 "
+                                        "of 2"):
         summary = run("sft", micro(tmp_path, save_retries=2), callbacks=[fault])
     assert summary["steps"] == 6 and checkpoints(tmp_path) == ["step-000004", "step-000006"]
     assert not temp_entries(str(tmp_path))
@@ -157,18 +160,18 @@ def _digest(path):
 
 
 def test_enospc_during_the_adapter_save_keeps_the_previous_adapter(tmp_path, monkeypatch):
-    import peftkern.tuners.io as tuners_io
+    import peftkern.train.adapters as train_adapters
 
     run("sft", micro(tmp_path, max_steps=4))
     before = _digest(tmp_path / "adapter")
-    real = tuners_io.write_adapter_files
 
     def failing(directory, config_json, tensors):
         with open(os.path.join(directory, "adapter_model.safetensors"), "wb") as f:
             f.write(b"\0" * 64)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(tuners_io, "write_adapter_files", failing)
+    real = train_adapters.write_adapter_files
+    monkeypatch.setattr(train_adapters, "write_adapter_files", failing)  # the name the trainers' save calls
     with pytest.warns(RunWarning, match="max_steps: 4 in the checkpoint, 6 now"), \
             pytest.raises(SaveError, match="could not write the adapter .*No space left on device.*The previous "
                                            ".*adapter is intact"):
@@ -176,7 +179,7 @@ def test_enospc_during_the_adapter_save_keeps_the_previous_adapter(tmp_path, mon
     assert _digest(tmp_path / "adapter") == before and not temp_entries(str(tmp_path))
     assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 4
     # the final checkpoint was written before the outputs: resuming writes them
-    monkeypatch.setattr(tuners_io, "write_adapter_files", real)
+    monkeypatch.setattr(train_adapters, "write_adapter_files", real)
     summary = run("sft", micro(tmp_path, max_steps=6, resume=True))
     assert summary["steps"] == 6 and _digest(tmp_path / "adapter") != before
     assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 6

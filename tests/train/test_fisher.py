@@ -8,7 +8,7 @@ import torch
 from peftkern.train import fisher as fisher_mod
 from peftkern.train.config import TrainConfig
 from peftkern.train.data import IGNORE_INDEX
-from peftkern.train.fisher_cli import fisher_for_config
+from peftkern.train.forgetting_cli import fisher_for_config
 from peftkern.train.loading import load_lm, load_tokenizer
 from peftkern.train.model import LMWithHeads, prepare_lm
 from peftkern.train.run import bundled_records

@@ -112,3 +112,31 @@ def test_token_logprobs_match_log_softmax(shape):
     ref.sum().backward()
     torch.testing.assert_close(g_h, hidden.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(g_w, weight.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_a_step_reads_the_device_once(tmp_path, monkeypatch):
+    """Issue 24: the loss, metrics, gradient norm and the stop flag reach the host in one transfer per
+    optimizer step (counted as the tensor-to-Python conversions finish_step makes; the optimizer's own
+    update is replaced by a no-op here, as it is the same with or without the check)."""
+    from tests.train.helpers import micro, trainer
+
+    t = trainer("dpo", micro(tmp_path, max_steps=2))
+    t.prepare()
+    batches = [t.to_device(t.collate(mb)) for mb in t.micro_batches(0)]
+    total = torch.stack([t.units(b) for b in batches]).sum().float()
+    loss_sum, metric_sums = torch.zeros(()), {}
+    for b in batches:
+        loss, metrics = t.loss(t.model, b)
+        loss.backward()
+        loss_sum = loss_sum + loss.detach()
+        metric_sums = {k: metric_sums.get(k, 0.0) + v.detach() for k, v in metrics.items()}
+    reads = []
+    for name in ("item", "tolist", "__float__", "__bool__", "__int__", "__index__", "numpy", "cpu"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name, **k:
+                            (reads.append(_name), _real(self, *a, **k))[1])
+    monkeypatch.setattr(t.optimizer, "step", lambda *a, **k: None)
+    record = t.finish_step(loss_sum, metric_sums, total)
+    monkeypatch.undo()
+    assert reads == ["tolist"], reads
+    assert {"loss", "grad_norm", "lr", "reward_margin", "preference_accuracy"} <= set(record)

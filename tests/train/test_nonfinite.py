@@ -4,7 +4,7 @@ import json
 import math
 
 import pytest
-
+import torch
 
 from peftkern.train import checkpoint as ck
 from peftkern.train.errors import NonFiniteError, RunWarning

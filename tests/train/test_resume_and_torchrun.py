@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from peftkern.train.errors import RunWarning
 from tests.train import resume_worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -46,7 +47,9 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     checkpoints = sorted(os.listdir(os.path.join(killed, "checkpoints")))
     assert checkpoints == ["step-000004"]  # step 6 had run but was never saved
 
-    resumed = resume_worker.run(killed, resume=True)
+    stale = f"--out {killed}: taking over the lock of a run that is gone \\(pid {proc.pid} "
+    with pytest.warns(RunWarning, match=stale):
+        resumed = resume_worker.run(killed, resume=True)
     straight = resume_worker.run(str(tmp_path / "straight"))
     assert resumed["final_loss"] == straight["final_loss"], (resumed, straight)
     assert resumed["eval_after"] == straight["eval_after"]

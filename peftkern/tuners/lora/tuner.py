@@ -31,25 +31,26 @@ class LoraTuner(Tuner):
         suffix = f".{MAGNITUDE}.weight"
         return key[: -len(".weight")] if key.endswith(suffix) else key
 
-    # -- biases (``bias="all"`` / ``"lora_only"``): trained in place and saved, as PEFT does ------------
-    def _bias_keys(self, model: nn.Module, config, adapter_name: str) -> dict[str, object]:
-        if config.bias == "none":
-            return {}
-        state = method_view_state(model, self.peft_type)
-        if config.bias == "all":
-            return {k: v for k, v in state.items() if k == "bias" or k.endswith(".bias")}
-        keys = {}
-        for path, stack in adapter_stacks(model):
-            layer = self.own_layer(stack[0])
-            if layer is not None and f"{path}.base_layer.bias" in state:  # any LoRA layer's, as PEFT
-                keys[f"{path}.base_layer.bias"] = state[f"{path}.base_layer.bias"]
-        return keys
-
     def extra_slots(self, model: nn.Module, config, adapter_name: str) -> dict[str, Slot]:
-        return {k: Slot(v) for k, v in self._bias_keys(model, config, adapter_name).items()}
+        return {k: Slot(v) for k, v in trained_biases(self, model, config).items()}
 
     def extra_trainable(self, model: nn.Module, config, adapter_name: str) -> list:
-        return [v for v in self._bias_keys(model, config, adapter_name).values() if isinstance(v, nn.Parameter)]
+        return [v for v in trained_biases(self, model, config).values() if isinstance(v, nn.Parameter)]
+
+
+def trained_biases(tuner: Tuner, model: nn.Module, config) -> dict[str, object]:
+    """The biases ``config.bias`` trains in place and saves, as PEFT (LoRA and AdaLoRA): "all": every
+    bias of the model; "lora_only": those of the modules this method adapts. Keys as PEFT's."""
+    if config.bias == "none":
+        return {}
+    state = method_view_state(model, tuner.peft_type)
+    if config.bias == "all":
+        return {k: v for k, v in state.items() if k == "bias" or k.endswith(".bias")}
+    keys = {}
+    for path, stack in adapter_stacks(model):
+        if tuner.own_layer(stack[0]) is not None and f"{path}.base_layer.bias" in state:  # any adapter's, as PEFT
+            keys[f"{path}.base_layer.bias"] = state[f"{path}.base_layer.bias"]
+    return keys
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -1,4 +1,6 @@
-"""``peftkern fisher --model DIR --data FILE --out F``: the diagonal Fisher of the parameters a run
+"""The forgetting tools' commands.
+
+``peftkern fisher --model DIR --data FILE --out F``: the diagonal Fisher of the parameters a run
 would train, as a safetensors file for ``peftkern sft --ewc F``.
 
 The model is built exactly as the trainer builds it from the same flags (``--model``,
@@ -45,6 +47,17 @@ def add_parser(sub) -> None:
                    help=f"score completion tokens only (default: {defaults.completion_only})")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run)
+
+    p = sub.add_parser("forgetting", help="the forgetting report on the embedded default: SFT on task A, then B, "
+                       "with none / rehearsal / EWC / L2-SP, full and LoRA",
+                       description="Writes report.json, report.md, forgetting.png and curve.png in --out "
+                       "(peftkern.train.forgetting; about 25 minutes on 2 CPU cores, --quick: a smoke run).")
+    p.add_argument("--out", required=True, help="folder for the report, the runs and their data")
+    p.add_argument("--quick", action="store_true", help="a few steps and questions: checks the pipeline, not forgetting")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the tiny model's small ops "
+                   "only lose to thread contention)")
+    p.set_defaults(func=run_forgetting)
 
 
 def config_for(args: argparse.Namespace) -> TrainConfig:
@@ -94,4 +107,22 @@ def run(args: argparse.Namespace) -> int:
         return 2
     total = sum(t.numel() for t in fisher.values())
     print(f"wrote {args.out}: {args.kind} Fisher of {len(fisher)} tensors ({total} parameters) over {used} examples")
+    return 0
+
+
+def run_forgetting(args: argparse.Namespace) -> int:
+    import torch
+
+    from peftkern.train.errors import TrainError
+    from peftkern.train.forgetting import format_markdown, run_report
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        report = run_report(args.out, "quick" if args.quick else "full", args.seed)
+    except (TrainError, ValueError, FileNotFoundError) as exc:
+        print(f"peftkern forgetting: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_markdown(report))
+    print(f"wrote {args.out}/report.json, report.md, forgetting.png, curve.png ({report['seconds']:.0f} s)")
     return 0

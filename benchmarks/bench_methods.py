@@ -1,0 +1,136 @@
+"""PEFT methods side by side on one model: LoRA, DoRA, (IA)^3, AdaLoRA and BitFit, peftkern against
+peft's implementation of each (BitFit, which peft lacks: the model with only its biases trainable).
+
+* measured-cpu: one training step (forward with labels, loss, backward; AdaLoRA's loss carries its
+  orthogonality regularizer in both) on a small Qwen2-style model (attention biases, so BitFit has
+  something to train), fp32, interleaved medians; peak live tensor bytes of the step; trainable
+  parameters; inference forward time with the adapter, and after merge_and_unload, over the base model.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from benchmarks import memory
+from benchmarks.harness import interleaved, median, pick, spread
+
+METHODS = ("lora", "dora", "ia3", "adalora", "bitfit")
+PEER_NAMES = {"lora": "peft LoRA", "dora": "peft DoRA", "ia3": "peft IA3", "adalora": "peft AdaLoRA",
+              "bitfit": "torch: biases unfrozen"}
+MODEL = pick(full=dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
+                       num_key_value_heads=4, vocab_size=2048),
+             quick=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=96))
+BATCH, SEQ = pick((4, 128), (2, 8))
+ROUNDS = pick(9, 2)
+LORA = dict(r=16, lora_alpha=32, target_modules="all-linear")
+
+
+def base_model(seed=0):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = tf.Qwen2Config(**MODEL, max_position_embeddings=SEQ)
+    return tf.Qwen2ForCausalLM(config).float()
+
+
+def _configs(package):
+    """The same settings for both packages (peft's and peftkern's classes share the field names)."""
+    return {
+        "lora": package.LoraConfig(**LORA, task_type="CAUSAL_LM"),
+        "dora": package.LoraConfig(**LORA, use_dora=True, task_type="CAUSAL_LM"),
+        "ia3": package.IA3Config(task_type="CAUSAL_LM"),
+        "adalora": package.AdaLoraConfig(init_r=16, target_r=8, lora_alpha=32, target_modules="all-linear",
+                                         total_step=100, tinit=10, tfinal=10, task_type="CAUSAL_LM"),
+    }
+
+
+def build_model(method: str, impl: str, seed: int = 0):
+    model = base_model(seed)
+    if impl == "base":
+        return model
+    if method == "bitfit":
+        if impl == "ours":
+            import peftkern
+
+            return peftkern.get_peft_model(model, peftkern.BitFitConfig(task_type="CAUSAL_LM"))
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.endswith(".bias"))
+        return model
+    if impl == "ours":
+        import peftkern
+
+        return peftkern.get_peft_model(model, _configs(peftkern)[method])
+    import peft
+
+    return peft.get_peft_model(model, _configs(peft)[method])
+
+
+def build_step(method: str, impl: str, seed: int = 0):
+    """One training step of ``method`` in ``impl`` ("ours" | "peer"): the memory builder too."""
+    model = build_model(method, impl, seed).train()
+    with torch.no_grad():  # the adapters live: B, E and the vectors away from their identity start
+        gen = torch.Generator().manual_seed(seed + 7)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn(p.shape, generator=gen))
+    ids = torch.randint(0, MODEL["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(seed + 1))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        try:
+            model(input_ids=ids, labels=ids).loss.backward()
+        finally:
+            for p in params:
+                p.grad = None
+
+    step.model, step.ids = model, ids
+    return step
+
+
+def _forward(model, ids):
+    def run():
+        with torch.no_grad():
+            model(input_ids=ids)
+    return run
+
+
+def _case(method: str) -> str:
+    return f"{method}: train step, Qwen2 {MODEL['num_hidden_layers']}x{MODEL['hidden_size']}, {BATCH}x{SEQ} tokens"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_cpu(method, timer, record):
+    steps = {"ours": build_step(method, "ours"), "peer": build_step(method, "peer")}
+    ours_params = sum(p.numel() for p in steps["ours"].model.parameters() if p.requires_grad)
+    peer_params = sum(p.numel() for p in steps["peer"].model.parameters() if p.requires_grad)
+    medians = timer(steps, rounds=ROUNDS)
+    ms = {name: 1e3 * s for name, s in medians.items()}
+    noise = ", ".join(f"{name} IQR/median {spread(s):.0%}" for name, s in timer.samples.items())
+    common = dict(kind="measured-cpu", case=_case(method), shape={"batch": BATCH, "seq": SEQ, **MODEL},
+                  dtype="float32")
+    record(**common, metric="step time", unit="ms", ours=ms["ours"], peer=ms["peer"], peer_name=PEER_NAMES[method],
+           note=f"torch faces; {ROUNDS} interleaved rounds; {noise}")
+    record(**common, metric="trainable parameters", unit="params", ours=ours_params, peer=peer_params,
+           peer_name=PEER_NAMES[method], total=sum(p.numel() for p in steps["ours"].model.parameters()))
+    mib = 2.0 ** 20
+    live = {}
+    for name, step in steps.items():
+        step()
+        live[name] = memory.live_peak(step) / mib
+    record(**common, metric="peak live tensor bytes", unit="MiB", ours=live["ours"], peer=live["peer"],
+           peer_name=PEER_NAMES[method], note="TorchDispatchMode tracker, one step after a warm-up step")
+
+    base = base_model().eval()
+    ours = steps["ours"].model.eval()
+    merged = copy.deepcopy(ours).merge_and_unload()
+    ids = steps["ours"].ids
+    samples = interleaved({"adapted": _forward(ours, ids), "merged": _forward(merged, ids),
+                           "base": _forward(base, ids)}, rounds=ROUNDS)  # (pytest-benchmark times one call per test)
+    fwd = {name: median(s) for name, s in samples.items()}
+    record(**common, metric="inference forward, adapter unmerged", unit="ms", ours=1e3 * fwd["adapted"],
+           peer=1e3 * fwd["base"], peer_name="base model")
+    record(**common, metric="inference forward, after merge_and_unload", unit="ms", ours=1e3 * fwd["merged"],
+           peer=1e3 * fwd["base"], peer_name="base model")
