@@ -68,6 +68,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, default=8, help="prompts per step")
     p.add_argument("--generations", type=int, default=8)
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--sft-adapter", default=None, help="reuse this SFT adapter (an earlier run's) instead of training")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     work = args.work or tempfile.mkdtemp(prefix="grpo-experiment-")
@@ -83,14 +84,16 @@ def main(argv=None) -> int:
                   overwrite=True, seed=args.seed, log_every=1)
     t = time.time()
     sft_out = os.path.join(work, "sft")
-    build_trainer("sft", TrainConfig(out=sft_out, data=sft_data, lr=5e-3, batch_size=16, max_steps=args.sft_steps,
-                                     warmup_steps=10, **common).check()).train()
+    sft_adapter = args.sft_adapter or os.path.join(sft_out, "adapter")
+    if not args.sft_adapter:
+        build_trainer("sft", TrainConfig(out=sft_out, data=sft_data, lr=5e-3, batch_size=16,
+                                         max_steps=args.sft_steps, warmup_steps=10, **common).check()).train()
     sft_seconds = time.time() - t
 
     # 2. GRPO on the bundled prompts (the trainers' training split), from the SFT model
     t = time.time()
     grpo_out = os.path.join(work, "grpo")
-    cfg = TrainConfig(out=grpo_out, init_adapter=os.path.join(sft_out, "adapter"), lr=args.grpo_lr,
+    cfg = TrainConfig(out=grpo_out, init_adapter=sft_adapter, lr=args.grpo_lr,
                       batch_size=args.prompts, num_generations=args.generations, max_completion_length=8,
                       max_steps=args.grpo_steps, temperature=args.temperature, **common).check()
     trainer = build_trainer("grpo", cfg)
@@ -98,8 +101,8 @@ def main(argv=None) -> int:
     grpo_seconds = time.time() - t
 
     # 3. held-out exact match, SFT vs SFT + GRPO, by peftkern.evaluation
-    sft_em = _exact_match([os.path.join(sft_out, "adapter")], tok, BUNDLED_EVAL)
-    grpo_em = _exact_match([os.path.join(sft_out, "adapter"), os.path.join(grpo_out, "adapter")], tok, BUNDLED_EVAL)
+    sft_em = _exact_match([sft_adapter], tok, BUNDLED_EVAL)
+    grpo_em = _exact_match([sft_adapter, os.path.join(grpo_out, "adapter")], tok, BUNDLED_EVAL)
     steps = [r for r in read_log(os.path.join(grpo_out, "log.jsonl")) if "loss" in r]
     tenth = max(1, len(steps) // 10)
     mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
