@@ -185,7 +185,12 @@ def _without_resume(argv: list[str]) -> list[str]:
     return out
 
 
-def _parser() -> argparse.ArgumentParser:
+# Commands that need only torch and triton: `peftkern kernels` runs in the static-compile environment
+# (Makefile's .venv-triton36), which has no transformers, so their parsers are built without the others.
+_LIGHT_COMMANDS = ("info", "kernels")
+
+
+def _parser(light_only: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftkern", description="Fused PEFT kernels: info, static kernel report, "
                                      "demo and trainers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -203,6 +208,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--op", action="append", help="only this op's kernels (lora, dora, nf4, logprobs, adamw, ia3, "
                    "...); repeat for several")
     p.set_defaults(func=_cmd_kernels)
+    if light_only:
+        return parser
 
     from peftkern.editing.cli import add_parser as add_editing_parsers
     from peftkern.quant.cli import add_parser as add_quantize_parser
@@ -291,8 +298,10 @@ def _add_training_commands(sub) -> None:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    light = bool(argv) and argv[0] in _LIGHT_COMMANDS
+    args = _parser(light_only=light).parse_args(argv)
+    args.argv = argv
     return args.func(args)
 
 

@@ -70,7 +70,7 @@ def _load(args):
     from peftkern.editing.requests import load_requests
     from peftkern.editing.tiny_facts import tiny_with_facts
     from peftkern.models import build_byte_tokenizer
-    from peftkern.train.pretrain import pretrained_tiny
+    from peftkern.train.pretrain import build_pretrained_tiny as pretrained_tiny
 
     if args.threads:
         torch.set_num_threads(args.threads)
