@@ -7,8 +7,14 @@ PIP := $(PY) -m pip
 PIN := -c constraints.txt
 STAMP := $(VENV)/.peftkern-installed
 PYTEST_ARGS ?=
+# A second environment with the Triton the lent GPU machines run (3.6), for the static compile
+# only: `peftkern kernels` must give 0 spills under both versions. `make test` runs it too.
+TRITON36 ?= 3.6.0
+VENV36 ?= .venv-triton36
+PY36 := $(VENV36)/bin/python
+STAMP36 := $(VENV36)/.peftkern-triton$(TRITON36)
 
-.PHONY: install demo test ctest kernels bench gpu-check clean
+.PHONY: install demo test ctest kernels kernels36 bench gpu-check clean
 
 $(STAMP): pyproject.toml setup.py constraints.txt $(wildcard csrc/*/*.cu csrc/*/*.cuh csrc/*/*.cpp csrc/*.cpp)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,14 +23,22 @@ $(STAMP): pyproject.toml setup.py constraints.txt $(wildcard csrc/*/*.cu csrc/*/
 	$(PIP) install -q $(PIN) --no-build-isolation -e ".[dev,bench,peers]"
 	touch $(STAMP)
 
+# torch's CPU wheel, Triton $(TRITON36) and what `import peftkern` needs; peftkern itself from the
+# source tree (PYTHONPATH), so this environment never builds anything.
+$(STAMP36): constraints.txt
+	test -x $(PY36) || $(PYTHON) -m venv $(VENV36)
+	$(PY36) -m pip install -q torch==2.13.0
+	$(PY36) -m pip install -q "triton==$(TRITON36)" "safetensors>=0.4"
+	touch $(STAMP36)
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/peftkern demo --out demo_out
 
-test: $(STAMP) ctest
+test: $(STAMP) $(STAMP36) ctest
 	$(VENV)/bin/peftkern info
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	PEFTKERN_STATIC_PYTHONS=$(CURDIR)/$(PY36) $(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 # C++ unit tests of the csrc/ math on the host (the fatbin itself is built by setup.py).
 ctest:
@@ -34,6 +48,10 @@ ctest:
 
 kernels: $(STAMP)
 	$(VENV)/bin/peftkern kernels
+
+# The static report under Triton $(TRITON36); OP=logprobs (or lora, dora, nf4, adamw, ...) for one op.
+kernels36: $(STAMP36)
+	PYTHONPATH=$(CURDIR) $(PY36) -m peftkern kernels $(if $(OP),--op $(OP))
 
 bench: $(STAMP)
 	$(VENV)/bin/peftkern bench
@@ -53,4 +71,4 @@ gpu-check:
 	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info peftkern/_host*.so peftkern/_kernels.fatbin
+	rm -rf $(VENV) $(VENV36) build *.egg-info peftkern/_host*.so peftkern/_kernels.fatbin

@@ -197,7 +197,9 @@ def _ours_step_for_count(m, k, n, r, dropout):
 
 @functools.lru_cache(maxsize=None)
 def ours_corner_counts(r: int, dropout: float) -> dict:
-    """Our DoRA Triton step counted under the interpreter at every (M, K, N) corner of CORNERS^3."""
+    """Our DoRA Triton step counted under the interpreter at every (M, K, N) corner of CORNERS^3,
+    after one uncounted step (per-device buffers cached on first use are not per-step traffic)."""
+    _ours_step_for_count(*(max(CORNERS),) * 3, r, dropout)()
     return {corner: traffic.count_triton(_ours_step_for_count(*corner, r, dropout))
             for corner in itertools.product(CORNERS, repeat=3)}
 

@@ -63,6 +63,8 @@ def build_module(impl: str, k: int, n: int, placement: str, dtype=torch.float32,
 
         module = PeftIA3Linear(linear, "default", IA3Config(target_modules=["x"]), is_feedforward=feedforward)
         module.to(dtype)
+        if device == "meta":  # the modeled step: the vector in fp32 beside bf16 weights, as PEFT keeps adapters
+            module.ia3_l["default"].data = module.ia3_l["default"].data.float()
     else:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if values:
@@ -136,7 +138,7 @@ def _ours_step_for_count(m, k, n, placement):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(m, k, generator=gen).to(dt).requires_grad_(True)
     weight = torch.randn(n, k, generator=gen).to(dt)
-    scale = (1.0 + 0.1 * torch.randn(k if placement == "input" else n, generator=gen)).to(dt).requires_grad_(True)
+    scale = (1.0 + 0.1 * torch.randn(k if placement == "input" else n, generator=gen)).requires_grad_(True)  # fp32
     dy = torch.randn(m, n, generator=gen).to(dt)
 
     def step():
@@ -173,7 +175,8 @@ def test_modeled_h100(m, k, n, placement, record):
     base = count_eager_step("base", m, k, n, placement)
     model = (f"{roofline.describe()}; ours: Triton kernels counted under the interpreter at M,K,N in "
              f"{{{CORNERS[0]},{CORNERS[1]}}} and extrapolated multilinearly; peft and base: aten ops counted on "
-             f"meta tensors at this shape, bf16, the vector trains, x needs its gradient")
+             f"meta tensors at this shape, bf16 weights and activations, the vector in fp32 (PEFT's default for "
+             f"adapters) and training, x needs its gradient")
     us, gb = 1e6, 1e9
     per_launch = [{"name": launch.name, "MB": round(launch.bytes / 1e6, 2), "GFLOP": round(launch.flops / 1e9, 2),
                    "us": round(launch.time(roofline) * us, 2)} for launch in ours.launches]

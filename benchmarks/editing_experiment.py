@@ -6,14 +6,19 @@ tiny model, after it has learned the bundled facts.
 1. The base: ``peftkern.editing.tiny_facts.tiny_with_facts()``: the pretrained tiny Llama
    fine-tuned (all weights, deterministic) on the 100 bundled facts in their three phrasings.
 2. Key statistics: the bundled corpus (what the model read), per layer, cached.
-3. Single edits, each on the unedited model (CounterFact's protocol), for the first ``--n`` bundled
-   requests: ROME (layer located by causal tracing, or fixed with --rome-layer), MEMIT with one
-   request, and LoRA fine-tuning on the edit sentence. Then one batch: MEMIT with all ``--n``
-   requests at once, and LoRA fine-tuning on all ``--n`` sentences together.
-4. Many edits: ``--n-many`` requests by sequential ROME (each on the model with the previous edits)
-   against one MEMIT batch.
-Every edited model is scored with ``peftkern.editing.evaluate_edits``; the results go to
-``<out>/<date>-editing.json`` and ``.md``.
+3. The layer: the peak of the MLP indirect effect at the subject's last token, averaged over the
+   ``--n`` requests' causal traces (``peak_layer``), unless ``--rome-layer``.
+4. Single edits, each on the unedited model (CounterFact's protocol), for the first ``--n`` bundled
+   requests: ROME with the papers' settings (layer located per request by tracing, 10 prefixes the
+   model samples); ROME with settings tuned for this model (the traced layer, no prefixes, 100
+   steps of lr 1, decay 0.05, clamp 10); MEMIT with one request (same settings, ``--memit-layers``,
+   lambda ``--mom2-weight``); LoRA fine-tuning on the edit sentence (r 8, every linear, loss on the
+   new object, ``--ft-steps`` of Adam at ``--ft-lr``). Then one batch of all ``--n``: MEMIT, and
+   LoRA fine-tuning on the ``--n`` sentences together.
+5. Many edits: ``--n-many`` requests by sequential ROME (each on the model with the previous
+   edits) against one MEMIT batch.
+Every edited model is scored with ``peftkern.editing.evaluate_edits`` (fluency from 60 sampled
+tokens); the results go to ``<out>/<date>-editing.json`` and ``.md``.
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from peftkern.editing import (ValueSettings, bundled_corpus, bundled_requests, evaluate_edits,  # noqa: E402
-                              key_statistics, memit, rome)
+                              key_statistics, memit, peak_layer, rome)
 from peftkern.editing.rome import rome_sequential  # noqa: E402
 from peftkern.editing.sampling import context_prefixes  # noqa: E402
 from peftkern.editing.tiny_facts import tiny_with_facts  # noqa: E402
@@ -82,15 +87,24 @@ def score(model, tok, requests, seed=0) -> list[dict]:
     return evaluate_edits(model, tok, requests, fluency=True, seed=seed)["per_request"]
 
 
+def score_edit(edit, model, tok, requests) -> list[dict]:
+    """Scores with the edit switched on as an adapter, then takes the adapter out again."""
+    wrapped = edit.apply(model)
+    try:
+        return score(wrapped, tok, requests)
+    finally:
+        wrapped.unload()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=30, help="requests for the single-edit and batch rows (default 30)")
     ap.add_argument("--n-many", type=int, default=50, help="requests for sequential ROME vs MEMIT (default 50)")
     ap.add_argument("--rome-layer", type=int, default=None, help="fix ROME's layer (default: causal tracing)")
-    ap.add_argument("--memit-layers", default="0,1", help="MEMIT's layers (default 0,1)")
-    ap.add_argument("--mom2-weight", type=float, default=1e4, help="MEMIT's lambda (default 1e4)")
-    ap.add_argument("--ft-steps", type=int, default=20, help="LoRA baseline steps (default 20)")
-    ap.add_argument("--ft-lr", type=float, default=5e-3, help="LoRA baseline learning rate (default 5e-3)")
+    ap.add_argument("--memit-layers", default="0", help="MEMIT's layers (default 0)")
+    ap.add_argument("--mom2-weight", type=float, default=300.0, help="MEMIT's lambda (default 300)")
+    ap.add_argument("--ft-steps", type=int, default=10, help="LoRA baseline steps (default 10)")
+    ap.add_argument("--ft-lr", type=float, default=1e-3, help="LoRA baseline learning rate (default 1e-3)")
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
@@ -103,10 +117,8 @@ def main(argv=None) -> int:
     memit_layers = [int(x) for x in args.memit_layers.split(",")]
     corpus = bundled_corpus()
     stats = {l: key_statistics(model, tok, l, corpus=corpus) for l in range(model.config.num_hidden_layers)}
-    prefixes = context_prefixes(model, tok, n=10, length=20, separator=SEPARATOR)
-    settings = ValueSettings()
-    common = dict(stats=stats, prefixes=prefixes, settings=settings)
-    results: dict = {"settings": {**vars(args), "value": vars(settings), "prefixes": prefixes,
+    paper_prefixes = context_prefixes(model, tok, n=10, length=20, separator=SEPARATOR)
+    results: dict = {"settings": {**vars(args), "paper_value": vars(ValueSettings()), "prefixes": paper_prefixes,
                                   "stat_tokens": {l: s.count for l, s in stats.items()}}}
 
     def timed(fn):
@@ -114,50 +126,50 @@ def main(argv=None) -> int:
         out = fn()
         return out, time.perf_counter() - t
 
+    peak, effect = peak_layer(model, tok, requests)          # the papers' choice: averaged causal traces
+    rome_layer = peak if args.rome_layer is None else args.rome_layer
+    results["causal_trace"] = {"mean_mlp_effect_at_subject_last": effect, "peak_layer": peak}
+    tuned = ValueSettings(steps=100, lr=1.0, weight_decay=0.05, clamp_factor=10.0)
+    plain = dict(stats=stats, prefixes=[""], settings=tuned)
+    results["settings"]["tuned_value"] = vars(tuned)
+
     rows = {"unedited": score(model, tok, requests)}
-    single = {"ROME": [], "MEMIT (1 request)": [], "LoRA fine-tuning": []}
+    single = {"ROME, paper settings": [], "ROME": [], "MEMIT (1 request)": [], "LoRA fine-tuning": []}
     seconds = {k: 0.0 for k in single}
     layers_used = []
     for q in requests:
-        edit, sec = timed(lambda: rome(model, tok, q, args.rome_layer, **common))
+        edit, sec = timed(lambda: rome(model, tok, q, None, stats=stats, prefixes=paper_prefixes))
         layers_used.append(edit.layers[0])
+        seconds["ROME, paper settings"] += sec
+        single["ROME, paper settings"] += score_edit(edit, model, tok, [q])
+        edit, sec = timed(lambda: rome(model, tok, q, rome_layer, **plain))
         seconds["ROME"] += sec
-        wrapped = edit.apply(model)
-        single["ROME"] += score(wrapped, tok, [q])
-        wrapped.unload()
-        edit, sec = timed(lambda: memit(model, tok, [q], memit_layers, mom2_weight=args.mom2_weight, **common))
+        single["ROME"] += score_edit(edit, model, tok, [q])
+        edit, sec = timed(lambda: memit(model, tok, [q], memit_layers, mom2_weight=args.mom2_weight, **plain))
         seconds["MEMIT (1 request)"] += sec
-        wrapped = edit.apply(model)
-        single["MEMIT (1 request)"] += score(wrapped, tok, [q])
-        wrapped.unload()
+        single["MEMIT (1 request)"] += score_edit(edit, model, tok, [q])
         wrapped, sec = timed(lambda: finetune_lora(model, tok, [q], args.ft_steps, args.ft_lr))
         seconds["LoRA fine-tuning"] += sec
         single["LoRA fine-tuning"] += score(wrapped, tok, [q])
         wrapped.unload()
     rows.update(single)
-    results["rome_layers"] = layers_used
+    results["rome_paper_layers"] = layers_used
 
-    edit, sec = timed(lambda: memit(model, tok, requests, memit_layers, mom2_weight=args.mom2_weight, **common))
+    edit, sec = timed(lambda: memit(model, tok, requests, memit_layers, mom2_weight=args.mom2_weight, **plain))
     seconds[f"MEMIT ({args.n} at once)"] = sec
-    wrapped = edit.apply(model)
-    rows[f"MEMIT ({args.n} at once)"] = score(wrapped, tok, requests)
-    wrapped.unload()
+    rows[f"MEMIT ({args.n} at once)"] = score_edit(edit, model, tok, requests)
     wrapped, sec = timed(lambda: finetune_lora(model, tok, requests, args.ft_steps, args.ft_lr))
     seconds[f"LoRA fine-tuning ({args.n} at once)"] = sec
     rows[f"LoRA fine-tuning ({args.n} at once)"] = score(wrapped, tok, requests)
     wrapped.unload()
 
-    edit, sec = timed(lambda: rome_sequential(model, tok, many, args.rome_layer, **common))
-    seconds[f"sequential ROME ({args.n_many})"] = sec
-    wrapped = edit.apply(model)
-    rows[f"sequential ROME ({args.n_many})"] = score(wrapped, tok, many)
-    wrapped.unload()
-    edit, sec = timed(lambda: memit(model, tok, many, memit_layers, mom2_weight=args.mom2_weight, **common))
-    seconds[f"MEMIT ({args.n_many} at once)"] = sec
-    wrapped = edit.apply(model)
-    rows[f"MEMIT ({args.n_many} at once)"] = score(wrapped, tok, many)
-    wrapped.unload()
     rows[f"unedited ({args.n_many})"] = score(model, tok, many)
+    edit, sec = timed(lambda: rome_sequential(model, tok, many, rome_layer, **plain))
+    seconds[f"sequential ROME ({args.n_many})"] = sec
+    rows[f"sequential ROME ({args.n_many})"] = score_edit(edit, model, tok, many)
+    edit, sec = timed(lambda: memit(model, tok, many, memit_layers, mom2_weight=args.mom2_weight, **plain))
+    seconds[f"MEMIT ({args.n_many} at once)"] = sec
+    rows[f"MEMIT ({args.n_many} at once)"] = score_edit(edit, model, tok, many)
 
     results["rows"] = {name: {"summary": summary(r), "seconds": seconds.get(name), "per_request": r}
                        for name, r in rows.items()}

@@ -75,7 +75,11 @@ def _arch_list(text: str) -> tuple[str, ...]:
 def _cmd_kernels(args) -> int:
     from peftkern import kernels
 
-    rows = kernels.report(args.arch, jobs=args.jobs)
+    try:
+        rows = kernels.report(args.arch, jobs=args.jobs, ops=args.op)
+    except ValueError as exc:  # an unknown --op
+        print(f"peftkern kernels: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=1))
     else:
@@ -181,7 +185,12 @@ def _without_resume(argv: list[str]) -> list[str]:
     return out
 
 
-def _parser() -> argparse.ArgumentParser:
+# Commands that need only torch and triton: `peftkern kernels` runs in the static-compile environment
+# (Makefile's .venv-triton36), which has no transformers, so their parsers are built without the others.
+_LIGHT_COMMANDS = ("info", "kernels")
+
+
+def _parser(light_only: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftkern", description="Fused PEFT kernels: info, static kernel report, "
                                      "demo and trainers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -196,7 +205,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON list of objects "
                    "(kernel, config, arch, registers, spill_bytes, shared_bytes, wgmma, ok)")
     p.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPU count)")
+    p.add_argument("--op", action="append", help="only this op's kernels (lora, dora, nf4, logprobs, adamw, ia3, "
+                   "...); repeat for several")
     p.set_defaults(func=_cmd_kernels)
+    if light_only:
+        return parser
 
     from peftkern.editing.cli import add_parser as add_editing_parsers
     from peftkern.quant.cli import add_parser as add_quantize_parser
@@ -270,6 +283,12 @@ def _add_training_commands(sub) -> None:
         "dpo": "DPO family, reference log-probs precomputed and cached (data: 'prompt'/'chosen'/'rejected')",
         "kto": "KTO on unpaired labelled completions (data: 'prompt'/'completion'/'label')",
         "ppo": "PPO with a value head against a reward model or a Python reward function (data: 'prompt')",
+        "grpo": "GRPO: G sampled completions per prompt, group-normalized rewards from reward functions or a reward "
+                "model, TRL's loss types (data: 'prompt' and any columns the rewards read)",
+        "rloo": "RLOO: G sampled completions per prompt, leave-one-out baseline, KL in the reward (data: 'prompt')",
+        "orpo": "ORPO, reference-free: NLL of the chosen plus the odds-ratio term (data: 'prompt'/'chosen'/'rejected')",
+        "simpo": "SimPO, reference-free: length-normalized margin with gamma (data: 'prompt'/'chosen'/'rejected')",
+        "cpo": "CPO, reference-free: pair loss plus the chosen completions' NLL (data: 'prompt'/'chosen'/'rejected')",
     }
     for kind, text in described.items():
         p = sub.add_parser(kind, help=text, description=f"peftkern {kind}: {text}. Many processes: torchrun "
@@ -279,8 +298,10 @@ def _add_training_commands(sub) -> None:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    light = bool(argv) and argv[0] in _LIGHT_COMMANDS
+    args = _parser(light_only=light).parse_args(argv)
+    args.argv = argv
     return args.func(args)
 
 

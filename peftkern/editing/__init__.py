@@ -13,11 +13,11 @@ from peftkern.editing.facts import bundled_corpus, bundled_facts, bundled_reques
 from peftkern.editing.memit import memit
 from peftkern.editing.metrics import evaluate_edits, ngram_entropy
 from peftkern.editing.requests import EditError, EditRequest, Neighbour, load_requests, save_requests
-from peftkern.editing.rome import rome
+from peftkern.editing.rome import rome, rome_sequential
 from peftkern.editing.stats import KeyStats, key_statistics
-from peftkern.editing.trace import Trace, causal_trace, locate_layer
+from peftkern.editing.trace import Trace, causal_trace, locate_layer, peak_layer
 
-__all__ = ["rome", "memit", "Edit", "combine", "EditRequest", "Neighbour", "EditError", "ValueSettings",
+__all__ = ["rome", "rome_sequential", "memit", "Edit", "combine", "EditRequest", "Neighbour", "EditError", "ValueSettings",
            "load_requests", "save_requests", "evaluate_edits", "ngram_entropy", "key_statistics", "KeyStats",
-           "causal_trace", "locate_layer", "Trace", "bundled_facts", "bundled_requests", "bundled_corpus",
+           "causal_trace", "locate_layer", "peak_layer", "Trace", "bundled_facts", "bundled_requests", "bundled_corpus",
            "fact_sentences"]

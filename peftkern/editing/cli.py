@@ -10,6 +10,7 @@ import sys
 from peftkern.editing.requests import EditError
 
 BUNDLED = "bundled"
+TINY_SEPARATOR = ".<|end|><|bos|>"   # the tiny model's documents are single sentences: end one, start the next
 
 
 def add_parser(sub) -> None:
@@ -35,7 +36,8 @@ def add_parser(sub) -> None:
     p.add_argument("--kl-factor", type=float, default=0.0625, help="weight of the KL term (default 0.0625)")
     p.add_argument("--weight-decay", type=float, default=0.5, help="weight of ||delta||^2/||v0||^2 (default 0.5)")
     p.add_argument("--clamp-factor", type=float, default=4.0, help="||delta|| <= this * ||v0|| (default 4)")
-    p.add_argument("--prefixes", type=int, default=10, help="prefix contexts the model samples for k* and v* (default 10)")
+    p.add_argument("--prefixes", type=int, default=10, help="prefix contexts the model samples for k* and v* (default "
+                   "10; 0: the prompt alone)")
     p.add_argument("--prefix-length", type=int, default=10, help="tokens per prefix (default 10)")
     p.add_argument("--no-cache", action="store_true", help="recompute the key statistics (and do not cache them)")
     p.set_defaults(func=run_edit)
@@ -68,7 +70,7 @@ def _load(args):
     from peftkern.editing.requests import load_requests
     from peftkern.editing.tiny_facts import tiny_with_facts
     from peftkern.models import build_byte_tokenizer
-    from peftkern.train.pretrain import pretrained_tiny
+    from peftkern.train.pretrain import build_pretrained_tiny as pretrained_tiny
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -115,14 +117,17 @@ def run_edit(args: argparse.Namespace) -> int:
     from peftkern.editing.compute import ValueSettings
     from peftkern.editing.memit import memit
     from peftkern.editing.rome import rome, rome_sequential
+    from peftkern.editing.sampling import context_prefixes
 
     try:
         model, tok, requests = _load(args)
         settings = ValueSettings(steps=args.steps, lr=args.lr, kl_factor=args.kl_factor, weight_decay=args.weight_decay,
                                  clamp_factor=args.clamp_factor)
+        separator = TINY_SEPARATOR if args.model in ("tiny", "tiny-facts") else ". "
+        prefixes = context_prefixes(model, tok, n=args.prefixes, length=args.prefix_length, seed=args.seed,
+                                    separator=separator) if args.prefixes else [""]
         common = dict(settings=settings, corpus=_read_corpus(args.corpus) if args.corpus else None,
-                      n_stat_tokens=args.stat_tokens, n_prefixes=args.prefixes, prefix_length=args.prefix_length,
-                      seed=args.seed, cache=not args.no_cache)
+                      n_stat_tokens=args.stat_tokens, prefixes=prefixes, seed=args.seed, cache=not args.no_cache)
         if args.method == "memit":
             if args.layer is not None:
                 raise EditError("--layer is for ROME; MEMIT takes --layers")

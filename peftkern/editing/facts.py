@@ -67,18 +67,24 @@ def _new_object(fact: Fact, facts: list[Fact]) -> str:
     return objects[(objects.index(fact.object) + 7) % len(objects)]
 
 
-def bundled_requests(n: int | None = None) -> list[EditRequest]:
-    """Edit requests for the bundled facts (all 100, or the first ``n`` in a fixed interleaved
-    order that takes the relations in turn)."""
-    facts = bundled_facts()
-    by_relation: dict[str, list[int]] = {}
-    for i, f in enumerate(facts):
-        by_relation.setdefault(f.relation, []).append(i)
-    order, queues = [], [list(v) for v in by_relation.values()]
+def _interleave(queues: list[list[int]]) -> list[int]:
+    order = []
+    queues = [list(q) for q in queues]
     while any(queues):
         for q in queues:
             if q:
                 order.append(q.pop(0))
+    return order
+
+
+def bundled_requests(n: int | None = None) -> list[EditRequest]:
+    """Edit requests for the bundled facts: all 100, or the first ``n`` in a fixed order that takes
+    the relations in turn and, within a relation, one subject of each family before the second."""
+    facts = bundled_facts()
+    families: dict[str, dict[str, list[int]]] = {}
+    for i, f in enumerate(facts):
+        families.setdefault(f.relation, {}).setdefault(f.subject[:-1], []).append(i)
+    order = _interleave([_interleave(list(fams.values())) for fams in families.values()])
     out = []
     for i in order[:n]:
         f = facts[i]
@@ -89,7 +95,7 @@ def bundled_requests(n: int | None = None) -> list[EditRequest]:
         family = kin[:2]
         same_answer = [g for g in others if g.object == f.object and g not in kin]  # as CounterFact's
         rest = [g for g in others if g not in kin and g not in same_answer]
-        rest = rest[i % max(len(rest), 1):] + rest[:i % max(len(rest), 1)]
+        rest = rest[i % max(len(rest), 1):] + rest[:i % max(len(rest), 1)]  # i: the fact's index
         neighbours = (family + same_answer + rest)[:N_NEIGHBOURS]
         out.append(EditRequest(
             prompt=phrasings[0], subject=f.subject, target_new=new, target_true=f.object,

@@ -27,22 +27,19 @@ from peftkern.editing.requests import EditError, EditRequest
 from peftkern.editing.rome import check_rank, check_request, resolve_stats, solve_cov
 from peftkern.editing.sampling import context_prefixes
 from peftkern.editing.tokens import model_device
-from peftkern.editing.trace import causal_trace, reachable_effect
+from peftkern.editing.trace import peak_layer
 
 
 def default_layers(model, tok, requests: list[EditRequest], span: int | None = None, samples: int = 10,
                    seed: int = 0) -> tuple[list[int], dict]:
-    """The ``span`` layers ending at the peak of the MLP indirect effect at the subject's last token,
-    averaged over up to 5 requests' traces (default span: a quarter of the layers, at least 2 when
-    the model has 4 or more)."""
+    """The ``span`` layers ending at :func:`~peftkern.editing.trace.peak_layer` (the MLP indirect
+    effect at the subject's last token, averaged over up to 10 requests' traces); default span: a
+    quarter of the layers, at least 2 when the model has 4 or more (fewer when the peak is lower)."""
     layout = layout_of(model)
-    traces = [causal_trace(model, tok, r, kind="mlp", positions="subject_last", samples=samples, seed=seed)
-              for r in requests[:5]]
-    effect = torch.stack([reachable_effect(t) for t in traces]).mean(0)
-    peak = int(effect.argmax())
+    peak, effect = peak_layer(model, tok, requests, samples=samples, seed=seed)
     if span is None:
         span = max(2 if layout.n_layers >= 4 else 1, layout.n_layers // 4)
-    return list(range(max(0, peak - span + 1), peak + 1)), {"mean_mlp_effect": effect.tolist(), "peak": peak}
+    return list(range(max(0, peak - span + 1), peak + 1)), {"mean_mlp_effect": effect, "peak": peak}
 
 
 def memit(model, tok, requests: list[EditRequest | dict], layers: list[int] | None = None, *,

@@ -91,8 +91,12 @@ def _mean(xs) -> float | None:
 def evaluate_edits(model, tok, requests: list[EditRequest | dict], fluency: bool = True, fluency_tokens: int = 60,
                    seed: int = 0) -> dict:
     """Efficacy, generalization, specificity (and fluency) of ``model`` on ``requests``: a dict with
-    the means and a per-request list. Run it on the model before and after an edit to compare."""
+    the means and a per-request list. Run it on the model before and after an edit to compare.
+
+    A neighbourhood prompt that is itself the edit prompt of one of ``requests`` (a batch that
+    edits a subject and its neighbour) is left out: its answer is meant to change."""
     requests = [as_request(r) for r in requests]
+    edited = {r.text for r in requests}
     per = []
     for r in requests:
         row: dict = {"case_id": r.case_id, "subject": r.subject, "target_new": r.target_new}
@@ -106,12 +110,13 @@ def evaluate_edits(model, tok, requests: list[EditRequest | dict], fluency: bool
         row["efficacy"] = float(wins[0])
         row["generalization"] = _mean(float(w) for w in wins[1:])
         row["new_prob"] = math.exp(new_lp[0])
-        if r.neighborhood_prompts:
-            own = continuation_logprobs(model, tok, [(n.prompt, n.target) for n in r.neighborhood_prompts])
-            new = continuation_logprobs(model, tok, [(n.prompt, r.target_new) for n in r.neighborhood_prompts])
+        neighbours = [n for n in r.neighborhood_prompts if n.prompt not in edited]
+        if neighbours:
+            own = continuation_logprobs(model, tok, [(n.prompt, n.target) for n in neighbours])
+            new = continuation_logprobs(model, tok, [(n.prompt, r.target_new) for n in neighbours])
             row["specificity"] = _mean(float(a > b) for a, b in zip(own, new))
             row["neighbourhood_accuracy"] = _mean(float(x) for x in greedy_matches(
-                model, tok, [(n.prompt, n.target) for n in r.neighborhood_prompts]))
+                model, tok, [(n.prompt, n.target) for n in neighbours]))
         if fluency:
             gen_prompts = list(r.generation_prompts) or [r.text]
             texts = sample(model, tok, gen_prompts, fluency_tokens, seed=seed, stop_at_eos=False)

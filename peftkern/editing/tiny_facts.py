@@ -1,6 +1,6 @@
 """The embedded tiny model after learning the bundled facts: the base the editing experiments edit.
 
-The pretrained tiny Llama (:func:`peftkern.train.pretrain.pretrained_tiny`) knows none of the invented
+The pretrained tiny Llama (:func:`peftkern.train.pretrain.build_pretrained_tiny`) knows none of the invented
 facts. This fine-tunes all its weights on them, deterministically: each step a batch of
 ``<|bos|>sentence<|end|>`` rows, three quarters fact sentences (every fact in each of its three
 phrasings, drawn at random) and one quarter sentences of the base's own corpus (rehearsal, so it
@@ -41,7 +41,7 @@ def tiny_with_facts(quiet: bool = False, settings: dict | None = None, cache: bo
     """The pretrained tiny model fine-tuned on the bundled facts (``LlamaForCausalLM``, fp32, eval mode).
 
     When it is not cached yet it is learned from the pretrained tiny base: ``base`` (the model, or a
-    function returning it; the CLI passes ``peftkern.train.pretrain.pretrained_tiny``, which
+    function returning it; the CLI passes ``peftkern.train.pretrain.build_pretrained_tiny``, which
     trains the base when that is not cached either), else the cached base."""
     from transformers import LlamaForCausalLM
 
@@ -53,7 +53,7 @@ def tiny_with_facts(quiet: bool = False, settings: dict | None = None, cache: bo
     start = start if start is not None else load_cached_tiny()
     if start is None:
         raise EditError("the pretrained tiny base is not in the cache; build it first (peftkern demo, or "
-                        "peftkern.train.pretrain.pretrained_tiny()), or pass base=")
+                        "peftkern.train.pretrain.build_pretrained_tiny()), or pass base=")
     model = learn_facts(start, settings, quiet)
     if cache:
         os.makedirs(cache_root(), exist_ok=True)

@@ -158,3 +158,13 @@ def reachable_effect(trace: Trace) -> torch.Tensor:
     if trace.subject[1] < len(trace.tokens) - 1 and len(effect) > 1:
         effect = effect[:-1]
     return effect
+
+
+def peak_layer(model, tok, requests: list, samples: int = 10, seed: int = 0, max_requests: int = 10) -> tuple[int, list[float]]:
+    """The layer with the largest MLP indirect effect at the subject's last token, averaged over the
+    traces of up to ``max_requests`` requests (how the papers chose their layers), and that mean
+    effect per layer (the last layer left out as in :func:`locate_layer`)."""
+    traces = [causal_trace(model, tok, r, kind="mlp", positions="subject_last", samples=samples, seed=seed)
+              for r in requests[:max_requests]]
+    effect = torch.stack([reachable_effect(t) for t in traces]).mean(0)
+    return int(effect.argmax()), effect.tolist()

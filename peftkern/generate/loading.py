@@ -51,7 +51,7 @@ def load_base(model: str, nf4: bool = False, dtype: torch.dtype | None = None, d
         with open(config_path, encoding="utf-8") as f:
             quantized = "quantization_config" in json.load(f)
         if quantized:
-            from peftkern.quant.checkpoint import load_pretrained_nf4
+            from peftkern.nn.nf4 import load_pretrained_nf4
 
             lm = load_pretrained_nf4(model)
         else:

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from peftkern.nn.mixed_batch import current_rows, forward_by_rows, is_adapter_layer
+from peftkern.nn.mixed_batch import current_rows, forward_by_rows, is_adapter_layer, runnable_adapters
 from peftkern.ops.lora import lora_linear
 
 INIT_CHOICES = (True, False, "gaussian")
@@ -196,13 +196,7 @@ class LoRALinear(nn.Module):
     def _runnable_adapters(self) -> list[str]:
         """The active adapters to run, or [] when the base layer alone gives the output (adapters
         disabled, which unmerges any merged one, or merged, or none active)."""
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return []
-        if self.merged:
-            return []
-        return [n for n in self.active_adapters if n in self.lora_A]
+        return runnable_adapters(self, self.lora_A)
 
     @staticmethod
     def _compute_dtype(x: torch.Tensor) -> torch.dtype:

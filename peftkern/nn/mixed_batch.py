@@ -82,6 +82,18 @@ def adapter_stack(layer: nn.Module) -> list[nn.Module]:
     return stack
 
 
+def runnable_adapters(layer: nn.Module, held) -> list[str]:
+    """The active adapters ``layer`` holds (``held``), or [] when its base alone gives the output:
+    adapters disabled (which unmerges any merged one), merged, or none active."""
+    if layer.disable_adapters:
+        if layer.merged:
+            layer.unmerge()
+        return []
+    if layer.merged:
+        return []
+    return [n for n in layer.active_adapters if n in held]
+
+
 def forward_by_rows(layer: nn.Module, x: torch.Tensor, rows: RowAdapters, *args, **kwargs) -> torch.Tensor:
     """``layer(x)`` with row i of x run through adapter ``rows.names[i]`` only, on every layer of
     ``layer``'s stack; layers skip names they do not hold (as PEFT does)."""

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from peftkern.ops.nf4 import nf4_linear
+from peftkern.quant import checkpoint as nf4_checkpoint
 from peftkern.quant.nf4 import QUANT_STATE_KEY, NF4Weight, quantize_nf4
 
 _STAT_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", QUANT_STATE_KEY)
@@ -228,3 +229,56 @@ def merge_nf4_lora(model: nn.Module, requantize: bool = True, dtype: torch.dtype
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, replacement)
     return model, errors
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints saved with bitsandbytes 4-bit weights (their format: peftkern.quant.checkpoint)
+# ---------------------------------------------------------------------------------------------
+
+def load_nf4_state_dict(model: nn.Module, state_dict: dict, compute_dtype: torch.dtype | None = None,
+                        strict: bool = True) -> nn.Module:
+    """Load a state dict holding bitsandbytes 4-bit weights into ``model`` (in place): each
+    ``nn.Linear`` whose weight is 4-bit there becomes an NF4Linear built from the stored codes and
+    statistics (no requantization); every other tensor loads as usual. Returns ``model``."""
+    state_dict = dict(state_dict)
+    weights = nf4_checkpoint.pop_nf4_weights(state_dict)
+    for name, w4 in weights.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"checkpoint has a 4-bit weight for {name!r}, which the model does not have") from None
+        if not isinstance(module, (nn.Linear, NF4Linear)):
+            raise ValueError(f"checkpoint has a 4-bit weight for {name!r}, a {type(module).__name__} in the model")
+        if tuple(w4.shape) != (module.out_features, module.in_features):
+            raise ValueError(f"{name}: checkpoint weight is {tuple(w4.shape)}, the model's layer is "
+                             f"{(module.out_features, module.in_features)}")
+        bias = state_dict.pop(name + ".bias", None)
+        if bias is None and module.bias is not None:
+            bias = module.bias.detach()
+        device = module.weight.device if module.weight.device.type != "meta" else torch.device("cpu")
+        layer = NF4Linear(w4.to(device), bias.to(device) if bias is not None else None, compute_dtype)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in missing if not any(k.startswith(name + ".") for name in weights)]
+    if strict and (missing or unexpected):
+        raise ValueError(f"loading the checkpoint: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
+    return model
+
+
+def load_pretrained_nf4(model_dir: str, compute_dtype: torch.dtype | None = None):
+    """A transformers causal LM from ``model_dir`` whose weights were saved with bitsandbytes 4-bit
+    (or by ``peftkern quantize``), with its quantized linears as NF4Linear. Builds the model from
+    config.json (nothing downloaded), then loads the safetensors shards."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    try:
+        stored_dtype = nf4_checkpoint.read_quantization_config(config)
+    except ValueError as exc:
+        raise ValueError(f"{model_dir}: {exc}") from None
+    compute_dtype = compute_dtype or stored_dtype
+    dtype = getattr(config, "torch_dtype", None) or getattr(config, "dtype", None) or torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return load_nf4_state_dict(model, nf4_checkpoint.read_safetensors_dir(model_dir), compute_dtype, strict=False)

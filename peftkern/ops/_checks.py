@@ -3,6 +3,7 @@ before any kernel runs."""
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -36,18 +37,42 @@ def check_shape(op: str, name: str, t: torch.Tensor, expected: tuple, explain: s
         raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected {tuple(expected)}{extra}")
 
 
-def check_finite_scalar(op: str, name: str, value: float) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{op}: {name} must be a real number, got {value!r}") from None
+def check_finite_scalar(op: str, name: str, value):
+    """``value`` as a Python float (a real number: int, float, a 0-dim float tensor; never a string or
+    a bool), finite. Under ``torch.compile`` a number passes unchecked and unconverted: with
+    ``dynamic=True`` it is a traced symbol whose value is unknown while tracing."""
+    if isinstance(value, (str, bytes, bool)) or value is None:
+        raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__} {value!r}")
+    if torch.compiler.is_compiling() and not isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.is_floating_point():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{op}: {name} must be finite, got {value}")
     return value
 
 
-def check_probability(op: str, name: str, value: float) -> float:
+def check_probability(op: str, name: str, value):
     value = check_finite_scalar(op, name, value)
+    if torch.compiler.is_compiling():
+        return value
     if not 0.0 <= value < 1.0:
         raise ValueError(f"{op}: {name} must be in [0, 1), got {value}")
     return value
+
+
+def autocast_inputs(*tensors):
+    """Under ``torch.autocast`` for the first tensor's device, every floating tensor cast to the
+    autocast dtype (as ``F.linear`` casts its inputs); otherwise the tensors as they are. ``None``
+    entries pass through."""
+    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    if first is None:
+        return tensors
+    device_type = first.device.type
+    if device_type not in ("cpu", "cuda", "xpu") or not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)

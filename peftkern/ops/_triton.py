@@ -52,7 +52,8 @@ class KernelSpec:
     the common launch the way Triton's JIT specializes it: pointers 16-byte aligned, integer
     arguments divisible by 16, except ``unit_args`` (1 in that launch, e.g. the inner stride of a
     contiguous tensor: compiled as the constant 1) and ``plain_args`` (flags and sizes with no
-    alignment to assume).
+    alignment to assume). ``options`` are further compile options as the launcher passes them
+    (e.g. ``{"enable_fp_fusion": False}``); fp fusion is on unless given, as Triton's JIT does.
     """
 
     kernel: Any
@@ -63,6 +64,7 @@ class KernelSpec:
     num_stages: int = 3
     unit_args: tuple = ()
     plain_args: tuple = ()
+    options: dict = dataclasses.field(default_factory=dict)
 
     @property
     def name(self) -> str:

@@ -13,27 +13,32 @@ beside y (recovering it by subtraction would cancel digits in 16-bit).
 Faces:
 * torch: the CPU face. Row norm from the factored form over row chunks of W (no copy of W at any
   precision), the rank-r product and the scale applied in place into the base output.
-* triton: one launch computes u = drop(x) A^T and W A^T (plus ||W||^2_row when not cached) from the
-  same kernel; the forward GEMM takes the rank-r term into its accumulator and finishes the row
-  norm, m / norm and the bias in its epilogue; the backward reuses y for dm inside the dy B kernel
-  and scales dy on the fly in the dx GEMM.
+* triton: two launches forward, one backward, built from ``peftkern.ops._lowrank``. A norm kernel
+  reads W once, forms W + s B A tile by tile in registers (never in memory) and writes
+  scale = m / ||W + s B A||_row (``weight_sq_norm`` is the torch face's cache; not needed here);
+  then LoRA's forward launch (producers of u, GEMM tiles adding s u B^T after
+  their K loop) applies the scale and the bias in its epilogue. The backward is LoRA's launch with
+  dy scaled per column as its tiles load; the producers also reduce dm and db.
 
 A base that is not a dense tensor (NF4) goes through :func:`dora_from_base`: the caller supplies
 x W^T (with its own autograd) and the row norm (see :func:`dora_row_norm_from_rows`).
 
-File order (docs/ARCHITECTURE.md): Triton kernels, launchers, torch face, registered ops and autograd.
+File order (docs/ARCHITECTURE.md): Triton kernels, launchers, torch face, registered ops and
+autograd, public entry points.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 import torch
 
 from peftkern import backend
 from peftkern.ops import _checks
+from peftkern.ops import _lowrank as lr
+from peftkern.ops import lora as lora_op
 from peftkern.ops._triton import KernelSpec, tl, tl_dtype_name, triton
-from peftkern.ops.lora import _grouped_tile, _keep_mask, _precision, _split, _torch_dropped, _torch_keep_mask
+from peftkern.ops.launch import device_guard, matmul_precision, register_loop_vmap, register_once_differentiable
+from peftkern.reference.lora import dropout_keep_mask as _hash_keep_mask
 
 OP = "dora_linear"
 FACES = ("torch", "triton")
@@ -44,233 +49,180 @@ FACES = ("torch", "triton")
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _rows_times_a(src_ptr, a_ptr, rows, ranks, n_rows, K, R, stride_sm, stride_sk, stride_ar, stride_ak,
-                  seed, p, PRECISION: tl.constexpr, WANT_SQ: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """(src[rows] @ A[ranks]^T, rowsum(src[rows]^2)) in fp32; the dropout mask applies when asked."""
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        s = tl.load(src_ptr + rows[:, None] * stride_sm + cols[None, :] * stride_sk,
-                    mask=(rows[:, None] < n_rows) & (cols[None, :] < K), other=0.0)
-        if p > 0.0:
-            s = tl.where(_keep_mask(seed, rows, cols, K, p), s, 0.0).to(s.dtype)
-        if WANT_SQ:
-            sf = s.to(tl.float32)
-            sq += tl.sum(sf * sf, axis=1)
-        a = tl.load(a_ptr + ranks[:, None] * stride_ar + cols[None, :] * stride_ak,
-                    mask=(ranks[:, None] < R) & (cols[None, :] < K), other=0.0)
-        acc = tl.dot(s, tl.trans(a), acc, input_precision=PRECISION)
-    return acc, sq
-
-
-@triton.jit
-def _dora_down_kernel(x_ptr, w_ptr, a_ptr, u_ptr, wa_ptr, wsq_ptr, gram_ptr, seed_ptr, M, N, K, R,
-                      stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_um, stride_ur,
-                      u_scale, p, compute_wsq, PRECISION: tl.constexpr, NORM_PRECISION: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """One launch, three skinny GEMMs against A: row blocks of x give u[M, R] = s drop(x) A^T; row
-    blocks of W give wa[N, R] = W A^T (fp32) and, when not cached, wsq[N] = ||W||^2_row; the last
-    program row gives gram[R, R] = A A^T (fp32) for its rank block."""
-    pid = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    ranks = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    tiles_x = tl.cdiv(M, BLOCK_M)
-    seed = tl.load(seed_ptr)
-    if pid < tiles_x:
-        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-        acc, _ = _rows_times_a(x_ptr, a_ptr, rows, ranks, M, K, R, stride_xm, stride_xk, stride_ar, stride_ak,
-                               seed, p, PRECISION, False, BLOCK_M, BLOCK_K, BLOCK_R)
-        acc = acc * u_scale
-        tl.store(u_ptr + rows[:, None] * stride_um + ranks[None, :] * stride_ur, acc.to(u_ptr.dtype.element_ty),
-                 mask=(rows[:, None] < M) & (ranks[None, :] < R))
-    elif pid < tiles_x + tl.cdiv(N, BLOCK_M):
-        rows = (pid - tiles_x) * BLOCK_M + tl.arange(0, BLOCK_M)
-        acc, sq = _rows_times_a(w_ptr, a_ptr, rows, ranks, N, K, R, stride_wn, stride_wk, stride_ar, stride_ak,
-                                seed, 0.0, NORM_PRECISION, True, BLOCK_M, BLOCK_K, BLOCK_R)
-        tl.store(wa_ptr + rows[:, None] * R + ranks[None, :], acc, mask=(rows[:, None] < N) & (ranks[None, :] < R))
-        if compute_wsq != 0 and pid_r == 0:
-            tl.store(wsq_ptr + rows, sq, mask=rows < N)
-    else:
-        for c0 in range(0, R, BLOCK_R):
-            cr = c0 + tl.arange(0, BLOCK_R)
-            g, _ = _rows_times_a(a_ptr, a_ptr, ranks, cr, R, K, R, stride_ar, stride_ak, stride_ar, stride_ak,
-                                 seed, 0.0, "ieee", False, BLOCK_R, BLOCK_K, BLOCK_R)
-            tl.store(gram_ptr + ranks[:, None] * R + cr[None, :], g, mask=(ranks[:, None] < R) & (cr[None, :] < R))
-
-
-@triton.jit
-def _dora_row_scale(wsq_ptr, wa_ptr, gram_ptr, b_ptr, mag_ptr, cols, N, R, stride_bn, stride_br, scaling,
-                    BLOCK_N: tl.constexpr, NORM_R: tl.constexpr):
-    """(m / norm, norm) for output columns ``cols``, fp32, from the factored row norm:
-    ||W||^2 + 2 s rowsum(wa * B) + s^2 rowsum((B G) * B), G = A A^T, in NORM_R-wide rank chunks
-    (small tiles: it runs beside the GEMM's accumulator)."""
-    col_ok = cols < N
-    norm2 = tl.load(wsq_ptr + cols, mask=col_ok, other=1.0)
-    for r0 in range(0, R, NORM_R):
-        ranks = r0 + tl.arange(0, NORM_R)
-        rank_ok = ranks < R
-        b = tl.load(b_ptr + cols[:, None] * stride_bn + ranks[None, :] * stride_br,
-                    mask=col_ok[:, None] & rank_ok[None, :], other=0.0).to(tl.float32)
-        wa = tl.load(wa_ptr + cols[:, None] * R + ranks[None, :], mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
-        bg = tl.zeros((BLOCK_N, NORM_R), dtype=tl.float32)
-        for c0 in range(0, R, NORM_R):
-            cr = c0 + tl.arange(0, NORM_R)
-            bc = tl.load(b_ptr + cols[:, None] * stride_bn + cr[None, :] * stride_br,
-                         mask=col_ok[:, None] & (cr[None, :] < R), other=0.0).to(tl.float32)
-            g = tl.load(gram_ptr + cr[:, None] * R + ranks[None, :], mask=(cr[:, None] < R) & rank_ok[None, :],
-                        other=0.0)
-            bg = tl.dot(bc, g, bg, input_precision="ieee")
-        norm2 += tl.sum((2.0 * scaling * wa + (scaling * scaling) * bg) * b, axis=1)
-    norm = tl.sqrt(tl.maximum(norm2, 0.0))
-    mag = tl.load(mag_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    return mag / norm, norm
-
-
-@triton.jit
-def _dora_scale_kernel(wsq_ptr, wa_ptr, gram_ptr, b_ptr, mag_ptr, scale_ptr, N, R, stride_bn, stride_br, scaling,
-                       BLOCK_N: tl.constexpr, NORM_R: tl.constexpr):
-    """scale[N] = m / ||W + s B A||_row (fp32) from the factored parts, BLOCK_N rows per program."""
+def _dora_norm_kernel(w_ptr, a_ptr, b_ptr, mag_ptr, scale_ptr, N, K, R,
+                      stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br, scaling,
+                      NORM_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      BLOCK_R: tl.constexpr):
+    """scale[cols] = m / ||W + s B A||_row (fp32) for BLOCK_N rows of W: each [BLOCK_N, BLOCK_K]
+    tile of W + s B A is formed in registers (B[cols] A[:, ks] is a short dot) and squared into the
+    row sums, so W is read once and W + s B A is never written (nor does its norm cancel, as the
+    factored form of the torch face can)."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    scale, _ = _dora_row_scale(wsq_ptr, wa_ptr, gram_ptr, b_ptr, mag_ptr, cols, N, R, stride_bn, stride_br, scaling,
-                               BLOCK_N, NORM_R)
-    tl.store(scale_ptr + cols, scale, mask=cols < N)
-
-
-@triton.jit
-def _dora_fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, scale_ptr, y_ptr, ynb_ptr,
-                     M, N, K, R, stride_xm, stride_xk, stride_wn, stride_wk, stride_um, stride_ur,
-                     stride_bn, stride_br, stride_ym, stride_yn, has_bias,
-                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
-    """y = scale * (x W^T + u B^T) + b with u already scaled by s, scale = m / norm per column (from
-    _dora_scale_kernel): the rank-r product is one more short K-step into the GEMM's accumulator after
-    the main loop; the epilogue scales like a second bias and adds the bias (also storing y - b to
-    ``ynb`` when there is one)."""
-    tile_m, tile_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    col_ok = cols < N
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
+    b_rows = b_ptr + cols.to(tl.int64)[:, None] * stride_bn
+    norm2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
-                    mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
-        w = tl.load(w_ptr + cols[:, None] * stride_wn + ks[None, :] * stride_wk,
-                    mask=(cols[:, None] < N) & (ks[None, :] < K), other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
-    for r0 in range(0, R, BLOCK_R):
-        ranks = r0 + tl.arange(0, BLOCK_R)
-        u = tl.load(u_ptr + rows[:, None] * stride_um + ranks[None, :] * stride_ur,
-                    mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
-        b = tl.load(b_ptr + cols[:, None] * stride_bn + ranks[None, :] * stride_br,
-                    mask=(cols[:, None] < N) & (ranks[None, :] < R), other=0.0)
-        acc = tl.dot(u, tl.trans(b), acc, input_precision=PRECISION)
-    acc = acc * tl.load(scale_ptr + cols, mask=cols < N, other=0.0)[None, :]
-    tile_ok = (rows[:, None] < M) & (cols[None, :] < N)
-    if has_bias:
-        tl.store(ynb_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn, acc.to(ynb_ptr.dtype.element_ty),
-                 mask=tile_ok)
-        acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
-             mask=tile_ok)
+        k_ok = ks < K
+        v = tl.load(w_rows + ks[None, :] * stride_wk, mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        ba = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            ranks = r0 + tl.arange(0, BLOCK_R)
+            rank_ok = ranks < R
+            b = tl.load(b_rows + ranks[None, :] * stride_br, mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
+            a = tl.load(a_ptr + ranks.to(tl.int64)[:, None] * stride_ar + ks[None, :] * stride_ak,
+                        mask=rank_ok[:, None] & k_ok[None, :], other=0.0)
+            ba = tl.dot(b, a, ba, input_precision=NORM_PRECISION)
+        v += scaling * ba
+        norm2 += tl.sum(v * v, axis=1)
+    norm = tl.where(col_ok, tl.sqrt(norm2), 1.0)
+    mag = tl.load(mag_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    tl.store(scale_ptr + cols, mag / norm, mask=col_ok)
 
 
 @triton.jit
-def _dora_bwd_g_kernel(dy_ptr, ynb_ptr, scale_ptr, mag_ptr, b_ptr, u_ptr, g_ptr, db_ptr, dmag_ptr, dbias_ptr,
-                       M, N, R, stride_dym, stride_dyn, stride_ym, stride_yn, stride_bn, stride_br,
-                       stride_um, stride_ur, stride_gm, stride_gr, scaling, need_dbias,
-                       PRECISION: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """With dy' = dy * scale (per column, on the fly): g[M, R] = dy' B, dB += s dy'^T u, and from
-    the first rank block dmag[N] += rowsum_tokens(dy * ynb) / m, ynb = y - b (0 where m = 0), and,
-    dbias[N] += rowsum_tokens(dy); fp32 atomics, one read of dy and y."""
-    pid_m = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    ranks = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < M
-    rank_ok = ranks < R
-    u = tl.load(u_ptr + rows[:, None] * stride_um + ranks[None, :] * stride_ur,
-                mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-    g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        tile_ok = row_ok[:, None] & col_ok[None, :]
-        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn, mask=tile_ok, other=0.0)
-        scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
-        dys = (dy.to(tl.float32) * scale[None, :]).to(dy.dtype)
-        b = tl.load(b_ptr + cols[:, None] * stride_bn + ranks[None, :] * stride_br,
-                    mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
-        g = tl.dot(dys, b, g, input_precision=PRECISION)
-        part = tl.dot(tl.trans(dys), u, input_precision=PRECISION) * scaling
-        tl.atomic_add(db_ptr + cols[:, None] * R + ranks[None, :], part, mask=col_ok[:, None] & rank_ok[None, :])
-        if pid_r == 0:
-            y = tl.load(ynb_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn, mask=tile_ok,
-                        other=0.0).to(tl.float32)
-            dyf = tl.where(tile_ok, dy.to(tl.float32), 0.0)
-            mag = tl.load(mag_ptr + cols, mask=col_ok, other=0.0)
-            inv_m = tl.where(mag != 0.0, 1.0 / tl.where(mag != 0.0, mag, 1.0), 0.0)
-            tl.atomic_add(dmag_ptr + cols, tl.sum(dyf * y, axis=0) * inv_m, mask=col_ok)
-            if need_dbias:
-                tl.atomic_add(dbias_ptr + cols, tl.sum(dyf, axis=0), mask=col_ok)
-    tl.store(g_ptr + rows[:, None] * stride_gm + ranks[None, :] * stride_gr, g.to(g_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & rank_ok[None, :])
-
-
-@triton.jit
-def _dora_bwd_dx_kernel(dy_ptr, scale_ptr, w_ptr, g_ptr, a_ptr, x_ptr, seed_ptr, dx_ptr, da_ptr, M, N, K, R,
-                        stride_dym, stride_dyn, stride_wn, stride_wk, stride_gm, stride_gr, stride_ar, stride_ak,
-                        stride_xm, stride_xk, stride_dxm, stride_dxk, lora_scale, p, compute_dx,
-                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        BLOCK_R: tl.constexpr, BLOCK_DA: tl.constexpr, GROUP_M: tl.constexpr):
-    """dx = (dy * scale) W + lora_scale * keep * (g A), dy scaled per column as its tiles load;
-    then dA[R, K] += lora_scale * g^T (keep * x) for this row block (fp32 atomics), from x sub-tiles
-    of BLOCK_DA columns so the mask and x never hold a whole tile of registers beside the rest."""
-    tile_m, tile_k = _grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
+def _dora_fwd_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, scale_ptr, u_ptr, y_ptr, ynb_ptr, flag_ptr, M, N, K, R,
+                     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+                     stride_um, stride_ur, stride_ym, stride_yn, scaling, p, inv_keep,
+                     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                     GROUP_M: tl.constexpr):
+    """LoRA's forward launch (producers of u = drop(x) A^T; GEMM tiles + u (s B)^T after the K loop)
+    with DoRA's epilogue: y = scale * acc + b, and y - b stored to ``ynb`` when there is a bias."""
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    is_producer, tile_m, tile_n = lr.producer_tile(tl.program_id(0), tiles_m, tl.cdiv(N, BLOCK_N), GROUP_M)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    ks = tile_k * BLOCK_K + tl.arange(0, BLOCK_K)
     row_ok = rows < M
-    k_ok = ks < K
+    ticket = tl.load(flag_ptr)
+    if is_producer:
+        for r0 in range(0, R, BLOCK_R):
+            ranks = r0 + tl.arange(0, BLOCK_R)
+            rank_ok = ranks < R
+            u = lr.down_tile(x_ptr, a_ptr, rows, row_ok, ranks, rank_ok, K, stride_xm, stride_xk, stride_ar, stride_ak,
+                             ticket, p, HAS_DROPOUT, PRECISION, BLOCK_M, BLOCK_K, BLOCK_R) * inv_keep
+            tl.store(u_ptr + rows.to(tl.int64)[:, None] * stride_um + ranks[None, :] * stride_ur,
+                     u.to(u_ptr.dtype.element_ty), mask=row_ok[:, None] & rank_ok[None, :])
+        lr.publish(flag_ptr + 1 + tile_m, ticket)
+    else:
+        cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+        w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            x = tl.load(x_rows + ks[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_rows + ks[None, :] * stride_wk, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+        lr.wait_published(flag_ptr + 1 + tile_m, ticket)
+        acc = lr.rank_term(acc, u_ptr, b_ptr, rows, row_ok, cols, col_ok, R, stride_um, stride_ur, stride_bn,
+                           stride_br, scaling, PRECISION, BLOCK_R)
+        acc = acc * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
+        out = rows.to(tl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        if HAS_BIAS:
+            tl.store(ynb_ptr + out, acc.to(ynb_ptr.dtype.element_ty), mask=tile_ok)
+            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def _dora_bwd_kernel(dy_ptr, scale_ptr, ynb_ptr, mag_ptr, w_ptr, x_ptr, a_ptr, b_ptr, u_ptr, g_ptr, seed_ptr,
+                     dx_ptr, da_ptr, db_ptr, dmag_ptr, dbias_ptr, da_acc_ptr, db_acc_ptr, dmag_acc_ptr,
+                     dbias_acc_ptr, count_ptr, flag_ptr, M, N, K, R,
+                     stride_dym, stride_dyn, stride_ym, stride_yn, stride_wn, stride_wk, stride_xm, stride_xk,
+                     stride_ar, stride_ak, stride_bn, stride_br, stride_um, stride_ur, stride_gm, stride_gr,
+                     stride_dxm, stride_dxk, scaling, p, inv_keep,
+                     HAS_DROPOUT: tl.constexpr, COMPUTE_DX: tl.constexpr,
+                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_DA: tl.constexpr, GROUP_M: tl.constexpr):
+    """LoRA's backward launch on dy' = dy * scale (per column, scaled as its tiles load). The
+    producers also reduce dm[N] += rowsum_tokens(dy * ynb) (ynb = y - b; times 1/m, 0 where m = 0,
+    when cast) and db[N] += rowsum_tokens(dy) (always: one atomic per column and row tile, cheaper
+    than a variant without it); the last producer adding into an N chunk casts dB, dm and db there
+    to their dtypes."""
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_k = tl.cdiv(K, BLOCK_K)
+    is_producer, tile_m, tile_k = lr.producer_tile(tl.program_id(0), tiles_m, tiles_k, GROUP_M)
+    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
     seed = tl.load(seed_ptr)
-    if compute_dx:
-        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    scale_lora = scaling * inv_keep
+    if is_producer:
+        dy_rows = dy_ptr + rows.to(tl.int64)[:, None] * stride_dym
+        y_rows = ynb_ptr + rows.to(tl.int64)[:, None] * stride_ym
         for r0 in range(0, R, BLOCK_R):
             ranks = r0 + tl.arange(0, BLOCK_R)
-            g = tl.load(g_ptr + rows[:, None] * stride_gm + ranks[None, :] * stride_gr,
-                        mask=row_ok[:, None] & (ranks[None, :] < R), other=0.0)
-            a = tl.load(a_ptr + ranks[:, None] * stride_ar + ks[None, :] * stride_ak,
-                        mask=(ranks[:, None] < R) & k_ok[None, :], other=0.0)
-            acc = tl.dot(g, a, acc, input_precision=PRECISION)
-        acc = acc * lora_scale
-        if p > 0.0:
-            acc = tl.where(_keep_mask(seed, rows, ks, K, p), acc, 0.0)
+            rank_ok = ranks < R
+            u = tl.load(u_ptr + rows.to(tl.int64)[:, None] * stride_um + ranks[None, :] * stride_ur,
+                        mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+            g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for n0 in range(0, N, BLOCK_N):
+                cols = n0 + tl.arange(0, BLOCK_N)
+                col_ok = cols < N
+                tile_ok = row_ok[:, None] & col_ok[None, :]
+                dy = tl.load(dy_rows + cols[None, :] * stride_dyn, mask=tile_ok, other=0.0)
+                col_scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
+                dys = (dy.to(tl.float32) * col_scale[None, :]).to(dy.dtype)
+                g = lr.g_db_step(g, dys, u, cols, col_ok, ranks, rank_ok, b_ptr, db_acc_ptr, stride_bn, stride_br, R,
+                                 scaling, PRECISION)
+                if r0 == 0:
+                    dyf = dy.to(tl.float32)
+                    ynb = tl.load(y_rows + cols[None, :] * stride_yn, mask=tile_ok, other=0.0).to(tl.float32)
+                    tl.atomic_add(dmag_acc_ptr + cols, tl.sum(dyf * ynb, axis=0), mask=col_ok, sem="relaxed")
+                    tl.atomic_add(dbias_acc_ptr + cols, tl.sum(dyf, axis=0), mask=col_ok, sem="relaxed")
+            tl.store(g_ptr + rows.to(tl.int64)[:, None] * stride_gm + ranks[None, :] * stride_gr,
+                     g.to(g_ptr.dtype.element_ty), mask=row_ok[:, None] & rank_ok[None, :])
+        lr.publish(flag_ptr + tile_m, 0)
         for n0 in range(0, N, BLOCK_N):
-            ns = n0 + tl.arange(0, BLOCK_N)
-            dy = tl.load(dy_ptr + rows[:, None] * stride_dym + ns[None, :] * stride_dyn,
-                         mask=row_ok[:, None] & (ns[None, :] < N), other=0.0)
-            scale = tl.load(scale_ptr + ns, mask=ns < N, other=0.0)
-            dy = (dy.to(tl.float32) * scale[None, :]).to(dy.dtype)
-            w = tl.load(w_ptr + ns[:, None] * stride_wn + ks[None, :] * stride_wk,
-                        mask=(ns[:, None] < N) & k_ok[None, :], other=0.0)
-            acc = tl.dot(dy, w, acc, input_precision=PRECISION)
-        tl.store(dx_ptr + rows[:, None] * stride_dxm + ks[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & k_ok[None, :])
-    for kk in range(0, BLOCK_K, BLOCK_DA):
-        sub = tile_k * BLOCK_K + kk + tl.arange(0, BLOCK_DA)
-        sub_ok = sub < K
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + sub[None, :] * stride_xk,
-                    mask=row_ok[:, None] & sub_ok[None, :], other=0.0)
-        if p > 0.0:
-            x = tl.where(_keep_mask(seed, rows, sub, K, p), x, 0.0).to(x.dtype)
-        for r0 in range(0, R, BLOCK_R):
-            ranks = r0 + tl.arange(0, BLOCK_R)
-            g = tl.load(g_ptr + rows[:, None] * stride_gm + ranks[None, :] * stride_gr,
-                        mask=row_ok[:, None] & (ranks[None, :] < R), other=0.0)
-            part = tl.dot(tl.trans(g), x, input_precision=PRECISION) * lora_scale
-            tl.atomic_add(da_ptr + ranks[:, None] * K + sub[None, :], part,
-                          mask=(ranks[:, None] < R) & sub_ok[None, :])
+            if lr.last_arrival(count_ptr + tiles_k + n0 // BLOCK_N, tiles_m):
+                cols = n0 + tl.arange(0, BLOCK_N)
+                col_ok = cols < N
+                for r0 in range(0, R, BLOCK_R):
+                    ranks = r0 + tl.arange(0, BLOCK_R)
+                    lr.cast_tile(db_acc_ptr, db_ptr, cols.to(tl.int64)[:, None] * R + ranks[None, :],
+                                 col_ok[:, None] & (ranks[None, :] < R))
+                mag = tl.load(mag_ptr + cols, mask=col_ok, other=1.0).to(tl.float32)
+                inv_m = tl.where(mag != 0.0, 1.0 / tl.where(mag != 0.0, mag, 1.0), 0.0)
+                dmag = tl.load(dmag_acc_ptr + cols, mask=col_ok, other=0.0, cache_modifier=".cg")
+                tl.store(dmag_ptr + cols, (dmag * inv_m).to(dmag_ptr.dtype.element_ty), mask=col_ok)
+                lr.cast_tile(dbias_acc_ptr, dbias_ptr, cols, col_ok)
+    else:
+        ks = tile_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        if COMPUTE_DX:
+            dy_rows = dy_ptr + rows.to(tl.int64)[:, None] * stride_dym
+            acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+            for n0 in range(0, N, BLOCK_N):
+                ns = n0 + tl.arange(0, BLOCK_N)
+                n_ok = ns < N
+                dy = tl.load(dy_rows + ns[None, :] * stride_dyn, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+                col_scale = tl.load(scale_ptr + ns, mask=n_ok, other=0.0)
+                dy = (dy.to(tl.float32) * col_scale[None, :]).to(dy.dtype)
+                w = tl.load(w_ptr + ns.to(tl.int64)[:, None] * stride_wn + ks[None, :] * stride_wk,
+                            mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                acc = tl.dot(dy, w, acc, input_precision=PRECISION)
+            lr.wait_published(flag_ptr + tile_m, 0)
+            if HAS_DROPOUT:
+                lora = lr.ga_term(tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), g_ptr, a_ptr, rows, row_ok, ks, k_ok,
+                                  R, stride_gm, stride_gr, stride_ar, stride_ak, scale_lora, PRECISION, BLOCK_R)
+                acc += tl.where(lr.keep_mask(seed, rows, ks, p), lora, 0.0)
+            else:
+                acc = lr.ga_term(acc, g_ptr, a_ptr, rows, row_ok, ks, k_ok, R, stride_gm, stride_gr, stride_ar,
+                                 stride_ak, scale_lora, PRECISION, BLOCK_R)
+            tl.store(dx_ptr + rows.to(tl.int64)[:, None] * stride_dxm + ks[None, :] * stride_dxk,
+                     acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])
+        else:
+            lr.wait_published(flag_ptr + tile_m, 0)
+        lr.da_from_x(da_acc_ptr, x_ptr, g_ptr, rows, row_ok, tile_k * BLOCK_K, K, R, stride_xm, stride_xk, stride_gm,
+                     stride_gr, seed, p, scale_lora, HAS_DROPOUT, PRECISION, BLOCK_K, BLOCK_DA, BLOCK_R)
+        if lr.last_arrival(count_ptr + tile_k, tiles_m):
+            for r0 in range(0, R, BLOCK_R):
+                ranks = r0 + tl.arange(0, BLOCK_R)
+                lr.cast_tile(da_acc_ptr, da_ptr, ranks.to(tl.int64)[:, None] * K + ks[None, :],
+                             (ranks[:, None] < R) & k_ok[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,182 +234,155 @@ def _norm_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _rank_chunk(rank: int, dtype: torch.dtype) -> int:
-    """Rank chunk of the GEMM kernels: tl.dot needs >= 16; at most 64 (32 for fp32) keeps the
-    rank-r tiles in registers beside the accumulator. Two choices per dtype, few configs."""
-    small, large = _rank_chunks(dtype)
-    return small if rank <= small else large
-
-
-def _rank_chunks(dtype: torch.dtype) -> tuple[int, int]:
-    return (16, 32) if dtype == torch.float32 else (16, 64)
-
-
-def _gemm_config(dtype: torch.dtype) -> dict:
-    """Forward GEMM tiles: 128x128x64 for 16-bit inputs, 64x64x32 over 8 warps for fp32 (tf32
-    operands need twice the registers: the same tile over 4 warps spilled on sm_80)."""
+def _fwd_config(dtype: torch.dtype) -> dict:
+    """Forward tiles, LoRA's: 128x128x64 for 16-bit inputs, 128x64x32 over 8 warps for fp32 (64x64
+    over 8 warps spilled 8 bytes on sm_80)."""
     if dtype == torch.float32:
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
     return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
 
 
-def _dx_config(dtype: torch.dtype) -> dict:
+def _bwd_config(dtype: torch.dtype, block_r: int, dropout: bool, compute_dx: bool) -> dict:
+    """Backward tiles: dx tiles BLOCK_M x BLOCK_K over N steps of BLOCK_N (the producers' N step
+    too); the 16-bit variants as LoRA's (peftkern.ops.lora._bwd_config) for the same reasons."""
     if dtype == torch.float32:
         return {"BLOCK_M": 32, "BLOCK_K": 64, "BLOCK_N": 32, "BLOCK_DA": 32, "GROUP_M": 8, "num_warps": 4,
                 "num_stages": 3}
-    return {"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_N": 32, "BLOCK_DA": 32, "GROUP_M": 8, "num_warps": 8,
-            "num_stages": 3}
+    cfg = {"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_N": 32, "BLOCK_DA": 32, "GROUP_M": 8, "num_warps": 8,
+           "num_stages": 3}
+    if not compute_dx and block_r == 16:
+        cfg["num_warps"] = 4
+    if compute_dx and dropout and block_r == 64:
+        cfg["BLOCK_M"] = 64
+    return cfg
 
 
-_DOWN_CONFIG = {"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
-def _g_config(dtype: torch.dtype) -> dict:
-    return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
+def _norm_config(dtype: torch.dtype) -> dict:
+    """Norm tiles: 64 rows of W by 64 columns; fp32 over 8 warps (its FMA dots hold more registers)."""
+    return {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8 if dtype == torch.float32 else 4, "num_stages": 3}
 
 
-_SCALE_BLOCK = 64
-
-
-def _triton_forward(x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, dropout_p, seed):
+def _triton_forward(x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, dropout_p):
     M, K = x2d.shape
     N, R = weight.shape[0], lora_A.shape[0]
-    if M == 0 or N == 0 or K == 0:
-        return _torch_forward(x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, dropout_p, seed)
+    if M == 0 or N == 0 or K == 0 or not lr.scale_fits_kernels(scaling):
+        return _torch_forward(x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, dropout_p)
     dev = x2d.device
     y = x2d.new_empty(M, N)
     ynb = x2d.new_empty(M, N) if bias is not None else x2d.new_empty(0)
     u = x2d.new_empty(M, R)
-    wa = torch.empty((N, R), dtype=torch.float32, device=dev)
-    wsq = weight_sq_norm.contiguous() if weight_sq_norm is not None else torch.empty(N, dtype=torch.float32,
-                                                                                      device=dev)
-    gram = torch.empty((R, R), dtype=torch.float32, device=dev)
     scale = torch.empty(N, dtype=torch.float32, device=dev)
-    precision = _precision(x2d.dtype)
-    block_r = _rank_chunk(R, x2d.dtype)
-    down, down_meta = _split(_DOWN_CONFIG)
-    grid = (triton.cdiv(M, down["BLOCK_M"]) + triton.cdiv(N, down["BLOCK_M"]) + 1, triton.cdiv(R, block_r))
-    _dora_down_kernel[grid](
-        x2d, weight, lora_A, u, wa, wsq, gram, seed, M, N, K, R, x2d.stride(0), x2d.stride(1),
-        weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1), u.stride(0), u.stride(1),
-        scaling / (1.0 - dropout_p), dropout_p, int(weight_sq_norm is None), PRECISION=precision,
-        NORM_PRECISION=_norm_precision(x2d.dtype), BLOCK_R=block_r, **down, **down_meta)
-    _dora_scale_kernel[(triton.cdiv(N, _SCALE_BLOCK),)](
-        wsq, wa, gram, lora_B, magnitude.detach().float().contiguous(), scale, N, R, lora_B.stride(0),
-        lora_B.stride(1), scaling, BLOCK_N=_SCALE_BLOCK, NORM_R=16, num_warps=4)
-    cfg, meta = _split(_gemm_config(x2d.dtype))
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    _dora_fwd_kernel[grid](
-        x2d, weight, bias if bias is not None else x2d, u, lora_B, scale, y, ynb if bias is not None else y,
-        M, N, K, R,
-        x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), u.stride(0), u.stride(1),
-        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), int(bias is not None),
-        PRECISION=precision, BLOCK_R=block_r, **cfg, **meta)
-    return y, u, scale, ynb
+    block_r = lr.rank_block(R, x2d.dtype)
+    ncfg, nmeta = lr.split_config(_norm_config(x2d.dtype))
+    cfg, meta = lr.split_config(_fwd_config(x2d.dtype))
+    tiles_m, tiles_n = triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"])
+    flags = lr.flag_buffer(tiles_m, dropout_p, dev)
+    with device_guard(x2d):
+        _dora_norm_kernel[(triton.cdiv(N, ncfg["BLOCK_N"]),)](
+            weight, lora_A, lora_B, magnitude, scale, N, K, R, weight.stride(0), weight.stride(1), lora_A.stride(0),
+            lora_A.stride(1), lora_B.stride(0), lora_B.stride(1), scaling,
+            NORM_PRECISION=_norm_precision(x2d.dtype), BLOCK_R=block_r, **ncfg, **nmeta)
+        _dora_fwd_kernel[(tiles_m * (1 + tiles_n),)](
+            x2d, weight, bias if bias is not None else x2d, lora_A, lora_B, scale, u, y,
+            ynb if bias is not None else y, flags, M, N, K, R, x2d.stride(0), x2d.stride(1), weight.stride(0),
+            weight.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1), u.stride(0),
+            u.stride(1), y.stride(0), y.stride(1), scaling, dropout_p, 1.0 / (1.0 - dropout_p),
+            HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0, PRECISION=matmul_precision(x2d.dtype),
+            BLOCK_R=block_r, **cfg, **meta)
+    return y, u, scale, ynb, flags[:1]
 
 
 def _triton_backward(dy, x2d, ynb, weight, lora_A, lora_B, u, scale, magnitude, scaling, dropout_p, seed, need_dx,
                      need_dbias):
-    """ynb = y - b -> (dx or None, dA, dB, dm [N] fp32 = rowsum_tokens(dy * ynb) / m, dbias [N] fp32 or None)."""
+    """ynb = y - b -> (dx or None, dA, dB, dm [N] in m's dtype, db [N] in dy's dtype or None)."""
     M, K = x2d.shape
     N, R = weight.shape[0], lora_A.shape[0]
-    if M == 0 or N == 0 or K == 0:
+    if M == 0 or N == 0 or K == 0 or not lr.scale_fits_kernels(scaling / (1.0 - dropout_p)):
         return _torch_backward_dora(dy, x2d, ynb, weight, lora_A, lora_B, u, scale, magnitude, scaling, dropout_p,
                                     seed, need_dx, need_dbias)
-    dev = x2d.device
-    d_a = torch.zeros((R, K), dtype=torch.float32, device=dev)
-    d_b = torch.zeros((N, R), dtype=torch.float32, device=dev)
-    dmag = torch.zeros(N, dtype=torch.float32, device=dev)
-    dbias = torch.zeros(N, dtype=torch.float32, device=dev) if need_dbias else None
+    block_r = lr.rank_block(R, x2d.dtype)
+    cfg, meta = lr.split_config(_bwd_config(x2d.dtype, block_r, dropout_p > 0.0, need_dx))
+    tiles_m, tiles_k = triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_K"])
+    chunks_n = triton.cdiv(N, cfg["BLOCK_N"])
+    # One zero-filled buffer: fp32 sums of dA [R, K], dB [N, R], dm [N], db [N]; the counters of dA's
+    # column tiles and of the N chunks; the producers' flags.
+    sizes = (R * K, N * R, N, N, tiles_k + chunks_n, tiles_m)
+    work = torch.zeros(sum(sizes), dtype=torch.int32, device=x2d.device)
+    da_acc, db_acc, dmag_acc, dbias_acc, counts, flags = torch.split(work, sizes)
+    d_a, d_b, g = x2d.new_empty(R, K), x2d.new_empty(N, R), x2d.new_empty(M, R)
+    dmag = torch.empty(N, dtype=magnitude.dtype, device=x2d.device)
+    dbias = x2d.new_empty(N)
     dx = x2d.new_empty(M, K) if need_dx else None
-    precision = _precision(x2d.dtype)
-    block_r = _rank_chunk(R, x2d.dtype)
-    g = x2d.new_empty(M, R)
-    gcfg, gmeta = _split(_g_config(x2d.dtype))
-    _dora_bwd_g_kernel[(triton.cdiv(M, gcfg["BLOCK_M"]), triton.cdiv(R, block_r))](
-        dy, ynb, scale, magnitude.detach().float().contiguous(), lora_B, u, g, d_b, dmag,
-        dbias if dbias is not None else dmag,
-        M, N, R, dy.stride(0), dy.stride(1), ynb.stride(0), ynb.stride(1), lora_B.stride(0), lora_B.stride(1),
-        u.stride(0), u.stride(1), g.stride(0), g.stride(1), 1.0, int(need_dbias), PRECISION=precision,
-        BLOCK_R=block_r, **gcfg, **gmeta)
-    cfg, meta = _split(_dx_config(x2d.dtype))
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
     out = dx if dx is not None else x2d
-    _dora_bwd_dx_kernel[grid](
-        dy, scale, weight, g, lora_A, x2d, seed, out, d_a, M, N, K, R,
-        dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), g.stride(0), g.stride(1),
-        lora_A.stride(0), lora_A.stride(1), x2d.stride(0), x2d.stride(1), out.stride(0), out.stride(1),
-        scaling / (1.0 - dropout_p), dropout_p, int(need_dx), PRECISION=precision, BLOCK_R=block_r, **cfg, **meta)
-    return dx, d_a.to(x2d.dtype), d_b.to(x2d.dtype), dmag, dbias
-
-
-def _i32(*names) -> dict:
-    return {n: "i32" for n in names}
+    f32 = torch.float32
+    with device_guard(x2d):
+        _dora_bwd_kernel[(tiles_m * (1 + tiles_k),)](
+            dy, scale, ynb, magnitude, weight, x2d, lora_A, lora_B, u, g, seed, out, d_a, d_b, dmag, dbias,
+            da_acc.view(f32), db_acc.view(f32), dmag_acc.view(f32),
+            dbias_acc.view(f32), counts, flags, M, N, K, R,
+            dy.stride(0), dy.stride(1), ynb.stride(0), ynb.stride(1), weight.stride(0), weight.stride(1),
+            x2d.stride(0), x2d.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
+            u.stride(0), u.stride(1), g.stride(0), g.stride(1), out.stride(0), out.stride(1), scaling, dropout_p,
+            1.0 / (1.0 - dropout_p), HAS_DROPOUT=dropout_p > 0.0, COMPUTE_DX=need_dx,
+            PRECISION=matmul_precision(x2d.dtype), BLOCK_R=block_r, **cfg, **meta)
+    return dx, d_a, d_b, dmag, (dbias if need_dbias else None)
 
 
 def triton_kernel_specs() -> list:
-    """Every config the launchers above can launch: per dtype and rank chunk (``peftkern kernels``).
-    Dropout, bias, cached ||W||^2 and dx-or-not are runtime branches, not compile-time variants."""
+    """Every config the launchers above can launch (``peftkern kernels``): per dtype, rank chunk and
+    the constexpr features (cached ||W||^2; bias (DoRA also stores y - b), dropout; dx or dA only)."""
     specs = []
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         t = tl_dtype_name(dtype)
-        precision = _precision(dtype)
-        for block_r in _rank_chunks(dtype):
-            down, meta = _split(_DOWN_CONFIG)
+        precision = matmul_precision(dtype)
+        for block_r in lr.rank_blocks(dtype):
+            ncfg, nmeta = lr.split_config(_norm_config(dtype))
             specs.append(KernelSpec(
-                _dora_down_kernel, f"{t} r<={block_r} {down['BLOCK_M']}x{down['BLOCK_K']}",
-                {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "a_ptr": f"*{t}", "u_ptr": f"*{t}", "wa_ptr": "*fp32",
-                 "wsq_ptr": "*fp32", "gram_ptr": "*fp32", "seed_ptr": "*i64",
-                 **_i32("M", "N", "K", "R", "stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_ar",
-                        "stride_ak", "stride_um", "stride_ur"),
-                 "u_scale": "fp32", "p": "fp32", "compute_wsq": "i32"},
-                {"PRECISION": precision, "NORM_PRECISION": _norm_precision(dtype), "BLOCK_R": block_r, **down},
-                **meta))
-            cfg, meta = _split(_gemm_config(dtype))
-            specs.append(KernelSpec(
-                _dora_fwd_kernel, f"{t} r<={block_r} {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}",
-                {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "bias_ptr": f"*{t}", "u_ptr": f"*{t}", "b_ptr": f"*{t}",
-                 "scale_ptr": "*fp32", "y_ptr": f"*{t}", "ynb_ptr": f"*{t}",
-                 **_i32("M", "N", "K", "R", "stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_um",
-                        "stride_ur", "stride_bn", "stride_br", "stride_ym", "stride_yn"),
-                 "has_bias": "i32"},
-                {"PRECISION": precision, "BLOCK_R": block_r, **cfg}, **meta))
-            if block_r == _rank_chunks(dtype)[0]:  # the scale kernel has no rank-chunk variant
-                specs.append(KernelSpec(
-                    _dora_scale_kernel, f"{t} {_SCALE_BLOCK}x16",
-                    {"wsq_ptr": "*fp32", "wa_ptr": "*fp32", "gram_ptr": "*fp32", "b_ptr": f"*{t}", "mag_ptr": "*fp32",
-                     "scale_ptr": "*fp32", **_i32("N", "R", "stride_bn", "stride_br"), "scaling": "fp32"},
-                    {"BLOCK_N": _SCALE_BLOCK, "NORM_R": 16}, num_warps=4))
-            gcfg, meta = _split(_g_config(dtype))
-            specs.append(KernelSpec(
-                _dora_bwd_g_kernel, f"{t} r<={block_r} {gcfg['BLOCK_M']}x{gcfg['BLOCK_N']}",
-                {"dy_ptr": f"*{t}", "ynb_ptr": f"*{t}", "scale_ptr": "*fp32", "mag_ptr": "*fp32", "b_ptr": f"*{t}",
-                 "u_ptr": f"*{t}", "g_ptr": f"*{t}", "db_ptr": "*fp32", "dmag_ptr": "*fp32", "dbias_ptr": "*fp32",
-                 **_i32("M", "N", "R", "stride_dym", "stride_dyn", "stride_ym", "stride_yn", "stride_bn", "stride_br",
-                        "stride_um", "stride_ur", "stride_gm", "stride_gr"),
-                 "scaling": "fp32", "need_dbias": "i32"},
-                {"PRECISION": precision, "BLOCK_R": block_r, **gcfg}, **meta))
-            cfg, meta = _split(_dx_config(dtype))
-            specs.append(KernelSpec(
-                _dora_bwd_dx_kernel, f"{t} r<={block_r} {cfg['BLOCK_M']}x{cfg['BLOCK_K']}x{cfg['BLOCK_N']}",
-                {"dy_ptr": f"*{t}", "scale_ptr": "*fp32", "w_ptr": f"*{t}", "g_ptr": f"*{t}", "a_ptr": f"*{t}",
-                 "x_ptr": f"*{t}", "seed_ptr": "*i64", "dx_ptr": f"*{t}", "da_ptr": "*fp32",
-                 **_i32("M", "N", "K", "R", "stride_dym", "stride_dyn", "stride_wn", "stride_wk", "stride_gm",
-                        "stride_gr", "stride_ar", "stride_ak", "stride_xm", "stride_xk", "stride_dxm", "stride_dxk"),
-                 "lora_scale": "fp32", "p": "fp32", "compute_dx": "i32"},
-                {"PRECISION": precision, "BLOCK_R": block_r, **cfg}, **meta))
-    return [_with_launch_hints(spec) for spec in specs]
-
-
-# What Triton's JIT sees in the common launch (contiguous tensors, aligned sizes): inner strides are
-# 1 and compiled as constants; flags and the rank carry no alignment. Without these hints the static
-# compile neither vectorizes nor pipelines the loads, and its register figures mean little.
-_UNIT_STRIDES = ("stride_xk", "stride_wk", "stride_ak", "stride_ur", "stride_br", "stride_yn", "stride_dyn",
-                 "stride_gr", "stride_dxk")
-_PLAIN_INTS = ("R", "has_bias", "compute_wsq", "need_dbias", "compute_dx")
-
-
-def _with_launch_hints(spec: KernelSpec) -> KernelSpec:
-    return dataclasses.replace(spec, unit_args=tuple(a for a in _UNIT_STRIDES if a in spec.signature),
-                               plain_args=tuple(a for a in _PLAIN_INTS if a in spec.signature))
+                _dora_norm_kernel, f"{t} r<={block_r} {ncfg['BLOCK_N']}x{ncfg['BLOCK_K']}",
+                {"w_ptr": f"*{t}", "a_ptr": f"*{t}", "b_ptr": f"*{t}", "mag_ptr": f"*{t}", "scale_ptr": "*fp32",
+                 **lr.i32("N", "K", "R", "stride_wn", "stride_wk", "stride_ar", "stride_ak", "stride_bn", "stride_br"),
+                 "scaling": "fp32"},
+                {"NORM_PRECISION": _norm_precision(dtype), "BLOCK_R": block_r, **ncfg}, **nmeta,
+                unit_args=("stride_wk", "stride_ak", "stride_br"), plain_args=("R",)))
+            cfg, meta = lr.split_config(_fwd_config(dtype))
+            tile = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}"
+            for has_bias in (False, True):
+                for dropout in (False, True):
+                    specs.append(KernelSpec(
+                        _dora_fwd_kernel, f"{t} r<={block_r} {tile} bias={int(has_bias)} dropout={int(dropout)}",
+                        {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "bias_ptr": f"*{t}", "a_ptr": f"*{t}", "b_ptr": f"*{t}",
+                         "scale_ptr": "*fp32", "u_ptr": f"*{t}", "y_ptr": f"*{t}", "ynb_ptr": f"*{t}",
+                         "flag_ptr": "*i64",
+                         **lr.i32("M", "N", "K", "R", "stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_ar",
+                                  "stride_ak", "stride_bn", "stride_br", "stride_um", "stride_ur", "stride_ym",
+                                  "stride_yn"),
+                         "scaling": "fp32", "p": "fp32", "inv_keep": "fp32"},
+                        {"HAS_BIAS": has_bias, "HAS_DROPOUT": dropout, "PRECISION": precision, "BLOCK_R": block_r,
+                         **cfg}, **meta,
+                        unit_args=("stride_xk", "stride_wk", "stride_ak", "stride_br", "stride_ur", "stride_yn"),
+                        plain_args=("R",)))
+            for dropout in (False, True):
+                for compute_dx in (True, False):
+                    cfg, meta = lr.split_config(_bwd_config(dtype, block_r, dropout, compute_dx))
+                    tile = f"{cfg['BLOCK_M']}x{cfg['BLOCK_K']}x{cfg['BLOCK_N']}"
+                    specs.append(KernelSpec(
+                        _dora_bwd_kernel, f"{t} r<={block_r} {tile} dropout={int(dropout)} dx={int(compute_dx)}",
+                        {"dy_ptr": f"*{t}", "scale_ptr": "*fp32", "ynb_ptr": f"*{t}", "mag_ptr": f"*{t}",
+                         "w_ptr": f"*{t}", "x_ptr": f"*{t}", "a_ptr": f"*{t}", "b_ptr": f"*{t}", "u_ptr": f"*{t}",
+                         "g_ptr": f"*{t}", "seed_ptr": "*i64", "dx_ptr": f"*{t}", "da_ptr": f"*{t}", "db_ptr": f"*{t}",
+                         "dmag_ptr": f"*{t}", "dbias_ptr": f"*{t}", "da_acc_ptr": "*fp32", "db_acc_ptr": "*fp32",
+                         "dmag_acc_ptr": "*fp32", "dbias_acc_ptr": "*fp32", "count_ptr": "*i32", "flag_ptr": "*i32",
+                         **lr.i32("M", "N", "K", "R", "stride_dym", "stride_dyn", "stride_ym", "stride_yn", "stride_wn",
+                                  "stride_wk", "stride_xm", "stride_xk", "stride_ar", "stride_ak", "stride_bn",
+                                  "stride_br", "stride_um", "stride_ur", "stride_gm", "stride_gr", "stride_dxm",
+                                  "stride_dxk"),
+                         "scaling": "fp32", "p": "fp32", "inv_keep": "fp32"},
+                        {"HAS_DROPOUT": dropout, "COMPUTE_DX": compute_dx, "PRECISION": precision, "BLOCK_R": block_r,
+                         **cfg}, **meta,
+                        unit_args=("stride_dyn", "stride_yn", "stride_wk", "stride_xk", "stride_ak", "stride_br",
+                                   "stride_ur", "stride_gr", "stride_dxk"),
+                        plain_args=("R",)))
+    return specs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,14 +455,15 @@ def dora_row_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
                                    weight_sq_norm)
 
 
-def _torch_forward(x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, dropout_p, seed):
+def _torch_forward(x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, dropout_p):
+    seed = lr.draw_seed(x2d.device) if dropout_p > 0.0 else torch.zeros(1, dtype=torch.int64, device=x2d.device)
     scale = magnitude.detach().float() / dora_row_norm(weight, lora_A, lora_B, scaling, weight_sq_norm)
-    u = _torch_dropped(x2d, dropout_p, seed) @ lora_A.t()  # [M, r]
+    u = lora_op.dropped(x2d, dropout_p, seed) @ lora_A.t()  # [M, r]
     y = x2d @ weight.t()
     y.addmm_(u, lora_B.t(), alpha=scaling).mul_(scale.to(x2d.dtype))
     if bias is None:
-        return y, u, scale, x2d.new_empty(0)
-    return y + bias, u, scale, y
+        return y, u, scale, x2d.new_empty(0), seed
+    return y + bias, u, scale, y, seed
 
 
 def _inverse_or_zero(magnitude: torch.Tensor) -> torch.Tensor:
@@ -578,15 +504,15 @@ def _torch_backward_dora(dy, x2d, ynb, weight, lora_A, lora_B, u, scale, magnitu
         if dx is not None:
             torch.mm(dys, weight, out=dx[i:j])
         dmag.add_((ynb[i:j].float() * dy[i:j]).sum(0))
-    dmag.mul_(_inverse_or_zero(magnitude))
+    dmag = dmag.mul_(_inverse_or_zero(magnitude)).to(magnitude.dtype)
     d_b = d_b.mul_(scaling).to(dy.dtype)
-    dbias = dy.sum(0, dtype=torch.float32) if need_dbias else None
+    dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype) if need_dbias else None
     if dropout_p == 0.0:
         d_a = torch.mm(g.t(), x2d).mul_(scaling)
         if dx is not None:
             dx.addmm_(g, lora_A, alpha=scaling)
     else:
-        keep = _torch_keep_mask(seed, x2d.shape, x2d.device) >= dropout_p
+        keep = _hash_keep_mask(seed, x2d.shape, dropout_p)
         factor = scaling / (1.0 - dropout_p)
         d_a = torch.mm(g.t(), x2d * keep).mul_(factor)
         if dx is not None:
@@ -601,20 +527,20 @@ def _torch_backward_dora(dy, x2d, ynb, weight, lora_A, lora_B, u, scale, magnitu
 @torch.library.custom_op("peftkern::dora_linear_fwd", mutates_args=())
 def dora_linear_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
                     lora_B: torch.Tensor, magnitude: torch.Tensor, weight_sq_norm: torch.Tensor | None,
-                    scaling: float, dropout_p: float, seed: torch.Tensor,
-                    face: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                    scaling: float, dropout_p: float,
+                    face: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x2d [M, K] -> (y [M, N], u [M, r] = drop(x) A^T, scale [N] fp32 = m / ||W + s B A||_row,
-    y - b [M, N] when there is a bias (else empty [0]), kept for dm)."""
+    y - b [M, N] when there is a bias (else empty [0]), kept for dm; the dropout seed int64 [1])."""
     if face == "triton":
-        return _triton_forward(x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, dropout_p, seed)
-    return _torch_forward(x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, dropout_p, seed)
+        return _triton_forward(x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, dropout_p)
+    return _torch_forward(x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, dropout_p)
 
 
 @dora_linear_fwd.register_fake
-def _(x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, dropout_p, seed, face):
+def _(x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, dropout_p, face):
     ynb = x2d.new_empty(x2d.shape[0], weight.shape[0]) if bias is not None else x2d.new_empty(0)
     return (x2d.new_empty(x2d.shape[0], weight.shape[0]), x2d.new_empty(x2d.shape[0], lora_A.shape[0]),
-            x2d.new_empty(weight.shape[0], dtype=torch.float32), ynb)
+            x2d.new_empty(weight.shape[0], dtype=torch.float32), ynb, x2d.new_empty(1, dtype=torch.int64))
 
 
 @torch.library.custom_op("peftkern::dora_linear_bwd", mutates_args=())
@@ -625,14 +551,15 @@ def dora_linear_bwd(dy: torch.Tensor, x2d: torch.Tensor, ynb: torch.Tensor, weig
                     need_dx: bool, need_dbias: bool
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dx [M, K] (empty [0, K] when not needed), dA [r, K], dB [N, r],
-    dm [N] fp32 = rowsum_tokens(dy * ynb) / m, dbias [N] fp32 (empty when not needed)); ynb = y - b."""
+    dm [N] = rowsum_tokens(dy * ynb) / m in m's dtype, dbias [N] in dy's dtype (empty when not
+    needed)); ynb = y - b."""
     impl = _triton_backward if face == "triton" else _torch_backward_dora
     dx, d_a, d_b, dmag, dbias = impl(dy, x2d, ynb, weight, lora_A, lora_B, u, scale, magnitude, scaling, dropout_p,
                                      seed, need_dx, need_dbias)
     if dx is None:
         dx = x2d.new_empty(0, x2d.shape[1])
     if dbias is None:
-        dbias = dmag.new_empty(0)
+        dbias = dy.new_empty(0)
     return dx, d_a, d_b, dmag, dbias
 
 
@@ -640,36 +567,89 @@ def dora_linear_bwd(dy: torch.Tensor, x2d: torch.Tensor, ynb: torch.Tensor, weig
 def _(dy, x2d, ynb, weight, lora_A, lora_B, u, scale, magnitude, scaling, dropout_p, seed, face, need_dx, need_dbias):
     dx = x2d.new_empty(x2d.shape) if need_dx else x2d.new_empty(0, x2d.shape[1])
     n = weight.shape[0]
-    return (dx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape),
-            dy.new_empty(n, dtype=torch.float32), dy.new_empty(n if need_dbias else 0, dtype=torch.float32))
+    return (dx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape), magnitude.new_empty(n),
+            dy.new_empty(n if need_dbias else 0))
 
 
 def _setup_context(ctx, inputs, output):
-    x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, dropout_p, seed, face = inputs
-    y, u, scale, ynb = output
-    ctx.set_materialize_grads(False)  # u, scale and y - b are for the backward only: no zero-filled grads for them
-    ctx.save_for_backward(x2d, ynb if bias is not None else y, weight, lora_A, lora_B, magnitude, u, scale, seed)
+    x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, dropout_p, face = inputs
+    y, u, scale, ynb, seed = output
+    ctx.set_materialize_grads(False)  # u, scale, y - b and the seed are for the backward only
+    saved = (x2d, ynb if bias is not None else y, weight, lora_A, lora_B, magnitude, u, scale, seed)
+    ctx.save_for_backward(*saved)
     ctx.scaling, ctx.dropout_p, ctx.face = scaling, dropout_p, face
     ctx.has_bias = bias is not None
-    ctx.bias_dtype = bias.dtype if bias is not None else None
+    return saved
 
 
-def _backward(ctx, dy, _du, _dscale, _dynb):
+def _backward(ctx, dy, *_):
     x2d, ynb, weight, lora_A, lora_B, magnitude, u, scale, seed = ctx.saved_tensors
     if dy is None:
-        return (None,) * 11
+        return (None,) * 10
     need_dx, need_w, need_bias, need_a, need_lb, need_m = ctx.needs_input_grad[:6]
     dy = dy.contiguous()
     dx, d_a, d_b, dmag, dbias = torch.ops.peftkern.dora_linear_bwd(
         dy, x2d, ynb, weight, lora_A, lora_B, u, scale, magnitude.detach(), ctx.scaling, ctx.dropout_p, seed, ctx.face,
         need_dx, bool(need_bias and ctx.has_bias))
     d_weight = (dy * scale.to(dy.dtype)).t() @ x2d if need_w else None
-    return (dx if need_dx else None, d_weight, dbias.to(ctx.bias_dtype) if (need_bias and ctx.has_bias) else None,
-            d_a if need_a else None, d_b if need_lb else None, dmag.to(magnitude.dtype) if need_m else None,
-            None, None, None, None, None)
+    return (dx if need_dx else None, d_weight, dbias if (need_bias and ctx.has_bias) else None,
+            d_a if need_a else None, d_b if need_lb else None, dmag if need_m else None, None, None, None, None)
+
+
+def _jvp(ctx, dx, d_weight, d_bias, d_a, d_b, d_m, *_):
+    """Forward-mode rule with the norm held constant (as in the backward): y = c * pre + b with
+    c = m / norm, so dy = (dm / norm) * pre + c * dpre + db, pre and dpre linear in x, W, A, B."""
+    x2d, _, weight, lora_A, lora_B, magnitude, u, scale, seed = ctx.saved_tensors
+    s, p = ctx.scaling, ctx.dropout_p
+    dtype = x2d.dtype
+    terms = []
+    if dx is not None:
+        terms += [dx @ weight.t(), s * (lora_op.dropped(dx, p, seed) @ lora_A.t()) @ lora_B.t()]
+    if d_weight is not None:
+        terms.append(x2d @ d_weight.t())
+    if d_a is not None:
+        terms.append(s * (lora_op.dropped(x2d, p, seed) @ d_a.t()) @ lora_B.t())
+    if d_b is not None:
+        terms.append(s * u @ d_b.t())
+    out = [sum(terms[1:], terms[0]) * scale.to(dtype)] if terms else []
+    if d_m is not None:
+        pre = torch.addmm(x2d @ weight.t(), u, lora_B.t(), alpha=s)
+        norm = magnitude.detach().float() / scale
+        out.append(pre * (d_m.float() / norm).to(dtype))
+    if d_bias is not None:
+        out.append(d_bias.expand(x2d.shape[0], weight.shape[0]))
+    return (sum(out[1:], out[0]) if out else None), None, None, None, None
 
 
 dora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_loop_vmap(dora_linear_fwd, (0, 0, 0, 0, 0))
+register_loop_vmap(dora_linear_bwd, (0, 0, 0, 0, 0))
+register_once_differentiable(dora_linear_bwd, "dora_linear")
+
+
+class _DoRALinear(torch.autograd.Function):
+    """The registered op with forward-mode AD and torch.func support (eager calls; under
+    torch.compile the registered op's own autograd runs, as Dynamo traces no custom jvp)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*inputs):
+        return torch.ops.peftkern.dora_linear_fwd(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_forward(*_setup_context(ctx, inputs, output))
+        ctx.mark_non_differentiable(*output[1:])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, *_):
+        return _backward(ctx, dy)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        return _jvp(ctx, *tangents)
 
 
 @torch.library.custom_op("peftkern::dora_from_base_fwd", mutates_args=())
@@ -677,8 +657,9 @@ def dora_from_base_fwd(base2d: torch.Tensor, x2d: torch.Tensor, bias: torch.Tens
                        lora_B: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, scaling: float,
                        dropout_p: float, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """base2d [M, N] = x W^T (no bias) -> (y [M, N] = (m / norm) * (base + s u B^T) + b, u [M, r],
-    y - b (empty [0] without a bias))."""
-    u = _torch_dropped(x2d, dropout_p, seed) @ lora_A.t()
+    y - b (empty [0] without a bias)). Torch ops on any device; the dropout mask is drawn from
+    ``seed`` on the device, with no host sync."""
+    u = lora_op.dropped(x2d, dropout_p, seed) @ lora_A.t()
     scale = (magnitude.detach().float() / norm).to(x2d.dtype)
     y = torch.addmm(base2d, u, lora_B.t(), alpha=scaling).mul_(scale)
     if bias is None:
@@ -696,12 +677,14 @@ def _from_base_setup(ctx, inputs, output):
     base2d, x2d, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed = inputs
     y, u, ynb = output
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x2d, ynb if bias is not None else y, lora_A, lora_B, magnitude, u, norm, seed)
+    saved = (x2d, ynb if bias is not None else y, lora_A, lora_B, magnitude, u, norm, seed)
+    ctx.save_for_backward(*saved)
     ctx.scaling, ctx.dropout_p = scaling, dropout_p
     ctx.bias_dtype = bias.dtype if bias is not None else None
+    return saved
 
 
-def _from_base_backward(ctx, dy, _du, _dynb):
+def _from_base_backward(ctx, dy, *_):
     x2d, ynb, lora_A, lora_B, magnitude, u, norm, seed = ctx.saved_tensors
     if dy is None:
         return (None,) * 10
@@ -713,7 +696,7 @@ def _from_base_backward(ctx, dy, _du, _dynb):
     d_b = torch.mm(dys.t(), u).mul_(ctx.scaling) if need_lb else None
     keep = None
     if ctx.dropout_p > 0.0:
-        keep = _torch_keep_mask(seed, x2d.shape, x2d.device) >= ctx.dropout_p
+        keep = _hash_keep_mask(seed, x2d.shape, ctx.dropout_p)
     factor = ctx.scaling / (1.0 - ctx.dropout_p)
     d_a = dx = None
     if need_a:
@@ -726,7 +709,56 @@ def _from_base_backward(ctx, dy, _du, _dynb):
     return (dys if need_base else None, dx, d_bias, d_a, d_b, dm, None, None, None, None)
 
 
+def _from_base_jvp(ctx, d_base, dx, d_bias, d_a, d_b, d_m, *_):
+    """Forward-mode rule, the norm constant: dy = c * (dbase + s dU B^T + s u dB^T) + (dm / norm) *
+    pre + db, with pre = (y - b) / c (0 where m = 0, as for dm in the backward)."""
+    x2d, ynb, lora_A, lora_B, magnitude, u, norm, seed = ctx.saved_tensors
+    s, p = ctx.scaling, ctx.dropout_p
+    dtype = x2d.dtype
+    scale = magnitude.detach().float() / norm
+    terms = []
+    if d_base is not None:
+        terms.append(d_base)
+    if dx is not None:
+        terms.append(s * (lora_op.dropped(dx, p, seed) @ lora_A.t()) @ lora_B.t())
+    if d_a is not None:
+        terms.append(s * (lora_op.dropped(x2d, p, seed) @ d_a.t()) @ lora_B.t())
+    if d_b is not None:
+        terms.append(s * u @ d_b.t())
+    out = [sum(terms[1:], terms[0]) * scale.to(dtype)] if terms else []
+    if d_m is not None:
+        out.append(ynb * (d_m.float() * _inverse_or_zero(magnitude)).to(dtype))
+    if d_bias is not None:
+        out.append(d_bias.expand(x2d.shape[0], lora_B.shape[0]))
+    return (sum(out[1:], out[0]) if out else None), None, None
+
+
 dora_from_base_fwd.register_autograd(_from_base_backward, setup_context=_from_base_setup)
+register_loop_vmap(dora_from_base_fwd, (0, 0, 0))
+
+
+class _DoRAFromBase(torch.autograd.Function):
+    """dora_from_base_fwd with forward-mode AD and torch.func support (eager calls)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*inputs):
+        return torch.ops.peftkern.dora_from_base_fwd(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_forward(*_from_base_setup(ctx, inputs, output))
+        ctx.mark_non_differentiable(*output[1:])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, *_):
+        return _from_base_backward(ctx, dy)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        return _from_base_jvp(ctx, *tangents)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -747,8 +779,6 @@ def _check_adapter(op, x, lora_A, lora_B, magnitude, bias, scaling, dropout_p, o
     _checks.check_shape(op, "magnitude", magnitude, (out_features,), "[out], one entry per output row")
     if bias is not None:
         _checks.check_shape(op, "bias", bias, (out_features,), "[out]")
-    _checks.check_finite_scalar(op, "scaling", scaling)
-    _checks.check_probability(op, "dropout_p", dropout_p)
 
 
 def _check(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, weight_sq_norm):
@@ -767,12 +797,6 @@ def _check(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, weigh
         _checks.check_shape(OP, "weight_sq_norm", weight_sq_norm, (weight.shape[0],), "[out] fp32, ||W||^2 per row")
 
 
-def _seed(p: float, device) -> torch.Tensor:
-    if p > 0.0:
-        return torch.randint(0, 2**31 - 1, (1,), device=device)
-    return torch.zeros(1, dtype=torch.int64, device=device)
-
-
 def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
                 lora_B: torch.Tensor, magnitude: torch.Tensor, scaling: float, dropout_p: float = 0.0,
                 training: bool = False, weight_sq_norm: torch.Tensor | None = None) -> torch.Tensor:
@@ -782,17 +806,25 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     one float dtype (fp32, fp16, bf16) and device; magnitude [out] any float dtype. Dropout
     (inverted, on the LoRA branch only) applies when ``training`` and ``dropout_p > 0``.
     ``weight_sq_norm`` (fp32 [out], :func:`weight_row_sq_norm`) caches ||W||^2_row for a frozen W.
-    Returns [..., out] in x's dtype. Gradients reach x, lora_A, lora_B, magnitude, and weight and
-    bias when they require grad.
+    Returns [..., out] in x's dtype (the autocast dtype under ``torch.autocast``, which casts x,
+    weight, bias and the adapter as ``F.linear`` casts; the magnitude keeps its dtype). Gradients
+    reach x, lora_A, lora_B, magnitude, and weight and bias when they require grad, in reverse and
+    (eager) forward mode.
     """
+    scaling = _checks.check_finite_scalar(OP, "scaling", scaling)
+    dropout_p = _checks.check_probability(OP, "dropout_p", dropout_p)
+    x, weight, bias, lora_A, lora_B = _checks.autocast_inputs(x, weight, bias, lora_A, lora_B)
     _check(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, weight_sq_norm)
     face = backend.pick(OP, FACES, x.device.type)
-    p = float(dropout_p) if training else 0.0
+    p = dropout_p if training else 0.0
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
-    y = torch.ops.peftkern.dora_linear_fwd(x2d, weight, bias, lora_A, lora_B, magnitude,
-                                                 weight_sq_norm.detach() if weight_sq_norm is not None else None,
-                                                 float(scaling), p, _seed(p, x.device), face)[0]
+    inputs = (x2d, weight, bias, lora_A, lora_B, magnitude,
+              weight_sq_norm.detach() if weight_sq_norm is not None else None, scaling, p, face)
+    if torch.compiler.is_compiling():
+        y = torch.ops.peftkern.dora_linear_fwd(*inputs)[0]
+    else:
+        y = _DoRALinear.apply(*inputs)[0]
     return y.view(*lead, weight.shape[0])
 
 
@@ -806,6 +838,9 @@ def dora_from_base(base: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | Non
     dy * m / norm, and x (LoRA branch), lora_A, lora_B, magnitude, bias. torch ops on any device.
     """
     op = "dora_from_base"
+    scaling = _checks.check_finite_scalar(op, "scaling", scaling)
+    dropout_p = _checks.check_probability(op, "dropout_p", dropout_p)
+    base, x, bias, lora_A, lora_B = _checks.autocast_inputs(base, x, bias, lora_A, lora_B)
     for name, t in (("base", base), ("x", x), ("lora_A", lora_A), ("lora_B", lora_B), ("magnitude", magnitude),
                     ("norm", norm)):
         _checks.check_float(name, t)
@@ -815,9 +850,13 @@ def dora_from_base(base: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | Non
     _check_adapter(op, x, lora_A, lora_B, magnitude, bias, scaling, dropout_p, out_features, x.shape[-1])
     _checks.check_shape(op, "base", base, (*x.shape[:-1], out_features), "[..., out], x W^T")
     _checks.check_shape(op, "norm", norm, (out_features,), "[out]")
-    p = float(dropout_p) if training else 0.0
+    p = dropout_p if training else 0.0
+    seed = lr.draw_seed(x.device) if p > 0.0 else torch.zeros(1, dtype=torch.int64, device=x.device)
     lead = x.shape[:-1]
-    y = torch.ops.peftkern.dora_from_base_fwd(base.reshape(-1, out_features), x.reshape(-1, x.shape[-1]), bias,
-                                                 lora_A, lora_B, magnitude, norm.detach().float(), float(scaling), p,
-                                                 _seed(p, x.device))[0]
+    inputs = (base.reshape(-1, out_features), x.reshape(-1, x.shape[-1]), bias, lora_A, lora_B, magnitude,
+              norm.detach().float(), scaling, p, seed)
+    if torch.compiler.is_compiling():
+        y = torch.ops.peftkern.dora_from_base_fwd(*inputs)[0]
+    else:
+        y = _DoRAFromBase.apply(*inputs)[0]
     return y.view(*lead, out_features)

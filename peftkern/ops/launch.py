@@ -32,10 +32,46 @@ def matmul_precision(dtype: torch.dtype) -> str:
     return "tf32" if matmul.allow_tf32 else "ieee"
 
 
-def device_guard(tensor: torch.Tensor):
-    """A context that makes ``tensor``'s CUDA device current for a launch (and restores the caller's
-    device after), so a model spread over several GPUs launches each kernel on its own device and
-    stream. A no-op context for CPU tensors (the interpreter)."""
-    if tensor.is_cuda:
-        return torch.cuda.device(tensor.device)
+def device_guard(where):
+    """A context that makes the CUDA device of ``where`` (a tensor, a ``torch.device`` or a device
+    string) current for a launch and restores the caller's device after, so a model spread over
+    several GPUs launches each kernel on its own device and stream. A no-op context for any other
+    device (the CPU interpreter, meta). Building it touches no CUDA state."""
+    device = where if isinstance(where, torch.device) else getattr(where, "device", None)
+    if not isinstance(device, torch.device):  # a string or index, not a tensor-like object
+        device = torch.device(where)
+    if device.type == "cuda":
+        return torch.cuda.device(device)
     return contextlib.nullcontext()
+
+
+def register_loop_vmap(op, out_dims) -> None:
+    """Give a registered op a vmap rule that runs it once per batch entry and stacks the outputs
+    (``out_dims``: one batch dim per output, 0), so ``torch.func.vmap`` / ``jacrev`` / ``jacfwd``
+    reach ops whose kernels know no batch dimension. Correct first: one launch per entry."""
+
+    def rule(info, in_dims, *args):
+        size = info.batch_size
+        outs = []
+        for i in range(size):
+            picked = [a.select(d, i) if d is not None and isinstance(a, torch.Tensor) else a
+                      for a, d in zip(args, in_dims)]
+            outs.append(op(*picked))
+        stacked = tuple(torch.stack([o[j] for o in outs]) for j in range(len(outs[0])))
+        return stacked, tuple(out_dims)
+
+    torch.library.register_vmap(op, rule)
+
+
+def register_once_differentiable(op, name: str) -> None:
+    """Give a backward op an autograd rule that refuses to be differentiated again, so torch.func's
+    reverse transforms (which run backwards under their own grad level) can call it; a second
+    derivative raises an error naming ``name``."""
+
+    def setup(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{name}: the backward is not differentiable (no double backward / Hessians)")
+
+    op.register_autograd(backward, setup_context=setup)

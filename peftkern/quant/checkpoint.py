@@ -1,5 +1,6 @@
-"""4-bit checkpoints in the layout transformers + bitsandbytes write: load them into NF4Linear
-modules, and write ours the same way (``peftkern quantize``).
+"""4-bit checkpoints in the layout transformers + bitsandbytes write, the format only: the NF4
+weights read out of a state dict, the quantization config checked. Building NF4Linear modules from
+them is ``peftkern.nn.nf4.load_pretrained_nf4`` (the layer module; this layer imports none).
 
 A bitsandbytes 4-bit checkpoint stores, per quantized linear ``name``: ``name.weight`` (uint8
 codes [n/2, 1]), ``name.weight.absmax``, ``name.weight.quant_map``, with double quant
@@ -10,20 +11,16 @@ config.json carries a ``quantization_config`` with ``quant_method: "bitsandbytes
 from __future__ import annotations
 
 import glob
-import json
 import os
-import shutil
-import tempfile
 
 import torch
-from torch import nn
 
 from peftkern.quant.nf4 import QUANT_STATE_KEY, NF4Weight
 
 _FP4_KEY = "quant_state.bitsandbytes__fp4"
 
 
-def _quantized_prefixes(state_dict: dict) -> list[str]:
+def quantized_prefixes(state_dict: dict) -> list[str]:
     """Module names ('model.layers.0.self_attn.q_proj') whose weights are bnb 4-bit in ``state_dict``."""
     fp4 = [k for k in state_dict if k.endswith("." + _FP4_KEY)]
     if fp4:
@@ -32,40 +29,16 @@ def _quantized_prefixes(state_dict: dict) -> list[str]:
     return [k[: -len(suffix)] for k in state_dict if k.endswith(suffix)]
 
 
-def load_nf4_state_dict(model: nn.Module, state_dict: dict, compute_dtype: torch.dtype | None = None,
-                        strict: bool = True) -> nn.Module:
-    """Load a state dict holding bitsandbytes 4-bit weights into ``model`` (in place): each
-    ``nn.Linear`` whose weight is 4-bit there becomes an NF4Linear built from the stored codes and
-    statistics (no requantization); every other tensor loads as usual. Returns ``model``."""
-    from peftkern.nn.nf4 import NF4Linear
-
-    state_dict = dict(state_dict)
-    replaced = _quantized_prefixes(state_dict)
-    for name in replaced:
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"checkpoint has a 4-bit weight for {name!r}, which the model does not have") from None
-        if not isinstance(module, (nn.Linear, NF4Linear)):
-            raise ValueError(f"checkpoint has a 4-bit weight for {name!r}, a {type(module).__name__} in the model")
+def pop_nf4_weights(state_dict: dict) -> dict[str, NF4Weight]:
+    """Take every bitsandbytes 4-bit weight out of ``state_dict`` (in place): {module name:
+    NF4Weight built from the stored codes and statistics, no requantization}. What remains is the
+    state dict of everything else."""
+    weights = {}
+    for name in quantized_prefixes(state_dict):
         prefix = name + ".weight."
         stats = {k[len(prefix):]: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix)}
-        w4 = NF4Weight.from_bnb(state_dict.pop(name + ".weight"), stats)
-        if tuple(w4.shape) != (module.out_features, module.in_features):
-            raise ValueError(f"{name}: checkpoint weight is {tuple(w4.shape)}, the model's layer is "
-                             f"{(module.out_features, module.in_features)}")
-        bias = state_dict.pop(name + ".bias", None)
-        if bias is None and module.bias is not None:
-            bias = module.bias.detach()
-        device = module.weight.device if module.weight.device.type != "meta" else torch.device("cpu")
-        layer = NF4Linear(w4.to(device), bias.to(device) if bias is not None else None, compute_dtype)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in missing if not any(k.startswith(name + ".") for name in replaced)]
-    if strict and (missing or unexpected):
-        raise ValueError(f"loading the checkpoint: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
-    return model
+        weights[name] = NF4Weight.from_bnb(state_dict.pop(name + ".weight"), stats)
+    return weights
 
 
 def read_safetensors_dir(model_dir: str) -> dict:
@@ -81,74 +54,15 @@ def read_safetensors_dir(model_dir: str) -> dict:
     return state
 
 
-def load_pretrained_nf4(model_dir: str, compute_dtype: torch.dtype | None = None):
-    """A transformers causal LM from ``model_dir`` whose weights were saved with bitsandbytes 4-bit
-    (or by ``peftkern quantize``), with its quantized linears as NF4Linear. Builds the model from
-    config.json (nothing downloaded), then loads the safetensors shards."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(model_dir)
+def read_quantization_config(config) -> torch.dtype | None:
+    """Check a transformers config's ``quantization_config`` (bitsandbytes NF4 or none) and remove
+    it from ``config``; returns its compute dtype, when it names one."""
     qconfig = getattr(config, "quantization_config", None)
-    if qconfig is not None:
-        qconfig = qconfig if isinstance(qconfig, dict) else qconfig.to_dict()
-        if qconfig.get("quant_method") not in (None, "bitsandbytes") or qconfig.get("bnb_4bit_quant_type", "nf4") != "nf4":
-            raise ValueError(f"{model_dir}: quantization_config {qconfig} is not bitsandbytes NF4")
-        if compute_dtype is None and isinstance(qconfig.get("bnb_4bit_compute_dtype"), str):
-            compute_dtype = getattr(torch, qconfig["bnb_4bit_compute_dtype"])
-        del config.quantization_config
-    dtype = getattr(config, "torch_dtype", None) or getattr(config, "dtype", None) or torch.float32
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return load_nf4_state_dict(model, read_safetensors_dir(model_dir), compute_dtype, strict=False)
-
-
-def save_nf4_pretrained(model: nn.Module, out_dir: str, blocksize: int, double_quant: bool,
-                        compute_dtype: torch.dtype | None, skipped: list[str]) -> None:
-    """Write ``model`` (its linears NF4Linear) as a transformers + bitsandbytes 4-bit checkpoint:
-    model.safetensors and config.json with a ``quantization_config``, each written atomically."""
-    from safetensors.torch import save_file
-
-    os.makedirs(out_dir, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    seen: dict[int, str] = {}
-    for key in list(state):  # tied weights: safetensors stores each storage once
-        ptr = state[key].data_ptr()
-        if ptr in seen and state[key].numel():
-            del state[key]
-        else:
-            seen[ptr] = key
-    _atomic(os.path.join(out_dir, "model.safetensors"), lambda path: save_file(state, path, metadata={"format": "pt"}))
-    config = model.config.to_dict() if hasattr(model, "config") else {}
-    config["quantization_config"] = {
-        "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
-        "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": bool(double_quant),
-        "bnb_4bit_compute_dtype": str(compute_dtype or torch.float32).split(".")[-1],
-        "bnb_4bit_quant_storage": "uint8", "bnb_4bit_blocksize": blocksize,
-        "llm_int8_skip_modules": skipped,
-    }
-    _atomic(os.path.join(out_dir, "config.json"),
-            lambda path: open(path, "w").write(json.dumps(config, indent=2, sort_keys=True, default=str)))
-
-
-def copy_side_files(model_dir: str, out_dir: str) -> list[str]:
-    """Copy tokenizer and generation files (everything but weights and config.json)."""
-    copied = []
-    for path in sorted(glob.glob(os.path.join(model_dir, "*"))):
-        name = os.path.basename(path)
-        if os.path.isfile(path) and name != "config.json" and not name.endswith((".safetensors", ".bin", ".pt",
-                                                                                      ".pth", ".index.json")):
-            shutil.copy2(path, os.path.join(out_dir, name))
-            copied.append(name)
-    return copied
-
-
-def _atomic(path: str, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-" + os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    if qconfig is None:
+        return None
+    qconfig = qconfig if isinstance(qconfig, dict) else qconfig.to_dict()
+    if qconfig.get("quant_method") not in (None, "bitsandbytes") or qconfig.get("bnb_4bit_quant_type", "nf4") != "nf4":
+        raise ValueError(f"quantization_config {qconfig} is not bitsandbytes NF4")
+    del config.quantization_config
+    dtype = qconfig.get("bnb_4bit_compute_dtype")
+    return getattr(torch, dtype) if isinstance(dtype, str) else None

@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from peftkern.ops.nf4 import nf4_dequantize
 from peftkern.reference import nf4 as ref
 
 QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"
@@ -83,8 +84,6 @@ class NF4Weight:
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W back, of ``shape``, in ``dtype`` (default: the original dtype), computed in fp32 and
         rounded once; through the fastest face for the device (torch, Triton, CUDA C++)."""
-        from peftkern.ops.nf4 import nf4_dequantize
-
         return nf4_dequantize(self, dtype or self.dtype)
 
     def to(self, device) -> "NF4Weight":
@@ -110,7 +109,7 @@ class NF4Weight:
         """The dict bitsandbytes' ``QuantState.as_dict(packed=True)`` gives for this weight (the
         packed codes themselves are ``self.packed``): tensors plus the JSON of the non-tensor fields
         as a uint8 tensor under ``quant_state.bitsandbytes__nf4``."""
-        out = {"absmax": self.absmax, "quant_map": ref.nf4_code(self.device)}
+        out = {"absmax": self.absmax, "quant_map": ref.nf4_code(self.device).clone()}
         fields = {"quant_type": "nf4", "blocksize": self.blocksize, "dtype": _dtype_name(self.dtype),
                   "shape": list(self.shape)}
         if self.double_quant:

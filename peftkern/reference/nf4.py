@@ -38,9 +38,27 @@ def _nf4_code_cpu() -> torch.Tensor:
     return torch.tensor(NF4_CODE_VALUES, dtype=torch.float32)
 
 
+_ON_DEVICE: dict = {}
+
+
+def _cached_on(name: str, make, device) -> torch.Tensor:
+    """``make()`` (a CPU table) copied to ``device`` once and kept: later calls return the same
+    tensor, so no call after the first copies from the host (a blocking copy from pageable memory
+    on a GPU, which would also break CUDA-graph capture). The returned table is read-only."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (name, device.type, device.index)
+    table = _ON_DEVICE.get(key)
+    if table is None:
+        table = _ON_DEVICE[key] = make().to(device)
+    return table
+
+
 def nf4_code(device=None) -> torch.Tensor:
-    """The 16 NF4 values, fp32 [16], sorted ascending."""
-    return _nf4_code_cpu().to(device) if device is not None else _nf4_code_cpu().clone()
+    """The 16 NF4 values, fp32 [16], sorted ascending: a fresh CPU copy without ``device``, else
+    the cached read-only table on that device (copied there once per device)."""
+    return _cached_on("nf4", _nf4_code_cpu, device) if device is not None else _nf4_code_cpu().clone()
 
 
 @functools.lru_cache(maxsize=None)
@@ -62,8 +80,8 @@ def _dynamic_code_cpu() -> torch.Tensor:
 
 def dynamic_code(device=None) -> torch.Tensor:
     """bitsandbytes' signed 8-bit dynamic map, fp32 [256], sorted ascending (the second level of
-    double quantization)."""
-    return _dynamic_code_cpu().to(device) if device is not None else _dynamic_code_cpu().clone()
+    double quantization): a fresh CPU copy without ``device``, else the cached read-only table there."""
+    return _cached_on("dynamic", _dynamic_code_cpu, device) if device is not None else _dynamic_code_cpu().clone()
 
 
 @functools.lru_cache(maxsize=8)
@@ -135,7 +153,7 @@ def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     offset = absmax.mean()
     code = dynamic_code(absmax.device)
     q, nested = quantize_blockwise_8bit(absmax - offset, code, NESTED_BLOCKSIZE)
-    return q, nested, code, offset
+    return q, nested, code.clone(), offset  # a copy: each weight owns (and saves) its map
 
 
 def decode_absmax(qabsmax: torch.Tensor, nested_absmax: torch.Tensor, nested_code: torch.Tensor,

@@ -10,11 +10,17 @@ from dataclasses import dataclass, field
 
 from peftkern.train.errors import ConfigError, PathError
 
-TRAINERS = ("sft", "rm", "dpo", "kto", "ppo")
+TRAINERS = ("sft", "rm", "dpo", "kto", "ppo", "grpo", "rloo", "orpo", "simpo", "cpo")
+ONLINE = ("grpo", "rloo")  # sample G completions per prompt and learn from their rewards
+KIND_DEFAULTS = {  # settings whose default depends on the trainer (the field's default is None)
+    "dpo": {"beta": 0.1, "loss_type": "sigmoid"}, "kto": {"beta": 0.1}, "grpo": {"beta": 0.0, "loss_type": "dapo"},
+    "rloo": {"beta": 0.05}, "orpo": {"beta": 0.1}, "simpo": {"beta": 2.0}, "cpo": {"beta": 0.1, "loss_type": "sigmoid"},
+}
 
 
-def _f(default, help: str, kinds: tuple[str, ...] = TRAINERS, choices=None):
-    return field(default=default, metadata={"help": help, "kinds": kinds, "choices": choices})
+def _f(default, help: str, kinds: tuple[str, ...] = TRAINERS, choices=None, repeat: bool = False):
+    """A setting; ``repeat``: a flag that may be given several times (its values joined with commas)."""
+    return field(default=default, metadata={"help": help, "kinds": kinds, "choices": choices, "repeat": repeat})
 
 
 @dataclass
@@ -91,19 +97,62 @@ class TrainConfig:
     grad_checkpointing: bool = _f(False, "recompute decoder layers in the backward to save memory")
     bf16: bool = _f(True, "bf16 autocast on a GPU (ignored on the CPU)")
     seed: int = _f(0, "seed of initialisation, data order, dropout and sampling")
-    # DPO / KTO / RM
-    beta: float = _f(0.1, "KL strength of DPO / KTO", ("dpo", "kto"))
-    loss_type: str = _f("sigmoid", "DPO loss: any loss_type peftkern.losses.dpo_loss accepts", ("dpo",))
-    label_smoothing: float = _f(0.0, "DPO label smoothing (conservative / robust DPO)", ("dpo",))
+    # DPO / KTO / RM and the reference-free preference trainers
+    beta: float | None = _f(None, "KL strength (DPO, KTO, GRPO, RLOO) or reward scale (ORPO's lambda, SimPO, CPO); "
+                            "default: 0.1, 0.0 for grpo (no reference pass), 0.05 for rloo, 2.0 for simpo",
+                            ("dpo", "kto", "grpo", "rloo", "orpo", "simpo", "cpo"))
+    loss_type: str | None = _f(None, "DPO: any loss_type of peftkern.losses.dpo_loss, 'sft' or 'sigmoid_norm', or "
+                               "several comma-separated (weighted by --loss-weights); GRPO: grpo, bnpo, dr_grpo, dapo "
+                               "or cispo; CPO: sigmoid, hinge, ipo or simpo (default: sigmoid; dapo for grpo)",
+                               ("dpo", "grpo", "cpo"))
+    loss_weights: str | None = _f(None, "DPO: comma-separated weights of the --loss-type entries (default: 1 each)",
+                                  ("dpo",))
+    ld_alpha: float | None = _f(None, "DPO: LD-DPO's weight of the completion tokens past the shorter completion's "
+                                "length (1: plain DPO)", ("dpo",))
+    label_smoothing: float = _f(0.0, "label smoothing (conservative / robust DPO, SimPO, CPO)", ("dpo", "simpo", "cpo"))
+    simpo_gamma: float = _f(0.5, "SimPO's target reward margin gamma (SimPO; CPO with --loss-type simpo)",
+                            ("simpo", "cpo"))
+    cpo_alpha: float = _f(1.0, "CPO's weight of the chosen completions' NLL term", ("cpo",))
     desirable_weight: float = _f(1.0, "KTO weight of desirable examples", ("kto",))
     undesirable_weight: float = _f(1.0, "KTO weight of undesirable examples", ("kto",))
-    # PPO
-    reward_model: str | None = _f(None, "reward model: a directory written by 'peftkern rm'", ("ppo",))
-    reward_fn: str | None = _f(None, "reward function 'module:function' called as f(prompt, completion) -> "
-                               "float (default with --model tiny: the bundled task reward)", ("ppo",))
+    init_adapter: str | None = _f(None, "an adapter folder (PEFT format, e.g. an SFT run's adapter/) merged into the "
+                                  "model before training starts: train on top of it, with the merged model as the "
+                                  "reference; the new adapter names <out>/base_model as its base",
+                                  ("dpo", "grpo", "rloo", "orpo", "simpo", "cpo"))
+    # PPO, GRPO, RLOO
+    reward_model: str | None = _f(None, "reward model: a directory written by 'peftkern rm'", ("ppo", "grpo", "rloo"))
+    reward_fn: str | None = _f(None, "reward function 'module:function' (default with --model tiny: the bundled task "
+                               "rewards). PPO: f(prompt, completion) -> float. GRPO / RLOO (TRL's convention): "
+                               "f(prompts, completions, completion_ids, **columns) -> one float (or None) per "
+                               "completion; repeat the flag for several", ("ppo", "grpo", "rloo"),
+                               repeat=True)
+    reward_weights: str | None = _f(None, "comma-separated weights of the reward functions (default: 1 each)",
+                                    ("grpo", "rloo"))
+    num_generations: int = _f(8, "completions sampled per prompt (G, >= 2)", ("grpo", "rloo"))
+    max_completion_length: int = _f(16, "tokens generated per completion at most", ("grpo", "rloo"))
+    top_p: float = _f(1.0, "nucleus sampling of rollouts (1: off)", ("grpo", "rloo"))
+    top_k: int = _f(0, "top-k sampling of rollouts (0: off)", ("grpo", "rloo"))
+    num_iterations: int = _f(1, "optimisation passes over each rollout (mu), with the sampling policy's log-probs "
+                             "as the old ones", ("grpo", "rloo"))
+    steps_per_generation: int = _f(0, "micro-batches of batch_size prompts per rollout per process, a multiple of "
+                                   "grad_accum (0: grad_accum, one rollout per optimizer step)", ("grpo", "rloo"))
+    epsilon: float = _f(0.2, "ratio clip 1 - epsilon (and 1 + epsilon_high)", ("grpo", "rloo"))
+    epsilon_high: float | None = _f(None, "upper ratio clip 1 + epsilon_high (default: epsilon; DAPO: 0.28; "
+                                    "cispo: the ratio cap, e.g. 5)", ("grpo", "rloo"))
+    delta: float | None = _f(None, "cap of the unclipped ratio (two-sided clipping, INTELLECT-2; > 1 + epsilon_high)",
+                             ("grpo",))
+    importance_sampling_level: str = _f("token", "one ratio per token, or per sequence (GSPO)", ("grpo",),
+                                        choices=("token", "sequence"))
+    scale_rewards: str = _f("group", "divide advantages by the group's reward std, the batch's, or not (Dr. GRPO)",
+                            ("grpo",), choices=("group", "batch", "none"))
+    normalize_advantages: bool = _f(False, "standardize RLOO's advantages over the batch", ("rloo",))
+    mask_truncated_completions: bool = _f(False, "no loss on completions cut at max_completion_length", ONLINE)
+    top_entropy_quantile: float = _f(1.0, "policy loss only on this top share of completion tokens by entropy "
+                                     "(one more vocabulary pass; 1: all)", ("grpo",))
     ppo_epochs: int = _f(2, "optimisation passes over each rollout", ("ppo",))
     max_new_tokens: int = _f(8, "tokens generated per rollout", ("ppo",))
-    temperature: float = _f(1.0, "sampling temperature of rollouts", ("ppo",))
+    temperature: float = _f(1.0, "sampling temperature of rollouts (GRPO / RLOO also score at it, as TRL)",
+                            ("ppo", "grpo", "rloo"))
     gamma: float = _f(1.0, "discount", ("ppo",))
     lam: float = _f(0.95, "GAE lambda", ("ppo",))
     cliprange: float = _f(0.2, "policy ratio clip", ("ppo",))
@@ -153,7 +202,9 @@ class TrainConfig:
         if self.dora and self.lora_r == 0:
             raise ConfigError("--dora needs LoRA adapters (lora_r > 0)")
         if self.reward_model and self.reward_fn:
-            raise ConfigError("--reward-model and --reward-fn both given: PPO scores with one of them; drop the other")
+            raise ConfigError("--reward-model and --reward-fn both given: the run scores with one of them; drop the "
+                              "other")
+        self._check_online()
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite both given: continue the run in --out, or replace it")
         if not self.out:
@@ -176,6 +227,32 @@ class TrainConfig:
             raise ConfigError("--peft adalora needs --max-steps (or --adalora-total-step): AdaLoRA's rank budget "
                              "falls on a schedule of that many steps")
 
+    def _check_online(self) -> None:
+        """GRPO / RLOO ranges (the trainer checks what depends on the data and the model)."""
+        if self.num_generations < 2:
+            raise ConfigError(f"num_generations must be >= 2 (the group baseline compares a prompt's completions), "
+                              f"got {self.num_generations}")
+        for name in ("max_completion_length", "num_iterations"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("steps_per_generation", "top_k", "epsilon"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.top_entropy_quantile <= 1.0:
+            raise ConfigError(f"top_entropy_quantile must be in [0, 1], got {self.top_entropy_quantile}")
+        if self.epsilon_high is not None and self.epsilon_high < 0:
+            raise ConfigError(f"epsilon_high must be >= 0, got {self.epsilon_high}")
+        if self.delta is not None and self.delta <= 0:
+            raise ConfigError(f"delta must be > 0, got {self.delta}")
+        if self.beta is not None and self.beta < 0:
+            raise ConfigError(f"beta must be >= 0, got {self.beta}")
+        for name in ("reward_weights", "loss_weights"):
+            parse_floats(getattr(self, name), name)
+
     def _check_forgetting(self) -> None:
         """--ewc / --l2sp / --rehearsal-* / --mix-temperature ranges and combinations."""
         if not math.isfinite(self.ewc_lambda) or self.ewc_lambda < 0:
@@ -186,6 +263,35 @@ class TrainConfig:
             raise ConfigError(f"rehearsal_ratio must be in [0, 1), got {self.rehearsal_ratio}")
         if not math.isfinite(self.mix_temperature) or self.mix_temperature <= 0:
             raise ConfigError(f"mix_temperature must be a finite number > 0, got {self.mix_temperature}")
+
+
+def parse_floats(text: str | None, name: str) -> list[float] | None:
+    """A comma-separated list of finite numbers (``--reward-weights 1,0.5``), or None."""
+    if text is None:
+        return None
+    out = []
+    for part in str(text).split(","):
+        try:
+            value = float(part.strip())
+        except ValueError:
+            raise ConfigError(f"{name}: expected comma-separated numbers, got {text!r}") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"{name}: expected finite numbers, got {text!r}")
+        out.append(value)
+    return out
+
+
+def split_list(text: str | None) -> list[str]:
+    """The entries of a comma-joined setting (a repeated flag such as ``--reward-fn``)."""
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def resolve_kind_defaults(cfg: "TrainConfig", kind: str) -> "TrainConfig":
+    """``cfg`` with the settings left at None given trainer ``kind``'s default (KIND_DEFAULTS)."""
+    for name, value in KIND_DEFAULTS.get(kind, {}).items():
+        if getattr(cfg, name) is None:
+            setattr(cfg, name, value)
+    return cfg
 
 
 def _type_name(f: dataclasses.Field) -> str:
@@ -263,7 +369,8 @@ def coerce(f: dataclasses.Field, value, where: str = ""):
             return value
         raise bad("true, false or a checkpoint directory")
     # str
-    if f.name == "target_modules" and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+    if (f.name == "target_modules" or f.metadata.get("repeat")) and isinstance(value, (list, tuple)) \
+            and all(isinstance(v, str) for v in value):
         return ",".join(value)
     if isinstance(value, str):
         return value
@@ -283,7 +390,7 @@ def _parse_bool(text: str) -> bool:
 
 def add_arguments(parser: argparse.ArgumentParser, kind: str, defaults: dict | None = None) -> None:
     """Add ``--config`` and one flag per TrainConfig field that applies to trainer ``kind``."""
-    defaults = defaults or {}
+    defaults = {**KIND_DEFAULTS.get(kind, {}), **(defaults or {})}
     parser.add_argument("--config", default=None, help="YAML file of settings (keys: the flags' names with "
                         "underscores); flags given here override it")
     for f in dataclasses.fields(TrainConfig):
@@ -299,7 +406,10 @@ def add_arguments(parser: argparse.ArgumentParser, kind: str, defaults: dict | N
         if _type_name(f) == "bool|str":
             parser.add_argument(flag, nargs="?", const=True, default=None, metavar="PATH", help=help_text)
             continue
-        conv = {"int": int, "float": float}.get(str(f.type), str)
+        if f.metadata.get("repeat"):
+            parser.add_argument(flag, default=None, action="append", help=help_text)
+            continue
+        conv = {"int": int, "float": float}.get(_type_name(f).removesuffix("|None"), str)
         parser.add_argument(flag, default=None, type=conv, choices=f.metadata["choices"], help=help_text)
 
 
@@ -311,9 +421,11 @@ def config_from_args(args: argparse.Namespace, kind: str, defaults: dict | None 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     for name in names:
         value = getattr(args, name, None)
+        if isinstance(value, list):  # a repeated flag
+            value = ",".join(value)
         if value is not None:
             values[name] = value
-    return TrainConfig(**values).check()
+    return resolve_kind_defaults(TrainConfig(**values).check(), kind)
 
 
 def load_yaml(path: str, kind: str | None = None) -> dict:

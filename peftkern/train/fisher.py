@@ -27,7 +27,7 @@ from torch import nn
 from peftkern.train.atomic import atomic_write_bytes
 from peftkern.train.data import IGNORE_INDEX
 from peftkern.train.errors import ConfigError, PathError
-from peftkern.train.model import head_of
+from peftkern.train.model import base_causal_lm, head_of
 
 FORMAT = "peftkern-fisher"
 KINDS = ("empirical", "true")
@@ -53,9 +53,9 @@ def _sampled_labels(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, lab
     """``labels`` with every labelled token replaced by a draw from the model's next-token distribution."""
     with torch.no_grad():
         hidden = model(ids, mask, want_hidden=True)["hidden"][:, :-1]
-        weight, bias = head_of(model.lm)
+        head = base_causal_lm(model.lm).get_output_embeddings()  # the module: a LoRA on the head counts too
         where = labels[:, 1:] != IGNORE_INDEX
-        logits = torch.nn.functional.linear(hidden[where].to(weight.dtype), weight, bias).float()
+        logits = head(hidden[where].to(head_of(model.lm)["weight"].dtype)).float()
         draws = torch.multinomial(torch.softmax(logits, dim=-1).cpu(), 1, generator=generator).view(-1)
     sampled = labels.clone()
     sampled[:, 1:][where] = draws.to(labels.device)

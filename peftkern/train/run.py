@@ -3,9 +3,10 @@ models when no ``--data`` is given), the trainer of the right kind."""
 from __future__ import annotations
 
 from peftkern.train import outdir
-from peftkern.train.config import TrainConfig
+from peftkern.train.config import TrainConfig, resolve_kind_defaults
 from peftkern.train.distributed import is_main_process
 from peftkern.train.errors import ConfigError
+from peftkern.train.init_adapter import merge_init_adapter
 from peftkern.train.loading import check_paths, data_paths, is_embedded, load_lm, load_tokenizer
 from peftkern.train.mixing import attach_mixture, is_mixture, task_examples
 
@@ -18,7 +19,9 @@ def bundled_records(kind: str, seed: int) -> tuple[list[dict], list[dict]]:
 
     train, held_out = tasks.split(BUNDLED_TRAIN, BUNDLED_EVAL, seed)
     make = {"sft": tasks.sft_records, "dpo": tasks.preference_records, "rm": tasks.preference_records,
-            "kto": tasks.kto_records, "ppo": tasks.prompt_records}[kind]
+            "kto": tasks.kto_records, "ppo": tasks.prompt_records, "grpo": tasks.prompt_records,
+            "rloo": tasks.prompt_records, "orpo": tasks.preference_records, "simpo": tasks.preference_records,
+            "cpo": tasks.preference_records}[kind]
     return make(train), make(held_out)
 
 
@@ -39,13 +42,18 @@ def build_trainer(kind: str, cfg: TrainConfig, callbacks=()):
 
     from peftkern.train.model import LMWithHeads, check_packed_attention, prepare_lm
 
+    resolve_kind_defaults(cfg, kind)
     check_paths(cfg, kind)
+    check_more_paths(cfg, kind)
     if is_main_process():
         outdir.preflight(cfg)
     tok = load_tokenizer(cfg)
     train_src, eval_src = _sources(kind, cfg)
+    lm, base = load_lm(cfg, quiet=cfg.quiet), None
+    if cfg.init_adapter:
+        lm, base = merge_init_adapter(cfg, lm, tok)
     torch.manual_seed(cfg.seed)  # adapter and head initialisation: the same run gives the same model
-    lm = prepare_lm(cfg, load_lm(cfg, quiet=cfg.quiet))
+    lm = prepare_lm(cfg, lm)
     if kind == "sft" and cfg.packing:
         check_packed_attention(lm)
     model = LMWithHeads(lm, value_head=kind == "ppo", score_head=kind == "rm", autocast_bf16=cfg.bf16)
@@ -66,6 +74,15 @@ def build_trainer(kind: str, cfg: TrainConfig, callbacks=()):
         from peftkern.train.ppo import PPOTrainer, ppo_prompts
 
         make, cls = ppo_prompts, PPOTrainer
+    elif kind in ("grpo", "rloo"):
+        from peftkern.train.grpo import GRPOTrainer, RLOOTrainer, online_prompts
+
+        make, cls = online_prompts, (GRPOTrainer if kind == "grpo" else RLOOTrainer)
+    elif kind in ("orpo", "simpo", "cpo"):
+        from peftkern.train.dpo import pair_examples
+        from peftkern.train.preference import TRAINERS as PREFERENCE
+
+        make, cls = pair_examples, PREFERENCE[kind]
     else:
         raise ValueError(f"unknown trainer {kind!r}")
     if kind == "sft" and cfg.eval_data and len(data_paths(cfg.eval_data, "--eval-data", kind)) > 1:
@@ -77,7 +94,24 @@ def build_trainer(kind: str, cfg: TrainConfig, callbacks=()):
         attach_mixture(trainer, tok, cfg, train_src, make)
         return trainer
     train = make(tok, train_src, cfg)
-    return cls(cfg, model, tok, train, evals, callbacks=callbacks)
+    trainer = cls(cfg, model, tok, train, evals, callbacks=callbacks,
+                  base_model_path=None if base is None else base.path)
+    trainer.pending_base = base  # written into --out once the run holds it (before_train)
+    return trainer
+
+
+def check_more_paths(cfg: TrainConfig, kind: str) -> None:
+    """The paths of the settings check_paths does not know (GRPO / RLOO's --reward-model, --init-adapter)."""
+    import os
+
+    from peftkern.train.errors import PathError
+    from peftkern.train.loading import check_model_dir
+
+    if kind in ("grpo", "rloo") and cfg.reward_model:
+        check_model_dir(cfg.reward_model, "--reward-model")
+    if cfg.init_adapter and not os.path.isfile(os.path.join(cfg.init_adapter, "adapter_config.json")):
+        raise PathError(f"--init-adapter {cfg.init_adapter}: no adapter_config.json in it: not a PEFT adapter folder "
+                        "(a run's <out>/adapter)")
 
 
 def run(kind: str, cfg: TrainConfig) -> dict:

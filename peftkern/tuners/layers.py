@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from peftkern.nn.lora import is_conv1d, linear_shape
-from peftkern.nn.mixed_batch import adapter_stack, current_rows, forward_by_rows, is_adapter_layer
+from peftkern.nn.mixed_batch import adapter_stack, current_rows, forward_by_rows, is_adapter_layer, runnable_adapters
 from peftkern.tuners.modules_to_save import ModulesToSaveWrapper
 
 __all__ = ["AdapterLayer", "is_adapter_layer", "adapter_stack", "plain_base", "layer_adapters", "adapter_parameters",
@@ -77,14 +77,7 @@ class AdapterLayer(nn.Module):
     def runnable_adapters(self) -> list[str]:
         """The active adapters this layer holds, or [] when the base layer alone gives the output
         (adapters disabled, which unmerges any merged one, or merged, or none active)."""
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return []
-        if self.merged:
-            return []
-        held = set(self.adapter_names())
-        return [n for n in self.active_adapters if n in held]
+        return runnable_adapters(self, set(self.adapter_names()))
 
     # -- the base weight, whatever wraps it -------------------------------------------------------
     @property

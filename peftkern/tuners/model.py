@@ -12,7 +12,7 @@ from torch import nn
 from peftkern.nn.mixed_batch import BASE_ONLY, row_adapters
 from peftkern.tuners.config import PeftConfig
 from peftkern.tuners.files import adapter_directory, write_adapter_files
-from peftkern.tuners.layers import activate_layer, adapter_stack, delete_from_layer, is_adapter_layer, layer_adapters
+from peftkern.tuners.layers import activate_layer, delete_from_layer, is_adapter_layer, layer_adapters
 from peftkern.tuners.lora.tuner import lora_layers
 from peftkern.tuners.lora.weighted import adapter_rank, combine_layer, combined_rank
 from peftkern.tuners.methods import TUNERS, tuner_for
@@ -363,4 +363,4 @@ def freeze_base(wrapped: PeftKernModel) -> None:
         p.requires_grad_(False)
 
 
-__all__ = ["PeftKernModel", "get_peft_model", "freeze_base", "refuse_adapted", "adapter_stack"]
+__all__ = ["PeftKernModel", "get_peft_model", "freeze_base", "refuse_adapted", "carries_adapters"]

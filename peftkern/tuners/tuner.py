@@ -141,6 +141,17 @@ class Tuner:
             return None
         return next((m for m in adapter_stack(module) if getattr(m, "peft_type", None) == self.peft_type), None)
 
+    def layer_for(self, target: Target, adapter_name: str, new_layer: Callable[[nn.Module], nn.Module]):
+        """(layer, module to place at the target): this method's layer already in the stack at the
+        target (refusing a name it holds), or ``new_layer(target.module)`` wrapping what is there."""
+        existing = self.own_layer(target.module)
+        if existing is None:
+            layer = new_layer(target.module)
+            return layer, layer
+        if adapter_name in layer_adapters(existing):
+            raise ValueError(f"adapter {adapter_name!r} already exists on {target.name!r}")
+        return existing, target.module
+
     def make_layer(self, target: Target, adapter_name: str, config: PeftConfig) -> nn.Module:
         """The module that should sit at ``target.name`` carrying ``adapter_name`` (inactive, frozen):
         the existing stack with the adapter added to this method's layer in it, or a new layer of

@@ -74,3 +74,21 @@ def test_larger_lambda_keeps_the_corpus_outputs_closer(tok):
         d = edit.delta_weight("model.layers.1.mlp.down_proj")
         moved.append(float(torch.trace(d @ stats.mom2 @ d.t())))       # E ||Delta k||^2 over corpus keys
     assert moved[1] < moved[0]
+
+
+def test_sequential_rome_equals_editing_one_after_another(tok):
+    import copy
+
+    from peftkern.editing import combine, rome_sequential
+
+    model = micro_model("llama", dtype=torch.float64)
+    stats = key_statistics(model, tok, 1, corpus=CORPUS, cache=False)
+    both = rome_sequential(model, tok, [REQUEST, OTHERS[0]], 1, stats=stats, prefixes=PREFIXES, settings=PLAIN)
+    first = rome(model, tok, REQUEST, 1, stats=stats, prefixes=PREFIXES, settings=PLAIN)
+    after = copy.deepcopy(model)
+    first.merge_into(after)
+    second = rome(after, tok, OTHERS[0], 1, stats=stats, prefixes=PREFIXES, settings=PLAIN)
+    name = "model.layers.1.mlp.down_proj"
+    assert both.rank(name) == 2 and both.method == "rome-sequential"
+    torch.testing.assert_close(both.delta_weight(name), combine([first, second]).delta_weight(name),
+                               rtol=1e-7, atol=1e-10)

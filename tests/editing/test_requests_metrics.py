@@ -90,3 +90,11 @@ def test_evaluate_edits_scores(tok):
     assert row["efficacy"] == float(new[0] > old[0]) and row["generalization"] == float(new[1] > old[1])
     assert row["specificity"] == 0.0   # the neighbour's own answer is "Pelm", the same string: not strictly better
     assert result["efficacy"] == row["efficacy"] and result["n"] == 1 and row["fluency"] >= 0
+
+
+def test_neighbours_edited_in_the_same_batch_are_left_out(tok):
+    model = micro_model("llama")
+    other = {"prompt": "The capital of {} is", "subject": "Drusk", "target_new": "Tamsk", "target_true": "Pelm"}
+    alone = evaluate_edits(model, tok, [REQUEST], fluency=False)["per_request"][0]
+    together = evaluate_edits(model, tok, [REQUEST, other], fluency=False)["per_request"][0]
+    assert alone["specificity"] is not None and together.get("specificity") is None

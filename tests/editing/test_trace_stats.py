@@ -91,3 +91,14 @@ def test_token_budget(tok):
     model = micro_model("llama")
     st = key_statistics(model, tok, 0, corpus=CORPUS, n_tokens=50, cache=False)
     assert st.count == 50
+
+
+def test_peak_layer_averages_the_traces(tok):
+    from peftkern.editing import peak_layer
+
+    model = micro_model("llama", layers=3)
+    requests = [REQUEST, {**REQUEST, "subject": "Drusk", "target_true": "Pelm"}]
+    layer, effect = peak_layer(model, tok, requests, samples=2)
+    traces = [causal_trace(model, tok, r, positions="subject_last", samples=2) for r in requests]
+    want = torch.stack([t.effect[0, :2] for t in traces]).mean(0)
+    assert len(effect) == 2 and torch.allclose(torch.tensor(effect), want) and layer == int(want.argmax())

@@ -156,14 +156,16 @@ def test_chat_in_a_terminal_answers_streams_and_resets(adapter_dir):
                    {"role": "user", "content": "and then"}]
         assert second == _expected_chat(adapter_dir, history)
 
-        tmux.send("/reset")
+        tmux.send("/reset")  # each line is sent at a ready prompt: typed-ahead text would echo out of order
+        assert "(conversation reset)" in _wait_for_prompt(tmux, 4)
         tmux.send("hello")
         lines = _wait_for_prompt(tmux, 5)
-        assert "(conversation reset)" in lines
         assert [line for line in lines if line.startswith("bot> ")][-1][5:] == answer
 
         tmux.send("/adapter off")
+        assert "(adapters off)" in _wait_for_prompt(tmux, 6)
         tmux.send("/reset")
+        _wait_for_prompt(tmux, 7)
         tmux.send("hello")
         lines = _wait_for_prompt(tmux, 8)
         base = _expected_chat(adapter_dir, [{"role": "user", "content": "hello"}], adapters_on=False)

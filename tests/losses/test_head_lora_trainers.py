@@ -85,3 +85,20 @@ def test_dora_on_the_head_raises(tmp_path):
     batch = trainer.to_device(trainer.collate(trainer.train_examples[:4]))
     with pytest.raises(ValueError, match="DoRA"):
         trainer.loss(trainer.module, batch)
+
+
+def test_head_parameters_refuses_a_dora_head():
+    """peftkern's DoRALinear and PEFT's use_dora layer: never read as a plain LoRA."""
+    from peftkern.losses import head_parameters
+    from peftkern.nn import DoRALinear
+
+    head = DoRALinear.from_linear(torch.nn.Linear(8, 20), r=2, lora_alpha=4)
+    with pytest.raises(ValueError, match="DoRA"):
+        head_parameters(head)
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 20)),
+                                peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0"], use_dora=True))
+    with pytest.raises(ValueError, match="DoRA"):
+        head_parameters(model.base_model.model[0])
+    head.disable_adapters = True  # adapters off: the base head alone is exact
+    assert head_parameters(head)["lora_A"] is None

@@ -101,9 +101,9 @@ def test_dropout_replays_the_faces_mask(face, dtype, seed):
     dy = torch.randn(*lead, n, device=DEVICE, dtype=dtype)
     rng_state = torch.random.get_rng_state()
     out, grads = _run(face, x, w, b, a, bb, m, 0.5, dy, dropout_p=p)
-    torch.random.set_rng_state(rng_state)
-    drop_seed = torch.randint(0, 2**31 - 1, (1,), device=DEVICE)  # the draw dora_linear made
-    keep = dropout_keep_mask(drop_seed, (33, k), p, face).view(*lead, k)
+    torch.random.set_rng_state(rng_state)  # the same draw again, through the registered op, shows the seed
+    drop_seed = torch.ops.peftkern.dora_linear_fwd(x.reshape(-1, k), w, b, a, bb, m, None, 0.5, p, face)[4]
+    keep = dropout_keep_mask(drop_seed, (33, k), p).view(*lead, k)
     assert 0.5 < keep.float().mean().item() < 0.9
     _compare(face, dtype, out, grads, _reference(x, w, b, a, bb, m, 0.5, dy, keep, p),
              _reference(x, w, b, a, bb, m, 0.5, dy, keep, p, dtype=dtype))
@@ -176,8 +176,8 @@ def test_dora_from_base_matches_reference(dropout_p, seed):
     keep = None
     if dropout_p:
         torch.random.set_rng_state(rng_state)
-        drop_seed = torch.randint(0, 2**31 - 1, (1,))
-        keep = dropout_keep_mask(drop_seed, (20, 19), dropout_p, "torch").view(4, 5, 19)
+        drop_seed = torch.empty(1, dtype=torch.int64).random_()  # the draw dora_from_base made
+        keep = dropout_keep_mask(drop_seed, (20, 19), dropout_p).view(4, 5, 19)
     ref_x = x.detach().double().requires_grad_()
     ref = [t.detach().double().requires_grad_() for t in (a, bb, m, b)]
     y_ref = reference(ref_x, w.double(), ref[3], ref[0], ref[1], ref[2], 0.7, keep, dropout_p)
@@ -245,8 +245,7 @@ def test_opcheck(face, seed):
     x, w, b, a, bb, m = _inputs((6,), 10, 7, 3, torch.float32)
     for t in (a, bb, m):
         t.requires_grad_()
-    seed_t = torch.zeros(1, dtype=torch.int64, device=DEVICE)
-    torch.library.opcheck(torch.ops.peftkern.dora_linear_fwd, (x, w, b, a, bb, m, None, 1.5, 0.0, seed_t, face))
+    torch.library.opcheck(torch.ops.peftkern.dora_linear_fwd, (x, w, b, a, bb, m, None, 1.5, 0.0, face))
 
 
 def test_opcheck_from_base(seed):
@@ -257,3 +256,72 @@ def test_opcheck_from_base(seed):
     norm = dora_weight_norm(w, a, bb, 1.5).detach()
     seed_t = torch.zeros(1, dtype=torch.int64)
     torch.library.opcheck(torch.ops.peftkern.dora_from_base_fwd, (base, x, b, a, bb, m, norm, 1.5, 0.0, seed_t))
+
+
+def test_dora_from_base_with_dropout_never_syncs_with_the_host(seed, monkeypatch):
+    """The dropout mask is drawn on the tensors' device from a seed tensor: no .item() (a host
+    sync per call on a GPU) in the forward or the backward (issue 25, item 6)."""
+    x, w, b, a, bb, m = _inputs((4, 5), 19, 11, 3, torch.float32)
+    leaves = [t.detach().requires_grad_() for t in (x, a, bb, m)]
+    norm = dora_weight_norm(w, a, bb, 0.7)
+    calls = []
+    original = torch.Tensor.item
+
+    def item(self):
+        calls.append(tuple(self.shape))
+        return original(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", item)
+    y = dora_from_base(leaves[0] @ w.t(), leaves[0], b, leaves[1], leaves[2], leaves[3], norm, 0.7, 0.25,
+                       training=True)
+    y.square().sum().backward()
+    assert not calls, f".item() called on {calls}"
+
+
+# ---- forward-mode AD, autocast, argument types (issue 28, items 9, 14, 18) ----------------------
+
+def _f64(*ts):
+    return tuple(t.detach().double() if t is not None else None for t in ts)
+
+
+@pytest.mark.parametrize("face", RUNNABLE_FACES)
+def test_forward_mode_ad_matches_reference(face, seed):
+    x, w, b, a, bb, m = _inputs((7,), 12, 9, 3, torch.float32)
+    primals = (x, w, b, a, bb, m)
+    tangents = tuple(torch.randn_like(t) for t in primals)
+    with backend.use(face):
+        y, dy = torch.func.jvp(lambda *p: dora_linear(*p, 0.8), primals, tangents)
+        jac = torch.func.jacrev(lambda m: dora_linear(x, w, b, a, bb, m, 0.8))(m)
+    y_ref, dy_ref = torch.func.jvp(lambda *p: reference(*p, 0.8), _f64(*primals), _f64(*tangents))
+    assert rel_error(y, y_ref) < 5e-5 and dy.abs().sum() > 0 and rel_error(dy, dy_ref) < 5e-5
+    jac_ref = torch.func.jacrev(lambda m: reference(*_f64(x, w, b, a, bb), m, 0.8))(m.double())
+    assert rel_error(jac, jac_ref) < 5e-5
+
+
+def test_dora_from_base_forward_mode(seed):
+    x, w, b, a, bb, m = _inputs((4, 5), 19, 11, 3, torch.float32)
+    norm = dora_weight_norm(w, a, bb, 0.7)
+    tx, ta, tm = torch.randn_like(x), torch.randn_like(a), torch.randn_like(m)
+    _, dy = torch.func.jvp(lambda x, a, m: dora_from_base(x @ w.t(), x, b, a, bb, m, norm, 0.7), (x, a, m),
+                           (tx, ta, tm))
+    _, dy_ref = torch.func.jvp(lambda x, a, m: reference(x, *_f64(w, b), a, bb.double(), m, 0.7), _f64(x, a, m),
+                               _f64(tx, ta, tm))
+    assert rel_error(dy, dy_ref) < 1e-5
+
+
+@pytest.mark.parametrize("face", RUNNABLE_FACES)
+def test_autocast_casts_the_inputs_as_linear_does(face, seed):
+    x, w, b, a, bb, m = _inputs((6,), 16, 8, 4, torch.float32)
+    with backend.use(face), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = dora_linear(x, w, b, a, bb, m, 2.0)
+    assert y.dtype == torch.bfloat16
+    expected = reference(*[t.to(torch.bfloat16).double() for t in (x, w, b, a, bb)], m.double(), 2.0)
+    assert rel_error(y, expected) < 2 * RTOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("bad", ["2", None, True])
+def test_scaling_must_be_a_real_number(bad):
+    args = _good()
+    args["scaling"] = bad
+    with pytest.raises(TypeError, match="scaling must be a real number"):
+        dora_linear(**args)

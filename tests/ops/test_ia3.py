@@ -13,7 +13,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 RUNNABLE_FACES = [f for f in FACES if backend.why_unavailable(f, DEVICE) is None]
 
 # (leading shape of x, in, out): round, odd, tiny, empty batch, 3-D and several N / K tiles
-SHAPES = [((64,), 64, 64), ((37,), 45, 29), ((1,), 3, 2), ((0,), 16, 8), ((2, 9), 150, 70)]
+SHAPES = [((64,), 64, 64), ((37,), 45, 29), ((1,), 3, 2), ((0,), 16, 8), ((3,), 5, 0), ((2, 9), 150, 70)]
 
 
 def _inputs(lead, k, n, dtype, feedforward, bias=True, scale_dtype=None):

@@ -164,11 +164,10 @@ def test_nf4_linear_dropout_matches_reference_with_its_mask(seed, face, m):
     a = torch.randn(r, k, device=DEVICE) / 5
     bb = torch.randn(n, r, device=DEVICE)
     dy = torch.randn(m, n, device=DEVICE)
-    seed_t = torch.tensor([1234], dtype=torch.int64, device=DEVICE)
     leaves = [t.clone().requires_grad_() for t in (x, a, bb)]
-    y, _ = torch.ops.peftkern.nf4_linear_fwd(leaves[0], *_flat(w4), None, leaves[1], leaves[2], 0.5, p, seed_t, face)
+    y, _, seed_t = torch.ops.peftkern.nf4_linear_fwd(leaves[0], *_flat(w4), None, leaves[1], leaves[2], 0.5, p, face)
     y.backward(dy)
-    keep = lora_ops.dropout_keep_mask(seed_t, (m, k), p, face)
+    keep = lora_ops.dropout_keep_mask(seed_t, (m, k), p)
     y_ref, grads_ref = _reference(x, w4, None, a, bb, 0.5, dy, keep, p)
     assert rel_error(y, y_ref) <= RTOL[torch.float32]
     for leaf, name in zip(leaves, ("x", "lora_A", "lora_B")):
@@ -218,3 +217,80 @@ def test_cuda_face_matches_triton_on_gpu(seed):
     with backend.use("triton"):
         b = nf4_dequantize(w4, torch.bfloat16)
     assert rel_error(a, b) <= RTOL[torch.bfloat16]
+
+
+# ---- no host copy per call (issue 25, item 6) ---------------------------------------------------
+
+def test_code_table_is_copied_to_a_device_once():
+    """Each call used to copy the 16-entry table from the host (a blocking copy on a GPU)."""
+    meta = torch.device("meta")
+    assert ref.nf4_code(meta) is ref.nf4_code(meta)
+    assert ref.dynamic_code(meta) is ref.dynamic_code(meta)
+    assert ref.nf4_code(meta).shape == (16,) and ref.dynamic_code(meta).shape == (256,)
+
+
+@pytest.mark.parametrize("face", LINEAR_RUNNABLE)
+def test_no_host_copy_of_a_table_in_a_training_step(seed, face, monkeypatch):
+    w4 = _weight(24, 64)
+    x = torch.randn(20, 64, device=DEVICE, requires_grad=True)
+    a = torch.randn(4, 64, device=DEVICE, requires_grad=True)
+    bb = torch.randn(24, 4, device=DEVICE, requires_grad=True)
+
+    def step():
+        with backend.use(face):
+            nf4_linear(x, w4, None, a, bb, 0.5, 0.1, training=True).sum().backward()
+            nf4_dequantize(w4, torch.float32)
+
+    step()  # the first call may place the tables on the device
+    copies = []
+    original = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if self.dtype == torch.float32 and self.numel() in (16, 256) and out is not self:
+            copies.append(tuple(self.shape))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    step()
+    assert not copies, f"tables copied per call: {copies}"
+
+
+# ---- forward-mode AD, autocast, argument types (issue 28, items 9, 14, 18) ----------------------
+
+@pytest.mark.parametrize("face", LINEAR_RUNNABLE)
+def test_nf4_linear_forward_mode_ad(seed, face):
+    w4 = _weight(24, 64)
+    x, b = torch.randn(20, 64, device=DEVICE), torch.randn(24, device=DEVICE)
+    a, bb = torch.randn(4, 64, device=DEVICE) / 8, torch.randn(24, 4, device=DEVICE)
+    primals = (x, b, a, bb)
+    tangents = tuple(torch.randn_like(t) for t in primals)
+    with backend.use(face):
+        _, dy = torch.func.jvp(lambda x, b, a, bb: nf4_linear(x, w4, b, a, bb, 0.5), primals, tangents)
+        grad = torch.func.grad(lambda a: nf4_linear(x, w4, b, a, bb, 0.5).square().sum())(a)
+    w = ref.dequantize_nf4(w4.packed, w4.absmax_fp32(), w4.shape, 64, torch.float64)
+    f = lambda x, b, a, bb: ref.nf4_linear(x, w, b, a, bb, 0.5)  # noqa: E731
+    _, dy_ref = torch.func.jvp(f, tuple(t.double() for t in primals), tuple(t.double() for t in tangents))
+    assert dy.abs().sum() > 0 and rel_error(dy, dy_ref) < 1e-5
+    grad_ref = torch.func.grad(lambda a: f(x.double(), b.double(), a, bb.double()).square().sum())(a.double())
+    assert rel_error(grad, grad_ref) < 1e-5
+
+
+@pytest.mark.parametrize("face", LINEAR_RUNNABLE)
+def test_nf4_linear_under_autocast(seed, face):
+    w4 = _weight(24, 64)
+    x = torch.randn(20, 64, device=DEVICE)
+    a, bb = torch.randn(4, 64, device=DEVICE) / 8, torch.randn(24, 4, device=DEVICE)
+    with backend.use(face), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = nf4_linear(x, w4, None, a, bb, 0.5)
+    assert y.dtype == torch.bfloat16
+    w = ref.dequantize_nf4(w4.packed, w4.absmax_fp32(), w4.shape, 64, torch.bfloat16).double()
+    expected = ref.nf4_linear(*[t.to(torch.bfloat16).double() for t in (x,)], w, None,
+                              *[t.to(torch.bfloat16).double() for t in (a, bb)], 0.5)
+    assert rel_error(y, expected) < 2 * RTOL[torch.bfloat16]
+
+
+def test_nf4_linear_scaling_must_be_a_number():
+    w4 = _weight(16, 32)
+    with pytest.raises(TypeError, match="scaling must be a real number"):
+        nf4_linear(torch.randn(4, 32, device=DEVICE), w4, None, torch.randn(2, 32), torch.randn(16, 2), "2")

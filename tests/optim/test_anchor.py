@@ -9,6 +9,7 @@ import torch
 from peftkern import backend
 from peftkern.optim import PagedAdamW
 from peftkern.reference import adamw as ref
+from tests.optim.test_paged_adamw import _rel, _rel_delta
 
 STEPS = 20
 LAM = 3.0
@@ -92,15 +93,6 @@ def _fused_run(seed, with_fisher, face, bits=32, fisher_bits=32, resume_at=None,
             torch.nn.functional.mse_loss(model(xs[i]), ys[i]).backward()
             opt.step()
     return model, opt
-
-
-def _rel(model, expected):
-    return max(((p - q).norm() / q.norm()).item() for p, q in zip(model.parameters(), expected.parameters()))
-
-
-def _rel_delta(model, expected, start):
-    return max(((p - q).norm() / (q - s).norm()).item()
-               for p, q, s in zip(model.parameters(), expected.parameters(), start.parameters()))
 
 
 @pytest.mark.parametrize("face", FACES)

@@ -148,3 +148,21 @@ def test_from_bnb_rejects_mismatch():
     with pytest.raises(ValueError, match="NF4"):
         NF4Weight.from_bnb(w4.packed, fp4)
     assert math.prod(w4.shape) == 512
+
+
+def test_the_format_layer_imports_no_layer_module():
+    """peftkern/quant (the NF4 format) sits below peftkern/nn (the layers): no import of nn there,
+    at module level or inside a function (issue 22: no import circles)."""
+    import ast
+    import pathlib
+
+    import peftkern.quant
+
+    found = []
+    for path in pathlib.Path(peftkern.quant.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            found += [f"{path.name}: {n}" for n in names if n.startswith(("peftkern.nn", "peftkern.tuners",
+                                                                          "peftkern.train", "peftkern.quantize"))]
+    assert not found, found

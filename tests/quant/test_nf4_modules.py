@@ -202,7 +202,7 @@ def test_tiny_qlora_trains_like_lora_on_the_same_base(seed):
 def test_transformers_bnb_checkpoint_and_cli_round_trip(tmp_path, seed):
     pytest.importorskip("transformers")
     from peftkern.cli import main
-    from peftkern.quant.checkpoint import load_pretrained_nf4
+    from peftkern.nn.nf4 import load_pretrained_nf4
 
     src, out = tmp_path / "src", tmp_path / "out"
     dense = _tiny_llama(src)
@@ -227,7 +227,7 @@ def test_transformers_bitsandbytes_checkpoint_loads(tmp_path, seed):
     nf4, double quant) loads into NF4Linear modules, bit-identical to quantizing the source ourselves."""
     pytest.importorskip("bitsandbytes")
     transformers = pytest.importorskip("transformers")
-    from peftkern.quant.checkpoint import load_pretrained_nf4
+    from peftkern.nn.nf4 import load_pretrained_nf4
 
     _tiny_llama(tmp_path / "src")
     bnb_config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",

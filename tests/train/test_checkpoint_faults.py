@@ -160,18 +160,18 @@ def _digest(path):
 
 
 def test_enospc_during_the_adapter_save_keeps_the_previous_adapter(tmp_path, monkeypatch):
-    import peftkern.tuners.io as tuners_io
+    import peftkern.train.adapters as train_adapters
 
     run("sft", micro(tmp_path, max_steps=4))
     before = _digest(tmp_path / "adapter")
-    real = tuners_io.write_adapter_files
 
     def failing(directory, config_json, tensors):
         with open(os.path.join(directory, "adapter_model.safetensors"), "wb") as f:
             f.write(b"\0" * 64)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(tuners_io, "write_adapter_files", failing)
+    real = train_adapters.write_adapter_files
+    monkeypatch.setattr(train_adapters, "write_adapter_files", failing)  # the name the trainers' save calls
     with pytest.warns(RunWarning, match="max_steps: 4 in the checkpoint, 6 now"), \
             pytest.raises(SaveError, match="could not write the adapter .*No space left on device.*The previous "
                                            ".*adapter is intact"):
@@ -179,7 +179,7 @@ def test_enospc_during_the_adapter_save_keeps_the_previous_adapter(tmp_path, mon
     assert _digest(tmp_path / "adapter") == before and not temp_entries(str(tmp_path))
     assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 4
     # the final checkpoint was written before the outputs: resuming writes them
-    monkeypatch.setattr(tuners_io, "write_adapter_files", real)
+    monkeypatch.setattr(train_adapters, "write_adapter_files", real)
     summary = run("sft", micro(tmp_path, max_steps=6, resume=True))
     assert summary["steps"] == 6 and _digest(tmp_path / "adapter") != before
     assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 6

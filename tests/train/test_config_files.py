@@ -41,7 +41,7 @@ def test_values_are_coerced(tmp_path, text, field, value):
     ("lr: .nan\n", "lr: expected a finite number, got nan"),
     ("batch_size: true\n", "batch_size: expected an integer, got True"),
     ("lora_alpha: [1, 2]\n", "lora_alpha: expected a number, got [1, 2]"),
-    ("beta: 0.3\n", "beta: a setting of peftkern dpo, kto, not of peftkern sft"),
+    ("beta: 0.3\n", "beta: a setting of peftkern dpo, kto, grpo, rloo, orpo, simpo, cpo, not of peftkern sft"),
     ("learning_rate: 1\n", "unknown setting 'learning_rate'"),
     ("- lr\n", "expected a mapping of setting: value, got list"),
     ("lr: [\n", ":2: not valid YAML"),

@@ -115,7 +115,7 @@ def test_mixed_rows_across_methods():
 
 
 def test_delete_takes_empty_layers_out():
-    base, model = _combined()
+    _, model = _combined()
     model.delete_adapter("bitfit")
     assert type(model.model.transformer.h[0].attn.c_attn).__name__ == "LoRALinear"
     assert type(model.model.transformer.h[0].ln_1).__name__ == "LayerNorm"

@@ -6,7 +6,6 @@ import os
 import pathlib
 
 import pytest
-import torch
 
 from peftkern import LoraConfig, get_peft_model, load_adapter, save_adapter
 from tests.tuners.tiny_models import logits, perturb_trainable, tiny_model, token_ids

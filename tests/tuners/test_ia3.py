@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from peftkern import IA3Config, get_peft_model, load_adapter, save_adapter
 from peftkern.tuners.ia3 import IA3Linear
-from tests.tuners.tiny_models import FAMILIES, logits, perturb_trainable, tiny_model, token_ids
+from tests.tuners.tiny_models import (FAMILIES, assert_training_gradients_match, logits, perturb_trainable,
+                                     tiny_model, token_ids)
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -76,16 +77,7 @@ def test_training_gradients_match_peft(tmp_path, family):
     perturb_trainable(theirs, scale=0.3)
     theirs.save_pretrained(tmp_path)
     ours = load_adapter(copy.deepcopy(base), tmp_path, is_trainable=True)
-    ids = token_ids()
-    for model in (theirs, ours):
-        model.train()
-        model(input_ids=ids, labels=ids).loss.backward()
-    their_grads = {n.removeprefix("base_model.model."): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
-    our_grads = {n.removeprefix("model."): p.grad for n, p in ours.named_parameters() if p.requires_grad}
-    assert our_grads.keys() == their_grads.keys()
-    for name, grad in our_grads.items():
-        assert grad is not None and grad.abs().max() > 0, name
-        assert torch.allclose(grad, their_grads[name], rtol=1e-4, atol=1e-6), name
+    assert_training_gradients_match(theirs, ours, token_ids())
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

@@ -12,7 +12,8 @@ peft = pytest.importorskip("peft")
 from safetensors.torch import load_file  # noqa: E402
 
 from peftkern import LoraConfig, get_peft_model, load_adapter, save_adapter  # noqa: E402
-from tests.tuners.tiny_models import FAMILIES, logits, perturb_trainable, tiny_model, token_ids  # noqa: E402
+from tests.tuners.tiny_models import (FAMILIES, assert_training_gradients_match, logits,  # noqa: E402
+                                     perturb_trainable, tiny_model, token_ids)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -216,16 +217,7 @@ def test_training_gradients_match_peft(tmp_path, family):
     perturb_trainable(theirs)
     theirs.save_pretrained(tmp_path)
     ours = load_adapter(copy.deepcopy(base), tmp_path, is_trainable=True)
-    ids = token_ids()
-    for model in (theirs, ours):
-        model.train()
-        model(input_ids=ids, labels=ids).loss.backward()
-    their_grads = {n.removeprefix("base_model.model."): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
-    our_grads = {n.removeprefix("model."): p.grad for n, p in ours.named_parameters() if p.requires_grad}
-    assert our_grads.keys() == their_grads.keys()
-    for name, grad in our_grads.items():
-        assert grad is not None and grad.abs().max() > 0, name
-        assert torch.allclose(grad, their_grads[name], rtol=1e-4, atol=1e-6), name
+    assert_training_gradients_match(theirs, ours, token_ids())
 
 
 def test_sequence_classification_adapter_round_trip_with_peft(tmp_path):

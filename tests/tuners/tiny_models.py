@@ -50,3 +50,17 @@ def perturb_trainable(model, scale: float = 0.05, seed: int = 2) -> None:
 def logits(model, ids) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=ids).logits
+
+
+def assert_training_gradients_match(theirs, ours, ids, rtol=1e-4, atol=1e-6):
+    """One training step of a PEFT model and of ours on the same batch: the same trainable
+    parameters, each with a non-zero gradient equal to PEFT's."""
+    for model in (theirs, ours):
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+    their_grads = {n.removeprefix("base_model.model."): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    our_grads = {n.removeprefix("model."): p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert our_grads.keys() == their_grads.keys()
+    for name, grad in our_grads.items():
+        assert grad is not None and grad.abs().max() > 0, name
+        assert torch.allclose(grad, their_grads[name], rtol=rtol, atol=atol), name

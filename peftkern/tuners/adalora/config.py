@@ -66,13 +66,10 @@ class AdaLoraConfig(PeftConfig):
     DEFAULT_TARGETS: ClassVar[dict] = DEFAULT_TARGETS
 
     def validate_method(self) -> None:
-        check_int(self, "r", minimum=1)
+        validate_lora_common(self)
         if self.r != 8:
             warnings.warn("AdaLoraConfig.r is not used by AdaLoRA (as in PEFT); the initial rank is init_r",
                           stacklevel=4)
-        check_number(self, "lora_alpha")
-        check_number(self, "lora_dropout", low=0.0, high=1.0, high_open=True)
-        validate_lora_common(self)
         if not isinstance(self.init_lora_weights, bool):
             raise ValueError(f"AdaLoraConfig.init_lora_weights must be True or False, got {self.init_lora_weights!r}")
         check_int(self, "init_r", minimum=1)

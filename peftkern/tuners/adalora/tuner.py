@@ -54,14 +54,7 @@ class AdaLoraTuner(Tuner):
                              "add the new one with inference_mode=True")
 
     def make_layer(self, target: Target, adapter_name: str, config: AdaLoraConfig) -> nn.Module:
-        existing = self.own_layer(target.module)
-        if existing is not None:
-            if adapter_name in existing.lora_A:
-                raise ValueError(f"adapter {adapter_name!r} already exists on {target.name!r}")
-            layer, result = existing, target.module
-        else:
-            layer = AdaLoraLinear(target.module)
-            result = layer
+        layer, result = self.layer_for(target, adapter_name, AdaLoraLinear)
         layer.update_layer(adapter_name, config.init_r, config.lora_alpha, config.lora_dropout, config.init_lora_weights)
         for p in adapter_parameters(layer, adapter_name):
             p.requires_grad_(False)

@@ -37,14 +37,7 @@ class BitFitTuner(Tuner):
         return (has_bias(module) or is_linear_like(module)) and bias_size(base) is not None
 
     def make_layer(self, target: Target, adapter_name: str, config: BitFitConfig) -> nn.Module:
-        existing = self.own_layer(target.module)
-        if existing is not None:
-            if adapter_name in existing.bitfit_bias:
-                raise ValueError(f"adapter {adapter_name!r} already exists on {target.name!r}")
-            layer, result = existing, target.module
-        else:
-            layer = BitFitLayer(target.module)
-            result = layer
+        layer, result = self.layer_for(target, adapter_name, BitFitLayer)
         layer.update_layer(adapter_name)
         for p in adapter_parameters(layer, adapter_name):
             p.requires_grad_(False)

@@ -40,19 +40,12 @@ class IA3Tuner(Tuner):
         return {"is_feedforward": is_feedforward(config, name)}
 
     def make_layer(self, target: Target, adapter_name: str, config: IA3Config) -> nn.Module:
-        existing = self.own_layer(target.module)
         ff = target.options["is_feedforward"]
-        if existing is not None:
-            if existing.is_feedforward != ff:
-                raise ValueError(f"{target.name!r} already holds (IA)^3 adapters that scale its "
-                                 f"{'input' if existing.is_feedforward else 'output'}; adapter {adapter_name!r} "
-                                 f"would scale its {'input' if ff else 'output'} (feedforward_modules differ)")
-            if adapter_name in existing.ia3_l:
-                raise ValueError(f"adapter {adapter_name!r} already exists on {target.name!r}")
-            layer, result = existing, target.module
-        else:
-            layer = IA3Linear(target.module, ff)
-            result = layer
+        layer, result = self.layer_for(target, adapter_name, lambda module: IA3Linear(module, ff))
+        if layer.is_feedforward != ff:
+            raise ValueError(f"{target.name!r} already holds (IA)^3 adapters that scale its "
+                             f"{'input' if layer.is_feedforward else 'output'}; adapter {adapter_name!r} "
+                             f"would scale its {'input' if ff else 'output'} (feedforward_modules differ)")
         layer.update_layer(adapter_name, config.init_ia3_weights)
         for p in adapter_parameters(layer, adapter_name):
             p.requires_grad_(False)

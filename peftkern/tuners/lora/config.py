@@ -70,9 +70,6 @@ class LoraConfig(PeftConfig):
     DEFAULT_TARGETS: ClassVar[dict] = DEFAULT_TARGETS
 
     def validate_method(self) -> None:
-        check_int(self, "r", minimum=1)
-        check_number(self, "lora_alpha")
-        check_number(self, "lora_dropout", low=0.0, high=1.0, high_open=True)
         validate_lora_common(self)
         check_bool(self, "use_rslora", "use_dora")
         self._validate_patterns()
@@ -98,7 +95,11 @@ class LoraConfig(PeftConfig):
 
 
 def validate_lora_common(config: PeftConfig) -> None:
-    """The fields LoRA and AdaLoRA share: targets, bias, modules_to_save, fan_in_fan_out, layers."""
+    """The fields LoRA and AdaLoRA share: r, lora_alpha, lora_dropout, targets, bias, modules_to_save,
+    fan_in_fan_out, layers."""
+    check_int(config, "r", minimum=1)
+    check_number(config, "lora_alpha")
+    check_number(config, "lora_dropout", low=0.0, high=1.0, high_open=True)
     names_or_regex(config, "target_modules")
     names_or_regex(config, "exclude_modules")
     if config.bias not in BIAS_CHOICES:
