@@ -102,8 +102,10 @@ lm = prepare_lm(cfg, load_lm(cfg, quiet=True))
 print(sum(p.numel() for p in lm.parameters() if p.requires_grad))
 """
 
-# The peers' load, for comparison: transformers' from_pretrained in bf16, and with bitsandbytes NF4
-# (double quant, bf16 compute: what QLoRA recipes use); load only, no training step.
+# The peers' load, for comparison: transformers' from_pretrained in bf16 / fp32, and with bitsandbytes
+# NF4 (double quant, bf16 compute: what QLoRA recipes use); no training step. transformers 5 leaves
+# bf16 weights memory-mapped from the shards, read on first use, so the load is followed by one
+# forward of 8 tokens (which reads every weight) to count what a loaded model holds.
 PEER_LOAD = """
 import sys, torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -114,6 +116,8 @@ if kind == "hf-nf4":
                                bnb_4bit_compute_dtype=torch.bfloat16)
 dtype = torch.float32 if kind == "hf-fp32" else torch.bfloat16
 model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, quantization_config=quant)
+with torch.no_grad():
+    model(torch.arange(1, 9)[None])
 print(sum(p.numel() for p in model.parameters()))
 """
 PEERS = {"hf-bf16": "transformers from_pretrained, dtype=bf16", "hf-fp32": "transformers from_pretrained, dtype=fp32",
