@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 import tempfile
 
 import pytest
 import torch
 
 from benchmarks import memory, traffic
-from benchmarks.harness import pick
+from benchmarks.harness import pick, spread
 
 # (prompts, G, completion tokens, vocab, hidden)
-LOSS_CPU = pick(full=[(4, 8, 256, 32000, 512)], quick=[(2, 2, 16, 500, 32)])
+LOSS_CPU = pick(full=[(4, 8, 256, 32000, 512)], quick=[(2, 2, 16, 500, 32)], shared=[(1, 8, 256, 32000, 512)])
 THREADS = pick((1, 2), (1,))
 ROUNDS = pick(5, 2)
 BETA, LOSS_TYPE = 0.04, "dapo"
@@ -118,8 +119,6 @@ def _case(prompts, g, seq, v, h):
 @pytest.mark.parametrize("threads", THREADS, indirect=True)
 @pytest.mark.parametrize("prompts,g,seq,v,h", LOSS_CPU, ids=str)
 def test_loss_time_cpu(prompts, g, seq, v, h, threads, timer, record):
-    from benchmarks.harness import spread
-
     steps = {impl: build_loss_step(impl, prompts, g, seq, v, h) for impl in ("ours", "naive", "liger")}
     with torch.no_grad():
         values = {name: float(s.loss_fn()) for name, s in steps.items()}
@@ -132,7 +131,8 @@ def test_loss_time_cpu(prompts, g, seq, v, h, threads, timer, record):
         record(kind="measured-cpu", case=case, shape={**shape, "threads": threads}, dtype="float32", unit="ms",
                metric=f"step time, {threads} thread(s)", ours=1e3 * medians["ours"], peer=1e3 * medians[peer],
                peer_name=PEERS[peer], target=TIME_TARGETS[peer],
-               note=f"torch face; {len(timer.samples['ours'])} interleaved rounds; {noise}")
+               note=f"torch face; {len(timer.samples['ours'])} interleaved rounds; {noise}; "
+                    f"load average {os.getloadavg()[0]:.1f}")
 
 
 @pytest.mark.parametrize("prompts,g,seq,v,h", LOSS_CPU, ids=str)
@@ -310,7 +310,9 @@ def test_e2e_time(timer, record):
     medians = timer(steps, rounds=E2E_ROUNDS)
     record(kind="measured-cpu", case=case, shape=shape, dtype="float32", metric="step time", unit="s",
            ours=medians["ours"], peer=medians["trl"], peer_name="PEFT + TRL GRPOTrainer", target="<= 0.50",
-           note=f"{torch.get_num_threads()} torch thread(s); interleaved medians")
+           note=f"{torch.get_num_threads()} torch thread(s); {len(timer.samples['ours'])} interleaved rounds; "
+           f"ours IQR/median {spread(timer.samples['ours']):.0%}, trl {spread(timer.samples['trl']):.0%}; "
+           f"load average {os.getloadavg()[0]:.1f}")
 
 
 def test_e2e_memory(record):

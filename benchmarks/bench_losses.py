@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 
 import pytest
 import torch
@@ -25,11 +26,12 @@ import torch.nn.functional as F
 from benchmarks import memory, static, traffic
 from benchmarks.harness import pick
 
-SFT_CPU = pick(full=[(4096, 32000, 512)], quick=[(64, 500, 32)])
+SFT_CPU = pick(full=[(4096, 32000, 512)], quick=[(64, 500, 32)], shared=[(1024, 32000, 512)])
 # DPO: (pairs, sequence length, vocab, hidden, prompt tokens per sequence, which carry no loss)
-DPO_CPU = pick(full=[(8, 256, 32000, 512, 0), (2, 1024, 32000, 512, 256)], quick=[(1, 32, 500, 32, 8)])
+DPO_CPU = pick(full=[(8, 256, 32000, 512, 0), (2, 1024, 32000, 512, 256)], quick=[(1, 32, 500, 32, 8)],
+               shared=[(2, 256, 32000, 512, 0), (1, 1024, 32000, 512, 256)])
 # KTO: (examples, sequence length, vocab, hidden, prompt tokens)
-KTO_CPU = pick(full=[(8, 512, 32000, 512, 0)], quick=[(2, 32, 500, 32, 8)])
+KTO_CPU = pick(full=[(8, 512, 32000, 512, 0)], quick=[(2, 32, 500, 32, 8)], shared=[(2, 512, 32000, 512, 0)])
 THREADS = pick((1, 2), (1,))
 CPU_ROUNDS = pick(5, 2)
 BETA = 0.1
@@ -200,7 +202,7 @@ def _time_rows(record, case, shape, steps, timer, threads):
     medians = timer(steps, rounds=CPU_ROUNDS)
     ms = {name: 1e3 * s for name, s in medians.items()}
     note = (f"torch face; {threads} torch thread(s); {len(timer.samples['ours'])} interleaved rounds; "
-            f"{_noise(timer.samples)}")
+            f"{_noise(timer.samples)}; load average {os.getloadavg()[0]:.1f}")
     for peer in steps:
         if peer == "ours":
             continue

@@ -16,6 +16,7 @@ ROW_KEYS = ("op", "case", "shape", "dtype", "kind", "metric", "ours", "peer", "p
 KINDS = ("measured-cpu", "modeled-h100", "static", "measured-gpu")
 QUICK_ENV = "PEFTKERN_BENCH_QUICK"
 THREADS_ENV = "PEFTKERN_BENCH_THREADS"
+SHARED_ENV = "PEFTKERN_BENCH_SHARED"
 
 
 def is_quick() -> bool:
@@ -23,9 +24,20 @@ def is_quick() -> bool:
     return os.environ.get(QUICK_ENV, "0") not in ("", "0")
 
 
-def pick(full, quick):
-    """``quick`` under --quick, else ``full`` (for parametrize lists and round counts)."""
-    return quick if is_quick() else full
+def is_shared() -> bool:
+    """True with ``PEFTKERN_BENCH_SHARED=1``: a heavily shared CPU, where cases that give one give
+    smaller token counts (same vocab and hidden) so the side-by-side run fits; rows carry the shape."""
+    return os.environ.get(SHARED_ENV, "0") not in ("", "0")
+
+
+def pick(full, quick, shared=None):
+    """``quick`` under --quick, ``shared`` (when given) on a shared machine, else ``full`` (for
+    parametrize lists and round counts)."""
+    if is_quick():
+        return quick
+    if shared is not None and is_shared():
+        return shared
+    return full
 
 
 def target_met(target: str | None, ratio: float | None) -> bool | None:
