@@ -18,7 +18,7 @@ from peftkern.tuners.model import PeftKernModel, freeze_base, refuse_adapted
 from peftkern.tuners.state_dict import adapter_slots
 from peftkern.tuners.tuner import PEFT_PREFIX, check_adapter_name
 
-__all__ = ["save_adapter", "load_adapter", "AdapterLoadError", "write_adapter_files", "read_adapter_weights",
+__all__ = ["save_adapter", "load_adapter", "load_tensors", "AdapterLoadError", "write_adapter_files", "read_adapter_weights",
            "adapter_directory", "WEIGHTS_NAME", "PICKLE_WEIGHTS_NAME"]
 
 
@@ -66,16 +66,31 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     shape) is raised before the model changes, or after putting it back as it was.
     """
     check_adapter_name(adapter_name)
-    wrapped = model if isinstance(model, PeftKernModel) else None
-    if wrapped is not None and adapter_name in wrapped.peft_config:
-        raise ValueError(f"adapter {adapter_name!r} is already loaded; pick another adapter_name")
-    if wrapped is None:
-        refuse_adapted(model, "load_adapter")
+    _check_target(model, adapter_name)
     folder = find_adapter_dir(os.fspath(directory), adapter_name)
-    config = read_config(folder).replace(inference_mode=not is_trainable)
+    config = read_config(folder)
+    return load_tensors(model, config, read_adapter_weights(folder), adapter_name, is_trainable,
+                        os.path.join(folder, WEIGHTS_NAME))
+
+
+def _check_target(model: nn.Module, adapter_name: str) -> None:
+    if isinstance(model, PeftKernModel):
+        if adapter_name in model.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} is already loaded; pick another adapter_name")
+    else:
+        refuse_adapted(model, "load_adapter")
+
+
+def load_tensors(model: nn.Module, config, tensors: dict[str, torch.Tensor], adapter_name: str = "default",
+                 is_trainable: bool = False, source: str = "adapter") -> PeftKernModel:
+    """:func:`load_adapter` once its files are read: ``config`` and ``tensors`` under peftkern's file
+    keys (a converter of another tool's files, e.g. AdapterHub's, ends here). ``source`` names the
+    file in errors."""
+    check_adapter_name(adapter_name)
+    _check_target(model, adapter_name)
+    wrapped = model if isinstance(model, PeftKernModel) else None
+    config = config.replace(inference_mode=not is_trainable)
     tuner = tuner_for(config)
-    source = os.path.join(folder, WEIGHTS_NAME)
-    tensors = read_adapter_weights(folder)
 
     fresh = wrapped is None
     if fresh:
