@@ -68,7 +68,7 @@ class BottleneckLayer(AdapterLayer):
         self.adapter_settings[adapter_name] = (float(scaling), activation)
 
     # -- forward ----------------------------------------------------------------------------------
-    def _apply(self, h: torch.Tensor, x: torch.Tensor | None, names: list[str]) -> torch.Tensor:
+    def _run_adapters(self, h: torch.Tensor, x: torch.Tensor | None, names: list[str]) -> torch.Tensor:
         for name in names:
             down, up = self.adapter_down[name], self.adapter_up[name]
             scaling, activation = self.adapter_settings[name]
@@ -93,7 +93,7 @@ class BottleneckLayer(AdapterLayer):
         h = out[0] if isinstance(out, tuple) else out
         x = (args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))) if self.parallel else None
         if rows is None:
-            h = self._apply(h, x, names)
+            h = self._run_adapters(h, x, names)
         else:  # mixed batch: row i through adapter rows.names[i] alone (the sub-layer already ran once)
             if h.shape[0] != len(rows.names):
                 raise ValueError(f"adapter_names has {len(rows.names)} entries but this layer's output has "
@@ -103,7 +103,7 @@ class BottleneckLayer(AdapterLayer):
                 if name == BASE_ONLY or name not in held:
                     continue
                 idx = rows.index(name, h.device)
-                mixed.index_copy_(0, idx, self._apply(h.index_select(0, idx),
+                mixed.index_copy_(0, idx, self._run_adapters(h.index_select(0, idx),
                                                       None if x is None else x.index_select(0, idx), [name]))
             h = mixed
         return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
