@@ -12,7 +12,7 @@ silu, tanh (``peftkern.reference.bottleneck``).
   accumulates z = h W_d^T and g = dy W_u together (and s * colsum(dy) into db_u), then
   dz = s * g * act'(z) in registers, and a second pass over the same row block (its h and dy tiles
   are L2-resident by then) adds dW_u += s dy^T act(z) and dW_d += dz^T h (fp32 atomics) and writes
-  dh = dz W_d (+ dy when serial) once. Bottlenecks wider than 256 take the torch path.
+  dh = dz W_d (+ dy when serial) once. Bottlenecks wider than 256 (64 in fp32) take the torch path.
 * torch: the CPU face, the same recomputation with aten ops.
 
 File order (docs/ARCHITECTURE.md): Triton kernels, launchers, torch face, registered ops and autograd.
@@ -31,7 +31,8 @@ from peftkern.reference.bottleneck import ACTIVATIONS
 OP = "bottleneck_adapter"
 FACES = ("torch", "triton")
 ACT_CODES = {name: i for i, name in enumerate(ACTIVATIONS)}  # relu 0, gelu 1, silu 2, tanh 3
-RANK_BLOCKS = (16, 64, 256)  # the bottleneck widths the kernels are compiled for (padded up to one)
+RANK_BLOCKS = (16, 64, 256)  # the bottleneck widths the 16-bit kernels are compiled for (padded up to one)
+FP32_RANK_BLOCKS = (16, 64)  # fp32: the backward of a 256 block spills (static report); wider takes torch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -39,16 +40,18 @@ RANK_BLOCKS = (16, 64, 256)  # the bottleneck widths the kernels are compiled fo
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _act_and_grad(z, ACT: tl.constexpr):
-    """(act(z), act'(z)) in fp32; act(0) = 0 for every choice, so padded ranks stay 0."""
-    if ACT == 0:
+def _act_and_grad(z, act):
+    """(act(z), act'(z)) in fp32 for the runtime code ``act`` (ACT_CODES; a scalar branch, not a
+    constexpr: one compiled kernel serves every non-linearity); act(0) = 0 for each, so padded
+    ranks stay 0."""
+    if act == 0:
         a = tl.maximum(z, 0.0)
         d = (z > 0.0).to(tl.float32)
-    elif ACT == 1:
+    elif act == 1:
         cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
         a = z * cdf
         d = cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
-    elif ACT == 2:
+    elif act == 2:
         sig = tl.sigmoid(z)
         a = z * sig
         d = sig * (1.0 + z * (1.0 - sig))
@@ -61,8 +64,8 @@ def _act_and_grad(z, ACT: tl.constexpr):
 @triton.jit
 def _bottleneck_fwd_kernel(h_ptr, r_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, y_ptr, M, H, R,
                            stride_hm, stride_hk, stride_rm, stride_rk, stride_wdr, stride_wdk, stride_wun, stride_wur,
-                           stride_ym, stride_yn, scaling,
-                           ACT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                           stride_ym, stride_yn, scaling, act,
+                           PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                            BLOCK_R: tl.constexpr):
     """y[rows] = r[rows] + s * (act(h[rows] W_d^T + b_d) W_u^T + b_u); r_ptr is h_ptr when serial."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -72,7 +75,7 @@ def _bottleneck_fwd_kernel(h_ptr, r_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, y_ptr, 
     z = down_tile(h_ptr, wd_ptr, rows, row_ok, ranks, rank_ok, H, stride_hm, stride_hk, stride_wdr, stride_wdk, 0, 0.0,
                   HAS_DROPOUT=False, PRECISION=PRECISION, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R)
     z += tl.load(bd_ptr + ranks, mask=rank_ok, other=0.0).to(tl.float32)[None, :]
-    a, _ = _act_and_grad(z, ACT)
+    a, _ = _act_and_grad(z, act)
     a = a.to(h_ptr.dtype.element_ty)
     r_rows = r_ptr + rows.to(tl.int64)[:, None] * stride_rm
     y_rows = y_ptr + rows.to(tl.int64)[:, None] * stride_ym
@@ -91,10 +94,10 @@ def _bottleneck_fwd_kernel(h_ptr, r_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, y_ptr, 
 @triton.jit
 def _bottleneck_bwd_kernel(dy_ptr, h_ptr, wd_ptr, bd_ptr, wu_ptr, dh_ptr, dwd_ptr, dbd_ptr, dwu_ptr, dbu_ptr, M, H, R,
                            stride_dym, stride_dyn, stride_hm, stride_hk, stride_wdr, stride_wdk, stride_wun, stride_wur,
-                           stride_dhm, stride_dhk, scaling,
-                           ACT: tl.constexpr, SERIAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                           stride_dhm, stride_dhk, scaling, act, serial,
+                           PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """dh[rows] = dz W_d (+ dy[rows] when SERIAL) with dz = s * (dy W_u) * act'(z), z recomputed;
+    """dh[rows] = dz W_d (+ dy[rows] when ``serial`` is 1) with dz = s * (dy W_u) * act'(z), z recomputed;
     into the fp32 buffers (atomics): dW_d [R, H] += dz^T h, db_d += colsum(dz),
     dW_u [H, R] += s dy^T act(z), db_u += s colsum(dy)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -119,7 +122,7 @@ def _bottleneck_bwd_kernel(dy_ptr, h_ptr, wd_ptr, bd_ptr, wu_ptr, dh_ptr, dwd_pt
         g = tl.dot(dy, wu, g, input_precision=PRECISION)
         tl.atomic_add(dbu_ptr + ks, tl.sum(dy.to(tl.float32), axis=0) * scaling, mask=k_ok, sem="relaxed")
     z += tl.load(bd_ptr + ranks, mask=rank_ok, other=0.0).to(tl.float32)[None, :]
-    a, slope = _act_and_grad(z, ACT)
+    a, slope = _act_and_grad(z, act)
     dz = g * scaling * slope  # 0 on padded rows (dy = 0) and padded ranks (W_u = 0)
     tl.atomic_add(dbd_ptr + ranks, tl.sum(dz, axis=0), mask=rank_ok, sem="relaxed")
     a = a.to(h_ptr.dtype.element_ty)
@@ -140,7 +143,7 @@ def _bottleneck_bwd_kernel(dy_ptr, h_ptr, wd_ptr, bd_ptr, wu_ptr, dh_ptr, dwd_pt
         wd = tl.load(wd_ptr + ranks[:, None] * stride_wdr + ks[None, :] * stride_wdk,
                      mask=rank_ok[:, None] & k_ok[None, :], other=0.0)
         dh = tl.dot(dz, wd, input_precision=PRECISION)
-        if SERIAL:
+        if serial != 0:
             dh += dy.to(tl.float32)
         tl.store(dh_rows + ks[None, :] * stride_dhk, dh.to(dh_ptr.dtype.element_ty), mask=tile_mask)
 
@@ -149,30 +152,43 @@ def _bottleneck_bwd_kernel(dy_ptr, h_ptr, wd_ptr, bd_ptr, wu_ptr, dh_ptr, dwd_pt
 # Triton launchers
 # ---------------------------------------------------------------------------------------------
 
-def rank_block(bottleneck: int) -> int | None:
+def rank_blocks(dtype: torch.dtype) -> tuple[int, ...]:
+    return FP32_RANK_BLOCKS if dtype == torch.float32 else RANK_BLOCKS
+
+
+def rank_block(bottleneck: int, dtype: torch.dtype) -> int | None:
     """The compiled bottleneck width that holds ``bottleneck`` (None: wider than any; torch path)."""
-    return next((b for b in RANK_BLOCKS if bottleneck <= b), None)
+    return next((b for b in rank_blocks(dtype) if bottleneck <= b), None)
 
 
 def _fwd_config(dtype: torch.dtype, block_r: int) -> dict:
-    """Rows per program shrink as the bottleneck widens (the [rows, R] activation lives in registers)."""
+    """Rows per program shrink as the bottleneck widens (the [rows, R] activation lives in
+    registers); fp32 (tf32 dots hold twice the registers) takes half the rows over 8 warps
+    (the static report: 0 spills on sm_80 and sm_90)."""
     if block_r >= 256:
         return {"BLOCK_M": 32, "BLOCK_K": 32, "BLOCK_R": block_r, "num_warps": 8, "num_stages": 2}
+    if dtype == torch.float32:
+        return {"BLOCK_M": 32, "BLOCK_K": 64, "BLOCK_R": block_r, "num_warps": 8, "num_stages": 2}
     return {"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_R": block_r, "num_warps": 4 if block_r <= 16 else 8,
             "num_stages": 2}
 
 
 def _bwd_config(dtype: torch.dtype, block_r: int) -> dict:
+    """The backward holds z, g, act(z) and dz ([rows, R] each) beside its tiles: fewer rows than
+    the forward for fp32 and for the widest bottleneck block."""
+    if dtype == torch.float32:
+        rows = 16 if block_r >= 256 else 32
+        return {"BLOCK_M": rows, "BLOCK_K": rows, "BLOCK_R": block_r, "num_warps": 8, "num_stages": 1}
     if block_r >= 256:
         return {"BLOCK_M": 32, "BLOCK_K": 32, "BLOCK_R": block_r, "num_warps": 8, "num_stages": 1}
-    return {"BLOCK_M": 64, "BLOCK_K": 32 if dtype == torch.float32 else 64, "BLOCK_R": block_r,
-            "num_warps": 4 if block_r <= 16 else 8, "num_stages": 1}
+    return {"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_R": block_r, "num_warps": 4 if block_r <= 16 else 8,
+            "num_stages": 1}
 
 
 def _triton_forward(h, residual, w_down, b_down, w_up, b_up, scaling, activation):
     M, H = h.shape
     R = w_down.shape[0]
-    block_r = rank_block(R)
+    block_r = rank_block(R, h.dtype)
     if M == 0 or H == 0 or R == 0 or block_r is None:
         return _torch_forward(h, residual, w_down, b_down, w_up, b_up, scaling, activation)
     r = residual if residual is not None else h
@@ -182,14 +198,14 @@ def _triton_forward(h, residual, w_down, b_down, w_up, b_up, scaling, activation
         _bottleneck_fwd_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
             h, r, w_down, b_down, w_up, b_up, y, M, H, R, h.stride(0), h.stride(1), r.stride(0), r.stride(1),
             w_down.stride(0), w_down.stride(1), w_up.stride(0), w_up.stride(1), y.stride(0), y.stride(1),
-            float(scaling), ACT=ACT_CODES[activation], PRECISION=matmul_precision(h.dtype), **cfg, **meta)
+            float(scaling), ACT_CODES[activation], PRECISION=matmul_precision(h.dtype), **cfg, **meta)
     return y
 
 
 def _triton_backward(dy, h, w_down, b_down, w_up, scaling, activation, serial):
     M, H = h.shape
     R = w_down.shape[0]
-    block_r = rank_block(R)
+    block_r = rank_block(R, h.dtype)
     if M == 0 or H == 0 or R == 0 or block_r is None:
         return _torch_backward(dy, h, w_down, b_down, w_up, scaling, activation, serial)
     dh = h.new_empty(M, H)
@@ -201,44 +217,41 @@ def _triton_backward(dy, h, w_down, b_down, w_up, scaling, activation, serial):
         _bottleneck_bwd_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
             dy, h, w_down, b_down, w_up, dh, dwd, dbd, dwu, dbu, M, H, R, dy.stride(0), dy.stride(1),
             h.stride(0), h.stride(1), w_down.stride(0), w_down.stride(1), w_up.stride(0), w_up.stride(1),
-            dh.stride(0), dh.stride(1), float(scaling), ACT=ACT_CODES[activation], SERIAL=serial,
+            dh.stride(0), dh.stride(1), float(scaling), ACT_CODES[activation], int(serial),
             PRECISION=matmul_precision(h.dtype), **cfg, **meta)
     return dh, dwd, dbd, dwu, dbu
 
 
 def triton_kernel_specs() -> list:
-    """Every config the launchers above can launch (``peftkern kernels``): dtype x non-linearity x
-    bottleneck block (x serial / parallel for the backward)."""
+    """Every config the launchers above can launch (``peftkern kernels``): dtype x bottleneck block,
+    forward and backward (the non-linearity and serial / parallel are runtime arguments)."""
     specs = []
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         t = tl_dtype_name(dtype)
         precision = matmul_precision(dtype)
-        for activation, code in ACT_CODES.items():
-            for block_r in RANK_BLOCKS:
-                cfg, meta = split_config(_fwd_config(dtype, block_r))
-                specs.append(KernelSpec(
-                    _bottleneck_fwd_kernel, f"{t} {activation} fwd {cfg['BLOCK_M']}x{cfg['BLOCK_K']}x{block_r}",
-                    {"h_ptr": f"*{t}", "r_ptr": f"*{t}", "wd_ptr": f"*{t}", "bd_ptr": f"*{t}", "wu_ptr": f"*{t}",
-                     "bu_ptr": f"*{t}", "y_ptr": f"*{t}", "M": "i32", "H": "i32", "R": "i32",
-                     **i32("stride_hm", "stride_hk", "stride_rm", "stride_rk", "stride_wdr", "stride_wdk",
-                           "stride_wun", "stride_wur", "stride_ym", "stride_yn"), "scaling": "fp32"},
-                    {"ACT": code, "PRECISION": precision, **cfg}, **meta,
-                    unit_args=("stride_hk", "stride_rk", "stride_wdk", "stride_wur", "stride_yn"),
-                    plain_args=("R",)))
-                bcfg, bmeta = split_config(_bwd_config(dtype, block_r))
-                for serial in (True, False):
-                    specs.append(KernelSpec(
-                        _bottleneck_bwd_kernel,
-                        f"{t} {activation} bwd{' serial' if serial else ''} "
-                        f"{bcfg['BLOCK_M']}x{bcfg['BLOCK_K']}x{block_r}",
-                        {"dy_ptr": f"*{t}", "h_ptr": f"*{t}", "wd_ptr": f"*{t}", "bd_ptr": f"*{t}", "wu_ptr": f"*{t}",
-                         "dh_ptr": f"*{t}", "dwd_ptr": "*fp32", "dbd_ptr": "*fp32", "dwu_ptr": "*fp32",
-                         "dbu_ptr": "*fp32", "M": "i32", "H": "i32", "R": "i32",
-                         **i32("stride_dym", "stride_dyn", "stride_hm", "stride_hk", "stride_wdr", "stride_wdk",
-                               "stride_wun", "stride_wur", "stride_dhm", "stride_dhk"), "scaling": "fp32"},
-                        {"ACT": code, "SERIAL": serial, "PRECISION": precision, **bcfg}, **bmeta,
-                        unit_args=("stride_dyn", "stride_hk", "stride_wdk", "stride_wur", "stride_dhk"),
-                        plain_args=("R",)))
+        for block_r in rank_blocks(dtype):
+            cfg, meta = split_config(_fwd_config(dtype, block_r))
+            specs.append(KernelSpec(
+                _bottleneck_fwd_kernel, f"{t} fwd {cfg['BLOCK_M']}x{cfg['BLOCK_K']}x{block_r}",
+                {"h_ptr": f"*{t}", "r_ptr": f"*{t}", "wd_ptr": f"*{t}", "bd_ptr": f"*{t}", "wu_ptr": f"*{t}",
+                 "bu_ptr": f"*{t}", "y_ptr": f"*{t}", "M": "i32", "H": "i32", "R": "i32",
+                 **i32("stride_hm", "stride_hk", "stride_rm", "stride_rk", "stride_wdr", "stride_wdk",
+                       "stride_wun", "stride_wur", "stride_ym", "stride_yn"), "scaling": "fp32", "act": "i32"},
+                {"PRECISION": precision, **cfg}, **meta,
+                unit_args=("stride_hk", "stride_rk", "stride_wdk", "stride_wur", "stride_yn"),
+                plain_args=("R", "act")))
+            bcfg, bmeta = split_config(_bwd_config(dtype, block_r))
+            specs.append(KernelSpec(
+                _bottleneck_bwd_kernel, f"{t} bwd {bcfg['BLOCK_M']}x{bcfg['BLOCK_K']}x{block_r}",
+                {"dy_ptr": f"*{t}", "h_ptr": f"*{t}", "wd_ptr": f"*{t}", "bd_ptr": f"*{t}", "wu_ptr": f"*{t}",
+                 "dh_ptr": f"*{t}", "dwd_ptr": "*fp32", "dbd_ptr": "*fp32", "dwu_ptr": "*fp32",
+                 "dbu_ptr": "*fp32", "M": "i32", "H": "i32", "R": "i32",
+                 **i32("stride_dym", "stride_dyn", "stride_hm", "stride_hk", "stride_wdr", "stride_wdk",
+                       "stride_wun", "stride_wur", "stride_dhm", "stride_dhk"), "scaling": "fp32",
+                 "act": "i32", "serial": "i32"},
+                {"PRECISION": precision, **bcfg}, **bmeta,
+                unit_args=("stride_dyn", "stride_hk", "stride_wdk", "stride_wur", "stride_dhk"),
+                plain_args=("R", "act", "serial")))
     return specs
 
 
@@ -267,8 +280,10 @@ def _torch_forward(h, residual, w_down, b_down, w_up, b_up, scaling, activation)
 
 
 def _torch_backward(dy, h, w_down, b_down, w_up, scaling, activation, serial):
-    a, slope = _act_and_grad_torch(torch.addmm(b_down, h, w_down.t()), activation)  # recomputed, not stored
-    dz = (dy @ w_up) * slope * scaling
+    # recomputed, not stored; the [M, R] elementwise chain in fp32 (as the kernel), one rounding per result
+    a, slope = _act_and_grad_torch(torch.addmm(b_down, h, w_down.t()).float(), activation)
+    dz = ((dy @ w_up).float() * slope * scaling).to(h.dtype)
+    a = a.to(h.dtype)
     dwu = (dy.t() @ a).float() * scaling
     dbu = dy.float().sum(0) * scaling
     dwd = (dz.t() @ h).float()

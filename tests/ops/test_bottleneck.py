@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from peftkern import backend
-from peftkern.ops.bottleneck import FACES, RANK_BLOCKS, bottleneck_adapter
+from peftkern.ops.bottleneck import FACES, FP32_RANK_BLOCKS, RANK_BLOCKS, bottleneck_adapter
 from peftkern.reference.bottleneck import ACTIVATIONS
 from peftkern.reference.bottleneck import bottleneck_adapter as reference
 from tests.helpers import RTOL, rel_error
@@ -56,7 +56,10 @@ def _compare(label, dtype, got, ref, own):
         assert actual.shape == expected.shape, f"{label} {name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
         assert actual.dtype == dtype, f"{label} {name}: dtype {actual.dtype} != {dtype}"
         err = rel_error(actual, expected)
-        tol = max(RTOL[dtype], 2.0 * rel_error(mine, expected))
+        # Triton's CPU interpreter truncates fp32 -> bf16 where a GPU rounds (as in tests/ops/test_lora.py):
+        # twice the bf16 tolerance there; tiny shapes showed 2.4e-2
+        interpreted_bf16 = label.startswith("triton") and dtype == torch.bfloat16 and DEVICE == "cpu"
+        tol = max(RTOL[dtype] * (2.0 if interpreted_bf16 else 1.0), 2.0 * rel_error(mine, expected))
         assert err <= tol, f"{label} {name} ({dtype}): relative error {err:.3e} > {tol:.1e}"
 
 
@@ -127,7 +130,8 @@ def test_bad_input_is_named():
 
 
 def test_rank_blocks_cover_the_compiled_widths():
-    assert RANK_BLOCKS == tuple(sorted(RANK_BLOCKS)) and RANK_BLOCKS[0] >= 16  # tl.dot needs K >= 16
+    for blocks in (RANK_BLOCKS, FP32_RANK_BLOCKS):
+        assert blocks == tuple(sorted(blocks)) and blocks[0] >= 16  # tl.dot needs K >= 16
 
 
 @pytest.mark.parametrize("face", RUNNABLE_FACES)
