@@ -3,7 +3,7 @@
 
 * measured-cpu: a training step of a small Llama (4 blocks, hidden 256, Houlsby adapters, reduction
   factor 16) with peftkern's BottleneckLayer (torch face) against the same model with the adapters
-  as nn.Sequential modules in forward hooks, fp32, interleaved medians (threads: --bench-threads).
+  as nn.Sequential modules in forward hooks, fp32, interleaved medians (1 thread and the machine's default).
 * modeled-h100: bytes and roofline time of the adapter alone (what it adds to a base model step),
   our Triton kernels counted under the interpreter vs the unfused aten sequence on meta tensors,
   bf16, h and the adapter's weights needing gradients (target: fused bytes <= 0.5x unfused).
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from benchmarks.harness import pick, spread
 
 CPU_MODELS = pick(full=[(4, 256, 8, 128)], quick=[(2, 32, 2, 16)])  # (blocks, hidden, batch, sequence)
 CPU_ROUNDS = pick(15, 3)
+CPU_THREADS = pick((1, os.cpu_count() or 1), (1,))  # one thread, and the machine's default
 GPU_SHAPES = pick(full=[(m, h, r) for m in (4096, 16384) for (h, r) in ((4096, 64), (4096, 256), (8192, 256))],
                   quick=[(512, 384, 16)])
 CORNERS = (128, 256)
@@ -93,18 +95,25 @@ def _paired_steps(blocks, hidden, batch, seq):
     return steps, ids
 
 
+@pytest.mark.parametrize("threads", CPU_THREADS, ids=lambda t: f"{t}thread")
 @pytest.mark.parametrize("blocks,hidden,batch,seq", CPU_MODELS, ids=lambda v: str(v))
-def test_model_step_cpu(blocks, hidden, batch, seq, timer, record):
+def test_model_step_cpu(blocks, hidden, batch, seq, threads, timer, record):
     steps, ids = _paired_steps(blocks, hidden, batch, seq)
     with torch.no_grad():
         torch.testing.assert_close(steps["ours"].model(input_ids=ids).logits,
                                    steps["unfused"].model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
-    medians = timer(steps, rounds=CPU_ROUNDS)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        medians = timer(steps, rounds=CPU_ROUNDS)
+    finally:
+        torch.set_num_threads(before)
     ms = {name: 1e3 * s for name, s in medians.items()}
-    note = (f"torch face; {torch.get_num_threads()} thread(s); {len(timer.samples['ours'])} interleaved rounds; "
+    note = (f"torch face; {threads} thread(s); {len(timer.samples['ours'])} interleaved rounds; "
             + ", ".join(f"{name} IQR/median {spread(s):.0%}" for name, s in timer.samples.items()))
     record(kind="measured-cpu", case=f"Llama step blocks={blocks} hidden={hidden} batch={batch} seq={seq} houlsby "
-           f"r=16", shape={"blocks": blocks, "hidden": hidden, "batch": batch, "seq": seq}, dtype="float32",
+           f"r=16 threads={threads}", shape={"blocks": blocks, "hidden": hidden, "batch": batch, "seq": seq},
+           dtype="float32",
            unit="ms", metric="train step time", ours=ms["ours"], peer=ms["unfused"],
            peer_name="nn.Sequential adapters (hooks)", note=note)
 
@@ -153,7 +162,8 @@ def test_modeled_h100(m, h, r, record):
              f"adapter tensors need gradients; distinct bytes per launch (re-reads of a row block hit L2)")
     us, gb = 1e6, 1e9
     common = dict(kind="modeled-h100", case=f"fwd+bwd M={m} H={h} R={r}", shape={"M": m, "H": h, "R": r},
-                  dtype="bfloat16", model=model, launches={"ours": len(ours.launches), "unfused": len(unfused.launches)})
+                  dtype="bfloat16", model=model,
+                  launches={"ours": len(ours.launches), "unfused": len(unfused.launches)})
     record(**common, metric="adapter bytes (beyond the base model step)", unit="GB", ours=ours.bytes / gb,
            peer=unfused.bytes / gb, peer_name="unfused torch", target="<= 0.5", ours_raw=ours.raw_bytes / gb,
            note="modeled; raw (no L2 reuse) in ours_raw")

@@ -54,7 +54,8 @@ def peft_config(cfg, model: nn.Module):
             has_bias = any(n.endswith(".bias") for n, _ in model.named_parameters())
             return BitFitConfig(task_type="CAUSAL_LM", target_modules=None if has_bias else targets)
         if cfg.peft == "bottleneck":
-            return BottleneckConfig(task_type="CAUSAL_LM", placement=cfg.placement, reduction_factor=cfg.reduction_factor,
+            return BottleneckConfig(task_type="CAUSAL_LM", placement=cfg.placement,
+                                    reduction_factor=cfg.reduction_factor,
                                     non_linearity=cfg.bottleneck_non_linearity, scaling=cfg.bottleneck_scaling)
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"--peft {cfg.peft}: {exc}") from None

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from peftkern.reference.bottleneck import bottleneck_adapter as formula
 from peftkern.tuners import BottleneckConfig, LoraConfig, get_peft_model, load_adapter
 from peftkern.tuners.bottleneck import BottleneckLayer, parameter_count
 from peftkern.tuners.bottleneck.adapterhub import load_adapterhub
-from peftkern.reference.bottleneck import bottleneck_adapter as formula
 from tests.tuners.tiny_models import FAMILIES, logits, perturb_trainable, tiny_model, token_ids
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures", "adapterhub")
@@ -54,8 +54,8 @@ def _hand_built(family, placement, wrapped, scaling, act):
     parallel h + s A(x) with x the feed-forward input."""
     plain = tiny_model(family)
     handles = []
+    layers = {n: m for n, m in wrapped.named_modules() if isinstance(m, BottleneckLayer)}
     for i, block in enumerate(_blocks(plain)):
-        layers = {n: m for n, m in wrapped.named_modules() if isinstance(m, BottleneckLayer)}
         prefix = f"transformer.h.{i}" if family == "gpt2" else f"model.layers.{i}"
 
         def adapter(name):
@@ -197,6 +197,7 @@ def test_bad_input_is_named_before_the_model_changes():
     assert not any(isinstance(m, BottleneckLayer) for m in lora_inside.modules())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_sft_trains_with_each_placement(placement, tmp_path):
     from peftkern.train.config import TrainConfig
@@ -218,3 +219,32 @@ def test_sft_trains_with_each_placement(placement, tmp_path):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     with pytest.raises(ValueError, match="--placement: options of --peft bottleneck, but --peft is 'lora'"):
         TrainConfig(out=str(tmp_path), placement="parallel").check()
+
+
+def test_adapterhub_files_that_do_not_fit_are_refused_before_the_model_changes(tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "hub"
+    shutil.copytree(os.path.join(FIXTURES, "llama-seq_bn"), folder)
+    model = tiny_model("llama")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["config"]["use_gating"] = True
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"adapter_config.json: config field 'use_gating' = True is not supported"):
+        load_adapterhub(model, folder)
+    config["config"]["use_gating"] = False
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    weights = torch.load(folder / "pytorch_adapter.bin", weights_only=True)
+    key = next(k for k in weights if k.endswith("adapter_up.weight"))
+    weights[key] = weights[key][:, :3]
+    torch.save(weights, folder / "pytorch_adapter.bin")
+    message = (r"pytorch_adapter.bin: 'base_model.model.model.layers.0.adapter_up.weight' has shape \(32, 3\) "
+               r"but the model's tensor for it is \(32, 8\)")
+    with pytest.raises(ValueError, match=message):
+        load_adapterhub(model, folder)
+    weights["model.layers.0.output_adapters.adapters.bn.adapter_gate.weight"] = weights.pop(key)
+    torch.save(weights, folder / "pytorch_adapter.bin")
+    with pytest.raises(ValueError, match="is not a bottleneck adapter weight AdapterHub writes"):
+        load_adapterhub(model, folder)
+    assert not any(isinstance(m, BottleneckLayer) for m in model.modules())

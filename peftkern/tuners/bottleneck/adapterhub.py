@@ -15,7 +15,6 @@ norms, gating, PHM layers, invertible adapters, learned scaling, dropout).
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 
@@ -24,12 +23,12 @@ from torch import nn
 
 from peftkern.tuners.bottleneck.config import BottleneckConfig
 from peftkern.tuners.bottleneck.tuner import find_blocks
+from peftkern.tuners.config import read_config_file
 from peftkern.tuners.files import AdapterLoadError
 from peftkern.tuners.io import load_tensors
 from peftkern.tuners.model import PeftKernModel
 from peftkern.tuners.tuner import PEFT_PREFIX
 
-CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "pytorch_adapter.bin"
 # BnConfig fields that must hold these values (features peftkern does not implement)
 REQUIRED = {"ln_before": False, "ln_after": False, "use_gating": False, "phm_layer": False, "inv_adapter": None,
@@ -95,15 +94,10 @@ def load_adapterhub(model: nn.Module, directory: str | os.PathLike, adapter_name
     with ``torch.load(weights_only=True)``) into ``model`` as bottleneck adapter ``adapter_name``.
     Every key and shape is checked before the model changes (as :func:`peftkern.load_adapter`)."""
     folder = os.fspath(directory)
-    config_path, weights_path = os.path.join(folder, CONFIG_NAME), os.path.join(folder, WEIGHTS_NAME)
-    for path in (config_path, weights_path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no {os.path.basename(path)} in {folder!r} (an AdapterHub adapter folder)")
-    try:
-        with open(config_path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{config_path}: not valid JSON ({exc})") from None
+    weights_path = os.path.join(folder, WEIGHTS_NAME)
+    config_path, data = read_config_file(folder)  # adapter_config.json: AdapterHub uses PEFT's file name
+    if not os.path.isfile(weights_path):
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder!r} (an AdapterHub adapter folder)")
     config, leave_out = config_from_adapterhub(data, config_path)
     try:
         raw = torch.load(weights_path, map_location="cpu", weights_only=True)
@@ -112,7 +106,7 @@ def load_adapterhub(model: nn.Module, directory: str | os.PathLike, adapter_name
     if not isinstance(raw, dict):
         raise AdapterLoadError(f"{weights_path}: expected a dict of tensors, got {type(raw).__name__}")
     plain = model.model if isinstance(model, PeftKernModel) else model
-    path, blocks = find_blocks(plain)
+    _, blocks = find_blocks(plain)
     if leave_out:
         config = config.replace(target_layers=[i for i in range(len(blocks)) if i not in leave_out])
     tensors, names = {}, set()

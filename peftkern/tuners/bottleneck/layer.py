@@ -121,4 +121,5 @@ class BottleneckLayer(AdapterLayer):
 
     def extra_repr(self) -> str:
         return (f"hidden={self.hidden}, {'parallel' if self.parallel else 'serial'}, "
-                f"adapters={ {n: d.out_features for n, d in self.adapter_down.items()} }, active={self.active_adapters}")
+                f"adapters={ {n: d.out_features for n, d in self.adapter_down.items()} }, "
+                f"active={self.active_adapters}")

@@ -86,7 +86,8 @@ class BottleneckTuner(Tuner):
         for i in layers:
             block = _plain(blocks[i])
             base = f"{path}.{i}" if path else str(i)
-            if block is not blocks[i] and not (config.placement == "pfeiffer" and config.serial_input_includes_residual):
+            wraps_blocks = config.placement == "pfeiffer" and config.serial_input_includes_residual
+            if block is not blocks[i] and not wraps_blocks:
                 raise ValueError(f"block {base!r} is wrapped by a Pfeiffer bottleneck adapter; placement "
                                  f"{config.placement!r} adapts its sub-layers, which would move their paths: add "
                                  "it before the Pfeiffer adapter, or use one placement")
