@@ -234,6 +234,9 @@ def _parser(light_only: bool = False) -> argparse.ArgumentParser:
     add_data_parser(sub)  # peftkern data convert|inspect|self-instruct|augment|pairs, peftkern sweep
 
     add_editing_parsers(sub)  # peftkern edit / eval-edits (peftkern.editing.cli)
+    from peftkern.labeling.cli import add_parser as add_labeling_parsers
+
+    add_labeling_parsers(sub)  # peftkern sample-pairs, peftkern label serve|export|stats|prioritize (peftkern.labeling.cli)
 
     p = sub.add_parser("bench", help="run the benchmark suite (the repository's benchmarks/, found next to the "
                        "peftkern package: needs a source checkout or editable install)",

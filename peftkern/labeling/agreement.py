@@ -178,6 +178,17 @@ def agreement_report(labels: list[dict]) -> dict:
     return report
 
 
+def without_nan(obj):
+    """``obj`` with every NaN as None (JSON has no NaN; browsers reject it)."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: without_nan(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [without_nan(v) for v in obj]
+    return obj
+
+
 def fmt(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 

@@ -14,7 +14,7 @@ import re
 from flask import Flask, jsonify, redirect, render_template, request, session, url_for
 from werkzeug.exceptions import HTTPException
 
-from peftkern.labeling.agreement import agreement_report, fmt
+from peftkern.labeling.agreement import agreement_report, fmt, without_nan
 from peftkern.labeling.db import LabelDB, SchemaError
 from peftkern.labeling.items import LabelError, UnknownItem, display_text
 
@@ -117,7 +117,7 @@ def create_app(db: LabelDB, instructions: str | None = None, title: str = "peftk
 
     @app.get("/api/stats")
     def stats():
-        return jsonify(agreement_report(db.labels()))
+        return jsonify(without_nan(agreement_report(db.labels())))
 
     @app.get("/admin")
     def admin():
