@@ -282,3 +282,19 @@ def test_cli_export_and_stats(tmp_path, candidates, capsys):
     # one unit, opposite verdicts: p_o = 0, p_e = 0, kappa 0; Fleiss' P_e = 1/2, kappa -1; alpha undefined -> null
     assert report["pairwise"]["cohen_kappa"]["alice|bob"] == {"units": 1, "kappa": 0.0}
     assert report["pairwise"]["fleiss_kappa"] == -1.0
+
+
+@pytest.mark.slow
+def test_exported_pairs_train_a_reward_model(tmp_path, candidates):
+    """The export is what 'peftkern rm' reads: one step on the micro model, through the CLI."""
+    db = _db(tmp_path, candidates, per_item=1)
+    while (got := db.next_item("alice")) is not None:
+        item, shown = got
+        body = {"choice": "A"} if item.task == "pairwise" else {"ranks": list(range(1, item.k + 1))}
+        db.save_label("alice", item.id, item.task, body)
+    out = tmp_path / "prefs.jsonl"
+    assert main(["label", "export", "--db", db.path, "--out", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 3 + 2 * 3  # 3 pairwise items, 2 rankings of 3 answers
+    assert main(["rm", "--model", "tiny-micro", "--data", str(out), "--eval-data", str(out), "--max-steps", "1",
+                 "--batch-size", "4", "--lora-r", "4", "--out", str(tmp_path / "rm"), "--quiet"]) == 0
+    assert (tmp_path / "rm" / "reward_model" / "score_head.safetensors").is_file()
