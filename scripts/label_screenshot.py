@@ -39,7 +39,10 @@ def main() -> int:
     if browser is None or driver_path is None:
         print("no chromium / chromedriver: apt-get install -y chromium chromium-driver", file=sys.stderr)
         return 2
-    text = open(args.instructions, encoding="utf-8").read() if args.instructions else None
+    text = None
+    if args.instructions:
+        with open(args.instructions, encoding="utf-8") as f:
+            text = f.read()
     with tempfile.TemporaryDirectory() as tmp:
         db = LabelDB.create_or_open(os.path.join(tmp, "labels.sqlite"), read_items(args.candidates), 2)
         httpd = make_server("127.0.0.1", 0, create_app(db, text), threaded=True)

@@ -210,8 +210,7 @@ def run_serve(args) -> int:
         app = create_app(db, instructions, args.title)
     except (*_USER_ERRORS, OSError) as exc:
         return _fail("label serve", exc)
-    progress = db.progress("")
-    print(f"labelling {progress['items']} items ({db.raters_per_item} rater(s) each) at http://{args.host}:{args.port}/ "
+    print(f"labelling {len(db.items())} items ({db.raters_per_item} rater(s) each) at http://{args.host}:{args.port}/ "
           f"(admin: /admin); labels saved in {args.db}. Ctrl+C stops.", file=sys.stderr)
     app.run(host=args.host, port=args.port, threaded=True, debug=False, use_reloader=False)
     return 0

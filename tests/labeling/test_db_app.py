@@ -62,7 +62,7 @@ def test_each_item_goes_to_n_raters(tmp_path, candidates):
     db = _db(tmp_path, candidates, per_item=2)
     for name in ("alice", "bob", "carol"):
         while (got := db.next_item(name)) is not None:
-            item, shown = got
+            item, _ = got
             body = {"choice": "A"} if item.task == "pairwise" else {"ranks": list(range(1, item.k + 1))}
             db.save_label(name, item.id, item.task, body)
     per_item = {}
@@ -204,7 +204,8 @@ def test_database_of_another_schema_version_or_kind(tmp_path, candidates, capsys
 
 def test_changed_data_under_existing_labels_is_refused(tmp_path, candidates):
     db = _db(tmp_path, candidates)
-    lines = open(candidates).read().splitlines()
+    with open(candidates) as f:
+        lines = f.read().splitlines()
     changed = json.loads(lines[0])
     changed["completions"][1] = "6"
     (tmp_path / "changed.jsonl").write_text(json.dumps(changed) + "\n")
@@ -289,7 +290,7 @@ def test_exported_pairs_train_a_reward_model(tmp_path, candidates):
     """The export is what 'peftkern rm' reads: one step on the micro model, through the CLI."""
     db = _db(tmp_path, candidates, per_item=1)
     while (got := db.next_item("alice")) is not None:
-        item, shown = got
+        item, _ = got
         body = {"choice": "A"} if item.task == "pairwise" else {"ranks": list(range(1, item.k + 1))}
         db.save_label("alice", item.id, item.task, body)
     out = tmp_path / "prefs.jsonl"
