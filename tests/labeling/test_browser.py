@@ -190,3 +190,49 @@ def test_two_raters_label_in_chromium_and_a_closed_tab_loses_nothing(server, tmp
     report = json.loads(capsys.readouterr().out)
     assert report["pairwise"]["cohen_kappa"]["alice|bob"] == {"units": 3, "kappa": pytest.approx(0.4, abs=1e-12)}
     assert report["ranking_pairs"]["cohen_kappa"]["alice|bob"] == {"units": 6, "kappa": pytest.approx(-0.2, abs=1e-12)}
+
+
+@pytest.mark.slow
+def test_likert_flag_and_skip_by_keyboard(tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from werkzeug.serving import make_server
+
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "rate", "prompt": "Rate these", "completions": ["fine", "poor", "great"], "task": "rating"},
+        {"id": "odd", "prompt": "Unclear prompt", "completions": ["x", "y"]},
+        {"id": "later", "prompt": "Skip me", "completions": ["u", "v"]}]))
+    db = LabelDB.create_or_open(str(tmp_path / "l.sqlite"), read_items(str(path)), scale=4)
+    httpd = make_server("127.0.0.1", 0, create_app(db), threaded=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    driver = _browser()
+    try:
+        base = f"http://127.0.0.1:{httpd.server_port}"
+        driver.get(base + "/")
+        driver.find_element(By.ID, "name").send_keys("carol")
+        driver.find_element(By.ID, "login").click()
+        item_id, answers = _current(driver)
+        assert item_id == "rate" and len(driver.find_elements(By.CSS_SELECTOR, "#answer-0 .likert input")) == 4
+        score = {"great": "4", "fine": "3", "poor": "1"}
+        body = driver.find_element(By.TAG_NAME, "body")
+        for text in answers:
+            body.send_keys(score[text])  # each digit rates the next unrated answer
+        body.send_keys(Keys.ENTER)
+        item_id, _ = _next(driver, "rate")
+        assert item_id == "odd"
+        driver.find_element(By.ID, "reason").send_keys("the prompt asks nothing")
+        driver.execute_script("document.activeElement.blur()")  # keys act when no text field has focus
+        driver.find_element(By.TAG_NAME, "body").send_keys("f")
+        item_id, _ = _next(driver, "odd")
+        assert item_id == "later"
+        driver.find_element(By.TAG_NAME, "body").send_keys("s")  # skipped: the only item left comes back
+        _wait(driver, lambda d: "saved" in d.find_element(By.ID, "status").text, "the skip")
+        assert _current(driver)[0] == "later"
+    finally:
+        driver.quit()
+        httpd.shutdown()
+    labels = {lab["item_id"]: lab for lab in db.labels()}
+    assert labels["rate"]["value"] == {"ratings": [3, 1, 4]}  # file order: fine, poor, great
+    assert labels["odd"]["kind"] == "flag" and labels["odd"]["reason"] == "the prompt asks nothing"
+    assert "later" not in labels
