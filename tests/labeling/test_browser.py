@@ -9,6 +9,7 @@ screenshot of the page (docs/img/label-page.png is made this way).
 import json
 import os
 import shutil
+import sqlite3
 import threading
 
 import pytest
@@ -226,6 +227,7 @@ def test_likert_flag_and_skip_by_keyboard(tmp_path):
         driver.find_element(By.TAG_NAME, "body").send_keys("f")
         item_id, _ = _next(driver, "odd")
         assert item_id == "later"
+        driver.execute_script("document.getElementById('status').textContent = ''")
         driver.find_element(By.TAG_NAME, "body").send_keys("s")  # skipped: the only item left comes back
         _wait(driver, lambda d: "saved" in d.find_element(By.ID, "status").text, "the skip")
         assert _current(driver)[0] == "later"
@@ -236,3 +238,4 @@ def test_likert_flag_and_skip_by_keyboard(tmp_path):
     assert labels["rate"]["value"] == {"ratings": [3, 1, 4]}  # file order: fine, poor, great
     assert labels["odd"]["kind"] == "flag" and labels["odd"]["reason"] == "the prompt asks nothing"
     assert "later" not in labels
+    assert sqlite3.connect(db.path).execute("SELECT rater, item_id FROM skips").fetchall() == [("carol", "later")]
