@@ -42,15 +42,23 @@ RANKING = {"alice": {"r1": [0, 1, 2], "r2": [0, 2, 1]}, "bob": {"r1": [0, 1, 2],
 
 @pytest.fixture
 def server(tmp_path, candidates):
-    from werkzeug.serving import make_server
-
     db = LabelDB.create_or_open(str(tmp_path / "labels.sqlite"), read_items(candidates), raters_per_item=2)
-    app = create_app(db, "# How to judge\n\nPrefer the **correct** answer; flag anything unclear.")
-    httpd = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
+    httpd = _quiet_server(create_app(db, "# How to judge\n\nPrefer the **correct** answer; flag anything unclear."))
     yield db, f"http://127.0.0.1:{httpd.server_port}"
     httpd.shutdown()
+
+
+def _quiet_server(app):
+    """A threaded Werkzeug server on a free port that logs no requests (its log would outlive pytest's capture)."""
+    from werkzeug.serving import WSGIRequestHandler, make_server
+
+    class Quiet(WSGIRequestHandler):
+        def log(self, *args, **kwargs):
+            pass
+
+    httpd = make_server("127.0.0.1", 0, app, threaded=True, request_handler=Quiet)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd
 
 
 def _browser():
@@ -197,16 +205,13 @@ def test_two_raters_label_in_chromium_and_a_closed_tab_loses_nothing(server, tmp
 def test_likert_flag_and_skip_by_keyboard(tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
-    from werkzeug.serving import make_server
-
     path = tmp_path / "c.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in [
         {"id": "rate", "prompt": "Rate these", "completions": ["fine", "poor", "great"], "task": "rating"},
         {"id": "odd", "prompt": "Unclear prompt", "completions": ["x", "y"]},
         {"id": "later", "prompt": "Skip me", "completions": ["u", "v"]}]))
     db = LabelDB.create_or_open(str(tmp_path / "l.sqlite"), read_items(str(path)), scale=4)
-    httpd = make_server("127.0.0.1", 0, create_app(db), threaded=True)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    httpd = _quiet_server(create_app(db))
     driver = _browser()
     try:
         base = f"http://127.0.0.1:{httpd.server_port}"
