@@ -112,7 +112,7 @@ function render() {
       b.addEventListener("click", () => submit({kind: "pairwise", choice}));
       controls.appendChild(b);
     }
-    $("keys").textContent = "Keys: a / b: that answer is better, t: tie, x: both bad, f: flag, s: skip.";
+    $("keys").textContent = "Keys: a / b: that answer is better, t: tie, x: both bad, f: flag, s: skip; Esc leaves the reason box.";
   } else {
     const reset = el("button", {type: "button", id: "reset"}, "Clear (r)");
     reset.addEventListener("click", () => { order = []; ratings = item.answers.map(() => 0); refresh(); });
@@ -195,6 +195,7 @@ const submit = (body) => post("/api/label", body);
 document.addEventListener("keydown", (e) => {
   if (!item || e.altKey || e.metaKey) return;
   const typing = ["TEXTAREA", "INPUT"].includes(document.activeElement.tagName);
+  if (e.key === "Escape" && typing) { document.activeElement.blur(); return; }
   if (e.key === "Enter" && (!typing || e.ctrlKey || document.activeElement.classList.contains("rank-input"))) {
     if (item.task !== "pairwise") { e.preventDefault(); submitList(); }
     return;
