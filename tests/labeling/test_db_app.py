@@ -299,3 +299,22 @@ def test_exported_pairs_train_a_reward_model(tmp_path, candidates):
     assert main(["rm", "--model", "tiny-micro", "--data", str(out), "--eval-data", str(out), "--max-steps", "1",
                  "--batch-size", "4", "--lora-r", "4", "--out", str(tmp_path / "rm"), "--quiet"]) == 0
     assert (tmp_path / "rm" / "reward_model" / "score_head.safetensors").is_file()
+
+
+def test_conversational_pairs_are_shown_as_text_and_exported_as_messages(tmp_path):
+    from peftkern.models import tasks
+
+    records = tasks.preference_records(tasks.questions(2, seed=0))
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    db = LabelDB.create_or_open(str(tmp_path / "l.sqlite"), read_items(str(path)))
+    c = _client(db, "alice")
+    item = c.get("/api/next").get_json()["item"]
+    assert item["prompt"].startswith("system: You answer with the answer only.\nuser: ")
+    right = records[0]["chosen"][0]["content"]
+    assert right in item["answers"]  # one assistant message: just its text
+    c.post("/api/label", json={"item_id": item["id"], "kind": "pairwise",
+                               "choice": "AB"[item["answers"].index(right)]})
+    [pair] = export_pairs(db)
+    assert (pair["prompt"], pair["chosen"], pair["rejected"]) == (records[0]["prompt"], records[0]["chosen"],
+                                                                  records[0]["rejected"])
