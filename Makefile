@@ -50,7 +50,8 @@ ctest:
 # why, where there is none). Never fails: without root or apt-get it leaves things as they are.
 browser:
 	-@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
-	  apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } || \
+	  { apt-get install -y -q chromium chromium-driver || { apt-get update -q && \
+	    apt-get install -y -q chromium chromium-driver; }; } >/dev/null 2>&1; } || \
 	  echo "browser: no chromium (the labelling page's browser test will skip)"
 
 kernels: $(STAMP)
