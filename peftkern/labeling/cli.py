@@ -173,8 +173,11 @@ def run_sample_pairs(args) -> int:
                                  processors=processors, step_scorer=step_scorer, where=[r["_where"] for r in records])
     except _USER_ERRORS as exc:
         return _fail("sample-pairs", exc)
-    rows = []
+    rows, left_out = [], []
     for rec, out in zip(records, outs):
+        if len(out["completions"]) < 2:  # nothing to compare: the labelling page could not show it
+            left_out.append(rec["_where"])
+            continue
         row = {k: v for k, v in rec.items() if k != "_where"}
         row.update(out)
         row["id"] = item_id(row["prompt"], row["completions"])
@@ -183,6 +186,10 @@ def run_sample_pairs(args) -> int:
     short = sum(r["short"] > 0 for r in rows)
     print(f"wrote {len(rows)} prompts x up to {args.k} answers to {args.out}"
           + (f"; {short} prompt(s) have fewer distinct answers (see 'short')" if short else ""), file=sys.stderr)
+    if left_out:
+        print(f"peftkern sample-pairs: warning: {len(left_out)} prompt(s) gave fewer than 2 distinct answers in "
+              f"{args.max_rounds} round(s) and were left out: {', '.join(left_out[:10])}"
+              + (" ..." if len(left_out) > 10 else "") + " (raise --temperature or --max-rounds)", file=sys.stderr)
     return 0
 
 

@@ -119,6 +119,12 @@ def test_sample_pairs_cli_writes_what_label_serve_reads(tmp_path, capsys):
     assert [it.id for it in items] == [r["id"] for r in rows] and items[0].task == "ranking"
     assert main(["sample-pairs", "--model", "tiny-micro", "--prompts", str(prompts), "--out", str(out), "-k", "1"]) == 2
     assert "k must be an integer >= 2" in capsys.readouterr().err
+    # near-greedy draws: one distinct answer per prompt, nothing to compare: left out, with a warning
+    assert main(["sample-pairs", "--model", "tiny-micro", "--prompts", str(prompts), "--out", str(out), "-k", "2",
+                 "--max-new-tokens", "3", "--temperature", "1e-4", "--max-rounds", "1"]) == 0
+    assert out.read_text() == ""
+    assert f"2 prompt(s) gave fewer than 2 distinct answers in 1 round(s) and were left out: {prompts}:1, " \
+           f"{prompts}:2" in capsys.readouterr().err
 
 
 @pytest.mark.slow
