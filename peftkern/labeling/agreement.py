@@ -115,8 +115,8 @@ def units_of(labels: list[dict], kind: str, view: str) -> dict:
 
 
 def table_stats(units: dict, ordinal: bool) -> dict:
-    """Agreement over ``{unit: {rater: value}}``: Cohen's kappa per pair of raters (on the units both
-    labelled), Fleiss' kappa, Krippendorff's alpha (nominal, and ordinal when ``ordinal``), and per
+    """Agreement over ``{unit: {rater: value}}``: Cohen's kappa and the observed agreement per pair of
+    raters (on the units both labelled), Fleiss' kappa, Krippendorff's alpha (nominal, and ordinal when ``ordinal``), and per
     rater: labels, mean Cohen's kappa with the others, share agreeing with the others' majority."""
     raters = sorted({r for by in units.values() for r in by})
     keys = list(units)
@@ -128,9 +128,9 @@ def table_stats(units: dict, ordinal: bool) -> dict:
         for y in range(x + 1, len(raters)):
             shared = [u for u in keys if raters[x] in units[u] and raters[y] in units[u]]
             if shared:
-                pairs[f"{raters[x]}|{raters[y]}"] = {
-                    "units": len(shared),
-                    "kappa": cohen_kappa([units[u][raters[x]] for u in shared], [units[u][raters[y]] for u in shared])}
+                a, b = [units[u][raters[x]] for u in shared], [units[u][raters[y]] for u in shared]
+                pairs[f"{raters[x]}|{raters[y]}"] = {"units": len(shared), "kappa": cohen_kappa(a, b),
+                                                     "observed": sum(p == q for p, q in zip(a, b)) / len(shared)}
     out["cohen_kappa"] = pairs
     kappas = [p["kappa"] for p in pairs.values() if not math.isnan(p["kappa"])]
     out["mean_cohen_kappa"] = sum(kappas) / len(kappas) if kappas else NAN
@@ -207,7 +207,8 @@ def format_report(report: dict) -> str:
         lines.append(f"  overall: Fleiss kappa {fmt(t['fleiss_kappa'])}, {alpha}, mean Cohen kappa "
                      f"{fmt(t['mean_cohen_kappa'])}")
         for pair, p in t["cohen_kappa"].items():
-            lines.append(f"  Cohen kappa {pair.replace('|', ' vs ')}: {fmt(p['kappa'])} on {p['units']} units")
+            lines.append(f"  Cohen kappa {pair.replace('|', ' vs ')}: {fmt(p['kappa'])} on {p['units']} units "
+                         f"(observed agreement {fmt(p['observed'])})")
         for r, p in t["per_rater"].items():
             lines.append(f"  rater {r}: {p['labels']} labels, mean Cohen kappa {fmt(p['mean_cohen_kappa'])}, agrees "
                          f"with the others' majority {fmt(p['majority_agreement'])} ({p['majority_units']} units)")

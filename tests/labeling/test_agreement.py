@@ -84,6 +84,7 @@ def test_report_per_rater_and_overall():
     assert t["units"] == 4 and t["raters"] == 3 and t["labels"] == 12
     assert t["cohen_kappa"]["alice|bob"]["kappa"] == pytest.approx(
         cohen_kappa(verdicts["alice"], verdicts["bob"]), abs=1e-12)
+    assert t["cohen_kappa"]["alice|bob"]["observed"] == 0.75  # all but item 1
     cats = ["0", "1", "tie"]
     counts = [[sum(verdicts[r][i] == c for r in verdicts) for c in cats] for i in range(4)]
     assert t["fleiss_kappa"] == pytest.approx(fleiss_kappa(counts), abs=1e-12)

@@ -197,8 +197,10 @@ def test_two_raters_label_in_chromium_and_a_closed_tab_loses_nothing(server, tmp
     capsys.readouterr()
     assert main(["label", "stats", "--db", db.path, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["pairwise"]["cohen_kappa"]["alice|bob"] == {"units": 3, "kappa": pytest.approx(0.4, abs=1e-12)}
-    assert report["ranking_pairs"]["cohen_kappa"]["alice|bob"] == {"units": 6, "kappa": pytest.approx(-0.2, abs=1e-12)}
+    assert report["pairwise"]["cohen_kappa"]["alice|bob"] == {"units": 3, "kappa": pytest.approx(0.4, abs=1e-12),
+                                                              "observed": pytest.approx(2 / 3)}
+    assert report["ranking_pairs"]["cohen_kappa"]["alice|bob"] == {"units": 6, "kappa": pytest.approx(-0.2, abs=1e-12),
+                                                                   "observed": pytest.approx(4 / 6)}
 
 
 @pytest.mark.slow

@@ -281,7 +281,7 @@ def test_cli_export_and_stats(tmp_path, candidates, capsys):
     assert main(["label", "stats", "--db", db.path, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     # one unit, opposite verdicts: p_o = 0, p_e = 0, kappa 0; Fleiss' P_e = 1/2, kappa -1; alpha undefined -> null
-    assert report["pairwise"]["cohen_kappa"]["alice|bob"] == {"units": 1, "kappa": 0.0}
+    assert report["pairwise"]["cohen_kappa"]["alice|bob"] == {"units": 1, "kappa": 0.0, "observed": 0.0}
     assert report["pairwise"]["fleiss_kappa"] == -1.0
 
 
