@@ -49,7 +49,9 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    path = lambda name: os.path.join(args.out, name)  # noqa: E731
+
+    def path(name: str) -> str:
+        return os.path.join(args.out, name)
 
     held_q = tasks.questions(args.held, seed=args.seed + 6)
     train_q = tasks.questions(args.train, seed=args.seed + 5, exclude={q for q, _, _ in held_q})

@@ -57,7 +57,7 @@ class LabelDB:
 
     @classmethod
     def create_or_open(cls, path: str, items: list[Item] | None, raters_per_item: int | None = None,
-                       scale: int | None = None) -> "LabelDB":
+                       scale: int | None = None) -> LabelDB:
         """Open ``path`` (or create it) and add ``items`` that are not in it yet. An item id already
         present with other content raises SchemaError (the data file changed under the labels)."""
         if raters_per_item is not None and raters_per_item < 1:

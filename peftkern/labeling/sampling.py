@@ -38,7 +38,7 @@ class SamplingPlan:
     max_rounds: int = 3
     extra: dict = field(default_factory=dict)
 
-    def check(self, has_scorer: bool) -> "SamplingPlan":
+    def check(self, has_scorer: bool) -> SamplingPlan:
         if not isinstance(self.k, int) or self.k < 2:
             raise ValueError(f"k must be an integer >= 2 (answers per prompt to compare), got {self.k!r}")
         if self.strategy not in STRATEGIES:

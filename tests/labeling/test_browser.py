@@ -17,10 +17,10 @@ import pytest
 pytest.importorskip("flask", reason="Flask is not installed (pip install 'peftkern[label]')")
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
 
-from peftkern.cli import main  # noqa: E402
-from peftkern.labeling.app import create_app  # noqa: E402
-from peftkern.labeling.db import LabelDB  # noqa: E402
-from peftkern.labeling.items import read_items  # noqa: E402
+from peftkern.cli import main
+from peftkern.labeling.app import create_app
+from peftkern.labeling.db import LabelDB
+from peftkern.labeling.items import read_items
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 DRIVER = shutil.which("chromedriver")

@@ -7,12 +7,12 @@ import pytest
 
 pytest.importorskip("flask", reason="Flask is not installed (pip install 'peftkern[label]')")
 
-from peftkern.cli import main  # noqa: E402
-from peftkern.labeling.app import create_app  # noqa: E402
-from peftkern.labeling.db import LEASE_SECONDS, LabelDB, SchemaError  # noqa: E402
-from peftkern.labeling.export import export_pairs, export_rankings  # noqa: E402
-from peftkern.labeling.items import read_items  # noqa: E402
-from peftkern.train.errors import DataError  # noqa: E402
+from peftkern.cli import main
+from peftkern.labeling.app import create_app
+from peftkern.labeling.db import LEASE_SECONDS, LabelDB, SchemaError
+from peftkern.labeling.export import export_pairs, export_rankings
+from peftkern.labeling.items import read_items
+from peftkern.train.errors import DataError
 
 
 def _db(tmp_path, candidates, per_item=2, **kw):
