@@ -1,5 +1,13 @@
-"""Reward model: a scalar head on the last token, Bradley-Terry loss with an optional per-pair margin
-(a ``margin`` field in the data), pairwise accuracy as the metric."""
+"""Reward model: a scalar head on the last token, trained on pairs (``prompt``/``chosen``/``rejected``,
+with an optional per-pair ``margin``) and K-way rankings (``prompt``/``completions``/``ranking``) with
+the all-pairs Bradley-Terry or the Plackett-Luce loss (``--rank-loss``; on a pair both are the
+Bradley-Terry loss); pairwise accuracy as the metric.
+
+``--ensemble N``: N score heads over the one body, head h trained on its own bootstrap sample of the
+records (each record weighted by how often a draw of n with replacement picked it for h). The saved
+``reward_model/`` then scores with every head; :class:`peftkern.train.reward_ensemble.RewardModel`
+combines them and measures their disagreement.
+"""
 from __future__ import annotations
 
 import copy
@@ -7,53 +15,128 @@ import os
 
 import torch
 
-from peftkern.train.dpo import collate_pairs
+from peftkern.losses.ranking import pairwise_accuracy, rank_loss
+from peftkern.train.calibration import read_temperature
+from peftkern.train.data import encode_pair, encode_prompt_completion, encode_sequence, load_records, pad_batch
 from peftkern.train.loop import Trainer
-from peftkern.train.objectives import reward_loss_sum
+from peftkern.train.reward_ensemble import RewardModel, disagreement
 
 SCORE_HEAD_FILE = "score_head.safetensors"
+
+
+def rm_examples(tokenizer, source, cfg) -> list[dict]:
+    """``{"ranked": [sequence, ...] best first, "margin", "index", "where"}`` per record: a pair is a
+    ranking of two (chosen, rejected); a ranking record's completions in its ``ranking`` order."""
+    out = []
+    for i, rec in enumerate(load_records(source, "rm")):
+        d = rec.data
+        if "completions" in d:
+            seqs = [encode_sequence(*encode_prompt_completion(tokenizer, d["prompt"], c, rec.where), cfg.max_length)
+                    for c in d["completions"]]
+            ranked, margin = [seqs[j] for j in d["ranking"]], 0.0
+        else:
+            pair = encode_pair(tokenizer, rec, cfg.max_length)
+            ranked, margin = [pair["chosen"], pair["rejected"]], float(d.get("margin", 0.0))
+        out.append({"ranked": ranked, "margin": margin, "index": i, "where": rec.where})
+    return out
+
+
+def collate_rankings(examples: list[dict], pad_id: int) -> dict:
+    """Every list's sequences padded together as rows [R, T] (list after list, best first), plus
+    ``slots`` [B, K] (each list's rows; K the longest list), ``slot_mask`` [B, K] bool, ``margin`` [B]
+    fp32 and ``boot`` [B, N] fp32 (bootstrap weights of an ensemble's heads; 1 without them)."""
+    rows, slots = [], []
+    for e in examples:
+        slots.append(list(range(len(rows), len(rows) + len(e["ranked"]))))
+        rows += e["ranked"]
+    batch = pad_batch(rows, pad_id)
+    k = max(len(s) for s in slots)
+    batch["slots"] = torch.tensor([s + [0] * (k - len(s)) for s in slots], dtype=torch.long)
+    batch["slot_mask"] = torch.tensor([[True] * len(s) + [False] * (k - len(s)) for s in slots])
+    batch["margin"] = torch.tensor([e["margin"] for e in examples], dtype=torch.float32)
+    heads = max(len(e.get("boot", [1.0])) for e in examples)
+    batch["boot"] = torch.tensor([e.get("boot", [1.0] * heads) for e in examples], dtype=torch.float32)
+    return batch
+
+
+def bootstrap_counts(n: int, heads: int, seed: int) -> torch.Tensor:
+    """[n, heads] fp32: how many times each of n records is drawn in head h's bootstrap sample (n draws
+    with replacement, from a generator seeded with ``seed``)."""
+    gen = torch.Generator().manual_seed(seed)
+    draws = torch.randint(n, (heads, n), generator=gen)
+    return torch.stack([torch.bincount(d, minlength=n) for d in draws], dim=1).float()
 
 
 class RewardTrainer(Trainer):
     kind = "rm"
 
+    def before_train(self):
+        heads = self.module.score_head.out_features
+        if heads > 1:  # each train record remembers its weight in every head's bootstrap sample
+            counts = bootstrap_counts(len(self.train_examples), heads, self.cfg.seed * 7919 + 17)
+            for e, c in zip(self.train_examples, counts.tolist()):
+                e["boot"] = c
+
     def collate(self, examples):
-        batch = collate_pairs(examples, self.tokenizer.pad_token_id)
-        batch["margin"] = torch.tensor([e.get("margin", 0.0) for e in examples], dtype=torch.float32)
-        return batch
+        return collate_rankings(examples, self.tokenizer.pad_token_id)
 
     def units(self, batch):
-        return torch.tensor(float(batch["index"].numel()))
+        return torch.tensor(float(batch["slots"].shape[0]))
 
-    def _scores(self, model, batch):
-        b = batch["index"].numel()
+    def _ranked(self, model, batch) -> torch.Tensor:
+        """[B, K, N] the heads' scores of each list's completions, best first."""
         scores = model(batch["input_ids"], batch["attention_mask"])["scores"]
-        return scores[:b], scores[b:]
+        scores = scores.reshape(scores.shape[0], -1)  # [R, N]
+        return scores[batch["slots"]]
+
+    def _terms(self, ranked: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+        """(loss summed over the lists and averaged over the heads, weighted by the bootstrap counts;
+        metric sums) from ranked [B, K, N]."""
+        b, k, n = ranked.shape
+        per_head = ranked.permute(0, 2, 1).reshape(b * n, k)
+        mask = batch["slot_mask"].repeat_interleave(n, dim=0)
+        losses = rank_loss(per_head, mask, batch["margin"].repeat_interleave(n), self.cfg.rank_loss,
+                           reduction="none").reshape(b, n)
+        loss = (losses * batch["boot"].to(losses.dtype)).sum() / n
+        mean = ranked.float().mean(-1)
+        last = batch["slot_mask"].sum(-1) - 1
+        rows = torch.arange(b, device=ranked.device)
+        metrics = {"accuracy": pairwise_accuracy(mean, batch["slot_mask"]).sum(),
+                   "margin": (mean[:, 0] - mean[rows, last]).sum()}
+        if n > 1:
+            metrics["disagreement"] = (disagreement(ranked.float().reshape(b * k, n)).reshape(b, k)
+                                       * batch["slot_mask"]).sum(-1).div(last + 1).sum()
+            metrics["head_loss"] = losses.detach().mean(-1).sum()
+        return loss, metrics
 
     def loss(self, model, batch):
-        chosen, rejected = self._scores(model, batch)
-        loss = reward_loss_sum(chosen, rejected, batch["margin"])
-        return loss, {"accuracy": (chosen > rejected).float().sum(), "margin": (chosen - rejected).sum()}
+        loss, metrics = self._terms(self._ranked(model, batch), batch)
+        return loss, {k: v.detach() for k, v in metrics.items()}
 
     def evaluate(self):
+        """Mean over the held-out lists of the loss (every head, unweighted), pairwise accuracy and margin
+        (best minus worst score) of the heads' mean score, and the heads' disagreement."""
         n, bs = len(self.eval_examples), self.cfg.batch_size
-        loss = acc = margin = 0.0
+        sums: dict[str, float] = {}
         for i in range(0, n, bs):
-            batch = self.to_device(self.collate(self.eval_examples[i:i + bs]))
-            chosen, rejected = self._scores(self.module, batch)
-            loss += reward_loss_sum(chosen, rejected, batch["margin"]).item()
-            acc += (chosen > rejected).float().sum().item()
-            margin += (chosen - rejected).sum().item()
-        return {"loss": loss / max(n, 1), "accuracy": acc / max(n, 1), "margin": margin / max(n, 1)}
+            batch = self.to_device(self.collate([{k: v for k, v in e.items() if k != "boot"}
+                                                 for e in self.eval_examples[i:i + bs]]))
+            loss, metrics = self._terms(self._ranked(self.module, batch), batch)
+            for key, value in {"loss": loss, **metrics}.items():
+                if key != "head_loss":
+                    sums[key] = sums.get(key, 0.0) + float(value)
+        return {k: v / max(n, 1) for k, v in sums.items()}
 
     def save_outputs(self, summary):
-        """Besides the adapter and metrics: ``reward_model/`` (the LM with adapters merged, and the score
-        head), which ``peftkern ppo --reward-model`` loads."""
+        """Besides the adapter and metrics: ``reward_model/`` (the LM with adapters merged, the score
+        head(s) and the tokenizer), which ``peftkern ppo|grpo|rloo --reward-model`` load."""
         super().save_outputs(summary)
-        save_reward_model(self.module, os.path.join(self.cfg.out, "reward_model"))
+        save_reward_model(self.module, os.path.join(self.cfg.out, "reward_model"), self.tokenizer)
 
 
-def save_reward_model(module, out_dir: str) -> None:
+def save_reward_model(module, out_dir: str, tokenizer=None) -> None:
+    """``out_dir``: the LM (adapters merged) as transformers writes it, ``score_head.safetensors`` (weight
+    [N, H], bias [N]) and the tokenizer when given; written atomically."""
     from safetensors.torch import save_file
 
     from peftkern.train.adapters import merge
@@ -64,24 +147,44 @@ def save_reward_model(module, out_dir: str) -> None:
     head = module.score_head
     with atomic_dir(out_dir) as tmp:
         lm.save_pretrained(tmp)
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(tmp)
         save_file({"weight": head.weight.detach().cpu().contiguous(), "bias": head.bias.detach().cpu().contiguous()},
                   os.path.join(tmp, SCORE_HEAD_FILE))
 
 
-def load_reward_model(path: str):
-    """(LMWithHeads with a score head, in eval mode) from a ``reward_model/`` directory."""
+def load_scorer(path: str):
+    """(LMWithHeads with the saved score head(s), in eval mode) from a ``reward_model/`` directory, the
+    raw scores: no temperature."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
+    from peftkern.train.errors import ConfigError
     from peftkern.train.model import LMWithHeads
 
     head_path = os.path.join(path, SCORE_HEAD_FILE)
     if not os.path.isfile(head_path):
         raise FileNotFoundError(f"{path}: not a reward model directory (no {SCORE_HEAD_FILE}); "
                                 "train one with 'peftkern rm'")
-    model = LMWithHeads(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), score_head=True)
     state = load_file(head_path)
+    weight, bias = state.get("weight"), state.get("bias")
+    if weight is None or bias is None or weight.dim() != 2 or bias.shape != weight.shape[:1]:
+        raise ConfigError(f"{head_path}: expected 'weight' [N, H] and 'bias' [N], got "
+                          f"{ {k: tuple(v.shape) for k, v in state.items()} }")
+    model = LMWithHeads(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), score_head=weight.shape[0])
+    if model.score_head.in_features != weight.shape[1]:
+        raise ConfigError(f"{head_path}: the head reads {weight.shape[1]} features; the model in {path} has "
+                          f"{model.score_head.in_features}")
     with torch.no_grad():
-        model.score_head.weight.copy_(state["weight"])
-        model.score_head.bias.copy_(state["bias"])
+        model.score_head.weight.copy_(weight)
+        model.score_head.bias.copy_(bias)
     return model.eval().requires_grad_(False)
+
+
+def load_reward_model(path: str, aggregate: str = "mean", std_coef: float = 1.0,
+                      calibrated: bool = True) -> RewardModel:
+    """The reward model in a ``reward_model/`` directory as a :class:`RewardModel` (eval mode): its heads'
+    scores over the temperature of its ``calibration.json`` (1 when absent, or ``calibrated=False``),
+    combined by ``aggregate``; ``out["scores"]`` [B] is the reward."""
+    temperature = read_temperature(path) if calibrated else 1.0
+    return RewardModel(load_scorer(path), temperature, aggregate, std_coef, where=path).eval()

@@ -56,16 +56,20 @@ def build_trainer(kind: str, cfg: TrainConfig, callbacks=()):
     lm = prepare_lm(cfg, lm)
     if kind == "sft" and cfg.packing:
         check_packed_attention(lm)
-    model = LMWithHeads(lm, value_head=kind == "ppo", score_head=kind == "rm", autocast_bf16=cfg.bf16)
+    model = LMWithHeads(lm, value_head=kind == "ppo", score_head=cfg.ensemble if kind == "rm" else False,
+                        autocast_bf16=cfg.bf16)
     if kind == "sft":
         from peftkern.train.sft import SFTTrainer, sft_examples
 
         make, cls = sft_examples, SFTTrainer
-    elif kind in ("dpo", "rm"):
+    elif kind == "dpo":
         from peftkern.train.dpo import DPOTrainer, pair_examples
-        from peftkern.train.rm import RewardTrainer
 
-        make, cls = (lambda t, s, c: pair_examples(t, s, c, kind)), (DPOTrainer if kind == "dpo" else RewardTrainer)
+        make, cls = pair_examples, DPOTrainer
+    elif kind == "rm":
+        from peftkern.train.rm import RewardTrainer, rm_examples
+
+        make, cls = rm_examples, RewardTrainer
     elif kind == "kto":
         from peftkern.train.kto import KTOTrainer, kto_examples
 
