@@ -188,3 +188,19 @@ def load_reward_model(path: str, aggregate: str = "mean", std_coef: float = 1.0,
     combined by ``aggregate``; ``out["scores"]`` [B] is the reward."""
     temperature = read_temperature(path) if calibrated else 1.0
     return RewardModel(load_scorer(path), temperature, aggregate, std_coef, where=path).eval()
+
+
+@torch.no_grad()
+def pair_margins(model: RewardModel, examples: list[dict], pad_id: int, batch_size: int = 16) -> torch.Tensor:
+    """[P] fp64: for every pair a list implies (i ranked above j), the reward s_i - s_j of ``model``
+    (its aggregated score; :func:`rm_examples`' lists)."""
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(examples), batch_size):
+        batch = collate_rankings(examples[i:i + batch_size], pad_id)
+        scores = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))["scores"].double().cpu()
+        ranked, mask = scores[batch["slots"]], batch["slot_mask"]
+        k = ranked.shape[1]
+        pairs = torch.ones(k, k, dtype=torch.bool).triu(1) & mask[:, :, None] & mask[:, None, :]
+        out.append((ranked[:, :, None] - ranked[:, None, :])[pairs])
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
