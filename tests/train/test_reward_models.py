@@ -248,3 +248,17 @@ def test_rl_trainers_use_the_ensemble_reward(tmp_path, kind):
         assert "reward_disagreement" in trainer.history[0] and trainer.history[0]["reward_disagreement"] > 0
     else:
         assert isinstance(rm, RewardModel) and rm.how == "mean_minus_std" and rm.std_coef == 0.5 and rm.heads == 2
+
+
+def test_text_level_uncertainty_callable(tmp_path):
+    from peftkern.evaluation import reward_model_scorer
+    from peftkern.models import build_byte_tokenizer
+
+    _train(_cfg(tmp_path, ensemble=3, max_steps=2), n_eval=4)
+    path, tok = str(tmp_path / "reward_model"), build_byte_tokenizer()
+    prompts = [tasks._prompt("Reverse 'abc'."), tasks._prompt("Who wrote Hamlet?")]
+    spread = reward_model_scorer(path, tok, what="disagreement")(prompts, ["cba", "Shakespeare"])
+    scores = reward_model_scorer(path, tok)(prompts, ["cba", "Shakespeare"])
+    assert len(spread) == 2 and all(v > 0 for v in spread) and len(scores) == 2
+    with pytest.raises(ValueError, match="what must be"):
+        reward_model_scorer(path, tok, what="std")
