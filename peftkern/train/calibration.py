@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from peftkern.train.atomic import atomic_write_text
 from peftkern.train.errors import ConfigError
+from peftkern.train.plots import save_figure
 
 CALIBRATION_FILE = "calibration.json"
 T_RANGE = (1e-3, 1e3)
@@ -134,13 +135,7 @@ def plot_reliability(margins, temperature: float, png_path: str, bins: int = 10,
     bar.set_xlabel("confidence max(p, 1 - p)")
     bar.set_ylabel("pairs")
     bar.set_xlim(0.5, 1.0)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
-    tmp = png_path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png_path)
-    return png_path
+    return save_figure(fig, png_path)
 
 
 def read_temperature(model_dir: str) -> float:
