@@ -58,17 +58,21 @@ def main() -> None:
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--ensemble", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lora-r", type=int, default=16)
+    ap.add_argument("--pairs", type=int, default=200, help="held-out pairs in each of the fit and test sets")
     args = ap.parse_args()
     torch.set_num_threads(1)
     os.makedirs(args.out, exist_ok=True)
     train, held = tasks.split(BUNDLED_TRAIN, BUNDLED_EVAL, 0)
     seen = {q for q, _, _ in train} | {q for q, _, _ in held}
-    fit_items, test_items = held_out_items(200, 101, seen), held_out_items(200, 202, seen)
+    fit_items, test_items = held_out_items(args.pairs, 101, seen), held_out_items(args.pairs, 202, seen)
     fit_path = write(os.path.join(args.out, "calib_fit.jsonl"), tasks.preference_records(fit_items))
     test_path = write(os.path.join(args.out, "calib_test.jsonl"), tasks.preference_records(test_items))
 
     cfg = TrainConfig(model=args.model, out=os.path.join(args.out, "rm"), quiet=True, strategy="none", seed=0,
-                      lora_r=16, lora_alpha=32, lr=3e-3, batch_size=16, max_steps=args.steps, warmup_steps=5,
+                      lora_r=args.lora_r, lora_alpha=2 * args.lora_r, lr=args.lr, batch_size=16,
+                      max_steps=args.steps, warmup_steps=5,
                       ensemble=args.ensemble, overwrite=True, log_every=10).check()
     start = time.time()
     torch.manual_seed(0)
@@ -112,12 +116,13 @@ def main() -> None:
     # OOD answers to in-distribution prompts (the answer alone is off-distribution)
     mix_d, mix_n = mean_disagreement(id_prompts, [rng.choice(OOD_ANSWERS) for _ in id_prompts])
     report = {"model": args.model, "torch": torch.__version__, "threads": 1, "steps": args.steps,
-              "ensemble": args.ensemble, "train_seconds": round(train_s, 1), "eval_after": summary["eval_after"],
+              "ensemble": args.ensemble, "lr": args.lr, "lora_r": args.lora_r, "train_seconds": round(train_s, 1),
+              "eval_after": summary["eval_after"],
               "calibration_fit_set": {k: fit[k] for k in ("temperature", "pairs", "accuracy", "ece_before",
                                                           "ece_after", "nll_before", "nll_after")},
               "calibration_test_set": test,
               "disagreement": {"in_distribution": id_d, "n_id": id_n, "out_of_distribution": ood_d, "n_ood": ood_n,
-                               "ood_over_id": ood_d / id_d, "id_prompt_ood_answer": mix_d}}
+                               "ood_over_id": ood_d / id_d if id_d else None, "id_prompt_ood_answer": mix_d}}
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     print(json.dumps(report, indent=1))

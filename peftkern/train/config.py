@@ -125,6 +125,9 @@ class TrainConfig:
                         "Bradley-Terry loss", ("rm",), choices=("bradley_terry", "plackett_luce"))
     ensemble: int = _f(1, "reward heads over one body, each trained on its own bootstrap sample of the data "
                        "(1: a plain reward model)", ("rm",))
+    calibrate_on: str | None = _f(None, "held-out JSONL of pairs or rankings: after training, fit the reward model's "
+                                  "temperature on it and save it with the model (as 'peftkern rm-calibrate')",
+                                  ("rm",))
     # PPO, GRPO, RLOO
     reward_model: str | None = _f(None, "reward model: a directory written by 'peftkern rm'", ("ppo", "grpo", "rloo"))
     reward_aggregate: str = _f("mean", "reward of an ensemble --reward-model from its heads' scores: their mean, "

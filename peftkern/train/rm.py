@@ -71,6 +71,9 @@ class RewardTrainer(Trainer):
     kind = "rm"
 
     def before_train(self):
+        # --calibrate-on's records are read now: a bad file fails before training, not after it
+        self.calibration_examples = (rm_examples(self.tokenizer, self.cfg.calibrate_on, self.cfg)
+                                     if self.cfg.calibrate_on else None)
         heads = self.module.score_head.out_features
         if heads > 1:  # each train record remembers its weight in every head's bootstrap sample
             counts = bootstrap_counts(len(self.train_examples), heads, self.cfg.seed * 7919 + 17)
@@ -129,9 +132,16 @@ class RewardTrainer(Trainer):
 
     def save_outputs(self, summary):
         """Besides the adapter and metrics: ``reward_model/`` (the LM with adapters merged, the score
-        head(s) and the tokenizer), which ``peftkern ppo|grpo|rloo --reward-model`` load."""
+        head(s) and the tokenizer), which ``peftkern ppo|grpo|rloo --reward-model`` load; with
+        ``--calibrate-on``, its temperature fitted on that data (``calibration.json``, ``reliability.png``,
+        and ``summary["calibration"]``)."""
+        path = os.path.join(self.cfg.out, "reward_model")
+        save_reward_model(self.module, path, self.tokenizer)
+        examples = getattr(self, "calibration_examples", None)
+        if examples is not None and self.dist.main:
+            summary["calibration"] = calibrate_saved(path, examples, self.tokenizer.pad_token_id, self.cfg.calibrate_on,
+                                                     batch_size=self.cfg.batch_size, device=self.device)
         super().save_outputs(summary)
-        save_reward_model(self.module, os.path.join(self.cfg.out, "reward_model"), self.tokenizer)
 
 
 def save_reward_model(module, out_dir: str, tokenizer=None) -> None:
@@ -204,3 +214,24 @@ def pair_margins(model: RewardModel, examples: list[dict], pad_id: int, batch_si
         pairs = torch.ones(k, k, dtype=torch.bool).triu(1) & mask[:, :, None] & mask[:, None, :]
         out.append((ranked[:, :, None] - ranked[:, None, :])[pairs])
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def calibrate_saved(path: str, examples: list[dict], pad_id: int, data: str, plot: str | None = None, bins: int = 10,
+                    batch_size: int = 16, save: bool = True, device=None) -> dict:
+    """Fit the temperature of the reward model saved in ``path`` on ``examples`` (:func:`rm_examples` of the
+    file ``data``), draw the reliability PNG (default ``path/reliability.png``) and (``save``) write
+    ``calibration.json``; returns the record (``peftkern.train.calibration.calibrate``'s, plus ``data``
+    and ``plot``)."""
+    from peftkern.train.calibration import calibrate, plot_reliability, write_calibration
+
+    model = load_reward_model(path, calibrated=False)
+    if device is not None:
+        model = model.to(device)
+    margins = pair_margins(model, examples, pad_id, batch_size)
+    record = {**calibrate(margins, bins), "data": os.path.abspath(data)}
+    name = os.path.basename(os.path.normpath(path))
+    record["plot"] = plot_reliability(margins, record["temperature"], plot or os.path.join(path, "reliability.png"),
+                                      bins, title=f"{name} on {os.path.basename(data)}")
+    if save:
+        write_calibration(path, record)
+    return record

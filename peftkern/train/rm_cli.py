@@ -37,16 +37,17 @@ def calibrate_reward_model(path: str, data: str, tokenizer_dir: str | None = Non
     calibration record (``peftkern.train.calibration.calibrate``'s, plus ``data`` and ``plot``)."""
     from transformers import AutoTokenizer
 
-    from peftkern.train.calibration import calibrate, plot_reliability, write_calibration
     from peftkern.train.loading import check_tokenizer_dir
-    from peftkern.train.rm import load_reward_model, pair_margins, rm_examples
+    from peftkern.train.rm import SCORE_HEAD_FILE, calibrate_saved, rm_examples
 
     if not os.path.isdir(path):
         raise PathError(f"--reward-model {path}: no such directory (a reward_model/ folder from 'peftkern rm')")
+    if not os.path.isfile(os.path.join(path, SCORE_HEAD_FILE)):
+        raise PathError(f"--reward-model {path}: not a reward model directory (no {SCORE_HEAD_FILE}); train one "
+                        "with 'peftkern rm'")
     if bins < 1 or max_length < 2 or batch_size < 1:
         raise ValueError(f"--bins, --batch-size must be >= 1 and --max-length >= 2; got {bins}, {batch_size}, "
                          f"{max_length}")
-    model = load_reward_model(path, calibrated=False)
     tok_dir = tokenizer_dir or path
     if tokenizer_dir is None and not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
         raise PathError(f"--reward-model {path}: has no tokenizer files (written by an older 'peftkern rm'); give "
@@ -56,15 +57,7 @@ def calibrate_reward_model(path: str, data: str, tokenizer_dir: str | None = Non
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     examples = rm_examples(tok, data, SimpleNamespace(max_length=max_length))
-    margins = pair_margins(model, examples, tok.pad_token_id, batch_size)
-    record = calibrate(margins, bins)
-    record["data"] = os.path.abspath(data)
-    png = plot or os.path.join(path, "reliability.png")
-    record["plot"] = plot_reliability(margins, record["temperature"], png, bins,
-                                      title=f"{os.path.basename(os.path.normpath(path))} on {os.path.basename(data)}")
-    if save:
-        write_calibration(path, record)
-    return record
+    return calibrate_saved(path, examples, tok.pad_token_id, data, plot, bins, batch_size, save)
 
 
 def run(args) -> int:

@@ -113,6 +113,10 @@ def check_more_paths(cfg: TrainConfig, kind: str) -> None:
 
     if kind in ("grpo", "rloo") and cfg.reward_model:
         check_model_dir(cfg.reward_model, "--reward-model")
+    if kind == "rm" and cfg.calibrate_on:
+        from peftkern.train.loading import check_data_file
+
+        check_data_file(cfg.calibrate_on, "--calibrate-on")
     if cfg.init_adapter and not os.path.isfile(os.path.join(cfg.init_adapter, "adapter_config.json")):
         raise PathError(f"--init-adapter {cfg.init_adapter}: no adapter_config.json in it: not a PEFT adapter folder "
                         "(a run's <out>/adapter)")

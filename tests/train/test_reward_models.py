@@ -262,3 +262,18 @@ def test_text_level_uncertainty_callable(tmp_path):
     assert len(spread) == 2 and all(v > 0 for v in spread) and len(scores) == 2
     with pytest.raises(ValueError, match="what must be"):
         reward_model_scorer(path, tok, what="std")
+
+
+def test_calibrate_on_flag(tmp_path):
+    _, held = tasks.split(10, 40, 5)
+    data = _write(tmp_path / "held.jsonl", tasks.preference_records(held))
+    trainer, s = _train(_cfg(tmp_path / "run", max_steps=10, calibrate_on=data), n_eval=4)
+    rm_dir = tmp_path / "run" / "reward_model"
+    assert s["calibration"]["pairs"] == 40 and (rm_dir / "reliability.png").is_file()
+    assert read_temperature(str(rm_dir)) == pytest.approx(s["calibration"]["temperature"])
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["calibration"]["temperature"] == pytest.approx(s["calibration"]["temperature"])
+    bad = _write(tmp_path / "bad.jsonl", [{"prompt": "p", "completions": ["a", "b", "c"], "ranking": [0, 1]}])
+    with pytest.raises(DataError, match="bad.jsonl:1: 'ranking' has 2 entries for 3"):
+        _train(_cfg(tmp_path / "run2", max_steps=10, calibrate_on=bad), n_eval=4)
+    assert not (tmp_path / "run2" / "reward_model").exists()  # refused before training
