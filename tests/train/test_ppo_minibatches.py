@@ -53,3 +53,23 @@ def test_minibatches_and_replay_raise_the_reward(tmp_path):
     assert s["eval_after"]["reward"] > s["eval_before"]["reward"] + 0.3, s  # greedy responses
     sampled = [h["reward"] for h in trainer.history]
     assert sum(sampled[-5:]) / 5 > sum(sampled[:5]) / 5 + 0.1, sampled
+
+
+@pytest.mark.slow
+def test_ppo_raises_an_ensemble_reward_models_pessimistic_reward(tmp_path):
+    """The embedded default's pairs -> a 3-head reward model -> PPO with mini-batches and replay on
+    mean - std of its heads: the reward rises (measured: sampled 1.99 -> 2.35, greedy 2.28 -> 2.58)."""
+    rm_cfg = _cfg(tmp_path / "rm", batch_size=16, grad_accum=1, max_steps=60, warmup_steps=2, ensemble=3,
+                  reward_fn=None)
+    torch.manual_seed(0)
+    rm = build_trainer("rm", rm_cfg)
+    rm.eval_examples = rm.eval_examples[:8]
+    rm.train()
+    cfg = _cfg(tmp_path / "ppo", batch_size=8, grad_accum=1, max_steps=20, reward_fn=None,
+               reward_model=str(tmp_path / "rm" / "reward_model"), reward_aggregate="mean_minus_std",
+               ppo_mini_batch_size=8, ppo_epochs=2, replay_rollouts=2)
+    trainer, s, _ = _run(cfg)
+    sampled = [h["reward"] for h in trainer.history]
+    assert sum(sampled[-5:]) / 5 > sum(sampled[:5]) / 5 + 0.2, sampled
+    assert s["eval_after"]["reward"] > s["eval_before"]["reward"] + 0.15, s
+    assert all(h["reward_disagreement"] > 0 for h in trainer.history)
