@@ -162,7 +162,8 @@ class TrainConfig:
     mask_truncated_completions: bool = _f(False, "no loss on completions cut at max_completion_length", ONLINE)
     top_entropy_quantile: float = _f(1.0, "policy loss only on this top share of completion tokens by entropy "
                                      "(one more vocabulary pass; 1: all)", ("grpo",))
-    ppo_epochs: int = _f(2, "optimisation passes over each rollout", ("ppo",))
+    ppo_epochs: int = _f(2, "optimisation passes over each step's samples (the rollout and any replayed ones)",
+                         ("ppo",))
     ppo_mini_batch_size: int = _f(0, "samples per optimizer update: each pass shuffles the samples (the rollout, "
                                   "plus the replayed ones) into mini-batches of this many (0: one update per pass "
                                   "over them all)", ("ppo",))

@@ -265,12 +265,12 @@ class PPOTrainer(Trainer):
         loss_sum = torch.zeros((), device=self.device)
         last_epoch_units = torch.zeros((), device=self.device)
         finite = True  # every update before the last stepped on finite gradients
-        stats = []
+        per_update = []  # [ratio sum, tokens, max |ratio - 1|, fresh samples] per update, read in one sync
         for u, (epoch, rows) in enumerate(plan):
             minibatch = self.buffer.take(rows.to(self.buffer.device))
             loss, metrics, units = self._update(minibatch)
-            stats.append(torch.stack([metrics["ratio"], units, metrics["ratio_max_dev"],
-                                      (minibatch["age"] == 0).sum().float()]))
+            per_update.append(torch.stack([metrics["ratio"], units, metrics["ratio_max_dev"],
+                                           (minibatch["age"] == 0).sum().float()]))
             if epoch == self.cfg.ppo_epochs - 1:
                 loss_sum += loss
                 last_epoch_units += units
@@ -283,7 +283,7 @@ class PPOTrainer(Trainer):
         record = self.finish_step(loss_sum, sums, total, skip=not finite)
         self.updates = [{"epoch": plan[u][0], "samples": len(plan[u][1]), "ratio_mean": r / max(c, 1.0),
                          "ratio_max_dev": dev, "fresh": int(fresh)}
-                        for u, (r, c, dev, fresh) in enumerate(torch.stack(stats).tolist())]
+                        for u, (r, c, dev, fresh) in enumerate(torch.stack(per_update).tolist())]
         extra = [batch["scores"].sum(), batch["kl"].sum(), torch.tensor(float(n), device=self.device)]
         if self.disagreement is not None:
             extra.append(self.disagreement.sum())
