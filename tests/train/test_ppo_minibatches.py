@@ -73,3 +73,31 @@ def test_ppo_raises_an_ensemble_reward_models_pessimistic_reward(tmp_path):
     assert sum(sampled[-5:]) / 5 > sum(sampled[:5]) / 5 + 0.2, sampled
     assert s["eval_after"]["reward"] > s["eval_before"]["reward"] + 0.15, s
     assert all(h["reward_disagreement"] > 0 for h in trainer.history)
+
+
+@pytest.mark.slow
+def test_torchrun_minibatches_and_replay(tmp_path):
+    """Two processes (DDP) take the same number of mini-batch updates (a shared shuffle of equal buffers),
+    so the gradient all-reduces pair up and the run ends. (PPO does not run under FSDP2: its rollouts call
+    transformers' generate on the sharded inner LM, as on main.)"""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from tests.train.helpers import ROOT, env
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "peftkern", "ppo", "--model", "tiny-micro", "--lora-r", "4",
+           "--batch-size", "2", "--max-steps", "3", "--max-new-tokens", "4", "--ppo-mini-batch-size", "1",
+           "--replay-rollouts", "2", "--reward-fn", "tests.train.rewards:lowercase_fraction", "--strategy", "ddp",
+           "--out", out, "--quiet", "--log-every", "1"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    with open(f"{out}/log.jsonl") as f:
+        rows = [r for r in map(json.loads, f) if "updates" in r]
+    assert [r["updates"] for r in rows] == [4, 8, 8] and [r["replayed"] for r in rows] == [0, 2, 2]
