@@ -61,6 +61,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--pairs", type=int, default=200, help="held-out pairs in each of the fit and test sets")
+    ap.add_argument("--ensemble-adapters", action="store_true", help="the ensemble as N adapters (one per head)")
+    ap.add_argument("--independent", type=int, default=0, help="also N independent one-head reward models (own "
+                    "seed, own bootstrap resample, own LoRA): their disagreement, for comparison with the heads'")
     args = ap.parse_args()
     torch.set_num_threads(1)
     os.makedirs(args.out, exist_ok=True)
@@ -73,7 +76,8 @@ def main() -> None:
     cfg = TrainConfig(model=args.model, out=os.path.join(args.out, "rm"), quiet=True, strategy="none", seed=0,
                       lora_r=args.lora_r, lora_alpha=2 * args.lora_r, lr=args.lr, batch_size=16,
                       max_steps=args.steps, warmup_steps=5,
-                      ensemble=args.ensemble, overwrite=True, log_every=10).check()
+                      ensemble=args.ensemble, ensemble_adapters=args.ensemble_adapters, overwrite=True,
+                      log_every=10).check()
     start = time.time()
     torch.manual_seed(0)
     summary = build_trainer("rm", cfg).train()
@@ -92,7 +96,7 @@ def main() -> None:
             "nll_before": pair_nll(d), "nll_after": pair_nll(d, t), "ece_if_fitted_here": calibrate(d)["ece_after"]}
 
     # disagreement: in-distribution (unseen bundled questions, right and wrong answers) vs OOD
-    def mean_disagreement(prompts, answers) -> tuple[float, int]:
+    def mean_disagreement(prompts, answers, spread=None) -> tuple[float, int]:
         seqs = []
         for p, a in zip(prompts, answers):
             rec = [{"prompt": tasks._prompt(p), "chosen": [{"role": "assistant", "content": a}],
@@ -103,7 +107,7 @@ def main() -> None:
         with torch.no_grad():
             for i in range(0, len(examples), 16):
                 batch = collate_rankings(examples[i:i + 16], tok_src.pad_token_id)
-                values += model.uncertainty(batch["input_ids"], batch["attention_mask"]).tolist()
+                values += (spread or model.uncertainty)(batch["input_ids"], batch["attention_mask"]).tolist()
         return sum(values) / len(values), len(values)
 
     id_prompts = [q for q, _, _ in test_items[:100] for _ in range(2)]
@@ -115,14 +119,34 @@ def main() -> None:
     ood_d, ood_n = mean_disagreement(ood_prompts, ood_answers)
     # OOD answers to in-distribution prompts (the answer alone is off-distribution)
     mix_d, mix_n = mean_disagreement(id_prompts, [rng.choice(OOD_ANSWERS) for _ in id_prompts])
+    independent = None
+    if args.independent:
+        members = []
+        records = tasks.preference_records(train)
+        for i in range(args.independent):
+            picks = random.Random(1000 + i).choices(range(len(records)), k=len(records))
+            data = write(os.path.join(args.out, f"member{i}.jsonl"), [records[j] for j in picks])
+            member_cfg = TrainConfig(**{**vars(cfg), "ensemble": 1, "ensemble_adapters": False, "seed": i, "data": data,
+                                        "out": os.path.join(args.out, f"member{i}")}).check()
+            torch.manual_seed(i)
+            build_trainer("rm", member_cfg).train()
+            members.append(load_reward_model(os.path.join(member_cfg.out, "reward_model")))
+
+        def member_spread(ids, mask):
+            return torch.stack([m(ids, mask)["scores"] for m in members], -1).std(-1, correction=0)
+        i_id = mean_disagreement(id_prompts, id_answers, member_spread)[0]
+        i_ood = mean_disagreement(ood_prompts, ood_answers, member_spread)[0]
+        independent = {"members": args.independent, "in_distribution": i_id, "out_of_distribution": i_ood,
+                       "ood_over_id": i_ood / i_id}
     report = {"model": args.model, "torch": torch.__version__, "threads": 1, "steps": args.steps,
-              "ensemble": args.ensemble, "lr": args.lr, "lora_r": args.lora_r, "train_seconds": round(train_s, 1),
+              "ensemble": args.ensemble, "ensemble_adapters": args.ensemble_adapters, "lr": args.lr, "lora_r": args.lora_r, "train_seconds": round(train_s, 1),
               "eval_after": summary["eval_after"],
               "calibration_fit_set": {k: fit[k] for k in ("temperature", "pairs", "accuracy", "ece_before",
                                                           "ece_after", "nll_before", "nll_after")},
               "calibration_test_set": test,
               "disagreement": {"in_distribution": id_d, "n_id": id_n, "out_of_distribution": ood_d, "n_ood": ood_n,
-                               "ood_over_id": ood_d / id_d if id_d else None, "id_prompt_ood_answer": mix_d}}
+                               "ood_over_id": ood_d / id_d if id_d else None, "id_prompt_ood_answer": mix_d},
+              "independent_members": independent}
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     print(json.dumps(report, indent=1))

@@ -125,6 +125,9 @@ class TrainConfig:
                         "Bradley-Terry loss", ("rm",), choices=("bradley_terry", "plackett_luce"))
     ensemble: int = _f(1, "reward heads over one body, each trained on its own bootstrap sample of the data "
                        "(1: a plain reward model)", ("rm",))
+    ensemble_adapters: bool = _f(False, "--ensemble N as N LoRA adapters over the frozen base, one per head (each "
+                                 "member its own adapter and bootstrap sample), instead of N heads on one adapter",
+                                 ("rm",))
     calibrate_on: str | None = _f(None, "held-out JSONL of pairs or rankings: after training, fit the reward model's "
                                   "temperature on it and save it with the model (as 'peftkern rm-calibrate')",
                                   ("rm",))
@@ -278,6 +281,10 @@ class TrainConfig:
         """--ensemble, --reward-aggregate, --ppo-mini-batch-size, --replay-rollouts."""
         if self.ensemble < 1:
             raise ConfigError(f"ensemble must be >= 1 (reward heads; 1: a plain reward model), got {self.ensemble}")
+        if self.ensemble_adapters and (self.ensemble < 2 or self.peft != "lora" or self.lora_r == 0 or self.adapter):
+            raise ConfigError("--ensemble-adapters gives each of --ensemble N >= 2 members a fresh LoRA adapter: it "
+                              f"needs --ensemble >= 2 (got {self.ensemble}), --peft lora with --lora-r > 0 (got "
+                              f"{self.peft}, {self.lora_r}) and no --adapter")
         if self.reward_aggregate != "mean" and not self.reward_model:
             raise ConfigError(f"--reward-aggregate {self.reward_aggregate} combines an ensemble reward model's heads; "
                               "give --reward-model (a directory from 'peftkern rm --ensemble N')")

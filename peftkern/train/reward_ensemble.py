@@ -1,5 +1,6 @@
 """A reward model as the RL trainers call it: N score heads over one body (N = 1: a plain reward model;
-N > 1: an ensemble from ``peftkern rm --ensemble N``), the heads' scores divided by the calibration
+N > 1: an ensemble from ``peftkern rm --ensemble N``; with ``--ensemble-adapters`` head h reads the LM
+run with its own adapter h), the heads' scores divided by the calibration
 temperature and combined into one reward (mean, min, or mean - lambda x std), with the heads'
 disagreement (their standard deviation) as an uncertainty other code can call.
 """
@@ -8,9 +9,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from peftkern.nn.mixed_batch import row_adapters
 from peftkern.train.errors import ConfigError
 
 AGGREGATES = ("mean", "min", "mean_minus_std")
+ENSEMBLE_FILE = "ensemble.json"  # a reward model of N adapters: their names, in head order
+
+
+def scores_by_adapter(scorer: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      adapters: list[str]) -> torch.Tensor:
+    """[B, N]: member h's score = head h over the LM run with adapter ``adapters[h]`` alone. The rows are
+    repeated once per member in one forward (``peftkern.nn.mixed_batch.row_adapters``: each layer runs
+    its rows' adapter), so the base weights are read once. ``scorer``: an ``LMWithHeads`` over a
+    PeftKernModel holding the adapters (all active), with a score head of N outputs."""
+    n, b = len(adapters), input_ids.shape[0]
+    with row_adapters([name for name in adapters for _ in range(b)]):
+        scores = scorer(input_ids.repeat(n, 1), attention_mask.repeat(n, 1))["scores"].reshape(n, b, n)
+    return scores.diagonal(dim1=0, dim2=2)  # [b, n]: block h, column h
 
 
 def disagreement(member_scores: torch.Tensor) -> torch.Tensor:
@@ -38,7 +53,7 @@ class RewardModel(nn.Module):
     ``temperature``. ``scorer``: an ``LMWithHeads`` whose score head has N outputs."""
 
     def __init__(self, scorer: nn.Module, temperature: float = 1.0, how: str = "mean", std_coef: float = 1.0,
-                 where: str = "reward model"):
+                 where: str = "reward model", adapters: list[str] | None = None):
         super().__init__()
         if how not in AGGREGATES:
             raise ConfigError(f"--reward-aggregate {how!r}: choose one of {', '.join(AGGREGATES)}")
@@ -50,6 +65,7 @@ class RewardModel(nn.Module):
             raise ConfigError(f"--reward-aggregate {how}: {where} has one head, so there is nothing to combine; "
                               "train an ensemble with 'peftkern rm --ensemble N'")
         self.temperature, self.how, self.std_coef = float(temperature), how, float(std_coef)
+        self.adapters = list(adapters) if adapters else None  # N adapters, one per head
 
     @property
     def lm(self) -> nn.Module:
@@ -57,6 +73,8 @@ class RewardModel(nn.Module):
 
     def member_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[B, N] fp32: each head's score over the temperature."""
+        if self.adapters:
+            return scores_by_adapter(self.scorer, input_ids, attention_mask, self.adapters).float() / self.temperature
         scores = self.scorer(input_ids, attention_mask)["scores"].float()
         return scores.reshape(scores.shape[0], self.heads) / self.temperature
 

@@ -11,6 +11,7 @@ combines them and measures their disagreement.
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 import torch
@@ -19,7 +20,9 @@ from peftkern.losses.ranking import pairwise_accuracy, rank_loss
 from peftkern.train.calibration import read_temperature
 from peftkern.train.data import encode_pair, encode_prompt_completion, encode_sequence, load_records, pad_batch
 from peftkern.train.loop import Trainer
-from peftkern.train.reward_ensemble import RewardModel, disagreement
+from peftkern.train.errors import ConfigError
+from peftkern.train.reward_ensemble import ENSEMBLE_FILE, RewardModel, disagreement, scores_by_adapter
+from peftkern.tuners import load_adapter
 
 SCORE_HEAD_FILE = "score_head.safetensors"
 
@@ -75,6 +78,7 @@ class RewardTrainer(Trainer):
         self.calibration_examples = (rm_examples(self.tokenizer, self.cfg.calibrate_on, self.cfg)
                                      if self.cfg.calibrate_on else None)
         heads = self.module.score_head.out_features
+        self.adapters = add_member_adapters(self.module.lm, heads) if self.cfg.ensemble_adapters else None
         if heads > 1:  # each train record remembers its weight in every head's bootstrap sample
             counts = bootstrap_counts(len(self.train_examples), heads, self.cfg.seed * 7919 + 17)
             for e, c in zip(self.train_examples, counts.tolist()):
@@ -88,8 +92,11 @@ class RewardTrainer(Trainer):
 
     def _ranked(self, model, batch) -> torch.Tensor:
         """[B, K, N] the heads' scores of each list's completions, best first."""
-        scores = model(batch["input_ids"], batch["attention_mask"])["scores"]
-        scores = scores.reshape(scores.shape[0], -1)  # [R, N]
+        if self.adapters:
+            scores = scores_by_adapter(model, batch["input_ids"], batch["attention_mask"], self.adapters)
+        else:
+            scores = model(batch["input_ids"], batch["attention_mask"])["scores"]
+            scores = scores.reshape(scores.shape[0], -1)  # [R, N]
         return scores[batch["slots"]]
 
     def _terms(self, ranked: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -136,7 +143,7 @@ class RewardTrainer(Trainer):
         ``--calibrate-on``, its temperature fitted on that data (``calibration.json``, ``reliability.png``,
         and ``summary["calibration"]``)."""
         path = os.path.join(self.cfg.out, "reward_model")
-        save_reward_model(self.module, path, self.tokenizer)
+        save_reward_model(self.module, path, self.tokenizer, getattr(self, "adapters", None))
         examples = getattr(self, "calibration_examples", None)
         if examples is not None and self.dist.main:
             summary["calibration"] = calibrate_saved(path, examples, self.tokenizer.pad_token_id, self.cfg.calibrate_on,
@@ -144,18 +151,37 @@ class RewardTrainer(Trainer):
         super().save_outputs(summary)
 
 
-def save_reward_model(module, out_dir: str, tokenizer=None) -> None:
+def add_member_adapters(lm, members: int) -> list[str]:
+    """``--ensemble-adapters``: N - 1 more adapters like ``lm``'s "default" (fresh initialisations), every
+    one active and trainable; their names in head order."""
+    names = ["default"] + [f"member{h}" for h in range(1, members)]
+    for name in names[1:]:
+        lm.add_adapter(name, copy.deepcopy(lm.peft_config["default"]))
+    lm.set_adapter(names)
+    return names
+
+
+def save_reward_model(module, out_dir: str, tokenizer=None, adapters: list[str] | None = None) -> None:
     """``out_dir``: the LM (adapters merged) as transformers writes it, ``score_head.safetensors`` (weight
-    [N, H], bias [N]) and the tokenizer when given; written atomically."""
+    [N, H], bias [N]) and the tokenizer when given; written atomically. With ``adapters`` (one per head)
+    the LM is the base without them and the adapters go to ``adapters/`` (PEFT's files: "default" there,
+    the others in ``adapters/<name>``), named in ``ensemble.json``."""
     from safetensors.torch import save_file
 
     from peftkern.train.adapters import merge
     from peftkern.train.checkpoint import atomic_dir
     from peftkern.train.model import base_causal_lm
+    from peftkern.tuners import save_adapter
 
-    lm = base_causal_lm(merge(copy.deepcopy(module.lm)))
     head = module.score_head
     with atomic_dir(out_dir) as tmp:
+        if adapters:
+            save_adapter(module.lm, os.path.join(tmp, "adapters"))
+            lm = copy.deepcopy(module.lm).unload()
+            with open(os.path.join(tmp, ENSEMBLE_FILE), "w") as f:
+                json.dump({"adapters": adapters}, f)
+        else:
+            lm = base_causal_lm(merge(copy.deepcopy(module.lm)))
         lm.save_pretrained(tmp)
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(tmp)
@@ -169,7 +195,6 @@ def load_scorer(path: str):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from peftkern.train.errors import ConfigError
     from peftkern.train.model import LMWithHeads
 
     head_path = os.path.join(path, SCORE_HEAD_FILE)
@@ -181,7 +206,17 @@ def load_scorer(path: str):
     if weight is None or bias is None or weight.dim() != 2 or bias.shape != weight.shape[:1]:
         raise ConfigError(f"{head_path}: expected 'weight' [N, H] and 'bias' [N], got "
                           f"{ {k: tuple(v.shape) for k, v in state.items()} }")
-    model = LMWithHeads(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), score_head=weight.shape[0])
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    adapters = member_adapters(path)
+    if adapters:
+        if len(adapters) != weight.shape[0]:
+            raise ConfigError(f"{os.path.join(path, ENSEMBLE_FILE)}: {len(adapters)} adapters for {weight.shape[0]} "
+                              "heads")
+        for name in adapters:
+            folder = os.path.join(path, "adapters", "" if name == "default" else name)
+            lm = load_adapter(lm, folder, adapter_name=name)
+        lm.set_adapter(adapters)
+    model = LMWithHeads(lm, score_head=weight.shape[0])
     if model.score_head.in_features != weight.shape[1]:
         raise ConfigError(f"{head_path}: the head reads {weight.shape[1]} features; the model in {path} has "
                           f"{model.score_head.in_features}")
@@ -197,7 +232,23 @@ def load_reward_model(path: str, aggregate: str = "mean", std_coef: float = 1.0,
     scores over the temperature of its ``calibration.json`` (1 when absent, or ``calibrated=False``),
     combined by ``aggregate``; ``out["scores"]`` [B] is the reward."""
     temperature = read_temperature(path) if calibrated else 1.0
-    return RewardModel(load_scorer(path), temperature, aggregate, std_coef, where=path).eval()
+    return RewardModel(load_scorer(path), temperature, aggregate, std_coef, where=path,
+                       adapters=member_adapters(path)).eval()
+
+
+def member_adapters(path: str) -> list[str] | None:
+    """The adapter names (head order) of a reward model of N adapters (``ensemble.json``), else None."""
+    file = os.path.join(path, ENSEMBLE_FILE)
+    if not os.path.isfile(file):
+        return None
+    try:
+        with open(file, encoding="utf-8") as f:
+            names = json.load(f)["adapters"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{file}: not an ensemble file written by 'peftkern rm' ({exc})") from None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"{file}: 'adapters' must be a non-empty list of adapter names, got {names!r}")
+    return names
 
 
 @torch.no_grad()

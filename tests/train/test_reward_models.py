@@ -277,3 +277,35 @@ def test_calibrate_on_flag(tmp_path):
     with pytest.raises(DataError, match="bad.jsonl:1: 'ranking' has 2 entries for 3"):
         _train(_cfg(tmp_path / "run2", max_steps=10, calibrate_on=bad), n_eval=4)
     assert not (tmp_path / "run2" / "reward_model").exists()  # refused before training
+
+
+def test_ensemble_of_adapters(tmp_path):
+    cfg = _cfg(tmp_path, ensemble=3, ensemble_adapters=True, lora_r=4, lora_alpha=8, max_steps=40, warmup_steps=2)
+    trainer, s = _train(cfg)
+    assert trainer.adapters == ["default", "member1", "member2"]
+    assert s["eval_after"]["accuracy"] > 0.7 > s["eval_before"]["accuracy"], s
+    lm = trainer.module.lm
+    a = [dict(lm.named_parameters())[f"model.model.layers.0.self_attn.q_proj.lora_B.{n}.weight"] for n in trainer.adapters]
+    assert all(float(x.detach().abs().sum()) > 0 for x in a) and not torch.equal(a[0], a[1])  # each trained, apart
+    path = str(tmp_path / "reward_model")
+    assert json.loads((tmp_path / "reward_model" / "ensemble.json").read_text())["adapters"] == trainer.adapters
+    rm = load_reward_model(path)
+    assert rm.adapters == trainer.adapters and rm.heads == 3
+    batch = trainer.to_device(trainer.collate(trainer.eval_examples[:4]))
+    trainer.module.eval()
+    with torch.no_grad():
+        live = trainer._ranked(trainer.module, batch)
+    got = rm(batch["input_ids"], batch["attention_mask"])["member_scores"]
+    assert torch.allclose(got[batch["slots"]], live, rtol=1e-4, atol=1e-5)
+    # member h alone: adapter h on, head h
+    lm.set_adapter("member2")
+    with torch.no_grad():
+        alone = trainer.module(batch["input_ids"], batch["attention_mask"])["scores"][:, 2]
+    assert torch.allclose(got[:, 2], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_ensemble_adapters_settings():
+    with pytest.raises(ConfigError, match="--ensemble-adapters .* needs --ensemble >= 2"):
+        TrainConfig(ensemble_adapters=True).check()
+    with pytest.raises(ConfigError, match="--lora-r > 0"):
+        TrainConfig(ensemble=2, ensemble_adapters=True, lora_r=0).check()
