@@ -279,11 +279,17 @@ def test_calibrate_on_flag(tmp_path):
     assert not (tmp_path / "run2" / "reward_model").exists()  # refused before training
 
 
-def test_ensemble_of_adapters(tmp_path):
+@pytest.mark.slow
+def test_ensemble_of_adapters_learns(tmp_path):
     cfg = _cfg(tmp_path, ensemble=3, ensemble_adapters=True, lora_r=4, lora_alpha=8, max_steps=40, warmup_steps=2)
-    trainer, s = _train(cfg)
-    assert trainer.adapters == ["default", "member1", "member2"]
+    _, s = _train(cfg)
     assert s["eval_after"]["accuracy"] > 0.7 > s["eval_before"]["accuracy"], s
+
+
+def test_ensemble_of_adapters(tmp_path):
+    cfg = _cfg(tmp_path, ensemble=3, ensemble_adapters=True, lora_r=4, lora_alpha=8, max_steps=3)
+    trainer, _ = _train(cfg, n_eval=4)
+    assert trainer.adapters == ["default", "member1", "member2"]
     lm = trainer.module.lm
     a = [dict(lm.named_parameters())[f"model.model.layers.0.self_attn.q_proj.lora_B.{n}.weight"] for n in trainer.adapters]
     assert all(float(x.detach().abs().sum()) > 0 for x in a) and not torch.equal(a[0], a[1])  # each trained, apart
