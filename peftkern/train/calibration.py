@@ -129,7 +129,7 @@ def plot_reliability(margins, temperature: float, png_path: str, bins: int = 10,
                     width=0.5 / bins * 0.9, color=color)
     ax.set_ylabel("accuracy (preferred completion wins)")
     ax.set_ylim(0, 1.02)
-    ax.set_title(title or "reward-model reliability on held-out pairs")
+    ax.set_title(title or "reward-model reliability on held-out pairs", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     bar.set_xlabel("confidence max(p, 1 - p)")
