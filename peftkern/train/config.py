@@ -285,6 +285,9 @@ class TrainConfig:
             raise ConfigError("--ensemble-adapters gives each of --ensemble N >= 2 members a fresh LoRA adapter: it "
                               f"needs --ensemble >= 2 (got {self.ensemble}), --peft lora with --lora-r > 0 (got "
                               f"{self.peft}, {self.lora_r}) and no --adapter")
+        if self.ensemble_adapters and self.grad_checkpointing:
+            raise ConfigError("--ensemble-adapters with --grad-checkpointing: the recomputation in the backward runs "
+                              "outside the per-row adapter choice, so it would mix the members; drop one of them")
         if self.reward_aggregate != "mean" and not self.reward_model:
             raise ConfigError(f"--reward-aggregate {self.reward_aggregate} combines an ensemble reward model's heads; "
                               "give --reward-model (a directory from 'peftkern rm --ensemble N')")

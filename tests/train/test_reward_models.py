@@ -315,3 +315,5 @@ def test_ensemble_adapters_settings():
         TrainConfig(ensemble_adapters=True).check()
     with pytest.raises(ConfigError, match="--lora-r > 0"):
         TrainConfig(ensemble=2, ensemble_adapters=True, lora_r=0).check()
+    with pytest.raises(ConfigError, match="--grad-checkpointing"):
+        TrainConfig(ensemble=2, ensemble_adapters=True, grad_checkpointing=True).check()
