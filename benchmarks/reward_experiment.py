@@ -118,7 +118,7 @@ def main() -> None:
     id_d, id_n = mean_disagreement(id_prompts, id_answers)
     ood_d, ood_n = mean_disagreement(ood_prompts, ood_answers)
     # OOD answers to in-distribution prompts (the answer alone is off-distribution)
-    mix_d, mix_n = mean_disagreement(id_prompts, [rng.choice(OOD_ANSWERS) for _ in id_prompts])
+    mix_d, _ = mean_disagreement(id_prompts, [rng.choice(OOD_ANSWERS) for _ in id_prompts])
     independent = None
     if args.independent:
         members = []

@@ -125,7 +125,7 @@ def test_rankings_train(tmp_path, loss):
     cfg = _cfg(tmp_path / "run", data=_write(tmp_path / "train.jsonl", _ranking_records(train)),
                eval_data=_write(tmp_path / "eval.jsonl", _ranking_records(held, 1)), rank_loss=loss, max_steps=30,
                warmup_steps=2)
-    trainer, s = _train(cfg)
+    _, s = _train(cfg)
     assert s["eval_after"]["accuracy"] > 0.75 > s["eval_before"]["accuracy"], s
     assert s["eval_after"]["loss"] < 0.8 * s["eval_before"]["loss"], s
 
@@ -267,7 +267,7 @@ def test_text_level_uncertainty_callable(tmp_path):
 def test_calibrate_on_flag(tmp_path):
     _, held = tasks.split(10, 40, 5)
     data = _write(tmp_path / "held.jsonl", tasks.preference_records(held))
-    trainer, s = _train(_cfg(tmp_path / "run", max_steps=10, calibrate_on=data), n_eval=4)
+    _, s = _train(_cfg(tmp_path / "run", max_steps=10, calibrate_on=data), n_eval=4)
     rm_dir = tmp_path / "run" / "reward_model"
     assert s["calibration"]["pairs"] == 40 and (rm_dir / "reliability.png").is_file()
     assert read_temperature(str(rm_dir)) == pytest.approx(s["calibration"]["temperature"])
