@@ -25,7 +25,7 @@ from peftkern.tuners.bottleneck.config import BottleneckConfig
 from peftkern.tuners.bottleneck.tuner import find_blocks
 from peftkern.tuners.config import read_config_file
 from peftkern.tuners.files import AdapterLoadError
-from peftkern.tuners.io import load_tensors
+from peftkern.tuners.placing import load_tensors
 from peftkern.tuners.model import PeftKernModel
 from peftkern.tuners.tuner import PEFT_PREFIX
 
