@@ -234,6 +234,9 @@ def _parser(light_only: bool = False) -> argparse.ArgumentParser:
     add_data_parser(sub)  # peftkern data convert|inspect|self-instruct|augment|pairs, peftkern sweep
 
     add_editing_parsers(sub)  # peftkern edit / eval-edits (peftkern.editing.cli)
+    from peftkern.alignment.cli import add_parser as add_alignment_parsers
+
+    add_alignment_parsers(sub)  # peftkern cai-sl, rlaif, pipeline, self-critique (peftkern.alignment.cli)
 
     p = sub.add_parser("bench", help="run the benchmark suite (the repository's benchmarks/, found next to the "
                        "peftkern package: needs a source checkout or editable install)",
