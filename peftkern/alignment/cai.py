@@ -12,7 +12,8 @@ the principle has checks). Revision prompts: ``chain`` (the whole conversation: 
 critique request, critique, revision request; the constitution's examples first, as CAI's few-shot
 turns) or ``fresh`` (the question asked again with the revision request added to the system turn:
 what a model too small to follow a multi-turn chain can still use). With checks, ``candidates``
-revisions are sampled per step and the first that passes the principle's checks is kept.
+revisions are sampled per step and the first that passes the principle's checks is kept (one that
+also passes every other principle's checks first).
 """
 from __future__ import annotations
 
@@ -150,7 +151,8 @@ def run_chains(model, tokenizer, prompts, constitution: Constitution, settings: 
             if i in candidates:
                 cands = candidates[i]
                 passing = [c for c in cands if principles[i].follows(c, convs[i])] if principles[i].checks else []
-                revision = passing[0] if passing else cands[0]
+                best = [c for c in passing if constitution.follows(c, convs[i])]  # breaks no other principle
+                revision = (best or passing or cands)[0]
             else:
                 cands, revision = [], current[i]
             steps[i].append({"principle": principles[i].name, "critic": critics[i], "critique": critiques[i],

@@ -47,8 +47,8 @@ BUNDLED_EVAL = 60     # held-out questions of the bundled tasks (never drawn as 
 
 
 def _log(quiet: bool, text: str) -> None:
-    if not quiet:
-        print(text, flush=True)
+    """The pipeline's own lines (what runs, what it gave); ``quiet`` silences the trainers' progress bars only."""
+    print(text, flush=True)
 
 
 class Pipeline:
@@ -89,7 +89,8 @@ class Pipeline:
     def load_policy(self):
         """(model with the current policy's weights and adapters, tokenizer)."""
         if self.spec.adapters == "stack" and self.state["adapters"]:
-            lm = attach_adapters(load_base(self.state["base"]), self.state["adapters"])
+            specs = [f"stage{i}={path}" for i, path in enumerate(self.state["adapters"])]
+            lm = attach_adapters(load_base(self.state["base"]), specs)
             tok = load_tokenizer(self.state["base"])
         else:
             lm, tok = load_base(self._policy_model()), load_tokenizer(self._policy_model())
