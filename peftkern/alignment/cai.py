@@ -10,8 +10,10 @@ Critics: ``model`` (the model writes the critique after the critique request), `
 principle's rule checks say which of them the answer fails; no model call), ``auto`` (rules where
 the principle has checks). Revision prompts: ``chain`` (the whole conversation: question, answer,
 critique request, critique, revision request; the constitution's examples first, as CAI's few-shot
-turns) or ``fresh`` (the question asked again with the revision request added to the system turn:
-what a model too small to follow a multi-turn chain can still use). With checks, ``candidates``
+turns), ``fresh`` (the question asked again with the revision request added to the system turn) or
+``resample`` (the question asked again as it was: the model does not read the critique, it offers
+new candidates and the rule critic chooses; what a model too small to follow any instruction it
+was not trained on can still use). With checks, ``candidates``
 revisions are sampled per step and the first that passes the principle's checks is kept (one that
 also passes every other principle's checks first).
 """
@@ -25,7 +27,7 @@ from peftkern.generate import generate
 from peftkern.generate.prompts import as_messages
 
 CRITICS = ("auto", "model", "rules")
-CONTEXTS = ("chain", "fresh")
+CONTEXTS = ("chain", "fresh", "resample")
 
 
 @dataclass
@@ -132,7 +134,9 @@ def run_chains(model, tokenizer, prompts, constitution: Constitution, settings: 
         revise = [i for i in range(len(convs)) if not (critics[i] == "rules" and principles[i].follows(current[i], convs[i]))]
         revision_prompts = []
         for i in revise:
-            if settings.context == "fresh":
+            if settings.context == "resample":
+                revision_prompts.append(convs[i])
+            elif settings.context == "fresh":
                 revision_prompts.append(_with_system(convs[i], principles[i].revision_request))
             else:
                 revision_prompts.append(asks.get(i, _few_shot(constitution, principles[i]) + convs[i] + [

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -21,13 +22,17 @@ from peftkern.generate.prompts import PromptError
 from peftkern.train.config import load_yaml
 from peftkern.train.errors import TrainError
 
+# trainer settings for the tiny models (those of peftkern/alignment/examples/tiny.yaml)
+TINY_SFT = {"lr": 5e-3, "batch_size": 16, "max_length": 128, "max_steps": 20}
+TINY_DPO = {"lr": 5e-4, "batch_size": 8, "max_length": 128, "max_steps": 20}
 _ERRORS = (PipelineError, ConstitutionError, ResumeError, TrainError, LoadError, PromptError)
 
 
 def _common(p, what: str) -> None:
     p.add_argument("--model", default="tiny", help="'tiny' (the embedded default), 'tiny-micro' or a local "
                    "transformers causal-LM directory (default: tiny)")
-    p.add_argument("--adapter", default=None, help="start from this adapter folder (merged into the policy first)")
+    p.add_argument("--adapter", action="append", default=None, help="start from this adapter folder (merged into the "
+                   "policy first; repeat for a chain of adapters, each trained on the merge of the ones before)")
     p.add_argument("--constitution", default=None, help="a bundled constitution (default, tasks) or a YAML/JSON file "
                    "(default: 'tasks' with the tiny models, else 'default')")
     p.add_argument("--prompts", default="bundled", help="JSONL of records with 'prompt' or 'messages' (default: the "
@@ -60,7 +65,8 @@ def add_parser(sub) -> None:
     p.add_argument("--critic", choices=CRITICS, default="auto", help="model: the model critiques; rules: the "
                    "principle's rule checks; auto: rules where a principle has checks (default)")
     p.add_argument("--context", choices=CONTEXTS, default=None, help="chain: revise in the whole conversation; fresh: "
-                   "ask again with the revision request in the system turn (default: fresh for tiny models, else chain)")
+                   "ask again with the revision request in the system turn; resample: ask again as asked, the rule "
+                   "critic chooses among the candidates (default: resample for tiny models, else chain)")
     p.add_argument("--candidates", type=int, default=None, help="revisions sampled per step; the first passing the "
                    "checks is kept (default: 8 for tiny models, else 1)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="tokens per answer / revision (default: 16 for "
@@ -121,7 +127,15 @@ def add_parser(sub) -> None:
 
 
 def _tiny(model: str) -> bool:
-    return model.startswith("tiny")
+    """The embedded models, or a policy a pipeline made from them (its tokenizer is the byte tokenizer)."""
+    if model.startswith("tiny"):
+        return True
+    try:
+        with open(os.path.join(model, "tokenizer_config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return config.get("bos_token") == "<|bos|>" and "<|assistant|>" in (config.get("extra_special_tokens") or [])
 
 
 def _spec(args, stages: list[dict]) -> dict:
@@ -164,7 +178,7 @@ def _run(command: str, args, data: dict, path: str) -> int:
 
 def run_cai_sl(args) -> int:
     tiny = _tiny(args.model)
-    chain = {"revisions": args.revisions, "critic": args.critic, "context": args.context or ("fresh" if tiny else "chain"),
+    chain = {"revisions": args.revisions, "critic": args.critic, "context": args.context or ("resample" if tiny else "chain"),
              "candidates": args.candidates or (8 if tiny else 1), "temperature": args.temperature,
              "max_new_tokens": args.max_new_tokens or (16 if tiny else 128)}
     stage = {"stage": "self-critique" if args.no_train else "cai-sl", "name": "cai-sl", "chain": chain, "keep": args.keep}
@@ -172,7 +186,7 @@ def run_cai_sl(args) -> int:
         stage["rounds"] = max(args.revisions, 1)
         chain.pop("revisions")
     else:
-        stage["settings"] = {"lr": 5e-3} if tiny else {}
+        stage["settings"] = dict(TINY_SFT) if tiny else {}
     return _run("cai-sl", args, _spec(args, [stage]), "peftkern cai-sl")
 
 
@@ -180,7 +194,7 @@ def run_rlaif(args) -> int:
     stages = [{"stage": "rlaif", "labeller": args.labeller, "label_threshold": args.label_threshold,
                "temperature": args.temperature, "max_new_tokens": args.max_new_tokens or (16 if _tiny(args.model) else 128)}]
     if args.train != "none":
-        stages.append({"stage": args.train, "settings": {"lr": 5e-4} if _tiny(args.model) else {}})
+        stages.append({"stage": args.train, "settings": dict(TINY_DPO) if _tiny(args.model) else {}})
     return _run("rlaif", args, _spec(args, stages), "peftkern rlaif")
 
 

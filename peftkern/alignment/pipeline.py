@@ -113,8 +113,9 @@ class Pipeline:
     def run(self) -> dict:
         started = time.time()
         if self.spec.adapter and "start" not in self.state["done"]:
-            self._advance_policy(self.spec.adapter, os.path.join(self.out, "start", "policy"))
-            self.state["done"]["start"] = {"adapter": os.path.abspath(self.spec.adapter)}
+            for i, folder in enumerate(self.spec.adapter):
+                self._advance_policy(folder, os.path.join(self.out, "start", f"policy-{i}"))
+            self.state["done"]["start"] = {"adapters": [os.path.abspath(a) for a in self.spec.adapter]}
             self._save()
         for stage in self.spec.setup:
             self._stage(0, stage, "setup")

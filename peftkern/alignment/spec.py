@@ -2,12 +2,13 @@
 anything loads, each error naming the file and the key (``pipe.yaml: stages[1]: unknown stage 'dpoo'``).
 
     model: tiny                  # 'tiny', 'tiny-micro' or a local transformers causal-LM directory
-    adapter: runs/sft/adapter    # optional: a starting adapter, merged into the first policy
+    adapter: runs/sft/adapter    # optional: starting adapter(s) (a folder or a list), merged into the first policy
     constitution: tasks          # a bundled name (default, tasks) or a YAML/JSON file
     rounds: 2
     adapters: merge              # merge: each stage's adapter folded into the next policy;
                                  # stack: the policy is the base with every stage's adapter active
-    prompts: bundled             # or a JSONL file of records with 'prompt' or 'messages'
+    prompts: bundled             # the bundled tasks' training questions, or a JSONL file (records with 'prompt'
+                                 # or 'messages')
     prompts_per_round: 96
     eval: {suites: [instruct-tasks, tasks], limit: 60}
     eval_stages: false           # also evaluate after every stage that changes the policy
@@ -57,7 +58,7 @@ class Stage:
 @dataclass
 class PipelineSpec:
     model: str = "tiny"
-    adapter: str | None = None
+    adapter: list | None = None    # adapter folders merged, in order, into the first policy
     constitution: str = "default"
     rounds: int = 1
     adapters: str = "merge"
@@ -183,12 +184,13 @@ def parse_spec(data, path: str) -> PipelineSpec:
             raise PipelineError(f"{path}: model: {spec.model}: not 'tiny' / 'tiny-micro' and no such model directory")
         if not os.path.isfile(os.path.join(spec.model, "config.json")):
             raise PipelineError(f"{path}: model: {spec.model}: no config.json in it (not a transformers model)")
-    if spec.adapter and not os.path.isfile(os.path.join(spec.adapter, "adapter_config.json")):
-        raise PipelineError(f"{path}: adapter: {spec.adapter}: no adapter_config.json in it (not an adapter folder)")
+    if isinstance(spec.adapter, str):
+        spec.adapter = [spec.adapter]
+    for folder in spec.adapter or []:
+        if not isinstance(folder, str) or not os.path.isfile(os.path.join(folder, "adapter_config.json")):
+            raise PipelineError(f"{path}: adapter: {folder}: no adapter_config.json in it (not an adapter folder)")
     if spec.prompts != "bundled" and not os.path.isfile(spec.prompts):
         raise PipelineError(f"{path}: prompts: {spec.prompts}: no such file (or 'bundled')")
-    if spec.prompts == "bundled" and not spec.model.startswith("tiny"):
-        raise PipelineError(f"{path}: prompts: the bundled prompts fit the tiny models only; give a JSONL file")
     names = [s.name for s in spec.setup + spec.stages]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
