@@ -147,7 +147,7 @@ def _spec(args, stages: list[dict]) -> dict:
             settings[key] = getattr(args, key)
     for s in stages:
         if "settings" in s:
-            s["settings"] = {**settings, **s["settings"]}
+            s["settings"] = {**s["settings"], **settings}  # the user's settings over the tiny defaults
     suites = args.eval_suite if args.eval_suite is not None else (["instruct-tasks", "tasks"] if _tiny(args.model) else [])
     if suites == ["none"]:
         suites = []

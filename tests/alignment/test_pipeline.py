@@ -112,3 +112,35 @@ def test_cli_errors(tmp_path, capsys):
     assert main(["rlaif", "--model", "tiny-micro", "--labeller", str(tmp_path / "judge"), "--n", "2",
                  "--out", str(tmp_path / "o2"), "--eval-suite", "none", "--quiet"]) == 2
     assert "labeller" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cai_sl_and_rlaif_commands(tmp_path, capsys):
+    out = str(tmp_path / "cai")
+    small = tmp_path / "train.yaml"
+    small.write_text("batch_size: 2\nlora_r: 4\n")
+    assert main(["cai-sl", "--model", "tiny-micro", "--n", "4", "--max-steps", "1", "--keep", "all", "--candidates", "2",
+                 "--train-config", str(small),
+                 "--max-new-tokens", "4", "--out", out, "--eval-suite", "instruct-tasks", "--eval-limit", "3",
+                 "--quiet"]) == 0
+    assert "round 1:" in capsys.readouterr().out
+    chains = [json.loads(x) for f in sorted(os.listdir(os.path.join(out, "round-1", "cai-sl", "chains")))
+              if f.startswith("part-") for x in open(os.path.join(out, "round-1", "cai-sl", "chains", f))]
+    assert len(chains) == 4 and all(c["steps"][0]["critic"] == "rules" for c in chains)
+    policy = os.path.join(out, "round-1", "cai-sl", "policy")
+    assert main(["rlaif", "--model", policy, "--n", "4", "--max-steps", "1", "--labeller", "policy",
+                 "--train-config", str(small),
+                 "--max-new-tokens", "4", "--out", str(tmp_path / "rl"), "--eval-suite", "none", "--quiet"]) == 0
+    pairs = [json.loads(x) for x in open(tmp_path / "rl" / "round-1" / "rlaif" / "pairs.jsonl")]
+    assert pairs and all({"prompt", "chosen", "rejected", "confidence"} <= set(p) for p in pairs)
+
+
+def test_self_critique_command(tmp_path, capsys):
+    out = tmp_path / "chains.jsonl"
+    assert main(["self-critique", "--model", "tiny-micro", "--rounds", "2", "--max-new-tokens", "3",
+                 "--prompt", "Reverse 'abc'.", "--prompt", "What is 1 + 2?", "--out", str(out)]) == 0
+    assert len(capsys.readouterr().out.splitlines()) >= 1
+    chains = [json.loads(x) for x in open(out)]
+    assert len(chains) == 2 and all(len(c["steps"]) == 2 for c in chains)
+    assert main(["self-critique", "--model", "tiny-micro"]) == 2
+    assert "give --prompt" in capsys.readouterr().err
