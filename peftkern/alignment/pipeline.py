@@ -44,6 +44,10 @@ BUNDLED_REWARDS = {"ppo": {"reward_fn": "peftkern.models.tasks:task_reward"},
                           "reward_weights": "1,0.2"} for k in ("grpo", "rloo")}}
 CHUNK = 32            # prompts per chunk of a data step (the unit a killed step redoes)
 BUNDLED_EVAL = 60     # held-out questions of the bundled tasks (never drawn as training prompts)
+# The bundled prompts and trainer data are drawn with data seed 0, whose held-out questions are the
+# evaluation suites' (tasks.questions(60, 1)), whatever the pipeline's seed (which drives sampling and
+# training): no seed lets a held-out question into training.
+BUNDLED_DATA_SEED = 0
 
 
 def _log(quiet: bool, text: str) -> None:
@@ -100,7 +104,7 @@ class Pipeline:
     def round_prompts(self, round_index: int) -> list:
         n = self.spec.prompts_per_round
         if self.spec.prompts == "bundled":
-            train, _ = tasks.split(n * max(self.spec.rounds, 1), BUNDLED_EVAL, self.spec.seed)
+            train, _ = tasks.split(n * max(self.spec.rounds, 1), BUNDLED_EVAL, BUNDLED_DATA_SEED)
             pool = [r["prompt"] for r in tasks.prompt_records(train)]
         else:
             pool = cai.prompts_of(read_jsonl(self.spec.prompts), self.spec.prompts)
@@ -173,9 +177,6 @@ class Pipeline:
         chains = store.run(prompts, CHUNK, lambda i, chunk: cai.run_chains(model, tok, chunk, self.constitution,
                                                                            settings, seed=seed + i))
         records = cai.sft_records(chains, stage.options.get("keep", "auto"))
-        if not records:
-            raise PipelineError(f"{stage.name}: no chain kept (none of the {len(chains)} final revisions follows the "
-                                "constitution's checks); use keep: all, more candidates, or a stronger start policy")
         path = os.path.join(directory, "sft.jsonl")
         write_jsonl(path, records)
         round_data["sft"] = path
@@ -238,14 +239,13 @@ class Pipeline:
         labelled = store.run(pairs, CHUNK, lambda i, chunk: rlaif.label_pairs(labeller, chunk, self.constitution,
                                                                               seed=seed + i))
         records = rlaif.preference_records(labelled, stage.options.get("label_threshold", 0.5))
-        if not records:
-            raise PipelineError(f"{stage.name}: every pair was dropped (identical answers or confidence under "
-                                "label_threshold); lower label_threshold or raise the sampling temperature")
         path = os.path.join(directory, "pairs.jsonl")
-        write_jsonl(path, records)
+        write_jsonl(path, records)  # none kept (every pair tied or unsure): the round's pair trainers skip
         round_data["pairs"] = path
-        return {"pairs": len(pairs), "kept": len(records),
-                "mean_confidence": sum(r["confidence"] for r in records) / len(records)}
+        out = {"pairs": len(pairs), "kept": len(records)}
+        if records:
+            out["mean_confidence"] = sum(r["confidence"] for r in records) / len(records)
+        return out
 
     def _prompt_file(self, directory: str, round_index: int) -> str:
         path = os.path.join(directory, "prompts.jsonl")
@@ -253,13 +253,16 @@ class Pipeline:
         return path
 
     def _train(self, kind: str, stage: Stage, directory: str, data: str | None) -> dict:
+        if data is not None and not read_jsonl(data):
+            _log(self.quiet, f"{stage.name}: {kind} skipped: the round's data step kept no example ({data})")
+            return {"trainer": kind, "skipped": "no data kept this round"}
         settings = dict(stage.options.get("settings", {}))
         run_dir = os.path.join(directory, "train") if stage.kind in ("cai-sl",) else directory
         if data is None and "data" not in settings:
             if not self.spec.model.startswith("tiny"):
                 raise PipelineError(f"{stage.name}: stage {kind} has no data: no earlier step of this round made "
                                     "any; add settings: {data: FILE}")
-            train, held_out = bundled_records(kind, self.spec.seed)
+            train, held_out = bundled_records(kind, BUNDLED_DATA_SEED)
             data = os.path.join(directory, "bundled.jsonl")
             write_jsonl(data, train)
             if "eval_data" not in settings:

@@ -1,7 +1,7 @@
 """The pipeline's plot: each chosen metric per round (matplotlib, headless)."""
 from __future__ import annotations
 
-import os
+from peftkern.train.plots import save_figure
 
 
 def plot_rounds(rounds: list[dict], metrics: list[str], png_path: str) -> str | None:
@@ -25,10 +25,4 @@ def plot_rounds(rounds: list[dict], metrics: list[str], png_path: str) -> str | 
     ax.set_title("alignment pipeline: held-out metrics per round")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
-    tmp = png_path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png_path)
-    return png_path
+    return save_figure(fig, png_path)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from peftkern.alignment.cai import ChainSettings
 from peftkern.alignment.constitution import ConstitutionError, load_constitution
-from peftkern.train.config import TRAINERS, TrainConfig, coerce
+from peftkern.train.config import TRAINERS, settings_from_mapping
 
 DATA_STAGES = ("cai-sl", "rlaif", "generate-pairs", "self-critique")
 POLICY_TRAINERS = tuple(t for t in TRAINERS if t != "rm")
@@ -40,6 +40,7 @@ STAGE_KEYS = {
     "rlaif": ("labeller", "label_threshold", "max_new_tokens", "temperature", "reward_temperature"),
     **{t: ("settings",) for t in TRAINERS},
 }
+PIPELINE_SET = ("model", "out", "resume", "overwrite", "init_adapter", "adapter")  # per stage, by the pipeline
 TOP_KEYS = ("model", "adapter", "constitution", "rounds", "adapters", "prompts", "prompts_per_round", "eval", "plot",
             "seed", "setup", "stages", "batch_size", "eval_stages", "description")
 
@@ -79,24 +80,18 @@ class PipelineSpec:
         return d
 
 
-def _train_settings(values, where: str) -> dict:
+def _train_settings(values, where: str, kind: str) -> dict:
     if values is None:
         return {}
     if not isinstance(values, dict):
         raise PipelineError(f"{where}: expected a mapping of trainer settings, got {type(values).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    out = {}
-    for key, value in values.items():
-        name = str(key).replace("-", "_")
-        if name not in fields:
-            raise PipelineError(f"{where}: unknown trainer setting {key!r}")
-        if name in ("model", "out", "resume", "overwrite", "init_adapter", "adapter"):
-            raise PipelineError(f"{where}: {key!r} is set by the pipeline (model, out, resume, overwrite, adapters)")
-        try:
-            out[name] = coerce(fields[name], value, f"{where}: ")
-        except ValueError as exc:
-            raise PipelineError(str(exc)) from None
-    return out
+    taken = sorted(k for k in values if str(k).replace("-", "_") in PIPELINE_SET)
+    if taken:
+        raise PipelineError(f"{where}: {taken[0]!r} is set by the pipeline ({', '.join(PIPELINE_SET)})")
+    try:
+        return settings_from_mapping(values, where, kind)
+    except ValueError as exc:
+        raise PipelineError(str(exc)) from None
 
 
 def _chain(values, where: str) -> dict:
@@ -129,7 +124,8 @@ def parse_stage(item, where: str) -> Stage:
         raise PipelineError(f"{where}: unknown key(s) {bad} for stage {kind} (known: stage, name, {', '.join(allowed)})")
     options = {k: v for k, v in item.items() if k not in ("stage", "name")}
     if "settings" in options:
-        options["settings"] = _train_settings(options["settings"], f"{where}.settings")
+        options["settings"] = _train_settings(options["settings"], f"{where}.settings",
+                                              "sft" if kind == "cai-sl" else kind)
     if "chain" in options:
         options["chain"] = _chain(options["chain"], f"{where}.chain")
     if "label_threshold" in options:

@@ -79,7 +79,7 @@ def test_stopped_run_resumes_to_the_same_report(tmp_path):
 @pytest.mark.parametrize("change, needle", [
     ({"stages": [{"stage": "dpoo"}]}, "stages[0]: unknown stage 'dpoo'"),
     ({"stages": []}, "stages: expected a non-empty list"),
-    ({"stages": [{"stage": "dpo", "settings": {"lora_rank": 4}}]}, "stages[0].settings: unknown trainer setting 'lora_rank'"),
+    ({"stages": [{"stage": "dpo", "settings": {"lora_rank": 4}}]}, "stages[0].settings: unknown setting 'lora_rank'"),
     ({"stages": [{"stage": "dpo", "settings": {"lr": "fast"}}]}, "stages[0].settings: lr: expected a number"),
     ({"stages": [{"stage": "rlaif", "label_threshold": 0.2}]}, "stages[0].label_threshold"),
     ({"stages": [{"stage": "cai-sl", "chain": {"critic": "friend"}}]}, "stages[0].chain: critic must be one of"),
