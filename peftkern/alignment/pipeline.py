@@ -253,10 +253,12 @@ class Pipeline:
         return path
 
     def _train(self, kind: str, stage: Stage, directory: str, data: str | None) -> dict:
-        if data is not None and not read_jsonl(data):
+        examples = len(read_jsonl(data)) if data is not None else None
+        if examples == 0:
             _log(self.quiet, f"{stage.name}: {kind} skipped: the round's data step kept no example ({data})")
             return {"trainer": kind, "skipped": "no data kept this round"}
         settings = dict(stage.options.get("settings", {}))
+        lowered = self._fit_batch(settings, examples)
         run_dir = os.path.join(directory, "train") if stage.kind in ("cai-sl",) else directory
         if data is None and "data" not in settings:
             if not self.spec.model.startswith("tiny"):
@@ -279,7 +281,7 @@ class Pipeline:
                           model=self._policy_model(), out=run_dir, resume=resume,
                           overwrite=not resume and os.path.isdir(run_dir)).check()
         summary = build_trainer(kind, cfg).train()
-        result = {"trainer": kind, "steps": summary.get("steps")}
+        result = {"trainer": kind, "steps": summary.get("steps"), **lowered}
         for when in ("eval_before", "eval_after"):
             if isinstance(summary.get(when), dict):
                 result[when] = {k: v for k, v in summary[when].items() if isinstance(v, (int, float))}
@@ -289,6 +291,19 @@ class Pipeline:
         if kind in POLICY_TRAINERS:
             self._advance_policy(os.path.join(run_dir, "adapter"), os.path.join(directory, "policy"))
         return result
+
+    def _fit_batch(self, settings: dict, examples: int | None) -> dict:
+        """A round that kept fewer examples than one optimizer step takes trains on all of them at once:
+        batch_size (and grad_accum) lowered in ``settings``; returns what changed, for the report."""
+        defaults = TrainConfig()
+        batch, accum = settings.get("batch_size", defaults.batch_size), settings.get("grad_accum", defaults.grad_accum)
+        if examples is None or examples >= batch * accum:
+            return {}
+        settings["grad_accum"] = accum if examples >= accum else 1
+        settings["batch_size"] = max(1, examples // settings["grad_accum"])
+        _log(self.quiet, f"  {examples} examples this round: batch_size {batch} -> {settings['batch_size']}, "
+                         f"grad_accum {accum} -> {settings['grad_accum']}")
+        return {"batch_size": settings["batch_size"], "grad_accum": settings["grad_accum"], "examples": examples}
 
     def _advance_policy(self, adapter: str, policy_dir: str) -> None:
         """The next policy: ``adapter`` merged into the current one (written to ``policy_dir``); with
