@@ -14,7 +14,8 @@ from tests.alignment.test_pipeline import MICRO
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SPEC = {**MICRO, "stages": [MICRO["stages"][0], MICRO["stages"][1], MICRO["stages"][3],
-                            {"stage": "dpo", "settings": {**MICRO["stages"][4]["settings"], "max_steps": 6}}]}
+                            {"stage": "dpo", "settings": {**MICRO["stages"][4]["settings"], "max_steps": 6,
+                                                          "save_every": 1}}]}
 
 
 def _start(path, out, *extra):

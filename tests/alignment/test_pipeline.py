@@ -11,7 +11,7 @@ from peftkern.alignment.spec import PipelineError, load_spec, parse_spec
 from peftkern.cli import main
 from peftkern.generate import generate
 
-TRAIN = {"max_steps": 2, "batch_size": 4, "lora_r": 4, "save_every": 1}
+TRAIN = {"max_steps": 2, "batch_size": 4, "lora_r": 4}
 MICRO = {
     "model": "tiny-micro", "constitution": "tasks", "rounds": 1, "prompts_per_round": 6, "batch_size": 8,
     "eval": {"suites": ["instruct-tasks"], "limit": 4},
