@@ -84,6 +84,10 @@ class Pipeline:
         self.tokenizer = None
 
     # -- state ---------------------------------------------------------------------------------------
+    def _bar(self, what: str) -> str | None:
+        """A progress bar's title, or None with ``quiet``."""
+        return None if self.quiet else what
+
     def _save(self) -> None:
         atomic_write_text(self.state_path, json.dumps(self.state, indent=1))
 
@@ -175,7 +179,7 @@ class Pipeline:
                                                                "prompts": len(prompts)})
         model, tok = self.load_policy()
         chains = store.run(prompts, CHUNK, lambda i, chunk: cai.run_chains(model, tok, chunk, self.constitution,
-                                                                           settings, seed=seed + i))
+                                                                           settings, seed=seed + i), self._bar("chains"))
         records = cai.sft_records(chains, stage.options.get("keep", "auto"))
         path = os.path.join(directory, "sft.jsonl")
         write_jsonl(path, records)
@@ -195,7 +199,7 @@ class Pipeline:
         store = ChunkStore(os.path.join(directory, "samples"), {**options, "seed": seed, "prompts": len(prompts)})
         rows = store.run(prompts, CHUNK, lambda i, chunk: [
             {"prompt": p, "a": a, "b": b} for p, a, b in rlaif.sample_pairs(
-                model, tok, chunk, seed=seed + i, batch_size=self.spec.batch_size, **options)])
+                model, tok, chunk, seed=seed + i, batch_size=self.spec.batch_size, **options)], self._bar("samples"))
         return [(r["prompt"], r["a"], r["b"]) for r in rows]
 
     def _pairs(self, stage, directory, round_index, seed, round_data) -> dict:
@@ -237,7 +241,7 @@ class Pipeline:
             labeller.temperature = float(stage.options["reward_temperature"])
         store = ChunkStore(os.path.join(directory, "labels"), {"labeller": spec, "seed": seed, "pairs": len(pairs)})
         labelled = store.run(pairs, CHUNK, lambda i, chunk: rlaif.label_pairs(labeller, chunk, self.constitution,
-                                                                              seed=seed + i))
+                                                                              seed=seed + i), self._bar("labels"))
         records = rlaif.preference_records(labelled, stage.options.get("label_threshold", 0.5))
         path = os.path.join(directory, "pairs.jsonl")
         write_jsonl(path, records)  # none kept (every pair tied or unsure): the round's pair trainers skip

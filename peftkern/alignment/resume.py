@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 
+from tqdm import tqdm
+
 from peftkern.train.atomic import atomic_write_text, remove_temp_entries
 
 
@@ -58,14 +60,19 @@ class ChunkStore:
     def read(self, index: int) -> list[dict]:
         return read_jsonl(self._part(index))
 
-    def run(self, items: list, chunk_size: int, work, progress=None) -> list[dict]:
-        """``work(chunk_index, chunk_items) -> records`` for each chunk not yet written; every record in order."""
+    def run(self, items: list, chunk_size: int, work, desc: str | None = None) -> list[dict]:
+        """``work(chunk_index, chunk_items) -> records`` for each chunk not yet written; every record in order.
+        ``desc``: show a progress bar (items) with this title."""
         out = []
-        starts = range(0, len(items), chunk_size)
-        for index, start in enumerate(starts):
-            if not self.done(index):
-                self.write(index, work(index, items[start:start + chunk_size]))
-            out += self.read(index)
-            if progress is not None:
-                progress(min(start + chunk_size, len(items)) - start)
+        bar = tqdm(total=len(items), desc=desc, unit="prompt", leave=False) if desc else None
+        try:
+            for index, start in enumerate(range(0, len(items), chunk_size)):
+                if not self.done(index):
+                    self.write(index, work(index, items[start:start + chunk_size]))
+                out += self.read(index)
+                if bar is not None:
+                    bar.update(min(start + chunk_size, len(items)) - start)
+        finally:
+            if bar is not None:
+                bar.close()
         return out
