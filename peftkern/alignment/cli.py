@@ -18,7 +18,8 @@ from peftkern.alignment.pipeline import run_pipeline
 from peftkern.alignment.resume import ResumeError, read_jsonl, write_jsonl
 from peftkern.alignment.spec import PipelineError, load_spec, parse_spec
 from peftkern.generate.loading import LoadError, load_for_generation
-from peftkern.generate.prompts import PromptError
+from peftkern.generate.prompts import PromptError, as_messages
+from peftkern.models.tasks import SYSTEM_PROMPT
 from peftkern.train.config import load_yaml
 from peftkern.train.errors import TrainError
 
@@ -117,10 +118,15 @@ def add_parser(sub) -> None:
     p.add_argument("--prompts", default=None, help="JSONL of records with 'prompt' or 'messages'")
     p.add_argument("--rounds", type=int, default=1, help="critique -> revision rounds K (default 1)")
     p.add_argument("--critic", choices=CRITICS, default="auto")
-    p.add_argument("--context", choices=CONTEXTS, default="chain")
-    p.add_argument("--candidates", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--system", default=None, help="system turn before each --prompt (default for tiny models: the "
+                   "bundled tasks' system prompt)")
+    p.add_argument("--context", choices=CONTEXTS, default=None, help="revision context (default: resample for tiny "
+                   "models, whose revisions are new samples the rule critic chooses from; else chain)")
+    p.add_argument("--candidates", type=int, default=None, help="revisions sampled per round (default: 8 for tiny "
+                   "models, else 1)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 16 for tiny models, else 64")
+    p.add_argument("--temperature", type=float, default=None, help="default: 0.7 for tiny models (resampling), else "
+                   "0 (greedy)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the chains here (JSONL)")
     p.set_defaults(func=run_self_critique)
@@ -205,14 +211,18 @@ def run_pipeline_cmd(args) -> int:
 def run_self_critique(args) -> int:
     try:
         constitution = load_constitution(args.constitution or ("tasks" if _tiny(args.model) else "default"))
-        prompts = list(args.prompt)
+        tiny = _tiny(args.model)
+        system = args.system if args.system is not None else (SYSTEM_PROMPT if tiny else None)
+        prompts = [as_messages(p, system) for p in args.prompt]
         if args.prompts:
             prompts += prompts_of(read_jsonl(args.prompts), args.prompts)
         if not prompts:
             raise PipelineError("give --prompt TEXT (repeatable) or --prompts FILE")
         model, tok = load_for_generation(args.model, args.adapter)
-        settings = ChainSettings(critic=args.critic, context=args.context, candidates=args.candidates,
-                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+        pick = (lambda value, small, large: value if value is not None else (small if tiny else large))
+        settings = ChainSettings(critic=args.critic, context=pick(args.context, "resample", "chain"),
+                                 candidates=pick(args.candidates, 8, 1), max_new_tokens=pick(args.max_new_tokens, 16, 64),
+                                 temperature=pick(args.temperature, 0.7, 0.0), seed=args.seed)
         chains = self_critique(model, tok, prompts, constitution, args.rounds, settings)
     except (*_ERRORS, ValueError) as exc:
         print(f"peftkern self-critique: error: {exc}", file=sys.stderr)
