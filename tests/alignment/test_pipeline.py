@@ -144,3 +144,22 @@ def test_self_critique_command(tmp_path, capsys):
     assert len(chains) == 2 and all(len(c["steps"]) == 2 for c in chains)
     assert main(["self-critique", "--model", "tiny-micro"]) == 2
     assert "give --prompt" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_online_trainers_and_reward_model_labeller(tmp_path):
+    small = {"max_steps": 1, "batch_size": 4, "lora_r": 4}
+    spec = {**MICRO, "prompts_per_round": 8, "eval": {"suites": []}, "stages": [
+        {"stage": "sft", "settings": small},
+        {"stage": "grpo", "settings": {**small, "num_generations": 2, "max_completion_length": 4}},
+        {"stage": "ppo", "settings": {**small, "max_new_tokens": 4}},
+        {"stage": "rlaif", "labeller": "rules"},
+        {"stage": "orpo", "settings": {**small, "batch_size": 1}},
+        {"stage": "rm", "settings": {**small, "batch_size": 1}},
+        {"stage": "rlaif", "name": "rlaif-rm", "labeller": "rm"}]}
+    report = run_pipeline(load_spec(_spec(tmp_path, spec)), str(tmp_path / "run"), quiet=True)
+    stages = report["stages"]
+    assert [stages[f"round-1/{k}"]["steps"] for k in ("sft", "grpo", "ppo", "orpo", "rm")] == [1] * 5
+    assert stages["round-1/rlaif-rm"]["pairs"] == 8
+    p = Pipeline(load_spec(_spec(tmp_path, spec)), str(tmp_path / "run"), resume=True, quiet=True)
+    assert len(p.state["adapters"]) == 4 and p.state["reward_model"].endswith("rm/reward_model")  # rm is no policy
