@@ -32,7 +32,7 @@ def plot_losses(log_path: str, png_path: str, title: str) -> str | None:
 
 
 def save_figure(fig, png_path: str) -> str:
-    """Write a matplotlib figure to ``png_path`` through a temp file and a rename; closes it."""
+    """Lay out ``fig``, write it to ``png_path`` through a temp file and a rename, close it; the path."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
