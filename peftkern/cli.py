@@ -234,6 +234,10 @@ def _parser(light_only: bool = False) -> argparse.ArgumentParser:
     add_data_parser(sub)  # peftkern data convert|inspect|self-instruct|augment|pairs, peftkern sweep
 
     add_editing_parsers(sub)  # peftkern edit / eval-edits (peftkern.editing.cli)
+    from peftkern.alignment.cli import add_parser as add_alignment_parsers
+
+    add_alignment_parsers(sub)  # peftkern cai-sl, rlaif, pipeline, self-critique (peftkern.alignment.cli)
+
     from peftkern.labeling.cli import add_parser as add_labeling_parsers
 
     add_labeling_parsers(sub)  # peftkern sample-pairs, peftkern label serve|export|stats|prioritize (peftkern.labeling.cli)

@@ -505,14 +505,20 @@ def load_yaml(path: str, kind: str | None = None) -> dict:
         return {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: expected a mapping of setting: value, got {type(loaded).__name__}")
+    return settings_from_mapping(loaded, path, kind)
+
+
+def settings_from_mapping(values: dict, where: str, kind: str | None = None) -> dict:
+    """``{field: value}`` from a mapping of setting names (``lora-r`` or ``lora_r``), each coerced to its
+    field's type; ConfigError (``where: key: ...``) for unknown keys, keys of another trainer, bad values."""
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     out = {}
-    for key, value in loaded.items():
+    for key, value in values.items():
         name = str(key).replace("-", "_")
         if name not in fields:
-            raise ConfigError(f"{path}: unknown setting {key!r} (known: {', '.join(sorted(fields))})")
+            raise ConfigError(f"{where}: unknown setting {key!r} (known: {', '.join(sorted(fields))})")
         kinds = fields[name].metadata["kinds"]
         if kind is not None and kind not in kinds:
-            raise ConfigError(f"{path}: {key}: a setting of peftkern {', '.join(kinds)}, not of peftkern {kind}")
-        out[name] = coerce(fields[name], value, f"{path}: ")
+            raise ConfigError(f"{where}: {key}: a setting of peftkern {', '.join(kinds)}, not of peftkern {kind}")
+        out[name] = coerce(fields[name], value, f"{where}: ")
     return out
