@@ -63,3 +63,14 @@ def test_runner_finds_bench_files_and_rejects_unknown_ops():
     assert any(part.endswith("bench_lora.py") for part in cmd) and "--bench-quick" in cmd
     with pytest.raises(ValueError, match="bench_<op>.py"):
         runner.command(["no_such_op"])
+
+
+def test_pick_takes_shared_shapes_only_where_given_and_never_under_quick(monkeypatch):
+    monkeypatch.delenv(harness.QUICK_ENV, raising=False)
+    monkeypatch.delenv(harness.SHARED_ENV, raising=False)
+    assert harness.pick("full", "quick", shared="shared") == "full"
+    monkeypatch.setenv(harness.SHARED_ENV, "1")
+    assert harness.pick("full", "quick", shared="shared") == "shared"
+    assert harness.pick("full", "quick") == "full"  # a case without shared shapes keeps its own
+    monkeypatch.setenv(harness.QUICK_ENV, "1")
+    assert harness.pick("full", "quick", shared="shared") == "quick"
