@@ -18,6 +18,8 @@ _NAMES = {
     "LoraConfig": "peftkern.tuners", "IA3Config": "peftkern.tuners", "AdaLoraConfig": "peftkern.tuners",
     "BitFitConfig": "peftkern.tuners", "PeftKernModel": "peftkern.tuners", "get_peft_model": "peftkern.tuners",
     "load_adapter": "peftkern.tuners", "save_adapter": "peftkern.tuners",
+    "PromptTuningConfig": "peftkern.tuners", "PrefixTuningConfig": "peftkern.tuners",
+    "PromptEncoderConfig": "peftkern.tuners",
 }
 
 __all__ = ["__version__", *SUBPACKAGES, *_NAMES]
