@@ -189,6 +189,9 @@ class SoftPromptTuner(Tuner):
         if not hasattr(model, "get_input_embeddings") or model.get_input_embeddings() is None:
             raise TypeError(f"{self.config_class.__name__}: {type(model).__name__} has no input embeddings "
                             "(get_input_embeddings()); soft prompts need a transformers causal LM")
+        if self.prepends_positions and "inputs_embeds" not in inspect.signature(model.forward).parameters:
+            raise TypeError(f"{self.config_class.__name__}: {type(model).__name__}.forward takes no inputs_embeds; "
+                            "the virtual tokens go in as input embeddings, so the model must accept them")
 
     def check_new_adapter(self, wrapped, config, adapter_name: str) -> None:
         if encoders(wrapped.model) is None and hasattr(wrapped.model, ENCODERS):

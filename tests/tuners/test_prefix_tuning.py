@@ -75,5 +75,14 @@ def test_bad_input():
     with pytest.raises(TypeError, match="NoCacheLM.forward takes no KV cache"):
         get_peft_model(model, PrefixTuningConfig(num_virtual_tokens=2))
     assert not hasattr(model, "prompt_encoder")
+
+    class NoEmbedsLM(NoCacheLM):
+        def forward(self, input_ids=None, attention_mask=None, cache=None):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, cache=cache)
+
+    from peftkern import PromptTuningConfig
+    with pytest.raises(TypeError, match="NoEmbedsLM.forward takes no inputs_embeds"):
+        get_peft_model(NoEmbedsLM(tiny_model("llama")), PromptTuningConfig(num_virtual_tokens=2))
+    get_peft_model(NoEmbedsLM(tiny_model("llama")), PrefixTuningConfig(num_virtual_tokens=2))  # needs only the cache
     with pytest.raises(ValueError, match="init_weights must be None or 'zero'"):
         PrefixTuningConfig(num_virtual_tokens=2, init_weights="ones")

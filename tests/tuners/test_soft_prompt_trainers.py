@@ -115,3 +115,27 @@ def test_flags_and_refusals(tmp_path):
     args = parser.parse_args(["--peft", "ptuning", "--num-virtual-tokens", "6", "--ptuning-encoder-type", "LSTM"])
     cfg = config_from_args(args, "sft")
     assert (cfg.peft, cfg.num_virtual_tokens, cfg.ptuning_encoder_type) == ("ptuning", 6, "LSTM")
+
+
+@pytest.mark.parametrize("config", [PromptTuningConfig(num_virtual_tokens=3), PrefixTuningConfig(num_virtual_tokens=3),
+                                    PromptEncoderConfig(num_virtual_tokens=3)], ids=["prompt", "prefix", "ptuning"])
+def test_peftkerns_decoding_loop_gives_generates_tokens(config):
+    """The rollouts' KV-cached loop (peftkern.generate.ModelStepper) continues a sequence the soft
+    prompt started: left-padded prompts give transformers' generate() tokens."""
+    from peftkern.generate import ModelStepper
+
+    model = get_peft_model(tiny_model("llama"), config).eval()
+    with torch.no_grad():
+        for p in model.model.prompt_encoder.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    ids = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    stepper, tokens = ModelStepper(model), []
+    logits = stepper.start(ids, mask)
+    for _ in range(5):
+        tokens.append(logits.argmax(-1))
+        logits = stepper.advance(tokens[-1])
+    expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                              pad_token_id=0)
+    assert torch.cat([ids, torch.stack(tokens, 1)], 1).tolist() == expected.tolist()
