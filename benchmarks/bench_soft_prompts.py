@@ -108,11 +108,7 @@ def test_soft_prompt_cpu(method, model, threads, timer, record):
         counts = {name: sum(p.numel() for p in s.model.parameters() if p.requires_grad) for name, s in steps.items()}
         record(**common, metric="trainable parameters", unit="params", ours=counts["ours"], peer=counts["peer"],
                peer_name=PEER_NAMES[method], total=sum(p.numel() for p in ours.model.parameters()))
-        mib = 2.0 ** 20
-        live = {}
-        for name, step in steps.items():
-            step()
-            live[name] = memory.live_peak(step) / mib
+        live = memory.warm_live_peaks_mib(steps)
         record(**common, metric="peak live tensor bytes", unit="MiB", ours=live["ours"], peer=live["peer"],
                peer_name=PEER_NAMES[method], note="TorchDispatchMode tracker, one step after a warm-up step")
     finally:
