@@ -91,8 +91,7 @@ def model_sizes(model: nn.Module) -> dict:
     head_dim = _first(config, ("head_dim",))
     if head_dim is None and hidden and heads:
         head_dim = hidden // heads
-    return {"hidden": hidden, "heads": heads, "layers": layers, "kv_heads": kv_heads, "head_dim": head_dim,
-            "model_type": getattr(config, "model_type", "")}
+    return {"hidden": hidden, "heads": heads, "layers": layers, "kv_heads": kv_heads, "head_dim": head_dim}
 
 
 def fill_common(config: PromptLearningConfig, model: nn.Module) -> PromptLearningConfig:
