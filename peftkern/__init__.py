@@ -11,7 +11,7 @@ import importlib
 __version__ = "0.1.0"
 
 SUBPACKAGES = ("backend", "ops", "reference", "quant", "nn", "tuners", "losses", "optim", "train", "generate",
-               "evaluation", "editing", "data", "models", "kernels")
+               "evaluation", "editing", "data", "models", "kernels", "labeling")
 _NAMES = {
     "DoRALinear": "peftkern.nn", "LoRALinear": "peftkern.nn", "NF4Linear": "peftkern.nn",
     "quantize_model": "peftkern.nn",
