@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from peftkern import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
-from peftkern.train.config import TrainConfig
 from peftkern.train.model import LMWithHeads
 from peftkern.train.run import build_trainer
+from tests.tuners.test_trainer_methods import _cfg, one_thread  # noqa: F401 (one_thread: an autouse fixture)
 from tests.tuners.tiny_models import tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -20,21 +20,6 @@ SOFT = {"prompt": dict(peft="prompt", num_virtual_tokens=4, lr=0.3, prompt_tunin
         "ptuning": dict(peft="ptuning", num_virtual_tokens=4, lr=1e-2)}
 # On the untrained micro model (eval loss ~ log(vocab)) input-side prompts move the loss little
 FALL = {"prompt": 0.005, "prefix": 0.05, "ptuning": 0.005}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _cfg(tmp_path, **kw):
-    base = dict(model="tiny-micro", out=str(tmp_path), quiet=True, log_every=1, seed=0, strategy="none",
-                batch_size=16, max_steps=12)
-    base.update(kw)
-    return TrainConfig(**base).check()
 
 
 @pytest.mark.parametrize("config", [PromptTuningConfig(num_virtual_tokens=3), PrefixTuningConfig(num_virtual_tokens=3),
