@@ -7,6 +7,7 @@ import os
 from peftkern.tuners.config import PeftConfig, read_config_file
 from peftkern.tuners.adalora import AdaLoraTuner
 from peftkern.tuners.bitfit import BitFitTuner
+from peftkern.tuners.bottleneck import BottleneckTuner
 from peftkern.tuners.ia3 import IA3Tuner
 from peftkern.tuners.lora import LoraTuner
 from peftkern.tuners.prefix import PrefixTuningTuner
@@ -14,7 +15,8 @@ from peftkern.tuners.prompt import PromptTuningTuner
 from peftkern.tuners.ptuning import PTuningTuner
 from peftkern.tuners.tuner import Tuner
 
-TUNERS: dict[str, Tuner] = {t.peft_type: t for t in (LoraTuner(), IA3Tuner(), AdaLoraTuner(), BitFitTuner())}
+TUNERS: dict[str, Tuner] = {t.peft_type: t for t in (LoraTuner(), IA3Tuner(), AdaLoraTuner(), BitFitTuner(),
+                                                   BottleneckTuner())}
 TUNERS.update({t.peft_type: t for t in (PromptTuningTuner(), PrefixTuningTuner(), PTuningTuner())})
 
 
