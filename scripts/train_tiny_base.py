@@ -64,6 +64,8 @@ def main(argv=None) -> int:
                   "machine": platform.machine(), "script": "scripts/train_tiny_base.py"}
         with open(os.path.join(tmp, SHIPPED_RECORD), "w", encoding="utf-8") as fh:
             json.dump(record, fh, indent=1)
+        for name in os.listdir(tmp):  # package data: readable by every user of the installed package
+            os.chmod(os.path.join(tmp, name), 0o644)
     print(f"wrote {args.out} ({record['parameters']} parameters, sha256 {record['sha256'][:16]}..., "
           f"{seconds:.0f} s)")
     return 0

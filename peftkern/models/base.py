@@ -1,7 +1,7 @@
 """The demo's base model: the tiny Llama trained (full weights) on the bundled plain-text corpus, so
-it knows the skills but not the chat format. The corpus states facts as sentences ("7 + 8 is 15.",
-"'kel' reversed is lek."); the chat-format prompts held out from fine-tuning may ask about facts it
-stated, as a user asks a pretrained model about what it read.
+it knows the answers but not the chat format. The corpus is questions followed by their answers as
+plain text ("What is 7 + 8? 15", "Reverse 'cat'. tac"); the chat-format prompts held out from
+fine-tuning may ask what it read, as a user asks a pretrained model about what it read.
 
 This module knows the settings, where the trained weights live and how to load them; the training
 itself is :mod:`peftkern.train.pretrain` (models/ imports nothing above it). Two homes, looked up in
@@ -18,9 +18,9 @@ import os
 
 from peftkern.models.tiny import SIZES
 
-# ~10 minutes of one CPU core (so the package ships the result; see scripts/train_tiny_base.py).
-PRETRAIN = dict(size="demo", questions=100000, steps=450, batch_size=16, seq_len=128, lr=2e-3, warmup=30, seed=0)
-CORPUS_VERSION = 2
+# ~10 minutes of one idle CPU core (so the package ships the result; see scripts/train_tiny_base.py).
+PRETRAIN = dict(size="demo", questions=50000, steps=500, batch_size=16, seq_len=128, lr=2e-3, warmup=30, seed=0)
+CORPUS_VERSION = 3
 SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "tiny-base")
 SHIPPED_RECORD = "peftkern_base.json"  # {"key", "settings", "sha256", ...}: what the shipped weights are
 

@@ -21,7 +21,8 @@ def _pct(x) -> str:
 
 
 def table_rows(report: dict) -> list[list[str]]:
-    """[stage, exact match, sampled accuracy, eval loss, steps, seconds, peak RSS MB, what] per stage."""
+    """[stage, exact match, sampled accuracy, GRPO reward, eval loss, steps, seconds, peak RSS MB, what]
+    per stage."""
     rows = []
     for s in report["stages"]:
         exact = _pct(s.get("exact_match"))
@@ -31,12 +32,13 @@ def table_rows(report: dict) -> list[list[str]]:
         if "sampled_accuracy_before" in s:
             sampled = f"{_pct(s['sampled_accuracy_before'])} -> {sampled}"
         loss = f"{s['eval_loss_before']:.3f} -> {s['eval_loss_after']:.3f}" if "eval_loss_after" in s else "-"
-        rows.append([STAGE_NAMES.get(s["name"], s["name"]), exact, sampled, loss, str(s.get("steps", "-")),
+        reward = f"{s['reward_before']:.3f} -> {s['reward']:.3f}" if "reward" in s else "-"
+        rows.append([STAGE_NAMES.get(s["name"], s["name"]), exact, sampled, reward, loss, str(s.get("steps", "-")),
                      f"{s['seconds']:.0f}", f"{s['peak_rss_mb']:.0f}", s.get("what", "")])
     return rows
 
 
-HEADER = ["stage", "exact match", "sampled acc.", "eval loss", "steps", "s", "peak MB", "what"]
+HEADER = ["stage", "exact match", "sampled acc.", "reward", "eval loss", "steps", "s", "peak MB", "what"]
 
 
 def format_report(report: dict) -> str:
@@ -51,7 +53,8 @@ def format_report(report: dict) -> str:
                      f"{sft['optimizer_state_mb'] * 1024:.0f} KB (fp32 AdamW {sft['optimizer_state_mb_fp32'] * 1024:.0f} "
                      f"KB) for {sft['trainable_parameters']} LoRA parameters")
     lines.append(f"held-out prompts: {sft['held_out_prompts'] if sft else '?'}, never trained on; exact match: greedy "
-                 "answer == the rule's answer; sampled acc.: share right among samples at temperature 1")
+                 "answer == the rule's answer; reward: GRPO's held-out metric, the bundled rewards (exact answer 1, "
+                 "format 0.2) of the greedy answers; sampled acc.: share right among samples at temperature 1")
     for smp in report["samples"]:
         lines.append(f"  {smp['prompt']!r} (answer {smp['answer']!r}): base {smp['base']!r} | sft "
                      f"{smp['after_sft']!r} | grpo {smp['after_grpo']!r}")
@@ -137,7 +140,7 @@ def _img(out: str, name: str, title: str) -> str:
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}
 th{background:#f3f3f3}code{background:#f6f6f6;padding:0 3px}.ok{color:#070}.bad{color:#a00}
-figure{display:inline-block;margin:0 1em 1em 0}figure img{width:480px;border:1px solid #ddd}"""
+figure{display:inline-block;margin:0 1em 1em 0}figure img{width:340px;border:1px solid #ddd}"""
 
 
 def render_html(report: dict, out: str) -> str:
@@ -163,7 +166,7 @@ def render_html(report: dict, out: str) -> str:
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>peftkern demo</title><style>{CSS}</style></head><body>
 <h1>peftkern demo</h1>
-<p>A tiny Llama ({model.get('parameters', '?')} parameters) pretrained on plain sentences, then taught the chat
+<p>A tiny Llama ({model.get('parameters', '?')} parameters) pretrained on questions and answers as plain text, then taught the chat
 format with QLoRA SFT, then GRPO on the exact-answer reward. Metrics on {sft.get('held_out_prompts', '?')}
 held-out prompts never trained on. Plan <code>{e(report['plan'])}</code>, seed {report['seed']},
 {report['cpu_count']} CPUs, {report['threads']} torch threads, torch {e(report['torch'])}; total
