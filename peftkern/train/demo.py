@@ -49,7 +49,7 @@ from peftkern.train.stage_meter import StageMeter, module_bytes, optimizer_state
 PLANS = {
     "full": dict(base={}, n_sft=2400, n_rl=1600, n_eval=60, n_samples=6, samples_per_prompt=8,
                  sft=dict(lr=3e-3, batch_size=16, max_steps=150, warmup_steps=10, eval_every=25),
-                 grpo=dict(lr=3e-4, batch_size=8, max_steps=30, warmup_steps=2)),
+                 grpo=dict(lr=6e-4, batch_size=8, max_steps=30, warmup_steps=2)),
     "quick": dict(base={}, n_sft=640, n_rl=160, n_eval=24, n_samples=3, samples_per_prompt=4,
                   sft=dict(lr=3e-3, batch_size=16, max_steps=40, warmup_steps=4),
                   grpo=dict(lr=3e-4, batch_size=8, max_steps=6, warmup_steps=1)),
