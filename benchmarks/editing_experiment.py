@@ -43,7 +43,7 @@ from peftkern.editing.sampling import context_prefixes  # noqa: E402
 from peftkern.editing.tiny_facts import tiny_with_facts  # noqa: E402
 from peftkern.editing.tokens import encode, pad, target_ids  # noqa: E402
 from peftkern.models import build_byte_tokenizer  # noqa: E402
-from peftkern.train.pretrain import pretrained_tiny  # noqa: E402
+from peftkern.train.pretrain import build_pretrained_tiny  # noqa: E402
 from peftkern.tuners import LoraConfig, get_peft_model  # noqa: E402
 
 SEPARATOR = ".<|end|><|bos|>"   # the tiny model's documents are single sentences: end one, start the next
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     started = time.time()
     tok = build_byte_tokenizer()
-    model = tiny_with_facts(quiet=True, base=lambda: pretrained_tiny(quiet=True))
+    model = tiny_with_facts(quiet=True, base=lambda: build_pretrained_tiny(quiet=True))
     requests = bundled_requests(args.n)
     many = bundled_requests(args.n_many)
     memit_layers = [int(x) for x in args.memit_layers.split(",")]
