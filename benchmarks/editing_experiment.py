@@ -36,15 +36,23 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from peftkern.editing import (ValueSettings, bundled_corpus, bundled_requests, evaluate_edits,  # noqa: E402
-                              key_statistics, memit, peak_layer, rome)
-from peftkern.editing.rome import rome_sequential  # noqa: E402
-from peftkern.editing.sampling import context_prefixes  # noqa: E402
-from peftkern.editing.tiny_facts import tiny_with_facts  # noqa: E402
-from peftkern.editing.tokens import encode, pad, target_ids  # noqa: E402
-from peftkern.models import build_byte_tokenizer  # noqa: E402
-from peftkern.train.pretrain import build_pretrained_tiny  # noqa: E402
-from peftkern.tuners import LoraConfig, get_peft_model  # noqa: E402
+from peftkern.editing import (
+    ValueSettings,
+    bundled_corpus,
+    bundled_requests,
+    evaluate_edits,
+    key_statistics,
+    memit,
+    peak_layer,
+    rome,
+)
+from peftkern.editing.rome import rome_sequential
+from peftkern.editing.sampling import context_prefixes
+from peftkern.editing.tiny_facts import tiny_with_facts
+from peftkern.editing.tokens import pad, target_ids
+from peftkern.models import build_byte_tokenizer
+from peftkern.train.pretrain import build_pretrained_tiny
+from peftkern.tuners import LoraConfig, get_peft_model
 
 SEPARATOR = ".<|end|><|bos|>"   # the tiny model's documents are single sentences: end one, start the next
 METRICS = ("efficacy", "generalization", "specificity", "neighbourhood_accuracy", "fluency")
@@ -130,7 +138,7 @@ def main(argv=None) -> int:
     rome_layer = peak if args.rome_layer is None else args.rome_layer
     results["causal_trace"] = {"mean_mlp_effect_at_subject_last": effect, "peak_layer": peak}
     tuned = ValueSettings(steps=100, lr=1.0, weight_decay=0.05, clamp_factor=10.0)
-    plain = dict(stats=stats, prefixes=[""], settings=tuned)
+    plain = {"stats": stats, "prefixes": [""], "settings": tuned}
     results["settings"]["tuned_value"] = vars(tuned)
 
     rows = {"unedited": score(model, tok, requests)}
@@ -138,17 +146,17 @@ def main(argv=None) -> int:
     seconds = {k: 0.0 for k in single}
     layers_used = []
     for q in requests:
-        edit, sec = timed(lambda: rome(model, tok, q, None, stats=stats, prefixes=paper_prefixes))
+        edit, sec = timed(lambda q=q: rome(model, tok, q, None, stats=stats, prefixes=paper_prefixes))
         layers_used.append(edit.layers[0])
         seconds["ROME, paper settings"] += sec
         single["ROME, paper settings"] += score_edit(edit, model, tok, [q])
-        edit, sec = timed(lambda: rome(model, tok, q, rome_layer, **plain))
+        edit, sec = timed(lambda q=q: rome(model, tok, q, rome_layer, **plain))
         seconds["ROME"] += sec
         single["ROME"] += score_edit(edit, model, tok, [q])
-        edit, sec = timed(lambda: memit(model, tok, [q], memit_layers, mom2_weight=args.mom2_weight, **plain))
+        edit, sec = timed(lambda q=q: memit(model, tok, [q], memit_layers, mom2_weight=args.mom2_weight, **plain))
         seconds["MEMIT (1 request)"] += sec
         single["MEMIT (1 request)"] += score_edit(edit, model, tok, [q])
-        wrapped, sec = timed(lambda: finetune_lora(model, tok, [q], args.ft_steps, args.ft_lr))
+        wrapped, sec = timed(lambda q=q: finetune_lora(model, tok, [q], args.ft_steps, args.ft_lr))
         seconds["LoRA fine-tuning"] += sec
         single["LoRA fine-tuning"] += score(wrapped, tok, [q])
         wrapped.unload()

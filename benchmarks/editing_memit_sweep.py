@@ -23,11 +23,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from peftkern.editing import (ValueSettings, bundled_corpus, bundled_requests, evaluate_edits,  # noqa: E402
-                              key_statistics, memit, rome)
-from peftkern.editing.tiny_facts import tiny_with_facts  # noqa: E402
-from peftkern.models import build_byte_tokenizer  # noqa: E402
-from peftkern.train.pretrain import build_pretrained_tiny  # noqa: E402
+from peftkern.editing import (
+    ValueSettings,
+    bundled_corpus,
+    bundled_requests,
+    evaluate_edits,
+    key_statistics,
+    memit,
+    rome,
+)
+from peftkern.editing.tiny_facts import tiny_with_facts
+from peftkern.models import build_byte_tokenizer
+from peftkern.train.pretrain import build_pretrained_tiny
 
 TUNED = ValueSettings(steps=100, lr=1.0, weight_decay=0.05, clamp_factor=10.0)
 KEYS = ("efficacy", "generalization", "specificity", "neighbourhood_accuracy")
@@ -63,7 +70,7 @@ def main(argv=None) -> int:
     for c in configs:
         started = time.time()
         settings = ValueSettings(**{**vars(TUNED), **c.get("settings", {})})
-        kw = dict(stats=stats, prefixes=c.get("prefixes", [""]), settings=settings)
+        kw = {"stats": stats, "prefixes": c.get("prefixes", [""]), "settings": settings}
         rows, probs = [], []
         if mode == "rome":
             for q in requests:
