@@ -81,11 +81,12 @@ def test_jsonl_records_for_every_trainer(payload, packing):
     from peftkern.train.dpo import pair_examples
     from peftkern.train.kto import kto_examples
     from peftkern.train.ppo import ppo_prompts
+    from peftkern.train.rm import rm_examples
     from peftkern.train.sft import sft_examples
 
     path = _file(payload, "data.jsonl")
     cfg = TrainConfig(model="tiny-micro", max_length=48, packing=packing).check()
-    builders = {"sft": sft_examples, "dpo": pair_examples, "rm": lambda t, s, c: pair_examples(t, s, c, "rm"),
+    builders = {"sft": sft_examples, "dpo": pair_examples, "rm": rm_examples,
                 "kto": kto_examples, "ppo": ppo_prompts}
     for kind, build in builders.items():
         try:
