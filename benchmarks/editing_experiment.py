@@ -55,7 +55,18 @@ from peftkern.train.pretrain import build_pretrained_tiny
 from peftkern.tuners import LoraConfig, get_peft_model
 
 SEPARATOR = ".<|end|><|bos|>"   # the tiny model's documents are single sentences: end one, start the next
+TUNED = ValueSettings(steps=100, lr=1.0, weight_decay=0.05, clamp_factor=10.0)  # delta's settings for this model
 METRICS = ("efficacy", "generalization", "specificity", "neighbourhood_accuracy", "fluency")
+
+
+def tiny_setup():
+    """(tokenizer, the tiny model after learning the bundled facts, key statistics per layer on the
+    bundled corpus): what every editing figure here starts from."""
+    tok = build_byte_tokenizer()
+    model = tiny_with_facts(quiet=True, base=lambda: build_pretrained_tiny(quiet=True))
+    corpus = bundled_corpus()
+    stats = {l: key_statistics(model, tok, l, corpus=corpus) for l in range(model.config.num_hidden_layers)}
+    return tok, model, stats
 
 
 def finetune_lora(model, tok, requests, steps: int, lr: float, r: int = 8, seed: int = 0):
@@ -118,13 +129,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.time()
-    tok = build_byte_tokenizer()
-    model = tiny_with_facts(quiet=True, base=lambda: build_pretrained_tiny(quiet=True))
+    tok, model, stats = tiny_setup()
     requests = bundled_requests(args.n)
     many = bundled_requests(args.n_many)
     memit_layers = [int(x) for x in args.memit_layers.split(",")]
-    corpus = bundled_corpus()
-    stats = {l: key_statistics(model, tok, l, corpus=corpus) for l in range(model.config.num_hidden_layers)}
     paper_prefixes = context_prefixes(model, tok, n=10, length=20, separator=SEPARATOR)
     results: dict = {"settings": {**vars(args), "paper_value": vars(ValueSettings()), "prefixes": paper_prefixes,
                                   "stat_tokens": {l: s.count for l, s in stats.items()}}}
@@ -137,7 +145,7 @@ def main(argv=None) -> int:
     peak, effect = peak_layer(model, tok, requests)          # the papers' choice: averaged causal traces
     rome_layer = peak if args.rome_layer is None else args.rome_layer
     results["causal_trace"] = {"mean_mlp_effect_at_subject_last": effect, "peak_layer": peak}
-    tuned = ValueSettings(steps=100, lr=1.0, weight_decay=0.05, clamp_factor=10.0)
+    tuned = TUNED
     plain = {"stats": stats, "prefixes": [""], "settings": tuned}
     results["settings"]["tuned_value"] = vars(tuned)
 

@@ -23,20 +23,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from benchmarks.editing_experiment import TUNED, tiny_setup
 from peftkern.editing import (
     ValueSettings,
-    bundled_corpus,
     bundled_requests,
     evaluate_edits,
-    key_statistics,
     memit,
     rome,
 )
-from peftkern.editing.tiny_facts import tiny_with_facts
-from peftkern.models import build_byte_tokenizer
-from peftkern.train.pretrain import build_pretrained_tiny
 
-TUNED = ValueSettings(steps=100, lr=1.0, weight_decay=0.05, clamp_factor=10.0)
 KEYS = ("efficacy", "generalization", "specificity", "neighbourhood_accuracy")
 
 
@@ -63,9 +58,7 @@ def main(argv=None) -> int:
         return 2
     n, mode, configs = int(argv[0]), argv[1], [json.loads(c) for c in argv[2:]] or [{}]
     torch.set_num_threads(1)
-    tok = build_byte_tokenizer()
-    model = tiny_with_facts(quiet=True, base=lambda: build_pretrained_tiny(quiet=True))
-    stats = {l: key_statistics(model, tok, l, corpus=bundled_corpus()) for l in range(model.config.num_hidden_layers)}
+    tok, model, stats = tiny_setup()
     requests = bundled_requests(n)
     for c in configs:
         started = time.time()
