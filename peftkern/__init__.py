@@ -16,7 +16,8 @@ _NAMES = {
     "DoRALinear": "peftkern.nn", "LoRALinear": "peftkern.nn", "NF4Linear": "peftkern.nn",
     "quantize_model": "peftkern.nn",
     "LoraConfig": "peftkern.tuners", "IA3Config": "peftkern.tuners", "AdaLoraConfig": "peftkern.tuners",
-    "BitFitConfig": "peftkern.tuners", "PeftKernModel": "peftkern.tuners", "get_peft_model": "peftkern.tuners",
+    "BitFitConfig": "peftkern.tuners", "BottleneckConfig": "peftkern.tuners", "PeftKernModel": "peftkern.tuners",
+    "get_peft_model": "peftkern.tuners",
     "load_adapter": "peftkern.tuners", "save_adapter": "peftkern.tuners",
 }
 

@@ -205,7 +205,7 @@ def _parser(light_only: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON list of objects "
                    "(kernel, config, arch, registers, spill_bytes, shared_bytes, wgmma, ok)")
     p.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPU count)")
-    p.add_argument("--op", action="append", help="only this op's kernels (lora, dora, nf4, logprobs, adamw, ia3, "
+    p.add_argument("--op", action="append", help="only this op's kernels (lora, dora, nf4, logprobs, adamw, ia3, bottleneck, "
                    "...); repeat for several")
     p.set_defaults(func=_cmd_kernels)
     if light_only:

@@ -42,8 +42,8 @@ class TrainConfig:
                                    "tokens are found from how it renders, so it needs no generation markers)")
     dora: bool = _f(False, "DoRA adapters instead of LoRA")
     # -- PEFT method (peftkern.tuners; built in train/adapters.py): the method and its main options --
-    peft: str = _f("lora", "adapter method: 'lora' (DoRA with --dora), 'ia3', 'adalora' or 'bitfit'",
-                   choices=("lora", "ia3", "adalora", "bitfit"))
+    peft: str = _f("lora", "adapter method: 'lora' (DoRA with --dora), 'ia3', 'adalora', 'bitfit' or 'bottleneck'",
+                   choices=("lora", "ia3", "adalora", "bitfit", "bottleneck"))
     ia3_target_modules: str = _f("default", "(IA)^3 targets: comma-separated names, or 'default' (PEFT's per "
                                  "model type: keys, values and the down projection)")
     ia3_feedforward_modules: str = _f("default", "(IA)^3 targets whose input is scaled: comma-separated names, or "
@@ -59,6 +59,13 @@ class TrainConfig:
     adalora_total_step: int = _f(0, "AdaLoRA schedule length in optimizer steps (0: --max-steps)")
     bitfit_target_modules: str = _f("all", "BitFit: 'all' (every bias; a model without biases gets trainable "
                                     "ones on --target-modules) or comma-separated module names")
+    placement: str = _f("houlsby", "bottleneck adapters: 'houlsby' (after attention and feed-forward), 'pfeiffer' "
+                        "(after the block's feed-forward) or 'parallel' (beside the feed-forward)",
+                        choices=("houlsby", "pfeiffer", "parallel"))
+    reduction_factor: float = _f(16.0, "bottleneck adapters: bottleneck = hidden size // reduction factor")
+    bottleneck_non_linearity: str = _f("relu", "bottleneck adapters' non-linearity: relu, gelu, silu, tanh",
+                                       choices=("relu", "gelu", "silu", "swish", "tanh"))
+    bottleneck_scaling: float = _f(1.0, "bottleneck adapters: s in h + s * up(act(down(x)))")
     # -- end of the PEFT method block --
     # data
     data: str | None = _f(None, "training data, JSONL in TRL's format (default with --model tiny: the bundled set); "
@@ -242,8 +249,9 @@ class TrainConfig:
         if self.dora and self.peft != "lora":
             raise ConfigError(f"--dora is a LoRA option; --peft is {self.peft!r}")
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        for prefix in ("ia3_", "adalora_", "bitfit_"):
-            changed = [n for n in defaults if n.startswith(prefix) and getattr(self, n) != defaults[n]]
+        for prefix in ("ia3_", "adalora_", "bitfit_", "bottleneck_"):
+            changed = [n for n in defaults if (n.startswith(prefix) or (prefix == "bottleneck_" and n in (
+                "placement", "reduction_factor"))) and getattr(self, n) != defaults[n]]
             if changed and self.peft != prefix[:-1]:
                 raise ConfigError(f"{', '.join('--' + n.replace('_', '-') for n in changed)}: options of --peft "
                                  f"{prefix[:-1]}, but --peft is {self.peft!r}")
