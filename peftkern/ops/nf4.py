@@ -324,8 +324,9 @@ def _gemm_config(dtype: torch.dtype, row_blocks: bool = True) -> dict:
     accumulator, so the K depth is 32 (a W tile row then sits inside one NF4 block at every
     blocksize) and the pipeline two stages deep; fp32 halves the N width. The general path (a
     gather and an absmax decode per element, for shapes whose rows cross NF4 blocks) takes 64x64."""
-    if dtype == torch.float32:  # IEEE fp32 dots run on FMA units and hold far more registers
-        return {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 1}
+    if dtype == torch.float32:  # IEEE fp32 dots run on FMA units and hold far more registers (32-row
+        # tiles spilled 8 bytes under Triton 3.6 on sm_80, and under 3.9 on sm_90 with 8 warps)
+        return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 1}
     if not row_blocks:
         return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 1}
     return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 2}
@@ -342,8 +343,9 @@ def _dx_config(dtype: torch.dtype, row_blocks: bool = True, dropout: bool = Fals
     if not row_blocks:
         return {"BLOCK_M": 64, "BLOCK_K": 32, "BLOCK_N": 32, "BLOCK_DA": 32, "GROUP_M": 8, "num_warps": 4,
                 "num_stages": 1}
-    return {"BLOCK_M": 64 if dropout else 128, "BLOCK_K": 64, "BLOCK_N": 32, "BLOCK_DA": 32, "GROUP_M": 8,
-            "num_warps": 8, "num_stages": 2}
+    # with dropout, dA sub-tiles of 16 columns (32 spilled 8 bytes under Triton 3.6 on sm_80)
+    return {"BLOCK_M": 64 if dropout else 128, "BLOCK_K": 64, "BLOCK_N": 32, "BLOCK_DA": 16 if dropout else 32,
+            "GROUP_M": 8, "num_warps": 8, "num_stages": 2}
 
 
 _GEMV_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
