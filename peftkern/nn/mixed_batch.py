@@ -2,9 +2,10 @@
 
 ``with row_adapters(["a", "__base__", "b", "a"]):`` around a model call makes every adapter layer
 run row i of its input through adapter ``names[i]`` alone ("__base__": the base layer only), as
-PEFT's mixed-batch inference does. Each layer groups the rows by adapter and runs its ordinary
-(fused) forward once per group, so the base weights are read once per group and the total work
-equals one ordinary forward over the batch.
+PEFT's mixed-batch inference does. A LoRA layer over a plain linear base runs the whole batch
+through ``ops.multi_lora_linear`` (one pass over the base weight, each row's rank-r term from its
+own adapter, forward and backward: adapters train together this way). Every other layer groups
+the rows by adapter and runs its ordinary (fused) forward once per group.
 
 A layer that wraps other adapter layers (methods stacked on one module) groups once for the whole
 stack: inside a group the stack runs with exactly that adapter active on every layer that holds it.
@@ -30,6 +31,16 @@ class RowAdapters:
     def __post_init__(self):
         for i, name in enumerate(self.names):
             self.groups.setdefault(name, []).append(i)
+
+    def adapter_index(self, adapters: tuple[str, ...], device: torch.device) -> torch.Tensor:
+        """int64 [rows]: each row's position in ``adapters``, -1 where its name is not there (the base
+        alone: "__base__" or an adapter this layer does not hold), for ``ops.multi_lora_linear``.
+        Made once per call, device and adapter tuple, so layers holding the same adapters share it."""
+        key = (adapters, str(device))
+        if key not in self._index:
+            position = {name: e for e, name in enumerate(adapters)}
+            self._index[key] = torch.tensor([position.get(n, -1) for n in self.names], dtype=torch.long, device=device)
+        return self._index[key]
 
     def index(self, name: str, device: torch.device) -> torch.Tensor:
         """Row positions of ``name`` as a long tensor on ``device`` (made once per call and device)."""

@@ -109,3 +109,22 @@ def test_bad_adapter_names_are_clear_errors(tmp_path):
     ours.train()
     with pytest.raises(ValueError, match="inference"):
         ours(input_ids=ids, adapter_names=["a", "b"])
+
+
+def test_lora_layers_run_one_pass_over_the_base(tmp_path, monkeypatch):
+    """LoRA layers over a plain linear never group rows: the whole batch goes through
+    ops.multi_lora_linear once per layer, and still matches PEFT."""
+    import peftkern.nn.lora as lora_layer
+
+    _, theirs, ours = _two_lora(tmp_path)
+    calls = []
+    real = lora_layer.multi_lora_linear
+    monkeypatch.setattr(lora_layer, "forward_by_rows", lambda *a, **k: pytest.fail("grouped rows"))
+    monkeypatch.setattr(lora_layer, "multi_lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids = token_ids(batch=4, seq=5)
+    names = ["b", "a", "__base__", "a"]
+    with torch.no_grad():
+        expected = theirs(input_ids=ids, adapter_names=names).logits
+        got = ours(input_ids=ids, adapter_names=names).logits
+    assert (got - expected).abs().max().item() < ATOL
+    assert len(calls) == sum(1 for _, layer in ours.adapter_layers() if isinstance(layer, lora_layer.LoRALinear))
