@@ -203,18 +203,19 @@ def _multi_bwd_kernel(dy_ptr, w_ptr, x_ptr, a_ptr, b_ptr, u_ptr, g_ptr, seed_ptr
 # ---------------------------------------------------------------------------------------------
 
 def _fwd_config(dtype: torch.dtype) -> dict:
-    """The LoRA forward's tiles: 128x128x64 for 16-bit inputs, 128x64x32 for fp32."""
+    """The LoRA forward's tiles for 16-bit inputs, 128x128x64; fp32 64x64x32 (LoRA's 128-row tile
+    spilled on sm_80 under Triton 3.6 with the gathered rows)."""
     if dtype == torch.float32:
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
     return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
 
 
 def _bwd_config(dtype: torch.dtype, block_r: int, dropout: bool, compute_dx: bool) -> dict:
     """The LoRA backward's tiles (dx tiles BLOCK_M x BLOCK_K over N steps of BLOCK_N). fp32 differs
-    from LoRA's where ptxas left an 8-byte stack (static report): 2 stages without dx, N steps of
-    16 with dropout and dx."""
+    from LoRA's where ptxas spilled (static report, Triton 3.6 or 3.9): 2 stages without dx, N
+    steps of 16 with dx."""
     if dtype == torch.float32:
-        return {"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_N": 16 if (dropout and compute_dx) else 32, "BLOCK_DA": 32,
+        return {"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_N": 16 if compute_dx else 32, "BLOCK_DA": 32,
                 "GROUP_M": 8, "num_warps": 4, "num_stages": 3 if compute_dx else 2}
     cfg = {"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_N": 64, "BLOCK_DA": 32, "GROUP_M": 8, "num_warps": 8,
            "num_stages": 3}
@@ -252,9 +253,57 @@ def segment_plan(adapter_index: torch.Tensor, num_adapters: int, block_m: int) -
     return perm, tiles
 
 
+_PLANS: dict = {}
+_LISTS: dict = {}
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    """Identifies a tensor's contents while the tensor is held: storage address, layout, device and
+    version counter (bumped by every in-place write)."""
+    return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, str(t.device), t._version)
+
+
+def _memo(key: tuple, held: torch.Tensor, make):
+    """``make()`` cached under ``key`` (whose first part is ``_tensor_key(held)``); the entry keeps
+    ``held`` alive, so no other tensor can take its address while the entry lives."""
+    hit = _PLANS.get(key)
+    if hit is not None:
+        return hit[1]
+    if len(_PLANS) >= 16:
+        _PLANS.clear()
+    value = make()
+    _PLANS[key] = (held, value)
+    return value
+
+
+def cached_segment_plan(adapter_index: torch.Tensor, num_adapters: int, block_m: int):
+    """:func:`segment_plan`, made once per index (the same contents in the same memory) and tile
+    height: every layer of a model call, and the backward after the forward, share one plan, so its
+    few small launches are paid once per batch rather than per layer and direction."""
+    return _memo(("plan", _tensor_key(adapter_index), num_adapters, block_m), adapter_index,
+                 lambda: segment_plan(adapter_index, num_adapters, block_m))
+
+
+def row_index(adapter_index: torch.Tensor, lead: tuple) -> torch.Tensor:
+    """int64 [prod(lead)]: ``adapter_index`` (shape ``lead`` or a prefix of it) repeated over the
+    rest of ``lead``, made once per index so that layers share it (and its plan)."""
+    def make():
+        index = adapter_index.reshape(*adapter_index.shape, *([1] * (len(lead) - adapter_index.dim())))
+        return index.expand(lead).reshape(-1).to(torch.int64)
+    if torch.compiler.is_compiling():
+        return make()
+    return _memo(("rows", _tensor_key(adapter_index), tuple(lead)), adapter_index, make)
+
+
 def _device_lists(scalings, ranks, device) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.tensor(list(scalings), dtype=torch.float32, device=device),
-            torch.tensor(list(ranks), dtype=torch.int32, device=device))
+    """The adapters' scalings (fp32) and ranks (int32) on ``device``, copied there once per value."""
+    key = (tuple(scalings), tuple(ranks), str(device))
+    if key not in _LISTS:
+        if len(_LISTS) > 256:
+            _LISTS.clear()
+        _LISTS[key] = (torch.tensor(list(scalings), dtype=torch.float32, device=device),
+                       torch.tensor(list(ranks), dtype=torch.int32, device=device))
+    return _LISTS[key]
 
 
 def _triton_forward(x2d, weight, bias, lora_A, lora_B, adapter_index, scalings, ranks, dropout_p):
@@ -265,7 +314,7 @@ def _triton_forward(x2d, weight, bias, lora_A, lora_B, adapter_index, scalings, 
     if M == 0 or N == 0 or K == 0 or not all(lr.scale_fits_kernels(s) for s in scalings):
         return torch_forward(x2d, weight, bias, lora_A, lora_B, adapter_index, scalings, ranks, dropout_p)
     cfg, meta = lr.split_config(_fwd_config(x2d.dtype))
-    perm, tiles = segment_plan(adapter_index, E, cfg["BLOCK_M"])
+    perm, tiles = cached_segment_plan(adapter_index, E, cfg["BLOCK_M"])
     T = tiles.shape[0]
     flags = lr.flag_buffer(T, dropout_p, x2d.device)
     scale_t, rank_t = _device_lists(scalings, ranks, x2d.device)
@@ -291,7 +340,7 @@ def _triton_backward(dy, x2d, weight, lora_A, lora_B, u, adapter_index, scalings
                               need_dx)
     block_r = lr.rank_block(RMAX, x2d.dtype)
     cfg, meta = lr.split_config(_bwd_config(x2d.dtype, block_r, dropout_p > 0.0, need_dx))
-    perm, tiles = segment_plan(adapter_index, E, cfg["BLOCK_M"])
+    perm, tiles = cached_segment_plan(adapter_index, E, cfg["BLOCK_M"])
     T = tiles.shape[0]
     tiles_k, chunks_n = triton.cdiv(K, cfg["BLOCK_K"]), triton.cdiv(N, cfg["BLOCK_N"])
     # One zero-filled buffer: fp32 sums of dA [E, R, K] and dB [E, N, R], the counters of dA's column
@@ -372,15 +421,18 @@ def triton_kernel_specs() -> list:
 
 def adapter_segments(adapter_index: torch.Tensor, num_adapters: int) -> list[tuple[int, torch.Tensor]]:
     """[(adapter e, its row numbers (long))] for every adapter with rows, in adapter order: one sort
-    of the index (a host sync for the counts: the torch face's loop needs them)."""
-    order = torch.argsort(adapter_index, stable=True)
-    counts = torch.bincount(adapter_index + 1, minlength=num_adapters + 1).tolist()
-    segments, start = [], counts[0]
-    for e in range(num_adapters):
-        if counts[e + 1]:
-            segments.append((e, order[start:start + counts[e + 1]]))
-        start += counts[e + 1]
-    return segments
+    of the index (a host sync for the counts: the torch face's loop needs them), made once per index
+    as :func:`cached_segment_plan` is."""
+    def make():
+        order = torch.argsort(adapter_index, stable=True)
+        counts = torch.bincount(adapter_index + 1, minlength=num_adapters + 1).tolist()
+        segments, start = [], counts[0]
+        for e in range(num_adapters):
+            if counts[e + 1]:
+                segments.append((e, order[start:start + counts[e + 1]]))
+            start += counts[e + 1]
+        return segments
+    return _memo(("segments", _tensor_key(adapter_index), num_adapters), adapter_index, make)
 
 
 def _keep(x2d, dropout_p, seed):
@@ -573,8 +625,7 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     face = backend.pick(OP, FACES, x.device.type)
     p = dropout_p if training else 0.0
     lead = x.shape[:-1]
-    index = adapter_index.reshape(*adapter_index.shape, *([1] * (len(lead) - adapter_index.dim())))
-    index = index.expand(lead).reshape(-1).to(torch.int64)
+    index = row_index(adapter_index, tuple(lead))
     x2d = x.reshape(-1, x.shape[-1])
     y = torch.ops.peftkern.multi_lora_fwd(x2d, weight, bias, lora_A, lora_B, index, scalings, ranks, p, face)[0]
     return y.view(*lead, weight.shape[0])

@@ -229,3 +229,21 @@ def test_compiles_without_graph_break(seed):
     expected.backward()
     assert rel_error(loss.detach(), expected) < 1e-6
     assert rel_error(a.grad, a_ref.grad) < 1e-5 and rel_error(bb.grad, b_ref.grad) < 1e-5
+
+
+def test_one_plan_per_index_and_a_changed_index_gets_a_new_one(seed, monkeypatch):
+    """Layers of one model call share the index: its row expansion and sort are made once; an
+    in-place change of the index is never served a stale plan."""
+    x, w, b, a, bb, scalings, ranks, idx = _inputs(36, 16, 12, (3, 2), "per_seq", torch.float32)
+    sorts = []
+    argsort = torch.argsort
+    monkeypatch.setattr(torch, "argsort", lambda *args, **kw: sorts.append(1) or argsort(*args, **kw))
+    with backend.use("torch"):
+        first = multi_lora_linear(x, w, b, a, bb, scalings, idx, ranks)
+        again = multi_lora_linear(x, w, b, a, bb, scalings, idx, ranks)
+        assert len(sorts) == 1 and torch.equal(first, again)
+        idx[0] = -1 if idx[0] != -1 else 0
+        changed = multi_lora_linear(x, w, b, a, bb, scalings, idx, ranks)
+    assert len(sorts) == 2
+    full = idx[:, None].expand(4, 9)
+    torch.testing.assert_close(changed, reference(x, w, b, a, bb, scalings, ranks, full), rtol=1e-5, atol=1e-5)
