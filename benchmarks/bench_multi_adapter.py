@@ -181,6 +181,7 @@ def _ours_step_for_count(m, k, n, e):
     def step():
         import peftkern
 
+        x.grad = lora_a.grad = lora_b.grad = None  # no gradient accumulation launches in the count
         with peftkern.backend.use("triton"):
             y = peftkern.ops.multi_lora_linear(x, weight, None, lora_a, lora_b, [2.0] * e, index, check_index=False)
             y.backward(dy)
@@ -258,7 +259,8 @@ def test_modeled_h100(m, k, n, e, record):
            note="modeled")
     record(**common, ours=ours_us, peer=separate_us, peer_name=PEERS["separate"], note="modeled")
     record(**common, ours=ours_us, peer=single.time(roofline) * us, peer_name=PEERS["single"], target="<= 1.15",
-           ours_with_plan=ours_us + plan.time(roofline) * us, note="modeled; ours_with_plan: the plan paid by this layer alone")
+           ours_with_plan=ours_us + plan.time(roofline) * us,
+           note="modeled; ours_with_plan: the plan paid by this layer alone")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,12 +268,5 @@ def test_modeled_h100(m, k, n, e, record):
 # ---------------------------------------------------------------------------------------------
 
 def test_static_kernels(record):
-    reports = static.kernel_reports("peftkern.ops.multi_lora", archs=pick(("sm_80", "sm_90"), ("sm_80",)),
-                                    limit=pick(None, 1))
-    for rep in reports:
-        record(kind="static", case=f"{rep['kernel']} {rep['config']} {rep['arch']}", shape={},
-               dtype=rep["config"].split()[0], metric="registers per thread", ours=rep["registers"], peer=None,
-               peer_name=None, unit="registers", target=None, spill_bytes=rep["spill_bytes"],
-               shared_bytes=rep["shared_bytes"], wgmma=rep["wgmma"], ok=rep["ok"], arch=rep["arch"],
-               note=rep.get("error", ""))
-    assert reports
+    assert static.record_reports(record, "peftkern.ops.multi_lora", archs=pick(("sm_80", "sm_90"), ("sm_80",)),
+                                 limit=pick(None, 1))

@@ -56,8 +56,9 @@ def _tile_rows(perm_ptr, tile_ptr, tile, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _multi_fwd_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, u_ptr, y_ptr, flag_ptr, perm_ptr, tile_ptr, scale_ptr,
-                      rank_ptr, T, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_ae, stride_ar, stride_ak,
-                      stride_be, stride_bn, stride_br, stride_um, stride_ur, stride_ym, stride_yn, p, inv_keep,
+                      rank_ptr, T, N, K, RMAX, stride_xm, stride_xk, stride_wn, stride_wk, stride_ae, stride_ar,
+                      stride_ak, stride_be, stride_bn, stride_br, stride_um, stride_ur, stride_ym, stride_yn, p,
+                      inv_keep,
                       HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
     """Producers: u[rows] = drop(x[rows]) A_e^T for their tile's adapter e, then publish. GEMM tiles:
@@ -66,29 +67,25 @@ def _multi_fwd_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, u_ptr, y_ptr, flag_p
     rows, row_ok, count, adapter = _tile_rows(perm_ptr, tile_ptr, tile, BLOCK_M)
     ticket = tl.load(flag_ptr)
     if is_producer:
-        if adapter >= 0:
-            R = tl.load(rank_ptr + adapter)
-            a_e = a_ptr + adapter.to(tl.int64) * stride_ae
-            for r0 in range(0, R, BLOCK_R):
-                ranks = r0 + tl.arange(0, BLOCK_R)
-                rank_ok = ranks < R
-                u = lr.down_tile(x_ptr, a_e, rows, row_ok, ranks, rank_ok, K, stride_xm, stride_xk, stride_ar,
-                                 stride_ak, ticket, p, HAS_DROPOUT, PRECISION, BLOCK_M, BLOCK_K, BLOCK_R) * inv_keep
-                tl.store(u_ptr + rows.to(tl.int64)[:, None] * stride_um + ranks[None, :] * stride_ur,
-                         u.to(u_ptr.dtype.element_ty), mask=row_ok[:, None] & rank_ok[None, :])
+        R = tl.where(adapter >= 0, tl.load(rank_ptr + tl.maximum(adapter, 0)), 0)  # base rows: no rank
+        a_e = a_ptr + tl.maximum(adapter, 0).to(tl.int64) * stride_ae
+        u_rows = u_ptr + rows.to(tl.int64)[:, None] * stride_um
+        for r0 in range(0, R, BLOCK_R):
+            ranks = r0 + tl.arange(0, BLOCK_R)
+            u = lr.down_tile(x_ptr, a_e, rows, row_ok, ranks, ranks < R, K, stride_xm, stride_xk, stride_ar,
+                             stride_ak, ticket, p, HAS_DROPOUT, PRECISION, BLOCK_M, BLOCK_K, BLOCK_R) * inv_keep
+            tl.store(u_rows + ranks[None, :] * stride_ur, u.to(u_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & (ranks < RMAX)[None, :])
+        for r0 in range(tl.cdiv(R, BLOCK_R) * BLOCK_R, RMAX, BLOCK_R):  # u is zero past the row's rank
+            ranks = r0 + tl.arange(0, BLOCK_R)
+            tl.store(u_rows + ranks[None, :] * stride_ur, tl.zeros((BLOCK_M, BLOCK_R), dtype=u_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & (ranks < RMAX)[None, :])
         lr.publish(flag_ptr + 1 + tile, ticket)
     elif count > 0:
         cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
-        w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < K
-            x = tl.load(x_rows + ks[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_rows + ks[None, :] * stride_wk, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+        acc = lr.xwt_tile(x_ptr, w_ptr, rows, row_ok, cols, col_ok, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                          PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         if adapter >= 0:
             lr.wait_published(flag_ptr + 1 + tile, ticket)
             acc = lr.rank_term(acc, u_ptr, b_ptr + adapter.to(tl.int64) * stride_be, rows, row_ok, cols, col_ok,
@@ -123,24 +120,10 @@ def _multi_bwd_kernel(dy_ptr, w_ptr, x_ptr, a_ptr, b_ptr, u_ptr, g_ptr, seed_ptr
     a_e = a_ptr + adapter_c.to(tl.int64) * stride_ae
     if is_producer:
         if adapter >= 0:
-            dy_rows = dy_ptr + rows.to(tl.int64)[:, None] * stride_dym
-            b_e = b_ptr + adapter_c.to(tl.int64) * stride_be
-            db_e = db_acc_ptr + adapter_c.to(tl.int64) * N * RMAX
-            for r0 in range(0, R, BLOCK_R):
-                ranks = r0 + tl.arange(0, BLOCK_R)
-                rank_ok = ranks < R
-                u = tl.load(u_ptr + rows.to(tl.int64)[:, None] * stride_um + ranks[None, :] * stride_ur,
-                            mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-                g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-                for n0 in range(0, N, BLOCK_N):
-                    cols = n0 + tl.arange(0, BLOCK_N)
-                    col_ok = cols < N
-                    dy = tl.load(dy_rows + cols[None, :] * stride_dyn, mask=row_ok[:, None] & col_ok[None, :],
-                                 other=0.0)
-                    g = lr.g_db_step(g, dy, u, cols, col_ok, ranks, rank_ok, b_e, db_e, stride_bn, stride_br, RMAX,
-                                     scaling, PRECISION)
-                tl.store(g_ptr + rows.to(tl.int64)[:, None] * stride_gm + ranks[None, :] * stride_gr,
-                         g.to(g_ptr.dtype.element_ty), mask=row_ok[:, None] & rank_ok[None, :])
+            lr.g_and_db(dy_ptr, u_ptr, b_ptr + adapter_c.to(tl.int64) * stride_be, g_ptr,
+                        db_acc_ptr + adapter_c.to(tl.int64) * N * RMAX, rows, row_ok, N, R, RMAX, stride_dym,
+                        stride_dyn, stride_um, stride_ur, stride_bn, stride_br, stride_gm, stride_gr, scaling,
+                        PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
         lr.publish(flag_ptr + tile, 0)
         for n0 in range(0, N, BLOCK_N):
             if lr.last_arrival(count_ptr + tiles_k + n0 // BLOCK_N, T):
@@ -160,15 +143,8 @@ def _multi_bwd_kernel(dy_ptr, w_ptr, x_ptr, a_ptr, b_ptr, u_ptr, g_ptr, seed_ptr
         scale = scaling * inv_keep
         if COMPUTE_DX:
             if count > 0:
-                dy_rows = dy_ptr + rows.to(tl.int64)[:, None] * stride_dym
-                acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-                for n0 in range(0, N, BLOCK_N):
-                    ns = n0 + tl.arange(0, BLOCK_N)
-                    n_ok = ns < N
-                    dy = tl.load(dy_rows + ns[None, :] * stride_dyn, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
-                    w = tl.load(w_ptr + ns.to(tl.int64)[:, None] * stride_wn + ks[None, :] * stride_wk,
-                                mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-                    acc = tl.dot(dy, w, acc, input_precision=PRECISION)
+                acc = lr.dyw_tile(dy_ptr, w_ptr, rows, row_ok, ks, k_ok, N, stride_dym, stride_dyn, stride_wn,
+                                  stride_wk, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
                 if adapter >= 0:
                     lr.wait_published(flag_ptr + tile, 0)
                     if HAS_DROPOUT:
@@ -203,26 +179,25 @@ def _multi_bwd_kernel(dy_ptr, w_ptr, x_ptr, a_ptr, b_ptr, u_ptr, g_ptr, seed_ptr
 # ---------------------------------------------------------------------------------------------
 
 def _fwd_config(dtype: torch.dtype) -> dict:
-    """The LoRA forward's tiles for 16-bit inputs, 128x128x64; fp32 64x64x32 (LoRA's 128-row tile
+    """LoRA's forward tiles (``_lowrank.lora_fwd_config``); fp32 64x64x32 (LoRA's 128-row tile
     spilled on sm_80 under Triton 3.6 with the gathered rows)."""
     if dtype == torch.float32:
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
-    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+        return {**lr.lora_fwd_config(dtype), "BLOCK_M": 64}
+    return lr.lora_fwd_config(dtype)
 
 
 def _bwd_config(dtype: torch.dtype, block_r: int, dropout: bool, compute_dx: bool) -> dict:
-    """The LoRA backward's tiles (dx tiles BLOCK_M x BLOCK_K over N steps of BLOCK_N). fp32 differs
-    from LoRA's where ptxas spilled (static report, Triton 3.6 or 3.9): 2 stages without dx, N
-    steps of 16 with dx."""
+    """LoRA's backward tiles (``_lowrank.lora_bwd_config``); fp32 differs where ptxas spilled
+    (static report, Triton 3.6 or 3.9): 2 stages without dx; with dx 8 warps, or N steps of 16
+    with dropout."""
+    cfg = lr.lora_bwd_config(dtype, block_r, dropout, compute_dx)
     if dtype == torch.float32:
-        return {"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_N": 16 if compute_dx else 32, "BLOCK_DA": 32,
-                "GROUP_M": 8, "num_warps": 4, "num_stages": 3 if compute_dx else 2}
-    cfg = {"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_N": 64, "BLOCK_DA": 32, "GROUP_M": 8, "num_warps": 8,
-           "num_stages": 3}
-    if not compute_dx and block_r == 16:
-        cfg["num_warps"] = 4
-    if compute_dx and dropout and block_r == 64:
-        cfg["BLOCK_M"] = 64
+        if not compute_dx:
+            cfg["num_stages"] = 2
+        elif dropout:
+            cfg["BLOCK_N"] = 16
+        else:
+            cfg["num_warps"] = 8
     return cfg
 
 
@@ -319,11 +294,11 @@ def _triton_forward(x2d, weight, bias, lora_A, lora_B, adapter_index, scalings, 
     flags = lr.flag_buffer(T, dropout_p, x2d.device)
     scale_t, rank_t = _device_lists(scalings, ranks, x2d.device)
     y = x2d.new_empty(M, N)
-    u = x2d.new_zeros(M, RMAX)
+    u = x2d.new_empty(M, RMAX)  # every element written by the producers
     with device_guard(x2d):
         _multi_fwd_kernel[(T * (1 + triton.cdiv(N, cfg["BLOCK_N"])),)](
             x2d, weight, lr.bias_or_zeros(bias, N, x2d.dtype, x2d.device), lora_A, lora_B, u, y, flags, perm, tiles,
-            scale_t, rank_t, T, N, K, x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1),
+            scale_t, rank_t, T, N, K, RMAX, x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1),
             lora_A.stride(0), lora_A.stride(1), lora_A.stride(2), lora_B.stride(0), lora_B.stride(1), lora_B.stride(2),
             u.stride(0), u.stride(1), y.stride(0), y.stride(1), dropout_p, 1.0 / (1.0 - dropout_p),
             HAS_DROPOUT=dropout_p > 0.0, PRECISION=matmul_precision(x2d.dtype),
@@ -384,13 +359,13 @@ def triton_kernel_specs() -> list:
                     {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "bias_ptr": f"*{t}", "a_ptr": f"*{t}", "b_ptr": f"*{t}",
                      "u_ptr": f"*{t}", "y_ptr": f"*{t}", "flag_ptr": "*i64", "perm_ptr": "*i32", "tile_ptr": "*i32",
                      "scale_ptr": "*fp32", "rank_ptr": "*i32",
-                     **lr.i32("T", "N", "K", "stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_ae",
+                     **lr.i32("T", "N", "K", "RMAX", "stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_ae",
                               "stride_ar", "stride_ak", "stride_be", "stride_bn", "stride_br", "stride_um",
                               "stride_ur", "stride_ym", "stride_yn"),
                      "p": "fp32", "inv_keep": "fp32"},
                     {"HAS_DROPOUT": dropout, "PRECISION": precision, "BLOCK_R": block_r, **cfg}, **meta,
                     unit_args=("stride_xk", "stride_wk", "stride_ak", "stride_br", "stride_ur", "stride_yn"),
-                    plain_args=("T",)))
+                    plain_args=("T", "RMAX")))
             for dropout in (False, True):
                 for compute_dx in (True, False):
                     cfg, meta = lr.split_config(_bwd_config(dtype, block_r, dropout, compute_dx))
@@ -560,14 +535,7 @@ def _check(x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index, chec
     _checks.check_same(OP, {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B},
                        dtype=x.dtype)
     _checks.check_same(OP, {"x": x, "adapter_index": adapter_index})
-    if x.dim() < 1:
-        raise ValueError(f"{OP}: x must have at least one dimension [..., in], got shape {tuple(x.shape)}")
-    if weight.dim() != 2:
-        raise ValueError(f"{OP}: weight must be [out, in], got shape {tuple(weight.shape)}")
-    out_features, in_features = weight.shape
-    if x.shape[-1] != in_features:
-        raise ValueError(f"{OP}: x has {x.shape[-1]} features (shape {tuple(x.shape)}) but weight "
-                         f"{tuple(weight.shape)} expects in={in_features}")
+    out_features, in_features = _checks.check_linear(OP, x, weight)
     if lora_A.dim() != 3 or lora_A.shape[0] == 0 or lora_A.shape[1] == 0:
         raise ValueError(f"{OP}: lora_A must be a stack [E, r, in] of E >= 1 adapters with r >= 1, "
                          f"got shape {tuple(lora_A.shape)}")
