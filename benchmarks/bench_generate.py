@@ -2,13 +2,12 @@
 the two run one after the other, and peftkern's decoding loop against transformers' generate.
 
 * measured-cpu, contrastive: time per generated token of contrastive decoding (greedy, amateur = the
-  base with the adapter off). Ours: one forward per step over 2B rows, the expert's rows with the LoRA
-  adapter and the amateur's rows without (``adapter_names``, the tuners' mixed batch). Peer: two
-  models (the adapted one and a separate copy of the base), each with its own KV cache, run one after
-  the other every step. Same tokens (tested in tests/generate/test_contrastive.py). Target <= 0.7x.
-  A third row times a prototype of what the mixed batch could do for LoRA layers (the base GEMM
-  once over all 2B rows, the rank-r term on the expert's rows only, as PEFT's mixed batch does),
-  patched in here for the measurement only: it is not the package's path.
+  base with the adapter off). Ours: one forward per step over 2B rows with one KV cache of 2B rows,
+  the expert's rows with the LoRA adapter and the amateur's rows without (``adapter_names``, the
+  tuners' mixed batch: each LoRA layer runs its base GEMM once over all 2B rows and adds the rank-r
+  term to the expert's rows only). Peer: two models (the adapted one and a separate copy of the
+  base), each with its own KV cache, run one after the other every step. Same tokens (checked here;
+  tokens and every step's scores tested in tests/generate/test_contrastive.py). Target <= 0.7x.
 * measured-cpu, loop: our KV-cached loop against transformers' ``generate`` on the same model and
   settings (greedy, same tokens), time per token.
 * modeled-h100, contrastive: a decode step is bound by the bytes it reads; one batch reads the weights
@@ -18,7 +17,6 @@ Models: the embedded demo-size tiny Llama (0.5M parameters, overheads dominate) 
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import pytest
@@ -79,52 +77,6 @@ def _timed(timer, threads: int, contenders: dict) -> tuple[dict, str]:
     return medians, ", ".join(f"{k} IQR/median {spread(s):.0%}" for k, s in timer.samples.items())
 
 
-@contextlib.contextmanager
-def _base_once(model, rows: int):
-    """Prototype for the measurement: each LoRA layer (one active adapter) computes its base output over
-    all rows once and adds the rank-r term to the first ``rows`` only."""
-    patched = []
-    for _, layer in model.lora_layers():
-        name = layer.active_adapters[0]
-        a, b, s = layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
-
-        def forward(x, layer=layer, a=a, b=b, s=s):
-            y = layer.base_layer(x)
-            y[:rows] += s * ((x[:rows] @ a.t()) @ b.t())
-            return y
-
-        layer.forward = forward
-        patched.append(layer)
-    try:
-        yield
-    finally:
-        for layer in patched:
-            del layer.forward
-
-
-class _BaseOnceScorer:
-    """Contrastive scores from one forward of 2B rows under ``_base_once``."""
-
-    def __init__(self, model, alpha=0.1, beta=0.5):
-        from peftkern.generate import ModelStepper
-
-        self.model, self.stepper, self.alpha, self.beta = model, ModelStepper(model), alpha, beta
-
-    def _scores(self, step, *args):
-        from peftkern.generate.contrastive import contrastive_scores
-
-        with _base_once(self.model, self.rows):
-            logits = step(*args)
-        return contrastive_scores(logits[:self.rows], logits[self.rows:], self.alpha, self.beta)
-
-    def start(self, ids, mask):
-        self.rows = ids.shape[0]
-        return self._scores(self.stepper.start, torch.cat([ids, ids]), torch.cat([mask, mask]))
-
-    def advance(self, tokens):
-        return self._scores(self.stepper.advance, torch.cat([tokens, tokens]))
-
-
 @pytest.mark.parametrize("size,threads", CASES, ids=lambda c: str(c))
 def test_contrastive_one_batch_cpu(size, threads, timer, record):
     from peftkern.generate import DecodingSettings, ModelStepper, decode
@@ -141,12 +93,8 @@ def test_contrastive_one_batch_cpu(size, threads, timer, record):
         return decode(TwoPassScorer(ModelStepper(model), ModelStepper(plain), 0.1, 0.5), ids, mask, settings,
                       eos_token_ids=[])
 
-    def base_once():
-        return decode(_BaseOnceScorer(model), ids, mask, settings, eos_token_ids=[])
-
     assert torch.equal(one_batch().tokens, two_models().tokens)
-    assert torch.equal(base_once().tokens, two_models().tokens)
-    medians, noise = _timed(timer, threads, {"ours": one_batch, "two_models": two_models, "base_once": base_once})
+    medians, noise = _timed(timer, threads, {"ours": one_batch, "two_models": two_models})
     common = dict(kind="measured-cpu", shape={"model": what, "batch": BATCH, "prompt": PROMPT,
                                               "new_tokens": NEW_TOKENS, "threads": threads},
                   dtype="float32", metric="time per generated token", unit="ms",
@@ -154,13 +102,9 @@ def test_contrastive_one_batch_cpu(size, threads, timer, record):
                   peer_name="expert and amateur as two models, one after the other", target="<= 0.7")
     t = f"{threads} thread{'s' * (threads > 1)}"
     record(**common, case=f"contrastive one batch, {size}, {t}", ours=1e3 * medians["ours"] / NEW_TOKENS,
-           note=f"one batch of 2x{BATCH} rows through the tuners' mixed batch (adapter_names: each adapter "
-                f"group runs the whole layer, so the base GEMM runs once per group) vs two forwards of {BATCH}; "
-                f"greedy; {ROUNDS} interleaved rounds; {noise}")
-    record(**common, case=f"contrastive one batch, base once (prototype), {size}, {t}",
-           ours=1e3 * medians["base_once"] / NEW_TOKENS,
-           note="prototype patched in for the measurement: base GEMM once over all rows, rank-r term on the "
-                "expert's rows only (not the package's path)")
+           note=f"one batch of 2x{BATCH} rows (adapter_names: each LoRA layer's base GEMM once over all rows, "
+                f"the rank-r term on the expert's rows) vs two forwards of {BATCH}; greedy; {ROUNDS} interleaved "
+                f"rounds; {noise}")
 
 
 @pytest.mark.parametrize("size,threads", CASES, ids=lambda c: str(c))
@@ -191,8 +135,9 @@ def test_loop_vs_transformers_cpu(size, threads, timer, record):
 def test_contrastive_modeled_h100(record):
     """Roofline of one decode step at Llama-3-8B shapes, bf16: a decode step reads every weight and
     each row's KV cache once per forward (FLOPs are far below the bandwidth bound at these batch sizes).
-    Two mixed-batch forms: the base weights read once for all rows (as PEFT's mixed batch computes the
-    base), and once per adapter group (the tuners' current path, which runs the whole layer per group)."""
+    Two mixed-batch forms: the base weights read once for all rows (LoRA layers' mixed batch, as PEFT
+    computes the base), and once per adapter group (the generic path of the other methods, which runs
+    the whole layer per group)."""
     layers, hidden, kv_dim, inter, vocab = 32, 4096, 1024, 14336, 128256
     head = 2 * vocab * hidden                     # bf16 output head, read once per forward, never adapted
     body = 2 * layers * (2 * hidden * hidden + 2 * hidden * kv_dim + 3 * hidden * inter)  # adapted linears

@@ -247,7 +247,9 @@ def test_modeled_h100(m, k, n, r, dropout, record):
 
 def test_static_kernels(record):
     # a config that fails to compile or spills is a finding, reported in its row (ok=False)
-    assert static.record_reports(record, "peftkern.ops.lora", archs=pick(("sm_80", "sm_90"), ("sm_80",)), limit=pick(None, 1))
+    reports = static.kernel_reports("peftkern.ops.lora", archs=pick(("sm_80", "sm_90"), ("sm_80",)), limit=pick(None, 1))
+    static.record_reports(record, reports)
+    assert reports
 
 
 # ---------------------------------------------------------------------------------------------

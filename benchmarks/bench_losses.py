@@ -391,4 +391,6 @@ def test_modeled_h100(kind, n, v, record):
 
 def test_static_kernels(record):
     # a config that fails to compile or spills is a finding, reported in its row (ok=False)
-    assert static.record_reports(record, "peftkern.ops.logprobs", archs=pick(("sm_80", "sm_90"), ("sm_80",)), limit=pick(None, 1))
+    reports = static.kernel_reports("peftkern.ops.logprobs", archs=pick(("sm_80", "sm_90"), ("sm_80",)), limit=pick(None, 1))
+    static.record_reports(record, reports)
+    assert reports

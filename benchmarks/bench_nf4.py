@@ -276,4 +276,6 @@ def test_modeled_qlora_step(m, k, n, r, record):
 
 def test_static_kernels(record):
     # a config that fails to compile or spills is a finding, reported in its row (ok=False)
-    assert static.record_reports(record, "peftkern.ops.nf4", archs=("sm_80", "sm_90"), limit=pick(None, 1))
+    reports = static.kernel_reports("peftkern.ops.nf4", archs=("sm_80", "sm_90"), limit=pick(None, 1))
+    static.record_reports(record, reports)
+    assert reports

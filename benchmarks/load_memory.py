@@ -102,6 +102,27 @@ lm = prepare_lm(cfg, load_lm(cfg, quiet=True))
 print(sum(p.numel() for p in lm.parameters() if p.requires_grad))
 """
 
+# The peers' load, for comparison: transformers' from_pretrained in bf16 / fp32, and with bitsandbytes
+# NF4 (double quant, bf16 compute: what QLoRA recipes use); no training step. transformers 5 leaves
+# bf16 weights memory-mapped from the shards, read on first use, so the load is followed by one
+# forward of 8 tokens (which reads every weight) to count what a loaded model holds.
+PEER_LOAD = """
+import sys, torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+kind, directory = sys.argv[1], sys.argv[2]
+quant = None
+if kind == "hf-nf4":
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+dtype = torch.float32 if kind == "hf-fp32" else torch.bfloat16
+model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, quantization_config=quant)
+with torch.no_grad():
+    model(torch.arange(1, 9)[None])
+print(sum(p.numel() for p in model.parameters()))
+"""
+PEERS = {"hf-bf16": "transformers from_pretrained, dtype=bf16", "hf-fp32": "transformers from_pretrained, dtype=fp32",
+         "hf-nf4": "transformers from_pretrained with bitsandbytes NF4 (double quant, bf16 compute)"}
+
 BASELINE = """
 import torch, transformers, peftkern.cli, peftkern.train.run, peftkern.train.sft, peftkern.train.pretrained
 from peftkern.quant.layout import empty_causal_lm, read_config
@@ -137,7 +158,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", required=True, help="checkpoint folder (made when it has no config.json)")
     p.add_argument("--cases", default="baseline,nf4-load,nf4,bf16-load,bf16", help=f"comma-separated from baseline, "
-                   f"{', '.join(CASES)}, each optionally with '-load' (the load-only twin), run one after another")
+                   f"{', '.join(CASES)}, each optionally with '-load' (the load-only twin), or the peers' load-only "
+                   f"{', '.join(PEERS)}; run one after another")
     p.add_argument("--python", default=sys.executable, help="interpreter of the runs (default: this one)")
     p.add_argument("--repo", default=ROOT, help="peftkern checkout the runs import (default: this one; e.g. main's "
                    "to measure the code before streaming loads)")
@@ -157,6 +179,8 @@ def main() -> int:
         name, load_only = case.removesuffix("-load"), case.endswith("-load")
         if name == "baseline":
             res = _child([args.python, "-c", BASELINE, args.dir])
+        elif name in PEERS:
+            res = _child([args.python, "-c", PEER_LOAD, name, args.dir])
         else:
             flags, _ = CASES[name]
             out = tempfile.mkdtemp()
@@ -170,7 +194,7 @@ def main() -> int:
     for case, res in results["cases"].items():
         if base and case != "baseline":
             res["extra_bytes"] = res["peak_bytes"] - base
-            ref = refs["nf4_model_bytes"] if case.startswith("nf4") else refs["bf16_bytes"]
+            ref = refs["nf4_model_bytes"] if "nf4" in case else refs["bf16_bytes"]
             res["extra_over_reference"] = round(res["extra_bytes"] / ref, 3)
             res["peak_over_reference"] = round(res["peak_bytes"] / ref, 3)
     print(json.dumps(results, indent=1))

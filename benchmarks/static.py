@@ -32,17 +32,15 @@ def kernel_reports(module: str, archs=("sm_80", "sm_90"), limit: int | None = No
     return json.loads(lines[-1])
 
 
-def record_reports(record, module: str, archs, limit: int | None = None) -> list[dict]:
-    """Every config of ``module`` compiled (:func:`kernel_reports`), one ``static`` row each through a
-    bench file's ``record`` fixture; a config that fails or spills is a finding in its row (ok=False)."""
-    reports = kernel_reports(module, archs=archs, limit=limit)
+def record_reports(record, reports: list[dict]) -> None:
+    """One ``kind="static"`` row per kernel report (registers, spills, shared memory, wgmma, ok)
+    through a bench file's ``record`` fixture."""
     for rep in reports:
         record(kind="static", case=f"{rep['kernel']} {rep['config']} {rep['arch']}", shape={},
                dtype=rep["config"].split()[0], metric="registers per thread", ours=rep["registers"], peer=None,
                peer_name=None, unit="registers", target=None, spill_bytes=rep["spill_bytes"],
                shared_bytes=rep["shared_bytes"], wgmma=rep["wgmma"], ok=rep["ok"], arch=rep["arch"],
                note=rep.get("error", ""))
-    return reports
 
 
 def _main(argv=None) -> int:

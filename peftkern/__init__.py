@@ -11,12 +11,13 @@ import importlib
 __version__ = "0.1.0"
 
 SUBPACKAGES = ("backend", "ops", "reference", "quant", "nn", "tuners", "losses", "optim", "train", "generate",
-               "evaluation", "editing", "data", "models", "kernels")
+               "evaluation", "editing", "data", "models", "kernels", "labeling")
 _NAMES = {
     "DoRALinear": "peftkern.nn", "LoRALinear": "peftkern.nn", "NF4Linear": "peftkern.nn",
     "quantize_model": "peftkern.nn",
     "LoraConfig": "peftkern.tuners", "IA3Config": "peftkern.tuners", "AdaLoraConfig": "peftkern.tuners",
-    "BitFitConfig": "peftkern.tuners", "PeftKernModel": "peftkern.tuners", "get_peft_model": "peftkern.tuners",
+    "BitFitConfig": "peftkern.tuners", "BottleneckConfig": "peftkern.tuners", "PeftKernModel": "peftkern.tuners",
+    "get_peft_model": "peftkern.tuners",
     "load_adapter": "peftkern.tuners", "save_adapter": "peftkern.tuners",
 }
 

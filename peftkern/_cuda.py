@@ -44,7 +44,7 @@ def csrc_present() -> bool:
 def _cuda_core():
     try:
         import cuda.core as cuda_core  # cuda-core >= 0.4 (cuda-python 13 installs it)
-        cuda_core.ObjectCode  # noqa: B018 - an old cuda.core exposes its API under .experimental only
+        cuda_core.ObjectCode  # an old cuda.core exposes its API under .experimental only
     except (ImportError, AttributeError):
         try:
             import cuda.core.experimental as cuda_core  # cuda-core 0.3.x

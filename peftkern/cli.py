@@ -205,7 +205,7 @@ def _parser(light_only: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON list of objects "
                    "(kernel, config, arch, registers, spill_bytes, shared_bytes, wgmma, ok)")
     p.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPU count)")
-    p.add_argument("--op", action="append", help="only this op's kernels (lora, dora, nf4, logprobs, adamw, ia3, "
+    p.add_argument("--op", action="append", help="only this op's kernels (lora, dora, nf4, logprobs, adamw, ia3, bottleneck, "
                    "...); repeat for several")
     p.set_defaults(func=_cmd_kernels)
     if light_only:
@@ -234,6 +234,17 @@ def _parser(light_only: bool = False) -> argparse.ArgumentParser:
     add_data_parser(sub)  # peftkern data convert|inspect|self-instruct|augment|pairs, peftkern sweep
 
     add_editing_parsers(sub)  # peftkern edit / eval-edits (peftkern.editing.cli)
+    from peftkern.alignment.cli import add_parser as add_alignment_parsers
+
+    add_alignment_parsers(sub)  # peftkern cai-sl, rlaif, pipeline, self-critique (peftkern.alignment.cli)
+
+    from peftkern.labeling.cli import add_parser as add_labeling_parsers
+
+    add_labeling_parsers(sub)  # peftkern sample-pairs, peftkern label serve|export|stats|prioritize (peftkern.labeling.cli)
+
+    from peftkern.train.rm_cli import add_parser as add_rm_parsers
+
+    add_rm_parsers(sub)  # peftkern rm-calibrate (peftkern.train.rm_cli)
 
     p = sub.add_parser("bench", help="run the benchmark suite (the repository's benchmarks/, found next to the "
                        "peftkern package: needs a source checkout or editable install)",
@@ -279,7 +290,9 @@ def _add_training_commands(sub) -> None:
 
     described = {
         "sft": "supervised fine-tuning (loss on completions; data: 'messages' or 'prompt'/'completion')",
-        "rm": "reward model: scalar head, Bradley-Terry loss with optional 'margin' (data: 'prompt'/'chosen'/'rejected')",
+        "rm": "reward model: scalar head(s), Bradley-Terry loss with optional 'margin' (data: 'prompt'/'chosen'/"
+              "'rejected'), or all-pairs Bradley-Terry / Plackett-Luce over K-way rankings (data: 'prompt'/"
+              "'completions'/'ranking'); --ensemble N bootstrap heads",
         "dpo": "DPO family, reference log-probs precomputed and cached (data: 'prompt'/'chosen'/'rejected')",
         "kto": "KTO on unpaired labelled completions (data: 'prompt'/'completion'/'label')",
         "ppo": "PPO with a value head against a reward model or a Python reward function (data: 'prompt')",

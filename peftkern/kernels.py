@@ -27,6 +27,7 @@ OP_MODULES = (
     "peftkern.ops.nf4",
     "peftkern.ops.dora",
     "peftkern.ops.ia3",
+    "peftkern.ops.bottleneck",
     "peftkern.ops.multi_lora",
 )
 

@@ -360,7 +360,7 @@ def format_table(sweep: Sweep, rows: list[dict]) -> str:
     body = [[str(i + 1), *(_short(r["params"].get(k)) for k in keys),
              "-" if r["metric"] is None else f"{r['metric']:.5g}", r["status"], r["run"]] for i, r in enumerate(rows)]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
 
 

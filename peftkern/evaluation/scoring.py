@@ -61,10 +61,14 @@ def text_logprobs(model, tokenizer, texts, batch_size: int = 8) -> list[tuple[fl
     return _sum_logps(model, tokenizer, examples, batch_size)
 
 
-def reward_model_scorer(path: str, tokenizer, device=None):
-    """scores(prompts, completions) -> [N] from a reward model written by ``peftkern rm``."""
+def reward_model_scorer(path: str, tokenizer, device=None, what: str = "scores"):
+    """scores(prompts, completions) -> [N] from a reward model written by ``peftkern rm`` (calibrated when
+    it has a ``calibration.json``). ``what="disagreement"``: an ensemble's uncertainty instead, the std of
+    its heads' scores per completion (0 for one head), e.g. to pick the next items to label."""
     from peftkern.train.rm import load_reward_model
 
+    if what not in ("scores", "disagreement"):
+        raise ValueError(f"reward_model_scorer: what must be 'scores' or 'disagreement', got {what!r}")
     rm = load_reward_model(path)
     if device is not None:
         rm = rm.to(device)
@@ -78,7 +82,7 @@ def reward_model_scorer(path: str, tokenizer, device=None):
         for i in range(0, len(examples), 16):
             batch = pad_batch(examples[i:i + 16], tokenizer.pad_token_id)
             dev = model_device(rm)
-            out += rm(batch["input_ids"].to(dev), batch["attention_mask"].to(dev))["scores"].tolist()
+            out += rm(batch["input_ids"].to(dev), batch["attention_mask"].to(dev))[what].tolist()
         return out
     return score
 

@@ -113,20 +113,31 @@ def _tasks_items(n: int) -> list[tuple[str, str, str]]:
     return tasks.questions(n, HELD_OUT_SEED)
 
 
+def task_form_check(question: str) -> dict:
+    """The rule for the form a bundled question asks for: capitals (``upper``), lower case (``reverse``),
+    digits (``add``)."""
+    skill = tasks.skill_of(question)
+    if skill is None:
+        raise ValueError(f"not a bundled question: {question!r}")
+    return {"upper": {"type": "uppercase"}, "reverse": {"type": "lowercase"},
+            "add": {"type": "regex", "pattern": r"[0-9]+"}}[skill]
+
+
+def task_checks(question: str) -> list[dict]:
+    """The ``instruct-tasks`` checks of a bundled question: one line, one word, no echo of the question,
+    the asked form."""
+    return [{"type": "one_line"}, {"type": "max_words", "n": 1}, {"type": "no_echo", "text": question},
+            task_form_check(question)]
+
+
 def _named(name: str, n: int | None) -> Suite:
     if name == "tasks":
         items = [{"prompt": r["prompt"], "answer": r["answer"], "skill": tasks.SKILLS[i % len(tasks.SKILLS)]}
                  for i, r in enumerate(tasks.prompt_records(_tasks_items(n or 60)))]
         return Suite(name, "tasks", items)
     if name == "instruct-tasks":
-        items = []
-        for i, r in enumerate(tasks.prompt_records(_tasks_items(n or 60))):
-            question = r["prompt"][-1]["content"]
-            case = {"upper": "uppercase", "reverse": "lowercase"}.get(tasks.SKILLS[i % len(tasks.SKILLS)],
-                                                                     "regex")
-            checks = [{"type": "one_line"}, {"type": "max_words", "n": 1}, {"type": "no_echo", "text": question}]
-            checks.append({"type": case} if case != "regex" else {"type": "regex", "pattern": r"[0-9]+"})
-            items.append({"prompt": r["prompt"], "checks": checks})
+        items = [{"prompt": r["prompt"], "checks": task_checks(r["prompt"][-1]["content"])}
+                 for r in tasks.prompt_records(_tasks_items(n or 60))]
         return Suite(name, "instruct", items)
     if name == "preference":
         items = tasks.preference_records(_tasks_items(n or 60))

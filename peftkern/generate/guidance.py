@@ -15,6 +15,8 @@ text, ``classifier_scorer`` a transformers sequence classifier.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers import LogitsProcessor
 
@@ -23,8 +25,8 @@ class ClassifierGuidance(LogitsProcessor):
     def __init__(self, score_fn, weight: float = 1.0, top_k: int = 10, pad_token_id: int | None = None):
         if not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"guidance top_k must be a positive integer, got {top_k!r}")
-        if not isinstance(weight, (int, float)) or weight != weight:
-            raise ValueError(f"guidance weight must be a number, got {weight!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ValueError(f"guidance weight must be a finite number, got {weight!r}")
         self.score_fn, self.weight, self.top_k, self.pad_token_id = score_fn, float(weight), top_k, pad_token_id
         self.reset()
 

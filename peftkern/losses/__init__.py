@@ -1,4 +1,5 @@
-"""Losses over log-probs (SFT, the DPO family, SimPO, CPO, ORPO, KTO, Bradley-Terry reward, PPO, GRPO, RLOO) and
+"""Losses over log-probs (SFT, the DPO family, SimPO, CPO, ORPO, KTO, Bradley-Terry reward, Plackett-Luce and
+all-pairs ranking rewards, PPO, GRPO, RLOO) and
 their fused variants from hidden states, plus the on-disk cache of reference log-probs.
 
 The extension point for a new loss from hidden states is :func:`register_unit_loss` (a per-unit
@@ -15,6 +16,8 @@ from peftkern.losses.kto import KTO_LOSS_TYPES, kl_estimate, kto_loss
 from peftkern.losses.ppo import (KL_ESTIMATORS, entropy_bonus, kl_penalized_rewards, kl_penalty, ppo_policy_loss,
                                  ppo_value_loss)
 from peftkern.losses.preference import CPO_LOSS_TYPES, cpo_loss, orpo_loss, simpo_loss
+from peftkern.losses.ranking import (RANK_LOSSES, all_pairs_bradley_terry_loss, pairwise_accuracy, plackett_luce_loss,
+                                     rank_loss, ranked_scores)
 from peftkern.losses.ref_cache import RefLogpCache
 from peftkern.losses.reward import reward_model_loss
 from peftkern.losses.sft import sft_loss
@@ -30,4 +33,6 @@ __all__ = [
     "fused_sft_loss", "fused_simpo_loss", "fused_unit_loss", "head_parameters", "kl_estimate",
     "kl_penalized_rewards", "kl_penalty", "kto_loss", "masked_mean", "orpo_loss", "ppo_policy_loss",
     "ppo_value_loss", "register_unit_loss", "reward_model_loss", "sequence_logps", "sft_loss", "simpo_loss",
+    "RANK_LOSSES", "all_pairs_bradley_terry_loss", "pairwise_accuracy", "plackett_luce_loss", "rank_loss",
+    "ranked_scores",
 ]

@@ -121,6 +121,15 @@ def pretraining_text(items) -> list[str]:
     return out
 
 
+def skill_of(question: str) -> str | None:
+    """The skill a bundled question asks for (``upper``, ``reverse``, ``add``), None if it is not one of ours."""
+    for skill, pattern in (("upper", r"Write '[a-z]+' in capitals\."), ("reverse", r"Reverse '[a-z]+'\."),
+                           ("add", r"What is \d+ \+ \d+\?")):
+        if re.fullmatch(pattern, question):
+            return skill
+    return None
+
+
 def answer_for(question: str) -> str | None:
     """The right answer to a bundled question (None if it is not one of ours)."""
     m = re.fullmatch(r"Write '([a-z]+)' in capitals\.", question)

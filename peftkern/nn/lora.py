@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkern.nn.mixed_batch import RowAdapters, current_rows, forward_by_rows, is_adapter_layer, runnable_adapters
+from peftkern.nn.mixed_batch import (RowAdapters, check_rows, current_rows, forward_by_rows, is_adapter_layer,
+                                     runnable_adapters)
 from peftkern.ops.lora import lora_linear
 from peftkern.ops.multi_lora import multi_lora_linear
 
@@ -207,6 +208,8 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = current_rows()
         if rows is not None and not self.disable_adapters:
+            if is_adapter_layer(self.base_layer):  # a stack: each group runs the whole stack
+                return forward_by_rows(self, x, rows)
             return self._forward_rows(x, rows)
         active = self._runnable_adapters()
         if not active:
@@ -219,8 +222,7 @@ class LoRALinear(nn.Module):
                 x = x.to(dtype)
                 y = y.to(dtype)
                 for name in active:
-                    a, b = self.lora_A[name].weight.to(dtype), self.lora_B[name].weight.to(dtype)
-                    y = y + self.scaling[name] * (self.lora_dropout[name](x) @ a.t()) @ b.t()
+                    y = y + self._rank_term(x, name, dtype)
             return y.to(out_dtype)
         with torch.autocast(x.device.type, enabled=False):
             x = x.to(dtype)
@@ -237,22 +239,49 @@ class LoRALinear(nn.Module):
                                 self.lora_B[first].weight.to(dtype), self.scaling[first], self._dropout_p(first),
                                 self.training)
             for name in rest:  # further active adapters: the plain rank-r path, added on
-                a, b = self.lora_A[name].weight.to(dtype), self.lora_B[name].weight.to(dtype)
-                y = y + self.scaling[name] * (self.lora_dropout[name](x) @ a.t()) @ b.t()
+                y = y + self._rank_term(x, name, dtype)
+        return y.to(out_dtype)
+
+    def _rank_term(self, x: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """s * (drop(x) A^T) B^T of adapter ``name``, in ``dtype`` (x already in it)."""
+        a, b = self.lora_A[name].weight.to(dtype), self.lora_B[name].weight.to(dtype)
+        return self.scaling[name] * (self.lora_dropout[name](x) @ a.t()) @ b.t()
+
+    def _forward_by_rows(self, x: torch.Tensor, rows) -> torch.Tensor:
+        """Mixed batch (``adapter_names``, one adapter per row): the base layer once over all rows
+        (one GEMM of the whole batch), then each adapter's rank-r term added to its own rows only;
+        "__base__" rows and names this layer does not hold get the base output alone (as PEFT)."""
+        check_rows(x, rows, [self])
+        y = self.base_layer(x)
+        held = [name for name in rows.groups if name in self.lora_A]
+        if not held:
+            return y
+        out_dtype = x.dtype
+        dtype = self._compute_dtype(x)
+        in_place = not torch.is_grad_enabled()  # with autograd, out of place: the base's backward may need y
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.to(dtype)
+            y = y.to(dtype)
+            for name in held:
+                picked = rows.rows_of(name, x.device)
+                term = self._rank_term(x[picked], name, dtype)
+                if in_place:
+                    y[picked] += term
+                else:
+                    y = y.index_add(0, rows.index(name, x.device), term)
         return y.to(out_dtype)
 
     def _forward_rows(self, x: torch.Tensor, rows: RowAdapters) -> torch.Tensor:
         """Row i through adapter ``rows.names[i]`` alone (the base alone for a name this layer does not
-        hold), in one pass over the base weight with ``multi_lora_linear``. Grouping by adapter
-        (``forward_by_rows``) where that op does not apply: another method's layer or a quantized
-        base below, merged adapters, a row count that does not match, or dropout rates that differ
-        between the batch's adapters while training."""
+        hold), in one pass over the base weight with ``multi_lora_linear``. Where that op does not
+        apply (a quantized base, merged adapters, a row count that does not match, or dropout rates
+        that differ between the batch's adapters while training): :meth:`_forward_by_rows`."""
         names = tuple(n for n in rows.groups if n in self.lora_A)
-        one_pass = (not is_adapter_layer(self.base_layer) and not hasattr(self.base_layer, "lora_forward")
-                    and not self.merged and x.dim() > 1 and x.shape[0] == len(rows.names)
+        one_pass = (not hasattr(self.base_layer, "lora_forward") and not self.merged and x.dim() > 1
+                    and x.shape[0] == len(rows.names)
                     and (not self.training or len({self._dropout_p(n) for n in names}) <= 1))
         if not one_pass:
-            return forward_by_rows(self, x, rows)
+            return self._forward_by_rows(x, rows)
         if not names:
             return self.base_layer(x)
         out_dtype = x.dtype

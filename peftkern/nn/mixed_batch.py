@@ -2,10 +2,12 @@
 
 ``with row_adapters(["a", "__base__", "b", "a"]):`` around a model call makes every adapter layer
 run row i of its input through adapter ``names[i]`` alone ("__base__": the base layer only), as
-PEFT's mixed-batch inference does. A LoRA layer over a plain linear base runs the whole batch
-through ``ops.multi_lora_linear`` (one pass over the base weight, each row's rank-r term from its
-own adapter, forward and backward: adapters train together this way). Every other layer groups
-the rows by adapter and runs its ordinary (fused) forward once per group.
+PEFT's mixed-batch inference does. The generic path (``forward_by_rows``, any method) groups the
+rows by adapter and runs the layer's ordinary (fused) forward once per group, so the base weights
+are read once per group. A LoRA layer over a dense linear runs the whole batch through
+``ops.multi_lora_linear`` (one pass over the base weight, each row's rank-r term from its own
+adapter, forward and backward: adapters train together this way); over a quantized base it runs
+the base layer once over all rows and adds each adapter's term to its own rows (``LoRALinear``).
 
 A layer that wraps other adapter layers (methods stacked on one module) groups once for the whole
 stack: inside a group the stack runs with exactly that adapter active on every layer that holds it.
@@ -41,6 +43,14 @@ class RowAdapters:
             position = {name: e for e, name in enumerate(adapters)}
             self._index[key] = torch.tensor([position.get(n, -1) for n in self.names], dtype=torch.long, device=device)
         return self._index[key]
+
+    def rows_of(self, name: str, device: torch.device) -> slice | torch.Tensor:
+        """The rows of ``name``: a slice when they are contiguous (a view, no copy), else a long
+        tensor of row positions on ``device``."""
+        rows = self.groups[name]
+        if rows[-1] - rows[0] + 1 == len(rows):
+            return slice(rows[0], rows[-1] + 1)
+        return self.index(name, device)
 
     def index(self, name: str, device: torch.device) -> torch.Tensor:
         """Row positions of ``name`` as a long tensor on ``device`` (made once per call and device)."""
@@ -108,12 +118,8 @@ def runnable_adapters(layer: nn.Module, held) -> list[str]:
 def forward_by_rows(layer: nn.Module, x: torch.Tensor, rows: RowAdapters, *args, **kwargs) -> torch.Tensor:
     """``layer(x)`` with row i of x run through adapter ``rows.names[i]`` only, on every layer of
     ``layer``'s stack; layers skip names they do not hold (as PEFT does)."""
-    if x.dim() == 0 or x.shape[0] != len(rows.names):
-        raise ValueError(f"adapter_names has {len(rows.names)} entries but the input of this layer has "
-                         f"{x.shape[0] if x.dim() else 0} rows (shape {tuple(x.shape)}); pass one name per row")
     stack = adapter_stack(layer)
-    if any(getattr(m, "merged", False) for m in stack):
-        raise ValueError("cannot pass adapter_names while adapters are merged into the base weights; unmerge first")
+    check_rows(x, rows, stack)
     saved = [list(m.active_adapters) for m in stack]
     _ROWS[0] = None
     try:
@@ -133,6 +139,15 @@ def forward_by_rows(layer: nn.Module, x: torch.Tensor, rows: RowAdapters, *args,
         _ROWS[0] = rows
         for m, names in zip(stack, saved):
             m.active_adapters = names
+
+
+def check_rows(x: torch.Tensor, rows: RowAdapters, stack: list[nn.Module]) -> None:
+    """One name per row of ``x``, and no adapter merged anywhere in ``stack``."""
+    if x.dim() == 0 or x.shape[0] != len(rows.names):
+        raise ValueError(f"adapter_names has {len(rows.names)} entries but the input of this layer has "
+                         f"{x.shape[0] if x.dim() else 0} rows (shape {tuple(x.shape)}); pass one name per row")
+    if any(getattr(m, "merged", False) for m in stack):
+        raise ValueError("cannot pass adapter_names while adapters are merged into the base weights; unmerge first")
 
 
 def _activate(stack: list[nn.Module], name: str) -> None:

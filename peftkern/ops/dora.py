@@ -565,7 +565,7 @@ def _(dy, x2d, ynb, weight, lora_A, lora_B, u, scale, magnitude, scaling, dropou
 
 
 def _setup_context(ctx, inputs, output):
-    x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, dropout_p, face = inputs
+    x2d, weight, bias, lora_A, lora_B, magnitude, _weight_sq_norm, scaling, dropout_p, face = inputs
     y, u, scale, ynb, seed = output
     ctx.set_materialize_grads(False)  # u, scale, y - b and the seed are for the backward only
     saved = (x2d, ynb if bias is not None else y, weight, lora_A, lora_B, magnitude, u, scale, seed)
@@ -667,7 +667,7 @@ def _(base2d, x2d, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, se
 
 
 def _from_base_setup(ctx, inputs, output):
-    base2d, x2d, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed = inputs
+    _base2d, x2d, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed = inputs
     y, u, ynb = output
     ctx.set_materialize_grads(False)
     saved = (x2d, ynb if bias is not None else y, lora_A, lora_B, magnitude, u, norm, seed)

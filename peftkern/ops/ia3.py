@@ -331,7 +331,7 @@ def _(dy, x2d, z, weight, scale, feedforward, need_dx, need_dscale, face):
 
 
 def _setup_context(ctx, inputs, output):
-    x2d, weight, bias, scale, feedforward, keep_unscaled, face = inputs
+    x2d, weight, bias, scale, feedforward, _keep_unscaled, face = inputs
     _, z = output
     # x is needed for dl of an input scale and for dW; a frozen weight with an output scale needs none of it
     keep_x = weight.requires_grad or (feedforward and scale.requires_grad)

@@ -792,7 +792,7 @@ def _logprobs_fwd_impl(hidden, weight, bias, lora_u, lora_B, targets, ignore_ind
     if face == "triton":
         rows = torch.arange(targets.shape[0], device=hidden.device)
         st = head.stats(rows, want_entropy, want_mean)
-        empty = lambda: hidden.new_zeros(0, dtype=torch.float32)  # noqa: E731
+        empty = lambda: hidden.new_zeros(0, dtype=torch.float32)
         return (st.logp, st.ent if want_entropy else empty(), st.mean if want_mean else empty(), st.lse)
     return _torch_forward(head, targets.shape[0], chunk, want_entropy, want_mean)
 
@@ -801,7 +801,7 @@ def _logprobs_fwd_impl(hidden, weight, bias, lora_u, lora_B, targets, ignore_ind
 def _(hidden, weight, bias, lora_u, lora_B, targets, ignore_index, temperature, chunk, want_entropy, want_mean,
       face):
     n, ne, nm = _stat_shapes(hidden, want_entropy, want_mean)
-    new = lambda k: hidden.new_empty(k, dtype=torch.float32)  # noqa: E731
+    new = lambda k: hidden.new_empty(k, dtype=torch.float32)
     return new(n), new(ne), new(nm), new(n)
 
 
@@ -833,7 +833,7 @@ def _logprobs_bwd_impl(hidden, weight, bias, lora_u, lora_B, targets, lse, ent, 
     chunk = _resolve_chunk(chunk, hidden, weight, face)
     head = _make_head(face, hidden, weight, bias, lora_u, lora_B, targets, ignore_index, temperature, chunk)
     for rows in _backward_blocks(face, targets, ignore_index, chunk):
-        pick = (lambda t: None if t is None else t[rows])  # noqa: E731
+        pick = (lambda t: None if t is None else t[rows])
         stats = Stats(None, pick(ent) if d_ent is not None else None, None, lse[rows])
         head.recompute_grads(rows, stats, Coefs(d_logp[rows], pick(d_ent), pick(d_mean)), grads, needs)
     return grads
@@ -916,7 +916,7 @@ def linear_unit_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 def _(hidden, weight, bias, lora_u, lora_B, targets, loss, variant, tensors, scalars, layout, ignore_index,
       temperature, chunk, want_entropy, want_mean, face, needs):
     n, ne, nm = _stat_shapes(hidden, want_entropy, want_mean)
-    new = lambda k: hidden.new_empty(k, dtype=torch.float32)  # noqa: E731
+    new = lambda k: hidden.new_empty(k, dtype=torch.float32)
     grads = _fake_grads(hidden, weight, lora_u, lora_B, needs)
     inputs = (hidden, weight, bias, lora_u, lora_B)
     return [hidden.new_empty((), dtype=torch.float32), new(n), new(ne), new(nm)] + [

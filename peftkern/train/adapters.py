@@ -1,5 +1,5 @@
 """Adapters on a causal LM for the trainers, through ``peftkern.tuners``: build the method ``--peft``
-names (LoRA / DoRA, (IA)^3, AdaLoRA, BitFit), switch it off (the reference model), merge it in,
+names (LoRA / DoRA, (IA)^3, AdaLoRA, BitFit, bottleneck adapters), switch it off (the reference model), merge it in,
 save it in PEFT's format. AdaLoRA's allocation step and orthogonality regularizer ride on the
 optimizer's step hooks, so every trainer's loop runs them without knowing the method."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from peftkern.tuners import AdaLoraConfig, BitFitConfig, IA3Config, LoraConfig, get_peft_model
+from peftkern.tuners import AdaLoraConfig, BitFitConfig, BottleneckConfig, IA3Config, LoraConfig, get_peft_model
 from peftkern.tuners.files import write_adapter_files
 from peftkern.tuners.methods import tuner_for
 
@@ -53,9 +53,13 @@ def peft_config(cfg, model: nn.Module):
                 return BitFitConfig(task_type="CAUSAL_LM", target_modules=_names(cfg.bitfit_target_modules))
             has_bias = any(n.endswith(".bias") for n, _ in model.named_parameters())
             return BitFitConfig(task_type="CAUSAL_LM", target_modules=None if has_bias else targets)
+        if cfg.peft == "bottleneck":
+            return BottleneckConfig(task_type="CAUSAL_LM", placement=cfg.placement,
+                                    reduction_factor=cfg.reduction_factor,
+                                    non_linearity=cfg.bottleneck_non_linearity, scaling=cfg.bottleneck_scaling)
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"--peft {cfg.peft}: {exc}") from None
-    raise ValueError(f"--peft must be one of lora, ia3, adalora, bitfit; got {cfg.peft!r}")
+    raise ValueError(f"--peft must be one of lora, ia3, adalora, bitfit, bottleneck; got {cfg.peft!r}")
 
 
 def add_adapters(model: nn.Module, cfg) -> nn.Module:

@@ -42,8 +42,8 @@ class TrainConfig:
                                    "tokens are found from how it renders, so it needs no generation markers)")
     dora: bool = _f(False, "DoRA adapters instead of LoRA")
     # -- PEFT method (peftkern.tuners; built in train/adapters.py): the method and its main options --
-    peft: str = _f("lora", "adapter method: 'lora' (DoRA with --dora), 'ia3', 'adalora' or 'bitfit'",
-                   choices=("lora", "ia3", "adalora", "bitfit"))
+    peft: str = _f("lora", "adapter method: 'lora' (DoRA with --dora), 'ia3', 'adalora', 'bitfit' or 'bottleneck'",
+                   choices=("lora", "ia3", "adalora", "bitfit", "bottleneck"))
     ia3_target_modules: str = _f("default", "(IA)^3 targets: comma-separated names, or 'default' (PEFT's per "
                                  "model type: keys, values and the down projection)")
     ia3_feedforward_modules: str = _f("default", "(IA)^3 targets whose input is scaled: comma-separated names, or "
@@ -59,6 +59,13 @@ class TrainConfig:
     adalora_total_step: int = _f(0, "AdaLoRA schedule length in optimizer steps (0: --max-steps)")
     bitfit_target_modules: str = _f("all", "BitFit: 'all' (every bias; a model without biases gets trainable "
                                     "ones on --target-modules) or comma-separated module names")
+    placement: str = _f("houlsby", "bottleneck adapters: 'houlsby' (after attention and feed-forward), 'pfeiffer' "
+                        "(after the block's feed-forward) or 'parallel' (beside the feed-forward)",
+                        choices=("houlsby", "pfeiffer", "parallel"))
+    reduction_factor: float = _f(16.0, "bottleneck adapters: bottleneck = hidden size // reduction factor")
+    bottleneck_non_linearity: str = _f("relu", "bottleneck adapters' non-linearity: relu, gelu, silu, tanh",
+                                       choices=("relu", "gelu", "silu", "swish", "tanh"))
+    bottleneck_scaling: float = _f(1.0, "bottleneck adapters: s in h + s * up(act(down(x)))")
     # -- end of the PEFT method block --
     # data
     data: str | None = _f(None, "training data, JSONL in TRL's format (default with --model tiny: the bundled set); "
@@ -119,8 +126,24 @@ class TrainConfig:
                                   "model before training starts: train on top of it, with the merged model as the "
                                   "reference; the new adapter names <out>/base_model as its base",
                                   ("dpo", "grpo", "rloo", "orpo", "simpo", "cpo"))
+    # reward models (docs/reward_models.md)
+    rank_loss: str = _f("bradley_terry", "reward-model loss over each record's ranked completions: all-pairs "
+                        "Bradley-Terry (InstructGPT) or Plackett-Luce (listwise); on pairs both are the "
+                        "Bradley-Terry loss", ("rm",), choices=("bradley_terry", "plackett_luce"))
+    ensemble: int = _f(1, "reward heads over one body, each trained on its own bootstrap sample of the data "
+                       "(1: a plain reward model)", ("rm",))
+    ensemble_adapters: bool = _f(False, "--ensemble N as N LoRA adapters over the frozen base, one per head (each "
+                                 "member its own adapter and bootstrap sample), instead of N heads on one adapter",
+                                 ("rm",))
+    calibrate_on: str | None = _f(None, "held-out JSONL of pairs or rankings: after training, fit the reward model's "
+                                  "temperature on it and save it with the model (as 'peftkern rm-calibrate')",
+                                  ("rm",))
     # PPO, GRPO, RLOO
     reward_model: str | None = _f(None, "reward model: a directory written by 'peftkern rm'", ("ppo", "grpo", "rloo"))
+    reward_aggregate: str = _f("mean", "reward of an ensemble --reward-model from its heads' scores: their mean, "
+                               "min, or mean_minus_std (mean - reward_std_coef x std)", ("ppo", "grpo", "rloo"),
+                               choices=("mean", "min", "mean_minus_std"))
+    reward_std_coef: float = _f(1.0, "lambda of --reward-aggregate mean_minus_std", ("ppo", "grpo", "rloo"))
     reward_fn: str | None = _f(None, "reward function 'module:function' (default with --model tiny: the bundled task "
                                "rewards). PPO: f(prompt, completion) -> float. GRPO / RLOO (TRL's convention): "
                                "f(prompts, completions, completion_ids, **columns) -> one float (or None) per "
@@ -149,7 +172,14 @@ class TrainConfig:
     mask_truncated_completions: bool = _f(False, "no loss on completions cut at max_completion_length", ONLINE)
     top_entropy_quantile: float = _f(1.0, "policy loss only on this top share of completion tokens by entropy "
                                      "(one more vocabulary pass; 1: all)", ("grpo",))
-    ppo_epochs: int = _f(2, "optimisation passes over each rollout", ("ppo",))
+    ppo_epochs: int = _f(2, "optimisation passes over each step's samples (the rollout and any replayed ones)",
+                         ("ppo",))
+    ppo_mini_batch_size: int = _f(0, "samples per optimizer update: each pass shuffles the samples (the rollout, "
+                                  "plus the replayed ones) into mini-batches of this many (0: one update per pass "
+                                  "over them all)", ("ppo",))
+    replay_rollouts: int = _f(1, "rollouts trained on at each step: this one and the N-1 before it, each sample "
+                              "with the log-probs, values and advantages of when it was drawn (1: no replay)",
+                              ("ppo",))
     max_new_tokens: int = _f(8, "tokens generated per rollout", ("ppo",))
     temperature: float = _f(1.0, "sampling temperature of rollouts (GRPO / RLOO also score at it, as TRL)",
                             ("ppo", "grpo", "rloo"))
@@ -205,6 +235,7 @@ class TrainConfig:
             raise ConfigError("--reward-model and --reward-fn both given: the run scores with one of them; drop the "
                               "other")
         self._check_online()
+        self._check_reward_models()
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite both given: continue the run in --out, or replace it")
         if not self.out:
@@ -218,8 +249,9 @@ class TrainConfig:
         if self.dora and self.peft != "lora":
             raise ConfigError(f"--dora is a LoRA option; --peft is {self.peft!r}")
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        for prefix in ("ia3_", "adalora_", "bitfit_"):
-            changed = [n for n in defaults if n.startswith(prefix) and getattr(self, n) != defaults[n]]
+        for prefix in ("ia3_", "adalora_", "bitfit_", "bottleneck_"):
+            changed = [n for n in defaults if (n.startswith(prefix) or (prefix == "bottleneck_" and n in (
+                "placement", "reduction_factor"))) and getattr(self, n) != defaults[n]]
             if changed and self.peft != prefix[:-1]:
                 raise ConfigError(f"{', '.join('--' + n.replace('_', '-') for n in changed)}: options of --peft "
                                  f"{prefix[:-1]}, but --peft is {self.peft!r}")
@@ -252,6 +284,33 @@ class TrainConfig:
             raise ConfigError(f"beta must be >= 0, got {self.beta}")
         for name in ("reward_weights", "loss_weights"):
             parse_floats(getattr(self, name), name)
+
+    def _check_reward_models(self) -> None:
+        """--ensemble, --reward-aggregate, --ppo-mini-batch-size, --replay-rollouts."""
+        if self.ensemble < 1:
+            raise ConfigError(f"ensemble must be >= 1 (reward heads; 1: a plain reward model), got {self.ensemble}")
+        if self.ensemble_adapters and (self.ensemble < 2 or self.peft != "lora" or self.lora_r == 0 or self.adapter):
+            raise ConfigError("--ensemble-adapters gives each of --ensemble N >= 2 members a fresh LoRA adapter: it "
+                              f"needs --ensemble >= 2 (got {self.ensemble}), --peft lora with --lora-r > 0 (got "
+                              f"{self.peft}, {self.lora_r}) and no --adapter")
+        if self.ensemble_adapters and self.grad_checkpointing:
+            raise ConfigError("--ensemble-adapters with --grad-checkpointing: the recomputation in the backward runs "
+                              "outside the per-row adapter choice, so it would mix the members; drop one of them")
+        if self.reward_aggregate != "mean" and not self.reward_model:
+            raise ConfigError(f"--reward-aggregate {self.reward_aggregate} combines an ensemble reward model's heads; "
+                              "give --reward-model (a directory from 'peftkern rm --ensemble N')")
+        if not self.reward_std_coef >= 0:
+            raise ConfigError(f"reward_std_coef must be >= 0, got {self.reward_std_coef}")
+        if self.reward_std_coef != 1.0 and self.reward_aggregate != "mean_minus_std":
+            raise ConfigError("--reward-std-coef is the lambda of --reward-aggregate mean_minus_std, but "
+                              f"--reward-aggregate is {self.reward_aggregate!r}")
+        if self.ppo_mini_batch_size < 0:
+            raise ConfigError(f"ppo_mini_batch_size must be >= 0 (0: one update per pass), got "
+                              f"{self.ppo_mini_batch_size}")
+        if self.replay_rollouts < 1:
+            raise ConfigError(f"replay_rollouts must be >= 1 (1: no replay), got {self.replay_rollouts}")
+        if self.ppo_epochs < 1:
+            raise ConfigError(f"ppo_epochs must be positive, got {self.ppo_epochs}")
 
     def _check_forgetting(self) -> None:
         """--ewc / --l2sp / --rehearsal-* / --mix-temperature ranges and combinations."""
@@ -454,14 +513,20 @@ def load_yaml(path: str, kind: str | None = None) -> dict:
         return {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: expected a mapping of setting: value, got {type(loaded).__name__}")
+    return settings_from_mapping(loaded, path, kind)
+
+
+def settings_from_mapping(values: dict, where: str, kind: str | None = None) -> dict:
+    """``{field: value}`` from a mapping of setting names (``lora-r`` or ``lora_r``), each coerced to its
+    field's type; ConfigError (``where: key: ...``) for unknown keys, keys of another trainer, bad values."""
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     out = {}
-    for key, value in loaded.items():
+    for key, value in values.items():
         name = str(key).replace("-", "_")
         if name not in fields:
-            raise ConfigError(f"{path}: unknown setting {key!r} (known: {', '.join(sorted(fields))})")
+            raise ConfigError(f"{where}: unknown setting {key!r} (known: {', '.join(sorted(fields))})")
         kinds = fields[name].metadata["kinds"]
         if kind is not None and kind not in kinds:
-            raise ConfigError(f"{path}: {key}: a setting of peftkern {', '.join(kinds)}, not of peftkern {kind}")
-        out[name] = coerce(fields[name], value, f"{path}: ")
+            raise ConfigError(f"{where}: {key}: a setting of peftkern {', '.join(kinds)}, not of peftkern {kind}")
+        out[name] = coerce(fields[name], value, f"{where}: ")
     return out

@@ -4,6 +4,7 @@ Record formats (one JSON object per line, or rows of a ``datasets.Dataset``, or 
 
 * SFT: ``messages`` (a list of ``{"role", "content"}``), or ``prompt`` + ``completion``
 * DPO / reward model: ``prompt`` + ``chosen`` + ``rejected``
+* reward model, K-way: ``prompt`` + ``completions`` (K >= 2) + ``ranking`` (indices, best first)
 * KTO: ``prompt`` + ``completion`` + ``label`` (bool)
 * PPO: ``prompt``
 
@@ -119,6 +120,9 @@ def check_record(rec: Record, kind: str) -> None:
             raise DataError(f"{rec.where}: an SFT record needs 'messages' or 'prompt' + 'completion' "
                             f"(has {sorted(d)})")
         fields = ("prompt", "completion")
+    elif kind == "rm" and ("completions" in d or "ranking" in d):
+        check_ranking_record(rec)
+        return
     elif kind in ("dpo", "rm"):
         fields = ("prompt", "chosen", "rejected")
         if kind == "rm" and "margin" in d:
@@ -138,6 +142,46 @@ def check_record(rec: Record, kind: str) -> None:
     conversational = [isinstance(d[f], list) for f in fields]
     if any(conversational) and not all(conversational):
         raise DataError(f"{rec.where}: fields {list(fields)} mix plain strings and message lists")
+
+
+def check_ranking_record(rec: Record) -> None:
+    """A K-way reward-model record: ``prompt``, ``completions`` (K >= 2 texts, or message lists when the
+    prompt is one) and ``ranking`` (the completions' indices, best first: a permutation of 0..K-1)."""
+    d, where = rec.data, rec.where
+    for other in ("chosen", "rejected", "margin"):
+        if other in d:
+            raise DataError(f"{where}: a ranking record ('completions' + 'ranking') cannot also have '{other}' "
+                            "(that is the pairwise format: 'prompt'/'chosen'/'rejected' with an optional 'margin')")
+    for field in ("completions", "ranking"):
+        if field not in d:
+            raise DataError(f"{where}: missing field '{field}' (a ranking record needs 'prompt', 'completions' and "
+                            f"'ranking'; has {sorted(d)})")
+    _check_text(rec, "prompt")
+    completions, ranking = d["completions"], d["ranking"]
+    if not isinstance(completions, list) or len(completions) < 2:
+        got = f"a list of {len(completions)}" if isinstance(completions, list) else type(completions).__name__
+        raise DataError(f"{where}: 'completions' must be a list of at least 2 completions, got {got}")
+    conversational = isinstance(d["prompt"], list)
+    for i, c in enumerate(completions):
+        if conversational and isinstance(c, list):
+            _check_messages(c, where, f"completions[{i}]")
+        elif conversational or not isinstance(c, str):
+            want = "a list of messages (the prompt is one)" if conversational else "a string (the prompt is one)"
+            raise DataError(f"{where}: 'completions'[{i}] must be {want}, got {type(c).__name__}")
+    if not isinstance(ranking, list) or not all(isinstance(r, int) and not isinstance(r, bool) for r in ranking):
+        raise DataError(f"{where}: 'ranking' must be a list of completion indices (integers, best first), got "
+                        f"{ranking!r}")
+    if len(ranking) != len(completions):
+        raise DataError(f"{where}: 'ranking' has {len(ranking)} entries for {len(completions)} completions; it must "
+                        "rank every completion once (indices into 'completions', best first)")
+    repeated = sorted({r for r in ranking if ranking.count(r) > 1})
+    if repeated:
+        raise DataError(f"{where}: 'ranking' {ranking} repeats completion {', '.join(map(str, repeated))}; each "
+                        "completion is ranked once (ties are not supported: give pairs instead)")
+    outside = [r for r in ranking if not 0 <= r < len(completions)]
+    if outside:
+        raise DataError(f"{where}: 'ranking' {ranking} has index {outside[0]}, outside 0..{len(completions) - 1} "
+                        "(indices into 'completions', counted from 0)")
 
 
 def _finite(number) -> bool:

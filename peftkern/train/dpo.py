@@ -22,14 +22,13 @@ from peftkern.train.objectives import dpo_head_loss
 from peftkern.train.reference import cached_reference_logps
 
 
-def pair_examples(tokenizer, source, cfg, kind: str = "dpo") -> list[dict]:
-    """``{"chosen", "rejected", "index"}`` per record of a DPO / RM data source."""
+def pair_examples(tokenizer, source, cfg) -> list[dict]:
+    """``{"chosen", "rejected", "index"}`` per record of a DPO data source (the reward model's records:
+    ``peftkern.train.rm.rm_examples``)."""
     out = []
-    for i, rec in enumerate(load_records(source, "rm" if kind == "rm" else "dpo")):
+    for i, rec in enumerate(load_records(source, "dpo")):
         ex = encode_pair(tokenizer, rec, cfg.max_length)
         ex["index"] = i
-        if kind == "rm" and "margin" in rec.data:  # checked by load_records
-            ex["margin"] = float(rec.data["margin"])
         out.append(ex)
     return out
 

@@ -224,7 +224,8 @@ class GRPOTrainer(Trainer):
         if cfg.reward_model:
             from peftkern.train.rm import load_reward_model
 
-            self.reward_model = load_reward_model(cfg.reward_model).to(self.device)
+            self.reward_model = load_reward_model(cfg.reward_model, cfg.reward_aggregate,
+                                                  cfg.reward_std_coef).to(self.device)
 
     def prepare(self) -> None:
         super().prepare()

@@ -154,7 +154,7 @@ def load_lm(cfg, quiet: bool = False, device: torch.device | None = None) -> nn.
         bar.update(1)
 
     try:
-        return load_pretrained(cfg.model, cfg.dtype, device, cfg.quant, progress=progress if bar else None)
+        return load_pretrained(cfg.model, cfg.dtype, device, cfg.quant, progress=progress if bar is not None else None)
     except DtypeError as exc:
         raise ConfigError(str(exc)) from None
     except (CheckpointFileError, ModelFolderError) as exc:

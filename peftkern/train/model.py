@@ -54,16 +54,17 @@ class LMWithHeads(nn.Module):
     ``forward(input_ids [B, T], attention_mask [B, T], labels [B, T] or None)`` returns a dict with
     ``logps`` [B, T-1] fp32 (log p(labels[:, t+1] | ids[:, :t+1]); 0 where the label is -100) when
     labels are given, ``values`` [B, T] fp32 with ``value_head``, ``scores`` [B] fp32 (at each row's last
-    real token; right padding assumed) with ``score_head``, ``entropy`` [B, T-1] fp32 (of each labelled
+    real token; right padding assumed; [B, N] with ``score_head=N`` > 1, a reward ensemble) with ``score_head``, ``entropy`` [B, T-1] fp32 (of each labelled
     position's next-token distribution) and ``hidden`` [B, T, H] when asked.
     """
 
-    def __init__(self, lm: nn.Module, value_head: bool = False, score_head: bool = False, autocast_bf16: bool = False):
+    def __init__(self, lm: nn.Module, value_head: bool = False, score_head: bool | int = False,
+                 autocast_bf16: bool = False):
         super().__init__()
         self.lm = lm
         hidden = base_causal_lm(lm).config.hidden_size
         self.value_head = nn.Linear(hidden, 1) if value_head else None
-        self.score_head = nn.Linear(hidden, 1) if score_head else None
+        self.score_head = nn.Linear(hidden, int(score_head)) if score_head else None  # an int: that many heads
         for head in (self.value_head, self.score_head):
             if head is not None:
                 nn.init.normal_(head.weight, std=1.0 / (hidden + 1) ** 0.5)

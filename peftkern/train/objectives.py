@@ -39,15 +39,6 @@ def dpo_loss(pc, pr, rc, rr, beta: float, loss_type: str = "sigmoid", label_smoo
     return losses, chosen_rewards, rejected_rewards
 
 
-def reward_loss_sum(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None) -> torch.Tensor:
-    """Bradley-Terry: sum over pairs of -log sigmoid(r_chosen - r_rejected - margin)."""
-    lib = _losses_package()
-    if lib is not None:
-        return lib.reward_model_loss(chosen, rejected, margin=margin) * chosen.shape[0]
-    diff = chosen - rejected - (margin if margin is not None else 0.0)
-    return -F.logsigmoid(diff).sum()
-
-
 def kto_loss_sum(policy: torch.Tensor, reference: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor,
                  beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> torch.Tensor:
     """KTO summed over examples: policy / reference completion log-probs [B], desirable [B] bool, kl the

@@ -28,6 +28,13 @@ def plot_losses(log_path: str, png_path: str, title: str) -> str | None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    return save_figure(fig, png_path)
+
+
+def save_figure(fig, png_path: str) -> str:
+    """Lay out ``fig``, write it to ``png_path`` through a temp file and a rename, close it; the path."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
     tmp = png_path + ".tmp.png"

@@ -3,8 +3,13 @@ from a reward model or a Python function, a per-token KL penalty against the ref
 with its adapters off), GAE, clipped policy and value losses, an entropy bonus, and a fixed or
 adaptive KL coefficient.
 
-One optimizer step of the loop = one rollout of ``batch_size x grad_accum`` prompts per process,
-then ``ppo_epochs`` passes over it (each pass one optimizer step over its micro-batches).
+One step of the loop = one rollout of ``batch_size x grad_accum`` prompts per process, kept in a
+replay buffer with the ``replay_rollouts - 1`` rollouts before it, then ``ppo_epochs`` passes over
+the buffer's samples: each pass shuffles them into mini-batches of ``ppo_mini_batch_size`` (0: one
+mini-batch of them all), one optimizer update per mini-batch (over micro-batches of ``batch_size``).
+Every sample keeps the log-probs, values, advantages and returns of the policy that drew it (the
+behaviour policy), so the ratio and both clips are taken against that policy; the replayed samples'
+advantages are those of when they were drawn. A resumed run starts with an empty buffer.
 """
 from __future__ import annotations
 
@@ -137,11 +142,19 @@ class PPOTrainer(Trainer):
         cfg = self.cfg
         self.kl = AdaptiveKL(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon, cfg.adaptive_kl)
         self.reference = None if has_lora(self.module.lm) else copy.deepcopy(self.module.lm).eval().requires_grad_(False)
+        self.buffer = RolloutBuffer(cfg.replay_rollouts, self.tokenizer.pad_token_id)
+        self.updates: list[dict] = []  # the last step's mini-batch updates (epoch, ratio, ...)
+        self.disagreement = None
         if cfg.reward_model:
             from peftkern.train.rm import load_reward_model
 
-            rm = load_reward_model(cfg.reward_model).to(self.device)
-            self.reward = lambda prompts, texts, seqs: rm(seqs["input_ids"], seqs["attention_mask"])["scores"].float()
+            rm = load_reward_model(cfg.reward_model, cfg.reward_aggregate, cfg.reward_std_coef).to(self.device)
+
+            def reward(prompts, texts, seqs):
+                out = rm(seqs["input_ids"], seqs["attention_mask"])
+                self.disagreement = out["disagreement"] if rm.heads > 1 else None
+                return out["scores"]
+            self.reward = reward
         else:
             if cfg.reward_fn:
                 fn, spec = load_reward_fn(cfg.reward_fn), cfg.reward_fn
@@ -176,8 +189,11 @@ class PPOTrainer(Trainer):
                                      self.cfg.cliprange_value)
         entropy = (out["entropy"] * mask).sum()
         total = pg + self.cfg.vf_coef * vf - self.cfg.ent_coef * entropy
+        with torch.no_grad():
+            ratio = torch.exp(out["logps"] - batch["old_logps"]) * mask
         return total, {"policy_loss": pg.detach(), "value_loss": vf.detach(), "entropy": entropy.detach(),
-                       "clip_fraction": clipped.detach()}
+                       "clip_fraction": clipped.detach(), "ratio": ratio.sum(),
+                       "ratio_max_dev": ((ratio - 1).abs() * mask).max()}
 
     # -- rollouts -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -236,36 +252,70 @@ class PPOTrainer(Trainer):
         examples = [e for mb in self.micro_batches(step) for e in mb]
         batch, texts = self.rollout(examples)
         batch = self.score_rollout(batch, [e["prompt"] for e in examples], texts)
+        self.buffer.add(batch)
         n = len(examples)
-        b = self.cfg.batch_size
-        total = D.all_reduce_sum(self.units(batch).to(self.device), self.dist).clamp_min(1.0)
-        scale = self.dist.world / total
-        keys = ("input_ids", "attention_mask", "labels", "old_logps", "old_values", "advantages", "returns")
+        size = len(self.buffer)
+        mini = self.cfg.ppo_mini_batch_size or size
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)  # the same order on every process
+        plan = []
+        for epoch in range(self.cfg.ppo_epochs):
+            order = torch.randperm(size, generator=gen) if mini < size else torch.arange(size)
+            plan += [(epoch, order[i:i + mini]) for i in range(0, size, mini)]
         sums: dict[str, torch.Tensor] = {}
         loss_sum = torch.zeros((), device=self.device)
-        finite = True  # every pass before the last stepped on finite gradients
-        for epoch in range(self.cfg.ppo_epochs):
-            for i in range(0, n, b):
-                micro = {k: batch[k][i:i + b] for k in keys}
-                last = i + b >= n
-                sync = self.model.no_sync() if (hasattr(self.model, "no_sync") and not last) else _Null()
-                with sync:
-                    loss, metrics = self.loss(self.model, micro)
-                    (loss * scale).backward()
-                if epoch == self.cfg.ppo_epochs - 1:
-                    loss_sum += loss.detach()
-                    for k, v in metrics.items():
+        last_epoch_units = torch.zeros((), device=self.device)
+        finite = True  # every update before the last stepped on finite gradients
+        per_update = []  # [ratio sum, tokens, max |ratio - 1|, fresh samples] per update, read in one sync
+        for u, (epoch, rows) in enumerate(plan):
+            minibatch = self.buffer.take(rows.to(self.buffer.device))
+            loss, metrics, units = self._update(minibatch)
+            per_update.append(torch.stack([metrics["ratio"], units, metrics["ratio_max_dev"],
+                                           (minibatch["age"] == 0).sum().float()]))
+            if epoch == self.cfg.ppo_epochs - 1:
+                loss_sum += loss
+                last_epoch_units += units
+                for k, v in metrics.items():
+                    if k != "ratio_max_dev":
                         sums[k] = sums.get(k, 0.0) + v
-            if epoch < self.cfg.ppo_epochs - 1:
+            if u < len(plan) - 1:
                 finite = self.step_if_finite() and finite
+        total = D.all_reduce_sum(last_epoch_units, self.dist).clamp_min(1.0)
         record = self.finish_step(loss_sum, sums, total, skip=not finite)
-        stats = D.all_reduce_sum(torch.stack([batch["scores"].sum(), batch["kl"].sum(),
-                                              torch.tensor(float(n), device=self.device)]).float(), self.dist)
+        self.updates = [{"epoch": plan[u][0], "samples": len(plan[u][1]), "ratio_mean": r / max(c, 1.0),
+                         "ratio_max_dev": dev, "fresh": int(fresh)}
+                        for u, (r, c, dev, fresh) in enumerate(torch.stack(per_update).tolist())]
+        extra = [batch["scores"].sum(), batch["kl"].sum(), torch.tensor(float(n), device=self.device)]
+        if self.disagreement is not None:
+            extra.append(self.disagreement.sum())
+        stats = D.all_reduce_sum(torch.stack(extra).float(), self.dist)
         record["reward"] = (stats[0] / stats[2]).item()
         record["kl"] = (stats[1] / stats[2]).item()
+        if self.disagreement is not None:
+            record["reward_disagreement"] = (stats[3] / stats[2]).item()
         record["kl_coef"] = self.kl.coef
+        record["updates"] = len(plan)
+        record["replayed"] = size - n
         self.kl.update(record["kl"], int(stats[2].item()))
         return record
+
+    def _update(self, minibatch: dict) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        """Backward of one mini-batch (micro-batches of batch_size, the loss over the mini-batch's tokens
+        on every process): (loss sum, metric sums, this process's token count), detached."""
+        total = D.all_reduce_sum(self.units(minibatch).to(self.device), self.dist).clamp_min(1.0)
+        scale = self.dist.world / total
+        m, b = minibatch["input_ids"].shape[0], self.cfg.batch_size
+        loss_sum, sums = torch.zeros((), device=self.device), {}
+        for i in range(0, m, b):
+            micro = {k: v[i:i + b] for k, v in minibatch.items()}
+            last = i + b >= m
+            sync = self.model.no_sync() if (hasattr(self.model, "no_sync") and not last) else _Null()
+            with sync:
+                loss, metrics = self.loss(self.model, micro)
+                (loss * scale).backward()
+            loss_sum += loss.detach()
+            for k, v in metrics.items():
+                sums[k] = torch.maximum(sums[k], v) if (k == "ratio_max_dev" and k in sums) else sums.get(k, 0.0) + v
+        return loss_sum, sums, self.units(minibatch).to(self.device)
 
     def evaluate(self):
         """Mean reward of greedy responses to the held-out prompts."""
@@ -275,6 +325,46 @@ class PPOTrainer(Trainer):
             batch, texts = self.rollout(examples, sample=False)
             total += float(self.reward([e["prompt"] for e in examples], texts, batch).sum())
         return {"reward": total / max(len(self.eval_examples), 1)}
+
+
+class RolloutBuffer:
+    """The samples of the last ``capacity`` rollouts with what the behaviour policy gave them, right-padded
+    to one width: ``take(rows)`` -> the keys of :attr:`KEYS` plus ``age`` [S] (0: the newest rollout)."""
+
+    KEYS = ("input_ids", "attention_mask", "labels", "old_logps", "old_values", "advantages", "returns")
+    PAD = {"input_ids": None, "labels": IGNORE_INDEX}  # None: the pad token; other keys pad with 0
+
+    def __init__(self, capacity: int, pad_id: int):
+        self.capacity, self.pad_id = capacity, pad_id
+        self.rollouts: list[dict] = []
+        self.samples: dict[str, torch.Tensor] = {}
+        self.device = torch.device("cpu")
+
+    def __len__(self) -> int:
+        return 0 if not self.samples else self.samples["input_ids"].shape[0]
+
+    def add(self, batch: dict) -> None:
+        self.rollouts = (self.rollouts + [{k: batch[k].detach() for k in self.KEYS}])[-self.capacity:]
+        width = max(r["input_ids"].shape[1] for r in self.rollouts)
+        out: dict[str, list] = {k: [] for k in self.KEYS + ("age",)}
+        for age, r in enumerate(reversed(self.rollouts)):
+            for k in self.KEYS:
+                t = r[k]
+                pad = width - (1 if t.shape[1] < r["input_ids"].shape[1] else 0) - t.shape[1]
+                fill = self.PAD.get(k, 0)
+                out[k].append(torch.nn.functional.pad(t, (0, pad), value=self.pad_id if fill is None else fill))
+            out["age"].append(torch.full((r["input_ids"].shape[0],), age, dtype=torch.long, device=t.device))
+        self.samples = {k: torch.cat(v) for k, v in out.items()}
+        self.device = self.samples["input_ids"].device
+
+    def take(self, rows: torch.Tensor) -> dict:
+        """The samples ``rows`` [M], their columns cut to the longest one's length."""
+        picked = {k: v[rows] for k, v in self.samples.items()}
+        width = int(picked["attention_mask"].sum(1).max())
+        for k in self.KEYS:
+            cut = width if picked[k].shape[1] == self.samples["input_ids"].shape[1] else width - 1
+            picked[k] = picked[k][:, :cut]
+        return picked
 
 
 class _Null:

@@ -56,16 +56,20 @@ def build_trainer(kind: str, cfg: TrainConfig, callbacks=()):
     lm = prepare_lm(cfg, lm)
     if kind == "sft" and cfg.packing:
         check_packed_attention(lm)
-    model = LMWithHeads(lm, value_head=kind == "ppo", score_head=kind == "rm", autocast_bf16=cfg.bf16)
+    model = LMWithHeads(lm, value_head=kind == "ppo", score_head=cfg.ensemble if kind == "rm" else False,
+                        autocast_bf16=cfg.bf16)
     if kind == "sft":
         from peftkern.train.sft import SFTTrainer, sft_examples
 
         make, cls = sft_examples, SFTTrainer
-    elif kind in ("dpo", "rm"):
+    elif kind == "dpo":
         from peftkern.train.dpo import DPOTrainer, pair_examples
-        from peftkern.train.rm import RewardTrainer
 
-        make, cls = (lambda t, s, c: pair_examples(t, s, c, kind)), (DPOTrainer if kind == "dpo" else RewardTrainer)
+        make, cls = pair_examples, DPOTrainer
+    elif kind == "rm":
+        from peftkern.train.rm import RewardTrainer, rm_examples
+
+        make, cls = rm_examples, RewardTrainer
     elif kind == "kto":
         from peftkern.train.kto import KTOTrainer, kto_examples
 
@@ -109,6 +113,10 @@ def check_more_paths(cfg: TrainConfig, kind: str) -> None:
 
     if kind in ("grpo", "rloo") and cfg.reward_model:
         check_model_dir(cfg.reward_model, "--reward-model")
+    if kind == "rm" and cfg.calibrate_on:
+        from peftkern.train.loading import check_data_file
+
+        check_data_file(cfg.calibrate_on, "--calibrate-on")
     if cfg.init_adapter and not os.path.isfile(os.path.join(cfg.init_adapter, "adapter_config.json")):
         raise PathError(f"--init-adapter {cfg.init_adapter}: no adapter_config.json in it: not a PEFT adapter folder "
                         "(a run's <out>/adapter)")

@@ -1,7 +1,8 @@
-"""PEFT-compatible tuners: one package per method (lora/, ia3/, adalora/, bitfit/) over a small
+"""PEFT-compatible tuners: one package per method (lora/, ia3/, adalora/, bitfit/, bottleneck/) over a small
 shared base; get_peft_model, load_adapter and save_adapter take any method, PEFT's files both ways."""
 from peftkern.tuners.adalora import AdaLoraConfig
 from peftkern.tuners.bitfit import BitFitConfig
+from peftkern.tuners.bottleneck import BottleneckConfig
 from peftkern.tuners.config import PeftConfig
 from peftkern.tuners.files import AdapterLoadError
 from peftkern.tuners.ia3 import IA3Config
@@ -11,5 +12,5 @@ from peftkern.tuners.methods import TUNERS, config_from_dict, read_config
 from peftkern.tuners.model import PeftKernModel, get_peft_model
 from peftkern.tuners.modules_to_save import ModulesToSaveWrapper
 
-__all__ = ["PeftConfig", "LoraConfig", "IA3Config", "AdaLoraConfig", "BitFitConfig", "get_peft_model", "PeftKernModel", "ModulesToSaveWrapper", "save_adapter",
+__all__ = ["PeftConfig", "LoraConfig", "IA3Config", "AdaLoraConfig", "BitFitConfig", "BottleneckConfig", "get_peft_model", "PeftKernModel", "ModulesToSaveWrapper", "save_adapter",
            "load_adapter", "AdapterLoadError", "TUNERS", "config_from_dict", "read_config"]

@@ -152,12 +152,23 @@ def check_bool(config: PeftConfig, *names: str) -> None:
             raise TypeError(f"{config.field_name(name)} must be a bool, got {value!r}")
 
 
+def _finite_float(value: int | float) -> bool:
+    """True when ``value`` is a finite float or an integer a float can hold (JSON integers are unbounded)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def check_number(config: PeftConfig, name: str, value=None, low: float | None = None, high: float | None = None,
                  low_open: bool = False, high_open: bool = False) -> None:
     """A finite real number (not a bool, not a string) within [low, high] (open ends as asked)."""
     value = getattr(config, name) if value is None else value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{config.field_name(name)} must be a finite number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite_float(value):
+        shown = value if not isinstance(value, int) or abs(value) < 10**30 else f"an integer of {len(str(abs(value)))} digits"
+        raise ValueError(f"{config.field_name(name)} must be a finite number within the float range, got {shown!r}"
+                         if isinstance(value, int) and not isinstance(value, bool)
+                         else f"{config.field_name(name)} must be a finite number, got {value!r}")
     if low is not None and (value < low or (low_open and value == low)):
         raise ValueError(f"{config.field_name(name)} must be {'>' if low_open else '>='} {low}, got {value!r}")
     if high is not None and (value > high or (high_open and value == high)):

@@ -7,11 +7,13 @@ import os
 from peftkern.tuners.config import PeftConfig, read_config_file
 from peftkern.tuners.adalora import AdaLoraTuner
 from peftkern.tuners.bitfit import BitFitTuner
+from peftkern.tuners.bottleneck import BottleneckTuner
 from peftkern.tuners.ia3 import IA3Tuner
 from peftkern.tuners.lora import LoraTuner
 from peftkern.tuners.tuner import Tuner
 
-TUNERS: dict[str, Tuner] = {t.peft_type: t for t in (LoraTuner(), IA3Tuner(), AdaLoraTuner(), BitFitTuner())}
+TUNERS: dict[str, Tuner] = {t.peft_type: t for t in (LoraTuner(), IA3Tuner(), AdaLoraTuner(), BitFitTuner(),
+                                                   BottleneckTuner())}
 
 
 def tuner_for(config: PeftConfig) -> Tuner:

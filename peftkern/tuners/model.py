@@ -303,6 +303,11 @@ class PeftKernModel(nn.Module):
         trainable, total = self.get_nb_trainable_parameters()
         share = 100.0 * trainable / total if total else 0.0
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
+        for name, config in self.peft_config.items():  # methods with a parameter analysis of their own
+            describe = getattr(tuner_for(config), "describe_parameters", None)
+            line = describe(self, name) if describe is not None else ""
+            if line:
+                print(line)
 
     def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """The tensors of ``adapter_name``'s file under PEFT's keys (live tensors, not copies)."""

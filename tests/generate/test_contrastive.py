@@ -129,3 +129,38 @@ def test_bad_settings():
         Contrastive()(tiny_model("llama"))
     with pytest.raises(ValueError, match="must share one vocabulary"):
         contrastive_scores(torch.zeros(1, 5), torch.zeros(1, 6))
+
+
+class _Recorded:
+    """A scorer that keeps every step's scores."""
+
+    def __init__(self, scorer):
+        self.scorer, self.steps = scorer, []
+
+    def start(self, ids, mask):
+        self.steps.append(self.scorer.start(ids, mask))
+        return self.steps[-1]
+
+    def advance(self, tokens):
+        self.steps.append(self.scorer.advance(tokens))
+        return self.steps[-1]
+
+
+def test_one_batch_scores_equal_two_models_step_by_step():
+    """The one-batch scorer (base GEMM once over expert and amateur rows, the adapter's rank-r term on
+    the expert's rows only) gives every step's contrastive scores of the expert model and a separate
+    base model run one after the other, within fp32 rounding, and the same tokens."""
+    model = _adapted()
+    base = copy.deepcopy(model).unload()
+    ids, mask = prompts()
+    settings = DecodingSettings(max_new_tokens=8)
+    one = _Recorded(Contrastive("__base__", alpha=0.05, beta=0.8, one_batch=True)(model))
+    two = _Recorded(TwoPassScorer(ModelStepper(copy.deepcopy(model)), ModelStepper(base), 0.05, 0.8))
+    got = decode(one, ids, mask, settings, eos_token_ids=[], pad_token_id=1)
+    want = decode(two, ids, mask, settings, eos_token_ids=[], pad_token_id=1)
+    assert torch.equal(got.tokens, want.tokens)
+    assert len(one.steps) == len(two.steps) == 8
+    for g, w in zip(one.steps, two.steps):
+        assert torch.equal(torch.isinf(g), torch.isinf(w))
+        finite = torch.isfinite(w)
+        assert (g[finite] - w[finite]).abs().max().item() < 1e-4

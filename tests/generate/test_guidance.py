@@ -1,6 +1,7 @@
 """Classifier guidance raises the guiding score on held-out prompts (measured: mean over the prompts,
 guided against unguided, same model and settings), with a reward function and with a transformers
 sequence classifier; and it runs inside transformers' generate."""
+import pytest
 import torch
 import transformers as tf
 
@@ -59,3 +60,11 @@ def test_guidance_inside_transformers_generate():
                          pad_token_id=PAD_ID)[0, enc["input_ids"].shape[1]:]
     ours = generate(model, tok, ["hello"], max_new_tokens=6, processors=[guide])[0]
     assert out.tolist()[:len(ours.token_ids)] == ours.token_ids
+
+
+def test_bad_weight_and_top_k_are_named():
+    for weight in (float("nan"), float("inf"), True, "1"):
+        with pytest.raises(ValueError, match="guidance weight must be a finite number"):
+            ClassifierGuidance(lambda p, c: [0.0] * len(c), weight=weight)
+    with pytest.raises(ValueError, match="guidance top_k must be a positive integer"):
+        ClassifierGuidance(lambda p, c: [0.0] * len(c), top_k=0)

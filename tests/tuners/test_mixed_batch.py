@@ -148,3 +148,38 @@ def test_lora_layers_run_one_pass_over_the_base(tmp_path, monkeypatch):
         got = ours(input_ids=ids, adapter_names=names).logits
     assert (got - expected).abs().max().item() < ATOL
     assert len(calls) == sum(1 for _, layer in ours.adapter_layers() if isinstance(layer, lora_layer.LoRALinear))
+
+
+def test_lora_runs_its_base_once_and_matches_the_per_group_path(tmp_path, monkeypatch):
+    """A LoRA layer over a plain linear calls its base once per mixed-batch call (one GEMM of every
+    row) and adds each adapter's rank-r term to its rows; logits and, with autograd on, the adapters'
+    gradients equal the generic path that runs the layer once per adapter group."""
+    from peftkern.nn.lora import LoRALinear
+    from peftkern.nn.mixed_batch import forward_by_rows
+
+    _, _, ours = _two_lora(tmp_path)
+    ids = token_ids(batch=5, seq=4)
+    names = ["a", "a", "__base__", "b", "a"]  # a: rows 0, 1 and 4 (not contiguous), b: one row
+    params = [p for n, p in ours.named_parameters() if "lora_" in n]
+
+    def run():
+        for p in params:
+            p.requires_grad_(True)
+        out = ours(input_ids=ids, adapter_names=names).logits
+        return out.detach(), torch.autograd.grad(out.square().sum(), params)
+
+    v_proj = next(m for n, m in ours.named_modules() if n.endswith("v_proj") and isinstance(m, LoRALinear))
+    calls = []
+    hook = v_proj.base_layer.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    got, got_grads = run()
+    hook.remove()
+    assert calls == []  # multi_lora_linear reads the base weight once for every row; the module is not called
+    with torch.no_grad():  # the in-place path (no autograd)
+        in_place = ours(input_ids=ids, adapter_names=names).logits
+    monkeypatch.setattr(LoRALinear, "_forward_rows", lambda self, x, rows: forward_by_rows(self, x, rows))
+    want, want_grads = run()
+    assert (got - want).abs().max().item() < ATOL
+    for g, w in zip(got_grads, want_grads):
+        assert (g - w).abs().max().item() < 1e-4 * (1 + w.abs().max().item())
+    assert any(w.abs().max() > 0 for w in want_grads)
+    assert (in_place - want).abs().max().item() < ATOL
