@@ -252,21 +252,9 @@ def _nf4_bwd_kernel(dy_ptr, packed_ptr, absmax_ptr, nested_ptr, ncode_ptr, code_
     row_ok = rows < M
     scale = scaling * inv_keep
     if is_producer:
-        dy_rows = dy_ptr + rows.to(tl.int64)[:, None] * stride_dym
-        for r0 in range(0, R, BLOCK_R):
-            ranks = r0 + tl.arange(0, BLOCK_R)
-            rank_ok = ranks < R
-            u = tl.load(u_ptr + rows.to(tl.int64)[:, None] * stride_um + ranks[None, :] * stride_ur,
-                        mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-            g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for n0 in range(0, N, BLOCK_N):
-                cols = n0 + tl.arange(0, BLOCK_N)
-                col_ok = cols < N
-                dy = tl.load(dy_rows + cols[None, :] * stride_dyn, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-                g = lr.g_db_step(g, dy, u, cols, col_ok, ranks, rank_ok, b_ptr, db_acc_ptr, stride_bn, stride_br, R,
-                                 scaling, PRECISION)
-            tl.store(g_ptr + rows.to(tl.int64)[:, None] * stride_gm + ranks[None, :] * stride_gr,
-                     g.to(g_ptr.dtype.element_ty), mask=row_ok[:, None] & rank_ok[None, :])
+        lr.g_and_db(dy_ptr, u_ptr, b_ptr, g_ptr, db_acc_ptr, rows, row_ok, N, R, R, stride_dym, stride_dyn, stride_um,
+                    stride_ur, stride_bn, stride_br, stride_gm, stride_gr, scaling, PRECISION, BLOCK_M, BLOCK_N,
+                    BLOCK_R)
         lr.publish(flag_ptr + tile_m, 0)
         for n0 in range(0, N, BLOCK_N):
             if lr.last_arrival(count_ptr + tiles_k + n0 // BLOCK_N, tiles_m):

@@ -38,7 +38,8 @@ class PeftKernModel(nn.Module):
     # -- plumbing ---------------------------------------------------------------------------
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """The model's forward. ``adapter_names`` (one name per row of the batch, ``"__base__"`` for
-        the base model alone): each row runs through its own adapter, as PEFT's mixed-batch inference."""
+        the base model alone): each row runs through its own adapter, as PEFT's mixed-batch inference;
+        unlike PEFT also in training mode (each adapter's gradient comes from its own rows)."""
         active = self._running()
         if adapter_names is not None:
             self._refuse_rows_with_input_changes()
@@ -115,8 +116,6 @@ class PeftKernModel(nn.Module):
     def _rows(self, adapter_names):
         if adapter_names is None:
             return contextlib.nullcontext()
-        if self.training:
-            raise ValueError("adapter_names= is for inference, as in PEFT: call model.eval() first")
         if isinstance(adapter_names, (list, tuple)):
             unknown = sorted({n for n in adapter_names if n != BASE_ONLY and n not in self.peft_config})
             if unknown:
