@@ -115,11 +115,7 @@ def test_method_cpu(method, timer, record):
            note=f"torch faces; {ROUNDS} interleaved rounds; {noise}")
     record(**common, metric="trainable parameters", unit="params", ours=ours_params, peer=peer_params,
            peer_name=PEER_NAMES[method], total=sum(p.numel() for p in steps["ours"].model.parameters()))
-    mib = 2.0 ** 20
-    live = {}
-    for name, step in steps.items():
-        step()
-        live[name] = memory.live_peak(step) / mib
+    live = memory.warm_live_peaks_mib(steps)
     record(**common, metric="peak live tensor bytes", unit="MiB", ours=live["ours"], peer=live["peer"],
            peer_name=PEER_NAMES[method], note="TorchDispatchMode tracker, one step after a warm-up step")
 

@@ -36,18 +36,37 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from peftkern.editing import (ValueSettings, bundled_corpus, bundled_requests, evaluate_edits,  # noqa: E402
-                              key_statistics, memit, peak_layer, rome)
-from peftkern.editing.rome import rome_sequential  # noqa: E402
-from peftkern.editing.sampling import context_prefixes  # noqa: E402
-from peftkern.editing.tiny_facts import tiny_with_facts  # noqa: E402
-from peftkern.editing.tokens import encode, pad, target_ids  # noqa: E402
-from peftkern.models import build_byte_tokenizer  # noqa: E402
-from peftkern.train.pretrain import pretrained_tiny  # noqa: E402
-from peftkern.tuners import LoraConfig, get_peft_model  # noqa: E402
+from peftkern.editing import (
+    ValueSettings,
+    bundled_corpus,
+    bundled_requests,
+    evaluate_edits,
+    key_statistics,
+    memit,
+    peak_layer,
+    rome,
+)
+from peftkern.editing.rome import rome_sequential
+from peftkern.editing.sampling import context_prefixes
+from peftkern.editing.tiny_facts import tiny_with_facts
+from peftkern.editing.tokens import pad, target_ids
+from peftkern.models import build_byte_tokenizer
+from peftkern.train.pretrain import build_pretrained_tiny
+from peftkern.tuners import LoraConfig, get_peft_model
 
 SEPARATOR = ".<|end|><|bos|>"   # the tiny model's documents are single sentences: end one, start the next
+TUNED = ValueSettings(steps=100, lr=1.0, weight_decay=0.05, clamp_factor=10.0)  # delta's settings for this model
 METRICS = ("efficacy", "generalization", "specificity", "neighbourhood_accuracy", "fluency")
+
+
+def tiny_setup():
+    """(tokenizer, the tiny model after learning the bundled facts, key statistics per layer on the
+    bundled corpus): what every editing figure here starts from."""
+    tok = build_byte_tokenizer()
+    model = tiny_with_facts(quiet=True, base=lambda: build_pretrained_tiny(quiet=True))
+    corpus = bundled_corpus()
+    stats = {l: key_statistics(model, tok, l, corpus=corpus) for l in range(model.config.num_hidden_layers)}
+    return tok, model, stats
 
 
 def finetune_lora(model, tok, requests, steps: int, lr: float, r: int = 8, seed: int = 0):
@@ -110,13 +129,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.time()
-    tok = build_byte_tokenizer()
-    model = tiny_with_facts(quiet=True, base=lambda: pretrained_tiny(quiet=True))
+    tok, model, stats = tiny_setup()
     requests = bundled_requests(args.n)
     many = bundled_requests(args.n_many)
     memit_layers = [int(x) for x in args.memit_layers.split(",")]
-    corpus = bundled_corpus()
-    stats = {l: key_statistics(model, tok, l, corpus=corpus) for l in range(model.config.num_hidden_layers)}
     paper_prefixes = context_prefixes(model, tok, n=10, length=20, separator=SEPARATOR)
     results: dict = {"settings": {**vars(args), "paper_value": vars(ValueSettings()), "prefixes": paper_prefixes,
                                   "stat_tokens": {l: s.count for l, s in stats.items()}}}
@@ -129,8 +145,8 @@ def main(argv=None) -> int:
     peak, effect = peak_layer(model, tok, requests)          # the papers' choice: averaged causal traces
     rome_layer = peak if args.rome_layer is None else args.rome_layer
     results["causal_trace"] = {"mean_mlp_effect_at_subject_last": effect, "peak_layer": peak}
-    tuned = ValueSettings(steps=100, lr=1.0, weight_decay=0.05, clamp_factor=10.0)
-    plain = dict(stats=stats, prefixes=[""], settings=tuned)
+    tuned = TUNED
+    plain = {"stats": stats, "prefixes": [""], "settings": tuned}
     results["settings"]["tuned_value"] = vars(tuned)
 
     rows = {"unedited": score(model, tok, requests)}
@@ -138,17 +154,17 @@ def main(argv=None) -> int:
     seconds = {k: 0.0 for k in single}
     layers_used = []
     for q in requests:
-        edit, sec = timed(lambda: rome(model, tok, q, None, stats=stats, prefixes=paper_prefixes))
+        edit, sec = timed(lambda q=q: rome(model, tok, q, None, stats=stats, prefixes=paper_prefixes))
         layers_used.append(edit.layers[0])
         seconds["ROME, paper settings"] += sec
         single["ROME, paper settings"] += score_edit(edit, model, tok, [q])
-        edit, sec = timed(lambda: rome(model, tok, q, rome_layer, **plain))
+        edit, sec = timed(lambda q=q: rome(model, tok, q, rome_layer, **plain))
         seconds["ROME"] += sec
         single["ROME"] += score_edit(edit, model, tok, [q])
-        edit, sec = timed(lambda: memit(model, tok, [q], memit_layers, mom2_weight=args.mom2_weight, **plain))
+        edit, sec = timed(lambda q=q: memit(model, tok, [q], memit_layers, mom2_weight=args.mom2_weight, **plain))
         seconds["MEMIT (1 request)"] += sec
         single["MEMIT (1 request)"] += score_edit(edit, model, tok, [q])
-        wrapped, sec = timed(lambda: finetune_lora(model, tok, [q], args.ft_steps, args.ft_lr))
+        wrapped, sec = timed(lambda q=q: finetune_lora(model, tok, [q], args.ft_steps, args.ft_lr))
         seconds["LoRA fine-tuning"] += sec
         single["LoRA fine-tuning"] += score(wrapped, tok, [q])
         wrapped.unload()

@@ -179,3 +179,12 @@ def live_peak(fn) -> int:
     with tracker:
         fn()
     return tracker.peak
+
+
+def warm_live_peaks_mib(steps: dict) -> dict:
+    """``{name: MiB}``: each step run once to warm up, then its :func:`live_peak`."""
+    out = {}
+    for name, step in steps.items():
+        step()
+        out[name] = live_peak(step) / 2.0 ** 20
+    return out

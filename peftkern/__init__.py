@@ -19,6 +19,8 @@ _NAMES = {
     "BitFitConfig": "peftkern.tuners", "BottleneckConfig": "peftkern.tuners", "PeftKernModel": "peftkern.tuners",
     "get_peft_model": "peftkern.tuners",
     "load_adapter": "peftkern.tuners", "save_adapter": "peftkern.tuners",
+    "PromptTuningConfig": "peftkern.tuners", "PrefixTuningConfig": "peftkern.tuners",
+    "PromptEncoderConfig": "peftkern.tuners",
 }
 
 __all__ = ["__version__", *SUBPACKAGES, *_NAMES]

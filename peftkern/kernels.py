@@ -28,6 +28,7 @@ OP_MODULES = (
     "peftkern.ops.dora",
     "peftkern.ops.ia3",
     "peftkern.ops.bottleneck",
+    "peftkern.ops.multi_lora",
 )
 
 ARCHS = {"sm_80": 80, "sm_90": 90}

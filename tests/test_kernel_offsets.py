@@ -46,7 +46,7 @@ def _blocks(cfg):
 
 def test_lora_forward():
     M, K, N = BIG_M, LOOP, BIG_KN
-    cfg = lora._fwd_config(T)
+    cfg = lr.lora_fwd_config(T)
     tiles_m, tiles_n = -(-M // cfg["BLOCK_M"]), -(-N // cfg["BLOCK_N"])
     args = dict(x_ptr=Buffer(T, M, K), w_ptr=Buffer(T, N, K), bias_ptr=Buffer(T, N), a_ptr=Buffer(T, R, K),
                 b_ptr=Buffer(T, N, R), u_ptr=Buffer(T, M, R), y_ptr=Buffer(T, M, N),
@@ -61,7 +61,7 @@ def test_lora_forward():
 @pytest.mark.parametrize("compute_dx", [True, False])
 def test_lora_backward(compute_dx):
     M, K, N = BIG_M, BIG_KN, LOOP
-    cfg = lora._bwd_config(T, 64, True, compute_dx)
+    cfg = lr.lora_bwd_config(T, 64, True, compute_dx)
     tiles_m, tiles_k = -(-M // cfg["BLOCK_M"]), -(-K // cfg["BLOCK_K"])
     work = R * K + N * R + tiles_k + -(-N // cfg["BLOCK_N"]) + tiles_m
     args = dict(dy_ptr=Buffer(T, M, N), w_ptr=Buffer(T, N, K), x_ptr=Buffer(T, M, K), a_ptr=Buffer(T, R, K),

@@ -2,9 +2,14 @@
 
 Three skills, each a question with a short answer computed by a rule:
 
-* ``upper``: "Write 'kelo' in capitals." -> "KELO"
-* ``reverse``: "Reverse 'kel'." -> "lek"
+* ``upper``: "Write 'lamp' in capitals." -> "LAMP"
+* ``reverse``: "Reverse 'cat'." -> "tac"
 * ``add``: "What is 7 + 8?" -> "15"
+
+The words come from :data:`WORDS` (169 common English words of 3 to 5 letters; reverse takes the 64
+three-letter ones), so the facts are few enough for the tiny base to learn from its corpus (about 330:
+every word in capitals and reversed, every sum of two digits) in a few minutes of CPU; random strings
+would ask it to learn copying, which a model of this size needs far longer to pick up.
 
 Everything is made by ``random.Random(seed)``, so the same seed gives the same data on every
 machine. Train and held-out splits never share a question. The rejected answers of preference pairs
@@ -22,11 +27,23 @@ import re
 
 SYSTEM_PROMPT = "You answer with the answer only."
 SKILLS = ("upper", "reverse", "add")
-_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+WORDS = tuple("""cat dog sun map cup pen box fox hat jam bed bag bus car cow egg fan fig gum hen ink jar key kit
+leg lip log mud net nut owl pig pot rat rug sky tea toy van web yak zip ant bee arm axe bat cab cod dot elf gem
+hut ice job lab mop oak pin ram rib sea tub wig bird fish frog lamp milk rain road rock rose salt ship shoe sock
+star tree wind wolf bell boat book cake coin corn desk door drum duck farm fire flag gate gold hill horn kite
+lake leaf lion moon nest note park pear rope sand seed snow soap song tent town wall wave wing yarn apple beach
+bread brick chair cloud crown dance dream earth field flame ghost glass grape heart horse house juice knife
+lemon light mango money mouse night ocean paint piano plant queen river robot sheep shirt smile snake spoon
+stone storm sugar table tiger toast torch train water whale wheel world""".split())
+_POOLS: dict[tuple[int, int], tuple[str, ...]] = {}
 
 
 def _word(rng: random.Random, low: int = 3, high: int = 5) -> str:
-    return "".join(rng.choice(_LETTERS) for _ in range(rng.randint(low, high)))
+    """A word of :data:`WORDS` with ``low`` to ``high`` letters."""
+    pool = _POOLS.get((low, high))
+    if pool is None:
+        pool = _POOLS[(low, high)] = tuple(w for w in WORDS if low <= len(w) <= high)
+    return rng.choice(pool)
 
 
 def make_question(rng: random.Random, skill: str) -> tuple[str, str, str]:
@@ -107,18 +124,10 @@ def prompt_records(items) -> list[dict]:
 
 
 def pretraining_text(items) -> list[str]:
-    """The base model's corpus: the same skills as plain sentences, with no chat format."""
-    out = []
-    for q, a, _ in items:
-        if q.startswith("Write"):
-            w = q.split("'")[1]
-            out.append(f"'{w}' in capitals is {a}.")
-        elif q.startswith("Reverse"):
-            w = q.split("'")[1]
-            out.append(f"'{w}' reversed is {a}.")
-        else:
-            out.append(f"{q[8:-1]} is {a}.")
-    return out
+    """The base model's corpus: each question followed by its answer as plain text ("Reverse 'cat'. tac"),
+    with no chat format: the base reads questions and answers, as pretraining data has them; SFT then
+    teaches it the chat turns."""
+    return [f"{q} {a}" for q, a, _ in items]
 
 
 def skill_of(question: str) -> str | None:

@@ -10,10 +10,13 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from peftkern.nn.mixed_batch import check_rows, current_rows, forward_by_rows, is_adapter_layer, runnable_adapters
+from peftkern.nn.mixed_batch import (RowAdapters, check_rows, current_rows, forward_by_rows, is_adapter_layer,
+                                     runnable_adapters)
 from peftkern.ops.lora import lora_linear
+from peftkern.ops.multi_lora import multi_lora_linear
 
 INIT_CHOICES = (True, False, "gaussian")
 
@@ -207,7 +210,7 @@ class LoRALinear(nn.Module):
         if rows is not None and not self.disable_adapters:
             if is_adapter_layer(self.base_layer):  # a stack: each group runs the whole stack
                 return forward_by_rows(self, x, rows)
-            return self._forward_by_rows(x, rows)
+            return self._forward_rows(x, rows)
         active = self._runnable_adapters()
         if not active:
             return self.base_layer(x)
@@ -266,6 +269,33 @@ class LoRALinear(nn.Module):
                     y[picked] += term
                 else:
                     y = y.index_add(0, rows.index(name, x.device), term)
+        return y.to(out_dtype)
+
+    def _forward_rows(self, x: torch.Tensor, rows: RowAdapters) -> torch.Tensor:
+        """Row i through adapter ``rows.names[i]`` alone (the base alone for a name this layer does not
+        hold), in one pass over the base weight with ``multi_lora_linear``. Where that op does not
+        apply (a quantized base, merged adapters, a row count that does not match, or dropout rates
+        that differ between the batch's adapters while training): :meth:`_forward_by_rows`."""
+        names = tuple(n for n in rows.groups if n in self.lora_A)
+        one_pass = (not hasattr(self.base_layer, "lora_forward") and not self.merged and x.dim() > 1
+                    and x.shape[0] == len(rows.names)
+                    and (not self.training or len({self._dropout_p(n) for n in names}) <= 1))
+        if not one_pass:
+            return self._forward_by_rows(x, rows)
+        if not names:
+            return self.base_layer(x)
+        out_dtype = x.dtype
+        dtype = self._compute_dtype(x)
+        ranks = [self.r[n] for n in names]
+        rank = max(ranks)
+        with torch.autocast(x.device.type, enabled=False):
+            lora_A = torch.stack([F.pad(self.lora_A[n].weight.to(dtype), (0, 0, 0, rank - self.r[n])) for n in names])
+            lora_B = torch.stack([F.pad(self.lora_B[n].weight.to(dtype), (0, rank - self.r[n])) for n in names])
+            bias = self.base_layer.bias
+            y = multi_lora_linear(x.to(dtype), self._weight_out_in().to(dtype),
+                                  bias.to(dtype) if bias is not None else None, lora_A, lora_B,
+                                  [self.scaling[n] for n in names], rows.adapter_index(names, x.device), ranks,
+                                  self._dropout_p(names[0]), self.training, check_index=False)
         return y.to(out_dtype)
 
     def extra_repr(self) -> str:

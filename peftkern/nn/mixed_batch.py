@@ -4,9 +4,10 @@
 run row i of its input through adapter ``names[i]`` alone ("__base__": the base layer only), as
 PEFT's mixed-batch inference does. The generic path (``forward_by_rows``, any method) groups the
 rows by adapter and runs the layer's ordinary (fused) forward once per group, so the base weights
-are read once per group. A method whose adapter only adds a term to the base output (LoRA) runs
-the base layer once over all rows and adds each adapter's term to its own rows (see
-``LoRALinear``): one base GEMM of the whole batch, as PEFT does.
+are read once per group. A LoRA layer over a dense linear runs the whole batch through
+``ops.multi_lora_linear`` (one pass over the base weight, each row's rank-r term from its own
+adapter, forward and backward: adapters train together this way); over a quantized base it runs
+the base layer once over all rows and adds each adapter's term to its own rows (``LoRALinear``).
 
 A layer that wraps other adapter layers (methods stacked on one module) groups once for the whole
 stack: inside a group the stack runs with exactly that adapter active on every layer that holds it.
@@ -32,6 +33,16 @@ class RowAdapters:
     def __post_init__(self):
         for i, name in enumerate(self.names):
             self.groups.setdefault(name, []).append(i)
+
+    def adapter_index(self, adapters: tuple[str, ...], device: torch.device) -> torch.Tensor:
+        """int64 [rows]: each row's position in ``adapters``, -1 where its name is not there (the base
+        alone: "__base__" or an adapter this layer does not hold), for ``ops.multi_lora_linear``.
+        Made once per call, device and adapter tuple, so layers holding the same adapters share it."""
+        key = (adapters, str(device))
+        if key not in self._index:
+            position = {name: e for e, name in enumerate(adapters)}
+            self._index[key] = torch.tensor([position.get(n, -1) for n in self.names], dtype=torch.long, device=device)
+        return self._index[key]
 
     def rows_of(self, name: str, device: torch.device) -> slice | torch.Tensor:
         """The rows of ``name``: a slice when they are contiguous (a view, no copy), else a long

@@ -37,6 +37,19 @@ def check_shape(op: str, name: str, t: torch.Tensor, expected: tuple, explain: s
         raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected {tuple(expected)}{extra}")
 
 
+def check_linear(op: str, x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int]:
+    """x [..., in] and weight [out, in] fit each other; returns (out, in)."""
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least one dimension [..., in], got shape {tuple(x.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: weight must be [out, in], got shape {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(f"{op}: x has {x.shape[-1]} features (shape {tuple(x.shape)}) but weight "
+                         f"{tuple(weight.shape)} expects in={in_features}")
+    return out_features, in_features
+
+
 def check_finite_scalar(op: str, name: str, value):
     """``value`` as a Python float (a real number: int, float, a 0-dim float tensor; never a string or
     a bool), finite. Under ``torch.compile`` a number passes unchecked and unconverted: with

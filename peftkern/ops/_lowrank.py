@@ -23,6 +23,8 @@ The blocks, in the order a LoRA step uses them:
 * :func:`rank_term`: acc += s u[rows] B[cols]^T over rank chunks, the rank-r term added to a GEMM
   accumulator after its K loop.
 * :func:`g_db_step`: one N step of the backward's producer: g += dy B, and dB += s dy^T u (atomics).
+* :func:`g_and_db`: the backward's whole producer over a row block (g stored, dB accumulated).
+* :func:`xwt_tile` / :func:`dyw_tile`: the dense base GEMM tiles, x W^T over K and dy W over N.
 * :func:`ga_term`: acc += s g[rows] A[:, ks], the rank-r term of dx.
 * :func:`da_from_x`: dA[:, ks] += s g^T (keep * x) from x sub-tiles (atomics).
 * :func:`last_arrival` and :func:`cast_tile`: fp32 atomic accumulators are cast to the output dtype
@@ -133,6 +135,43 @@ def cast_tile(src_ptr, dst_ptr, offsets, mask):
 
 
 # ---------------------------------------------------------------------------------------------
+# the dense base GEMM tiles
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def xwt_tile(x_ptr, w_ptr, rows, row_ok, cols, col_ok, K, stride_xm, stride_xk, stride_wn, stride_wk,
+             PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_N] = x[rows] W[cols]^T over K (the forward's base GEMM tile)."""
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        x = tl.load(x_rows + ks[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_rows + ks[None, :] * stride_wk, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def dyw_tile(dy_ptr, w_ptr, rows, row_ok, ks, k_ok, N, stride_dym, stride_dyn, stride_wn, stride_wk,
+             PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_K] = dy[rows] W[:, ks] over N (the backward's dx GEMM tile)."""
+    dy_rows = dy_ptr + rows.to(tl.int64)[:, None] * stride_dym
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        ns = n0 + tl.arange(0, BLOCK_N)
+        n_ok = ns < N
+        dy = tl.load(dy_rows + ns[None, :] * stride_dyn, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + ns.to(tl.int64)[:, None] * stride_wn + ks[None, :] * stride_wk,
+                    mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(dy, w, acc, input_precision=PRECISION)
+    return acc
+
+
+# ---------------------------------------------------------------------------------------------
 # the rank-r tile math
 # ---------------------------------------------------------------------------------------------
 
@@ -193,6 +232,30 @@ def g_db_step(g, dy, u, cols, col_ok, ranks, rank_ok, b_ptr, db_ptr, stride_bn, 
 
 
 @triton.jit
+def g_and_db(dy_ptr, u_ptr, b_ptr, g_ptr, db_ptr, rows, row_ok, N, R, DB_R, stride_dym, stride_dyn, stride_um,
+             stride_ur, stride_bn, stride_br, stride_gm, stride_gr, db_scale, PRECISION: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The backward's producer over a row block, per rank chunk: g[rows] = dy B (stored in g's dtype)
+    and dB += db_scale * dy^T u into the fp32 dB [N, DB_R] (atomics, :func:`g_db_step`), dy read
+    once per rank chunk."""
+    dy_rows = dy_ptr + rows.to(tl.int64)[:, None] * stride_dym
+    for r0 in range(0, R, BLOCK_R):
+        ranks = r0 + tl.arange(0, BLOCK_R)
+        rank_ok = ranks < R
+        u = tl.load(u_ptr + rows.to(tl.int64)[:, None] * stride_um + ranks[None, :] * stride_ur,
+                    mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+        g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < N
+            dy = tl.load(dy_rows + cols[None, :] * stride_dyn, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            g = g_db_step(g, dy, u, cols, col_ok, ranks, rank_ok, b_ptr, db_ptr, stride_bn, stride_br, DB_R, db_scale,
+                          PRECISION)
+        tl.store(g_ptr + rows.to(tl.int64)[:, None] * stride_gm + ranks[None, :] * stride_gr,
+                 g.to(g_ptr.dtype.element_ty), mask=row_ok[:, None] & rank_ok[None, :])
+
+
+@triton.jit
 def ga_term(acc, g_ptr, a_ptr, rows, row_ok, ks, k_ok, R, stride_gm, stride_gr, stride_ar, stride_ak, scale,
             PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
     """acc + scale * g[rows] A[:, ks] over rank chunks: the rank-r term of dx, as in :func:`rank_term`
@@ -246,6 +309,31 @@ def split_config(config: dict) -> tuple[dict, dict]:
     """A kernel config -> (constexpr block sizes, launch meta: num_warps / num_stages)."""
     meta = {k: v for k, v in config.items() if k in META_KEYS}
     return {k: v for k, v in config.items() if k not in META_KEYS}, meta
+
+
+def lora_fwd_config(dtype: torch.dtype) -> dict:
+    """The LoRA forward's tiles (GEMM and producers alike): 128x128x64 for 16-bit inputs, 128x64x16
+    for fp32 (tf32 operands need twice the registers; K steps of 32 spilled 16 bytes under Triton 3.6)."""
+    if dtype == torch.float32:
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+
+
+def lora_bwd_config(dtype: torch.dtype, block_r: int, dropout: bool, compute_dx: bool) -> dict:
+    """The LoRA backward's tiles: dx tiles BLOCK_M x BLOCK_K over N steps of BLOCK_N (the producers'
+    N step too). 16-bit: 128x128 over 8 warps; without dx (dA only) at rank chunk 16 over 4 warps (8
+    left ptxas at 128 registers with a spill on sm_80); with dropout at rank chunk 64, 64-row tiles
+    (the masked g A term needs a second tile of registers)."""
+    if dtype == torch.float32:
+        return {"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_N": 32, "BLOCK_DA": 32, "GROUP_M": 8, "num_warps": 4,
+                "num_stages": 3}
+    cfg = {"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_N": 64, "BLOCK_DA": 32, "GROUP_M": 8, "num_warps": 8,
+           "num_stages": 3}
+    if not compute_dx and block_r == 16:
+        cfg["num_warps"] = 4
+    if compute_dx and dropout and block_r == 64:
+        cfg["BLOCK_M"] = 64
+    return cfg
 
 
 def rank_blocks(dtype: torch.dtype) -> tuple[int, ...]:

@@ -107,15 +107,8 @@ def _dora_fwd_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, scale_ptr, u_ptr, y_p
     else:
         cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
-        w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < K
-            x = tl.load(x_rows + ks[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_rows + ks[None, :] * stride_wk, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+        acc = lr.xwt_tile(x_ptr, w_ptr, rows, row_ok, cols, col_ok, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                          PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         lr.wait_published(flag_ptr + 1 + tile_m, ticket)
         acc = lr.rank_term(acc, u_ptr, b_ptr, rows, row_ok, cols, col_ok, R, stride_um, stride_ur, stride_bn,
                            stride_br, scaling, PRECISION, BLOCK_R)
@@ -235,16 +228,16 @@ def _norm_precision(dtype: torch.dtype) -> str:
 
 
 def _fwd_config(dtype: torch.dtype) -> dict:
-    """Forward tiles, LoRA's: 128x128x64 for 16-bit inputs, 128x64x32 over 8 warps for fp32 (64x64
-    over 8 warps spilled 8 bytes on sm_80)."""
+    """Forward tiles, LoRA's: 128x128x64 for 16-bit inputs, 128x64x16 over 8 warps for fp32 (64x64
+    over 8 warps spilled 8 bytes on sm_80; K steps of 32 spilled 16 under Triton 3.6)."""
     if dtype == torch.float32:
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
     return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
 
 
 def _bwd_config(dtype: torch.dtype, block_r: int, dropout: bool, compute_dx: bool) -> dict:
     """Backward tiles: dx tiles BLOCK_M x BLOCK_K over N steps of BLOCK_N (the producers' N step
-    too); the 16-bit variants as LoRA's (peftkern.ops.lora._bwd_config) for the same reasons."""
+    too); the 16-bit variants as LoRA's (peftkern.ops._lowrank.lora_bwd_config) for the same reasons."""
     if dtype == torch.float32:
         return {"BLOCK_M": 32, "BLOCK_K": 64, "BLOCK_N": 32, "BLOCK_DA": 32, "GROUP_M": 8, "num_warps": 4,
                 "num_stages": 3}

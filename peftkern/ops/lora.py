@@ -59,15 +59,8 @@ def _lora_fwd_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, u_ptr, y_ptr, flag_pt
     else:
         cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
-        w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < K
-            x = tl.load(x_rows + ks[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_rows + ks[None, :] * stride_wk, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+        acc = lr.xwt_tile(x_ptr, w_ptr, rows, row_ok, cols, col_ok, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                          PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         lr.wait_published(flag_ptr + 1 + tile_m, ticket)
         acc = lr.rank_term(acc, u_ptr, b_ptr, rows, row_ok, cols, col_ok, R, stride_um, stride_ur, stride_bn,
                            stride_br, scaling, PRECISION, BLOCK_R)
@@ -97,21 +90,9 @@ def _lora_bwd_kernel(dy_ptr, w_ptr, x_ptr, a_ptr, b_ptr, u_ptr, g_ptr, seed_ptr,
     seed = tl.load(seed_ptr)
     scale = scaling * inv_keep
     if is_producer:
-        dy_rows = dy_ptr + rows.to(tl.int64)[:, None] * stride_dym
-        for r0 in range(0, R, BLOCK_R):
-            ranks = r0 + tl.arange(0, BLOCK_R)
-            rank_ok = ranks < R
-            u = tl.load(u_ptr + rows.to(tl.int64)[:, None] * stride_um + ranks[None, :] * stride_ur,
-                        mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-            g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for n0 in range(0, N, BLOCK_N):
-                cols = n0 + tl.arange(0, BLOCK_N)
-                col_ok = cols < N
-                dy = tl.load(dy_rows + cols[None, :] * stride_dyn, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-                g = lr.g_db_step(g, dy, u, cols, col_ok, ranks, rank_ok, b_ptr, db_acc_ptr, stride_bn, stride_br, R,
-                                 scaling, PRECISION)
-            tl.store(g_ptr + rows.to(tl.int64)[:, None] * stride_gm + ranks[None, :] * stride_gr,
-                     g.to(g_ptr.dtype.element_ty), mask=row_ok[:, None] & rank_ok[None, :])
+        lr.g_and_db(dy_ptr, u_ptr, b_ptr, g_ptr, db_acc_ptr, rows, row_ok, N, R, R, stride_dym, stride_dyn, stride_um,
+                    stride_ur, stride_bn, stride_br, stride_gm, stride_gr, scaling, PRECISION, BLOCK_M, BLOCK_N,
+                    BLOCK_R)
         lr.publish(flag_ptr + tile_m, 0)
         for n0 in range(0, N, BLOCK_N):
             if lr.last_arrival(count_ptr + tiles_k + n0 // BLOCK_N, tiles_m):
@@ -124,15 +105,8 @@ def _lora_bwd_kernel(dy_ptr, w_ptr, x_ptr, a_ptr, b_ptr, u_ptr, g_ptr, seed_ptr,
         ks = tile_k * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         if COMPUTE_DX:
-            dy_rows = dy_ptr + rows.to(tl.int64)[:, None] * stride_dym
-            acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-            for n0 in range(0, N, BLOCK_N):
-                ns = n0 + tl.arange(0, BLOCK_N)
-                n_ok = ns < N
-                dy = tl.load(dy_rows + ns[None, :] * stride_dyn, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
-                w = tl.load(w_ptr + ns.to(tl.int64)[:, None] * stride_wn + ks[None, :] * stride_wk,
-                            mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-                acc = tl.dot(dy, w, acc, input_precision=PRECISION)
+            acc = lr.dyw_tile(dy_ptr, w_ptr, rows, row_ok, ks, k_ok, N, stride_dym, stride_dyn, stride_wn, stride_wk,
+                              PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
             lr.wait_published(flag_ptr + tile_m, 0)
             if HAS_DROPOUT:
                 lora = lr.ga_term(tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), g_ptr, a_ptr, rows, row_ok, ks, k_ok,
@@ -168,31 +142,6 @@ def _keep_mask_kernel(seed_ptr, out_ptr, M, K, p, BLOCK_M: tl.constexpr, BLOCK_K
 # Triton launchers
 # ---------------------------------------------------------------------------------------------
 
-def _fwd_config(dtype: torch.dtype) -> dict:
-    """Forward tiles (GEMM and producers alike): 128x128x64 for 16-bit inputs, 128x64x32 for fp32
-    (tf32 operands need twice the registers)."""
-    if dtype == torch.float32:
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
-    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
-
-
-def _bwd_config(dtype: torch.dtype, block_r: int, dropout: bool, compute_dx: bool) -> dict:
-    """Backward tiles: dx tiles BLOCK_M x BLOCK_K over N steps of BLOCK_N (the producers' N step
-    too). 16-bit: 128x128 over 8 warps; without dx (dA only) at rank chunk 16 over 4 warps (8 left
-    ptxas at 128 registers with a spill on sm_80); with dropout at rank chunk 64, 64-row tiles (the
-    masked g A term needs a second tile of registers)."""
-    if dtype == torch.float32:
-        return {"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_N": 32, "BLOCK_DA": 32, "GROUP_M": 8, "num_warps": 4,
-                "num_stages": 3}
-    cfg = {"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_N": 64, "BLOCK_DA": 32, "GROUP_M": 8, "num_warps": 8,
-           "num_stages": 3}
-    if not compute_dx and block_r == 16:
-        cfg["num_warps"] = 4
-    if compute_dx and dropout and block_r == 64:
-        cfg["BLOCK_M"] = 64
-    return cfg
-
-
 def _triton_keep_mask(seed: torch.Tensor, shape, dropout_p: float) -> torch.Tensor:
     M, K = shape
     out = torch.empty((M, K), dtype=torch.uint8, device=seed.device)
@@ -209,7 +158,7 @@ def _triton_forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p):
     N, R = weight.shape[0], lora_A.shape[0]
     if M == 0 or N == 0 or K == 0 or not lr.scale_fits_kernels(scaling):
         return torch_forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p)
-    cfg, meta = lr.split_config(_fwd_config(x2d.dtype))
+    cfg, meta = lr.split_config(lr.lora_fwd_config(x2d.dtype))
     tiles_m, tiles_n = triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"])
     flags = lr.flag_buffer(tiles_m, dropout_p, x2d.device)
     y = x2d.new_empty(M, N)
@@ -231,7 +180,7 @@ def _triton_backward(dy, x2d, weight, lora_A, lora_B, u, scaling, dropout_p, see
     if M == 0 or N == 0 or K == 0 or not lr.scale_fits_kernels(scaling / (1.0 - dropout_p)):
         return torch_backward(dy, x2d, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx)
     block_r = lr.rank_block(R, x2d.dtype)
-    cfg, meta = lr.split_config(_bwd_config(x2d.dtype, block_r, dropout_p > 0.0, need_dx))
+    cfg, meta = lr.split_config(lr.lora_bwd_config(x2d.dtype, block_r, dropout_p > 0.0, need_dx))
     tiles_m, tiles_k = triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_K"])
     chunks_n = triton.cdiv(N, cfg["BLOCK_N"])
     # One zero-filled buffer: fp32 sums of dA [R, K] and dB [N, R], the counters of dA's column
@@ -265,7 +214,7 @@ def triton_kernel_specs() -> list:
         t = tl_dtype_name(dtype)
         precision = matmul_precision(dtype)
         for block_r in lr.rank_blocks(dtype):
-            cfg, meta = lr.split_config(_fwd_config(dtype))
+            cfg, meta = lr.split_config(lr.lora_fwd_config(dtype))
             tile = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}"
             for dropout in (False, True):
                 specs.append(KernelSpec(
@@ -280,7 +229,7 @@ def triton_kernel_specs() -> list:
                     plain_args=("R",)))
             for dropout in (False, True):
                 for compute_dx in (True, False):
-                    cfg, meta = lr.split_config(_bwd_config(dtype, block_r, dropout, compute_dx))
+                    cfg, meta = lr.split_config(lr.lora_bwd_config(dtype, block_r, dropout, compute_dx))
                     tile = f"{cfg['BLOCK_M']}x{cfg['BLOCK_K']}x{cfg['BLOCK_N']}"
                     specs.append(KernelSpec(
                         _lora_bwd_kernel, f"{t} r<={block_r} {tile} dropout={int(dropout)} dx={int(compute_dx)}",
@@ -480,14 +429,7 @@ def _check(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
         _checks.check_float("bias", bias)
     _checks.check_same(OP, {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B},
                        dtype=x.dtype)
-    if x.dim() < 1:
-        raise ValueError(f"{OP}: x must have at least one dimension [..., in], got shape {tuple(x.shape)}")
-    if weight.dim() != 2:
-        raise ValueError(f"{OP}: weight must be [out, in], got shape {tuple(weight.shape)}")
-    out_features, in_features = weight.shape
-    if x.shape[-1] != in_features:
-        raise ValueError(f"{OP}: x has {x.shape[-1]} features (shape {tuple(x.shape)}) but weight "
-                         f"{tuple(weight.shape)} expects in={in_features}")
+    out_features, in_features = _checks.check_linear(OP, x, weight)
     if lora_A.dim() != 2 or lora_A.shape[0] == 0:
         raise ValueError(f"{OP}: lora_A must be [r, in] with rank r >= 1, got shape {tuple(lora_A.shape)}")
     rank = lora_A.shape[0]

@@ -252,21 +252,9 @@ def _nf4_bwd_kernel(dy_ptr, packed_ptr, absmax_ptr, nested_ptr, ncode_ptr, code_
     row_ok = rows < M
     scale = scaling * inv_keep
     if is_producer:
-        dy_rows = dy_ptr + rows.to(tl.int64)[:, None] * stride_dym
-        for r0 in range(0, R, BLOCK_R):
-            ranks = r0 + tl.arange(0, BLOCK_R)
-            rank_ok = ranks < R
-            u = tl.load(u_ptr + rows.to(tl.int64)[:, None] * stride_um + ranks[None, :] * stride_ur,
-                        mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-            g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for n0 in range(0, N, BLOCK_N):
-                cols = n0 + tl.arange(0, BLOCK_N)
-                col_ok = cols < N
-                dy = tl.load(dy_rows + cols[None, :] * stride_dyn, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-                g = lr.g_db_step(g, dy, u, cols, col_ok, ranks, rank_ok, b_ptr, db_acc_ptr, stride_bn, stride_br, R,
-                                 scaling, PRECISION)
-            tl.store(g_ptr + rows.to(tl.int64)[:, None] * stride_gm + ranks[None, :] * stride_gr,
-                     g.to(g_ptr.dtype.element_ty), mask=row_ok[:, None] & rank_ok[None, :])
+        lr.g_and_db(dy_ptr, u_ptr, b_ptr, g_ptr, db_acc_ptr, rows, row_ok, N, R, R, stride_dym, stride_dyn, stride_um,
+                    stride_ur, stride_bn, stride_br, stride_gm, stride_gr, scaling, PRECISION, BLOCK_M, BLOCK_N,
+                    BLOCK_R)
         lr.publish(flag_ptr + tile_m, 0)
         for n0 in range(0, N, BLOCK_N):
             if lr.last_arrival(count_ptr + tiles_k + n0 // BLOCK_N, tiles_m):
@@ -324,8 +312,9 @@ def _gemm_config(dtype: torch.dtype, row_blocks: bool = True) -> dict:
     accumulator, so the K depth is 32 (a W tile row then sits inside one NF4 block at every
     blocksize) and the pipeline two stages deep; fp32 halves the N width. The general path (a
     gather and an absmax decode per element, for shapes whose rows cross NF4 blocks) takes 64x64."""
-    if dtype == torch.float32:  # IEEE fp32 dots run on FMA units and hold far more registers
-        return {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 1}
+    if dtype == torch.float32:  # IEEE fp32 dots run on FMA units and hold far more registers (32-row
+        # tiles spilled 8 bytes under Triton 3.6 on sm_80, and under 3.9 on sm_90 with 8 warps)
+        return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 1}
     if not row_blocks:
         return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 1}
     return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 2}
@@ -342,8 +331,9 @@ def _dx_config(dtype: torch.dtype, row_blocks: bool = True, dropout: bool = Fals
     if not row_blocks:
         return {"BLOCK_M": 64, "BLOCK_K": 32, "BLOCK_N": 32, "BLOCK_DA": 32, "GROUP_M": 8, "num_warps": 4,
                 "num_stages": 1}
-    return {"BLOCK_M": 64 if dropout else 128, "BLOCK_K": 64, "BLOCK_N": 32, "BLOCK_DA": 32, "GROUP_M": 8,
-            "num_warps": 8, "num_stages": 2}
+    # with dropout, dA sub-tiles of 16 columns (32 spilled 8 bytes under Triton 3.6 on sm_80)
+    return {"BLOCK_M": 64 if dropout else 128, "BLOCK_K": 64, "BLOCK_N": 32, "BLOCK_DA": 16 if dropout else 32,
+            "GROUP_M": 8, "num_warps": 8, "num_stages": 2}
 
 
 _GEMV_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from peftkern.models.base import cached_path
+from peftkern.models.base import base_dir, cached_path
 from peftkern.models.tiny import build_tiny_model
 from peftkern.models.tokenizer import build_byte_tokenizer
 from peftkern.train.atomic import atomic_dir
@@ -21,10 +21,10 @@ def ensure_tokenizer(path: str) -> None:
 
 def adapter_base(cfg, out_dir: str, write: bool = True) -> str:
     """The absolute directory of the base ``cfg.model`` names: a local model's own directory, the cached
-    pretrained tiny base (``tiny``; the run loaded it from there), or (``tiny-micro``) the micro model
+    pretrained tiny base (``tiny``: the cache's or the shipped copy, where the run loaded it from), or (``tiny-micro``) the micro model
     saved to ``out_dir/base_model`` with the tokenizer when ``write`` and not there yet."""
     if cfg.model == "tiny":
-        path = cached_path()
+        path = base_dir() or cached_path()
         if write:
             ensure_tokenizer(path)
         return path

@@ -1,5 +1,5 @@
 """Adapters on a causal LM for the trainers, through ``peftkern.tuners``: build the method ``--peft``
-names (LoRA / DoRA, (IA)^3, AdaLoRA, BitFit, bottleneck adapters), switch it off (the reference model), merge it in,
+names (LoRA / DoRA, (IA)^3, AdaLoRA, BitFit, bottleneck adapters; soft prompts: prompt tuning, prefix tuning, P-tuning), switch it off (the reference model), merge it in,
 save it in PEFT's format. AdaLoRA's allocation step and orthogonality regularizer ride on the
 optimizer's step hooks, so every trainer's loop runs them without knowing the method."""
 from __future__ import annotations
@@ -12,7 +12,8 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from peftkern.tuners import AdaLoraConfig, BitFitConfig, BottleneckConfig, IA3Config, LoraConfig, get_peft_model
+from peftkern.tuners import (AdaLoraConfig, BitFitConfig, BottleneckConfig, IA3Config, LoraConfig, PrefixTuningConfig,
+                             PromptEncoderConfig, PromptTuningConfig, get_peft_model)
 from peftkern.tuners.files import write_adapter_files
 from peftkern.tuners.methods import tuner_for
 
@@ -57,9 +58,28 @@ def peft_config(cfg, model: nn.Module):
             return BottleneckConfig(task_type="CAUSAL_LM", placement=cfg.placement,
                                     reduction_factor=cfg.reduction_factor,
                                     non_linearity=cfg.bottleneck_non_linearity, scaling=cfg.bottleneck_scaling)
+        if cfg.peft in ("prompt", "prefix", "ptuning"):
+            return soft_prompt_config(cfg)
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"--peft {cfg.peft}: {exc}") from None
-    raise ValueError(f"--peft must be one of lora, ia3, adalora, bitfit, bottleneck; got {cfg.peft!r}")
+    raise ValueError(f"--peft must be one of lora, ia3, adalora, bitfit, bottleneck, prompt, prefix, ptuning; got {cfg.peft!r}")
+
+
+def soft_prompt_config(cfg):
+    """--peft prompt|prefix|ptuning: PEFT's config of the soft prompt (the TEXT init reads the run's tokenizer)."""
+    common = dict(task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens)
+    hidden = dict(encoder_hidden_size=cfg.encoder_hidden_size or None)
+    if cfg.peft == "prompt":
+        text = cfg.prompt_tuning_init == "TEXT"
+        if cfg.prompt_tuning_init_text and not text:
+            raise ValueError("--prompt-tuning-init-text is for --prompt-tuning-init TEXT")
+        return PromptTuningConfig(**common, prompt_tuning_init=cfg.prompt_tuning_init,
+                                  prompt_tuning_init_text=cfg.prompt_tuning_init_text if text else None,
+                                  tokenizer_name_or_path=(cfg.tokenizer or cfg.model) if text else None)
+    if cfg.peft == "prefix":
+        return PrefixTuningConfig(**common, **hidden, prefix_projection=cfg.prefix_projection)
+    return PromptEncoderConfig(**common, **hidden, encoder_reparameterization_type=cfg.ptuning_encoder_type,
+                               encoder_num_layers=cfg.ptuning_encoder_num_layers)
 
 
 def add_adapters(model: nn.Module, cfg) -> nn.Module:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from peftkern.train.errors import ConfigError, PathError
 
 TRAINERS = ("sft", "rm", "dpo", "kto", "ppo", "grpo", "rloo", "orpo", "simpo", "cpo")
+SOFT_PROMPTS = ("prompt", "prefix", "ptuning")
 ONLINE = ("grpo", "rloo")  # sample G completions per prompt and learn from their rewards
 KIND_DEFAULTS = {  # settings whose default depends on the trainer (the field's default is None)
     "dpo": {"beta": 0.1, "loss_type": "sigmoid"}, "kto": {"beta": 0.1}, "grpo": {"beta": 0.0, "loss_type": "dapo"},
@@ -42,8 +43,9 @@ class TrainConfig:
                                    "tokens are found from how it renders, so it needs no generation markers)")
     dora: bool = _f(False, "DoRA adapters instead of LoRA")
     # -- PEFT method (peftkern.tuners; built in train/adapters.py): the method and its main options --
-    peft: str = _f("lora", "adapter method: 'lora' (DoRA with --dora), 'ia3', 'adalora', 'bitfit' or 'bottleneck'",
-                   choices=("lora", "ia3", "adalora", "bitfit", "bottleneck"))
+    peft: str = _f("lora", "adapter method: 'lora' (DoRA with --dora), 'ia3', 'adalora', 'bitfit' or 'bottleneck'; soft "
+                   "prompts: 'prompt' (prompt tuning), 'prefix' (prefix tuning), 'ptuning' (P-tuning)",
+                   choices=("lora", "ia3", "adalora", "bitfit", "bottleneck", "prompt", "prefix", "ptuning"))
     ia3_target_modules: str = _f("default", "(IA)^3 targets: comma-separated names, or 'default' (PEFT's per "
                                  "model type: keys, values and the down projection)")
     ia3_feedforward_modules: str = _f("default", "(IA)^3 targets whose input is scaled: comma-separated names, or "
@@ -66,6 +68,17 @@ class TrainConfig:
     bottleneck_non_linearity: str = _f("relu", "bottleneck adapters' non-linearity: relu, gelu, silu, tanh",
                                        choices=("relu", "gelu", "silu", "swish", "tanh"))
     bottleneck_scaling: float = _f(1.0, "bottleneck adapters: s in h + s * up(act(down(x)))")
+    num_virtual_tokens: int = _f(20, "soft prompts (--peft prompt|prefix|ptuning): virtual tokens")
+    encoder_hidden_size: int = _f(0, "soft prompts: hidden size of prefix tuning's projection MLP or P-tuning's "
+                                  "encoder (0: the model's width, PEFT's default)")
+    prompt_tuning_init: str = _f("RANDOM", "prompt tuning init: RANDOM, SAMPLE_VOCAB (random vocabulary rows) or TEXT "
+                                 "(--prompt-tuning-init-text's token embeddings, the run's tokenizer)",
+                                 choices=("RANDOM", "SAMPLE_VOCAB", "TEXT"))
+    prompt_tuning_init_text: str | None = _f(None, "prompt tuning: the text for --prompt-tuning-init TEXT")
+    prefix_projection: bool = _f(False, "prefix tuning: produce the prefix through a two-layer MLP while training "
+                                 "(folded into the saved file, as PEFT)")
+    ptuning_encoder_type: str = _f("MLP", "P-tuning encoder: MLP or LSTM", choices=("MLP", "LSTM"))
+    ptuning_encoder_num_layers: int = _f(2, "P-tuning: LSTM layers (the MLP always has 2 hidden layers)")
     # -- end of the PEFT method block --
     # data
     data: str | None = _f(None, "training data, JSONL in TRL's format (default with --model tiny: the bundled set); "
@@ -255,6 +268,16 @@ class TrainConfig:
             if changed and self.peft != prefix[:-1]:
                 raise ConfigError(f"{', '.join('--' + n.replace('_', '-') for n in changed)}: options of --peft "
                                  f"{prefix[:-1]}, but --peft is {self.peft!r}")
+        soft = {"prompt_tuning_": ("prompt",), "prefix_": ("prefix",), "ptuning_": ("ptuning",),
+                "num_virtual_tokens": SOFT_PROMPTS, "encoder_hidden_size": ("prefix", "ptuning")}
+        for prefix, methods in soft.items():
+            changed = [n for n in defaults if n.startswith(prefix) and getattr(self, n) != defaults[n]]
+            if changed and self.peft not in methods:
+                raise ConfigError(f"{', '.join('--' + n.replace('_', '-') for n in changed)}: options of --peft "
+                                 f"{'|'.join(methods)}, but --peft is {self.peft!r}")
+        if self.peft in SOFT_PROMPTS and self.packing:
+            raise ConfigError(f"--packing with --peft {self.peft}: a soft prompt goes before each sequence, and a "
+                              "packed row holds several; train without --packing")
         if self.peft == "adalora" and self.adalora_total_step <= 0 and self.max_steps <= 0:
             raise ConfigError("--peft adalora needs --max-steps (or --adalora-total-step): AdaLoRA's rank budget "
                              "falls on a schedule of that many steps")

@@ -48,6 +48,17 @@ def head_of(lm: nn.Module) -> dict:
     return head_parameters(base_causal_lm(lm).get_output_embeddings())
 
 
+def adapted_inputs(lm: nn.Module, inputs: dict) -> tuple[dict, int]:
+    """The decoder call's keyword arguments as ``lm``'s active adapters rewrite them (soft prompts:
+    virtual tokens before the input embeddings or a prefix in the cache, the attention mask
+    extended), and how many virtual positions then lead the hidden states (cut off before the
+    head, so position t still predicts label t + 1). Unchanged for a plain model, other methods and
+    inside ``disable_adapter()`` (DPO's reference)."""
+    if hasattr(lm, "model_inputs") and hasattr(lm, "prepended_positions"):
+        return lm.model_inputs(inputs), lm.prepended_positions()
+    return inputs, 0
+
+
 class LMWithHeads(nn.Module):
     """A causal LM plus optional heads.
 
@@ -86,11 +97,11 @@ class LMWithHeads(nn.Module):
         out = {}
         with self._autocast(input_ids.device):
             if position_ids is not None:
-                hidden = decoder_of(self.lm)(input_ids=input_ids, position_ids=position_ids,
-                                             use_cache=False).last_hidden_state
+                inputs = dict(input_ids=input_ids, position_ids=position_ids, use_cache=False)
             else:
-                hidden = decoder_of(self.lm)(input_ids=input_ids, attention_mask=attention_mask,
-                                             use_cache=False).last_hidden_state
+                inputs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            inputs, virtual = adapted_inputs(self.lm, inputs)
+            hidden = decoder_of(self.lm)(**inputs).last_hidden_state[:, virtual:]
             if labels is not None and head_loss is not None:
                 out["head_loss"] = head_loss(hidden[:, :-1], labels[:, 1:], head_of(self.lm))
             elif labels is not None:
@@ -163,7 +174,8 @@ def has_nf4(lm: nn.Module) -> bool:
     return any(isinstance(m, NF4Linear) for m in lm.modules())
 
 
-ADAPTER_FLAGS = ("peft", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "dora")
+ADAPTER_FLAGS = ("peft", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "dora", "num_virtual_tokens",
+                 "encoder_hidden_size", "prefix_projection")
 
 
 def load_adapter_to_train(lm: nn.Module, cfg) -> nn.Module:

@@ -1,4 +1,4 @@
-"""PEFT-compatible tuners: one package per method (lora/, ia3/, adalora/, bitfit/, bottleneck/) over a small
+"""PEFT-compatible tuners: one package per method (lora/, ia3/, adalora/, bitfit/, bottleneck/, and the soft prompts prompt/, prefix/, ptuning/) over a small
 shared base; get_peft_model, load_adapter and save_adapter take any method, PEFT's files both ways."""
 from peftkern.tuners.adalora import AdaLoraConfig
 from peftkern.tuners.bitfit import BitFitConfig
@@ -11,6 +11,10 @@ from peftkern.tuners.lora import LoraConfig
 from peftkern.tuners.methods import TUNERS, config_from_dict, read_config
 from peftkern.tuners.model import PeftKernModel, get_peft_model
 from peftkern.tuners.modules_to_save import ModulesToSaveWrapper
+from peftkern.tuners.prefix import PrefixTuningConfig
+from peftkern.tuners.prompt import PromptTuningConfig
+from peftkern.tuners.ptuning import PromptEncoderConfig
 
 __all__ = ["PeftConfig", "LoraConfig", "IA3Config", "AdaLoraConfig", "BitFitConfig", "BottleneckConfig", "get_peft_model", "PeftKernModel", "ModulesToSaveWrapper", "save_adapter",
-           "load_adapter", "AdapterLoadError", "TUNERS", "config_from_dict", "read_config"]
+           "load_adapter", "AdapterLoadError", "TUNERS", "config_from_dict", "read_config",
+           "PromptTuningConfig", "PrefixTuningConfig", "PromptEncoderConfig"]

@@ -10,10 +10,14 @@ from peftkern.tuners.bitfit import BitFitTuner
 from peftkern.tuners.bottleneck import BottleneckTuner
 from peftkern.tuners.ia3 import IA3Tuner
 from peftkern.tuners.lora import LoraTuner
+from peftkern.tuners.prefix import PrefixTuningTuner
+from peftkern.tuners.prompt import PromptTuningTuner
+from peftkern.tuners.ptuning import PTuningTuner
 from peftkern.tuners.tuner import Tuner
 
 TUNERS: dict[str, Tuner] = {t.peft_type: t for t in (LoraTuner(), IA3Tuner(), AdaLoraTuner(), BitFitTuner(),
                                                    BottleneckTuner())}
+TUNERS.update({t.peft_type: t for t in (PromptTuningTuner(), PrefixTuningTuner(), PTuningTuner())})
 
 
 def tuner_for(config: PeftConfig) -> Tuner:

@@ -38,8 +38,11 @@ class PeftKernModel(nn.Module):
     # -- plumbing ---------------------------------------------------------------------------
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """The model's forward. ``adapter_names`` (one name per row of the batch, ``"__base__"`` for
-        the base model alone): each row runs through its own adapter, as PEFT's mixed-batch inference."""
-        active = [] if self.adapters_disabled else list(self.active_adapters)
+        the base model alone): each row runs through its own adapter, as PEFT's mixed-batch inference;
+        unlike PEFT also in training mode (each adapter's gradient comes from its own rows)."""
+        active = self._running()
+        if adapter_names is not None:
+            self._refuse_rows_with_input_changes()
         for name in active:
             args, kwargs = tuner_for(self.peft_config[name]).before_forward(self, name, args, kwargs)
         with self._rows(adapter_names):
@@ -48,6 +51,33 @@ class PeftKernModel(nn.Module):
             outputs = tuner_for(self.peft_config[name]).after_forward(self, name, outputs)
         return outputs
 
+    def _running(self) -> list[str]:
+        return [] if self.adapters_disabled else list(self.active_adapters)
+
+    def _input_changers(self) -> list[str]:
+        return [n for n in self._running() if tuner_for(self.peft_config[n]).changes_inputs]
+
+    def _refuse_rows_with_input_changes(self) -> None:
+        changers = self._input_changers()
+        if changers:
+            raise ValueError(f"adapter_names= (one adapter per row) cannot run with adapters that change the inputs "
+                             f"(soft prompts: {changers}), as in PEFT; run them in separate batches")
+
+    def model_inputs(self, kwargs: dict) -> dict:
+        """``kwargs`` of a forward of the model (or of its decoder stack) as the active adapters
+        rewrite them (soft prompts: virtual tokens before the input embeddings or in the cache, the
+        attention mask, positions and labels extended); unchanged when no active adapter changes
+        inputs or adapters are disabled."""
+        args = ()
+        for name in self._input_changers():
+            args, kwargs = tuner_for(self.peft_config[name]).before_forward(self, name, args, kwargs)
+        return kwargs
+
+    def prepended_positions(self) -> int:
+        """How many positions the active adapters put before the input (the hidden states and logits
+        of a forward start with them): prompt tuning's and P-tuning's virtual tokens; 0 otherwise."""
+        return sum(tuner_for(self.peft_config[n]).virtual_positions(self.peft_config[n]) for n in self._running())
+
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """``model.generate`` of the wrapped model; ``adapter_names`` as in :meth:`forward` (one per
         prompt; repeated for each beam / returned sequence)."""
@@ -55,14 +85,37 @@ class PeftKernModel(nn.Module):
             repeat = max(int(kwargs.get("num_beams") or 1), int(kwargs.get("num_return_sequences") or 1))
             if isinstance(adapter_names, (list, tuple)):
                 adapter_names = [n for n in adapter_names for _ in range(repeat)]
-        with self._rows(adapter_names):
+        if adapter_names is not None:
+            self._refuse_rows_with_input_changes()
+        with self._rows(adapter_names), self._inputs_rewritten_in_generate():
             return self.model.generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _inputs_rewritten_in_generate(self):
+        """While generating, the inputs ``generate`` prepares for each step go through the active
+        adapters' ``before_forward`` (soft prompts), as they do in :meth:`forward`."""
+        if not self._input_changers():
+            yield
+            return
+        model = self.model
+        had_own = "prepare_inputs_for_generation" in vars(model)
+        original = model.prepare_inputs_for_generation
+
+        def prepare(*args, **kwargs):
+            return self.model_inputs(original(*args, **kwargs))
+
+        model.prepare_inputs_for_generation = prepare
+        try:
+            yield
+        finally:
+            if had_own:
+                model.prepare_inputs_for_generation = original
+            else:
+                del model.prepare_inputs_for_generation
 
     def _rows(self, adapter_names):
         if adapter_names is None:
             return contextlib.nullcontext()
-        if self.training:
-            raise ValueError("adapter_names= is for inference, as in PEFT: call model.eval() first")
         if isinstance(adapter_names, (list, tuple)):
             unknown = sorted({n for n in adapter_names if n != BASE_ONLY and n not in self.peft_config})
             if unknown:
@@ -161,6 +214,7 @@ class PeftKernModel(nn.Module):
         for _, wrapper in self._wrappers():
             wrapper.delete(adapter_name)
         self._drop_empty_layers()
+        tuner_for(self.peft_config[adapter_name]).remove_adapter(self.model, adapter_name)
         del self.peft_config[adapter_name]
         self.method_state.pop(adapter_name, None)
         remaining = [n for n in self.active_adapters if n != adapter_name]
@@ -271,6 +325,8 @@ class PeftKernModel(nn.Module):
         for path, wrapper in self._wrappers():
             parent, attr = parent_and_attr(self.model, path)
             setattr(parent, attr, wrapper.running_module() if merge else wrapper.original_module)
+        for name, config in self.peft_config.items():
+            tuner_for(config).remove_adapter(self.model, name)
         self.peft_config.clear()
         self.method_state.clear()
         self.active_adapters = []

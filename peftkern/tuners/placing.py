@@ -22,7 +22,7 @@ def place_weights(base: nn.Module, tuner, config, adapter_name: str, tensors: di
     slots = adapter_slots(base, tuner, config, adapter_name)
     placed = {}
     for key, tensor in tensors.items():
-        file_key = key if key.startswith(PEFT_PREFIX) else PEFT_PREFIX + key
+        file_key = key if key.startswith(PEFT_PREFIX) or key in slots else PEFT_PREFIX + key
         slot = slots.get(file_key)
         if slot is None:
             raise AdapterLoadError(f"{source}: key {key!r} fits no module of the model (adapter {adapter_name!r})")

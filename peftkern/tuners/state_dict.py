@@ -18,7 +18,7 @@ from torch import nn
 from peftkern.nn.mixed_batch import adapter_stack, is_adapter_layer
 from peftkern.tuners.layers import layer_adapters
 from peftkern.tuners.modules_to_save import ModulesToSaveWrapper
-from peftkern.tuners.tuner import PEFT_PREFIX, Slot, Tuner, adapter_stacks, wrappers
+from peftkern.tuners.tuner import Slot, Tuner, adapter_stacks, wrappers
 
 
 def adapter_slots(model: nn.Module, tuner: Tuner, config, adapter_name: str) -> dict[str, Slot]:
@@ -33,7 +33,7 @@ def adapter_slots(model: nn.Module, tuner: Tuner, config, adapter_name: str) -> 
             for key, tensor in wrapper.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
                 slots[f"{path}.{key}"] = Slot(tensor)
     slots.update(tuner.extra_slots(model, config, adapter_name))
-    return {PEFT_PREFIX + k: v for k, v in slots.items()}
+    return {tuner.file_prefix + k: v for k, v in slots.items()}
 
 
 def adapter_state_dict(model: nn.Module, tuner: Tuner, config, adapter_name: str) -> dict[str, torch.Tensor]:

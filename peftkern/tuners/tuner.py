@@ -53,8 +53,11 @@ class Injection:
     replaced: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list)  # (parent, attr, original)
     extended: list[nn.Module] = field(default_factory=list)  # layers / wrappers that gained the adapter
     requires_grad: dict[int, bool] = field(default_factory=dict)
+    undo_steps: list[Callable[[], None]] = field(default_factory=list)  # model-level additions (soft prompts)
 
     def undo(self) -> None:
+        for step in reversed(self.undo_steps):
+            step()
         for layer in self.extended:
             if isinstance(layer, ModulesToSaveWrapper):
                 layer.delete(self.adapter_name)
@@ -107,6 +110,8 @@ class Tuner:
     config_class: type[PeftConfig] = PeftConfig
     layer_kind = "nn.Linear and transformers Conv1D"
     default_targets: dict = {}
+    file_prefix = PEFT_PREFIX  # before every file key (PEFT's soft prompts: none)
+    changes_inputs = False  # whether before_forward rewrites the inputs (then generate() runs it on each step)
 
     # -- config -------------------------------------------------------------------------------
     def prepare_config(self, model: nn.Module, config: PeftConfig) -> PeftConfig:
@@ -243,6 +248,14 @@ class Tuner:
 
     def after_forward(self, wrapped, adapter_name: str, outputs):
         return outputs
+
+    def virtual_positions(self, config: PeftConfig) -> int:
+        """Positions ``before_forward`` puts before the input (prompt tuning: its virtual tokens), which
+        the model's hidden states and logits then start with."""
+        return 0
+
+    def remove_adapter(self, model: nn.Module, adapter_name: str) -> None:
+        """Take out what this adapter added outside layers and wrappers (delete_adapter, unload)."""
 
     # -- merging ----------------------------------------------------------------------------------
     def check_mergeable(self, wrapped, adapter_name: str) -> None:

@@ -106,9 +106,48 @@ def test_bad_adapter_names_are_clear_errors(tmp_path):
         ours(input_ids=ids, adapter_names=["a", "b", "a"])
     with pytest.raises(TypeError, match="list of adapter names"):
         ours(input_ids=ids, adapter_names="a")
+
+
+def test_mixed_batch_trains_each_adapter_on_its_own_rows():
+    """Unlike PEFT, adapter_names= works in training: every adapter's gradient equals the gradient
+    of its rows run alone with that adapter active."""
+    ours = get_peft_model(tiny_model("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                          init_lora_weights=False), adapter_name="a")
+    ours.add_adapter("b", LoraConfig(r=2, lora_alpha=4, target_modules=["up_proj", "v_proj"], init_lora_weights=False))
+    ours.set_adapter(["a", "b"])  # both trainable
     ours.train()
-    with pytest.raises(ValueError, match="inference"):
-        ours(input_ids=ids, adapter_names=["a", "b"])
+    ids = token_ids(batch=5, seq=6)
+    names = ["a", "__base__", "b", "a", "b"]
+    ours(input_ids=ids, adapter_names=names).logits.square().sum().backward()
+    mixed = {k: p.grad.clone() for k, p in ours.named_parameters() if p.grad is not None and "lora_" in k}
+    assert {k.split(".")[-2] for k in mixed} == {"a", "b"}
+    for name, rows in (("a", [0, 3]), ("b", [2, 4])):
+        ours.zero_grad(set_to_none=True)
+        ours.set_adapter(name)
+        ours(input_ids=ids[rows]).logits.square().sum().backward()
+        for key, grad in mixed.items():
+            if f".{name}." in key:
+                alone = dict(ours.named_parameters())[key].grad
+                torch.testing.assert_close(grad, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_lora_layers_run_one_pass_over_the_base(tmp_path, monkeypatch):
+    """LoRA layers over a plain linear never group rows: the whole batch goes through
+    ops.multi_lora_linear once per layer, and still matches PEFT."""
+    import peftkern.nn.lora as lora_layer
+
+    _, theirs, ours = _two_lora(tmp_path)
+    calls = []
+    real = lora_layer.multi_lora_linear
+    monkeypatch.setattr(lora_layer, "forward_by_rows", lambda *a, **k: pytest.fail("grouped rows"))
+    monkeypatch.setattr(lora_layer, "multi_lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids = token_ids(batch=4, seq=5)
+    names = ["b", "a", "__base__", "a"]
+    with torch.no_grad():
+        expected = theirs(input_ids=ids, adapter_names=names).logits
+        got = ours(input_ids=ids, adapter_names=names).logits
+    assert (got - expected).abs().max().item() < ATOL
+    assert len(calls) == sum(1 for _, layer in ours.adapter_layers() if isinstance(layer, lora_layer.LoRALinear))
 
 
 def test_lora_runs_its_base_once_and_matches_the_per_group_path(tmp_path, monkeypatch):
@@ -134,10 +173,10 @@ def test_lora_runs_its_base_once_and_matches_the_per_group_path(tmp_path, monkey
     hook = v_proj.base_layer.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
     got, got_grads = run()
     hook.remove()
-    assert calls == [5]  # once, over every row (v_proj holds both adapters)
+    assert calls == []  # multi_lora_linear reads the base weight once for every row; the module is not called
     with torch.no_grad():  # the in-place path (no autograd)
         in_place = ours(input_ids=ids, adapter_names=names).logits
-    monkeypatch.setattr(LoRALinear, "_forward_by_rows", lambda self, x, rows: forward_by_rows(self, x, rows))
+    monkeypatch.setattr(LoRALinear, "_forward_rows", lambda self, x, rows: forward_by_rows(self, x, rows))
     want, want_grads = run()
     assert (got - want).abs().max().item() < ATOL
     for g, w in zip(got_grads, want_grads):

@@ -61,7 +61,7 @@ def test_options_of_another_method_are_refused_and_yaml_keys_work(tmp_path):
     with pytest.raises(ValueError, match="--peft adalora needs --max-steps"):
         _cfg(tmp_path, peft="adalora", max_steps=0)
     with pytest.raises(ValueError, match="peft must be one of"):
-        _cfg(tmp_path, peft="prefix")
+        _cfg(tmp_path, peft="lokr")
     with pytest.raises(ValueError, match="--peft adalora: AdaLoraConfig.beta1 must be < 1"):
         build_trainer("sft", _cfg(tmp_path, peft="adalora", adalora_beta1=1.5))
 
