@@ -114,8 +114,9 @@ def test_pairs_train_identically_with_either_rank_loss(tmp_path):
         trainer, _ = _train(_cfg(tmp_path / loss, rank_loss=loss, max_steps=3), n_eval=8)
         histories.append([(h["loss"], h["accuracy"]) for h in trainer.history])
     assert histories[0][0] == histories[1][0]  # the first step's loss: the same floating-point operations
-    # later steps agree to rounding (logcumsumexp's backward rounds the gradient differently)
-    assert [h[0] for h in histories[0]] == pytest.approx([h[0] for h in histories[1]], rel=1e-5)
+    # later steps agree to rounding (logcumsumexp's backward rounds the gradient differently, and AdamW's
+    # normalization of the first steps enlarges that: 3e-4 relative by step 3 on the bundled word tasks)
+    assert [h[0] for h in histories[0]] == pytest.approx([h[0] for h in histories[1]], rel=1e-3)
     assert [h[1] for h in histories[0]] == [h[1] for h in histories[1]]
 
 

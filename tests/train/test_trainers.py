@@ -35,7 +35,8 @@ def test_sft_lora_loss_falls(tmp_path):
 
 
 def test_reward_model_accuracy(tmp_path):
-    trainer, s = _train("rm", _cfg(tmp_path, lora_r=0, lr=1e-2, batch_size=16, max_steps=60, warmup_steps=4),
+    # batch 32: the bundled word tasks (corpus version 3) give tiny-micro 0.67 at batch 16, 0.92 at 32
+    trainer, s = _train("rm", _cfg(tmp_path, lora_r=0, lr=1e-2, batch_size=32, max_steps=60, warmup_steps=4),
                         n_eval=48)
     assert s["eval_after"]["accuracy"] > 0.8, s
     assert s["eval_after"]["loss"] < s["eval_before"]["loss"]
