@@ -258,7 +258,9 @@ def high_entropy_mask(entropies: torch.Tensor, mask: torch.Tensor, top_entropy_q
     if values.numel() == 0:
         return torch.zeros_like(m)
     threshold = torch.quantile(values, 1.0 - top_entropy_quantile)
-    return ((entropies.detach().float() * m) >= threshold) & m
+    # compared in the entropies' own precision (at least fp32), as TRL does: a float64 entropy that the
+    # fp32 threshold was rounded from must not flip to the other side
+    return ((entropies.detach() * m.to(torch.float32)) >= threshold) & m
 
 
 def grpo_metrics(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor | None,
