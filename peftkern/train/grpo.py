@@ -21,7 +21,7 @@ import hashlib
 
 import torch
 
-from peftkern.generate import DecodingSettings, ModelStepper, context_length, decode
+from peftkern.generate import DecodingSettings, ModelStepper, context_length, decode, inverse_cdf_draw
 from peftkern.generate.text import eos_ids
 from peftkern.losses import (fused_grpo_loss, fused_rloo_loss, group_advantages, rloo_advantages)
 from peftkern.losses.grpo import check_grpo_args
@@ -268,7 +268,7 @@ class GRPOTrainer(Trainer):
             self.model.unshard()
         try:
             result = decode(scorer, ids.to(self.device), mask.to(self.device), settings, eos_token_ids=self.eos,
-                            pad_token_id=self.pad, generator=generator)
+                            pad_token_id=self.pad, generator=generator, draw=inverse_cdf_draw)
             if fsdp:  # sharded layers gather in every forward: every process runs as many
                 most = _gather(torch.tensor([float(scorer.calls)], device=self.device), self.dist).max()
                 filler = torch.full((ids.shape[0],), self.pad, dtype=torch.long, device=self.device)
