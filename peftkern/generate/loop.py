@@ -57,8 +57,8 @@ def decode(scorer, input_ids: torch.LongTensor, attention_mask: torch.Tensor, se
     scores = scorer.start(input_ids, attention_mask)
     for step in range(settings.max_new_tokens):
         scores = apply_processors(chain, ids, scores)
-        dead = torch.isneginf(scores).all(dim=-1) & running
-        if bool(dead.any()):
+        dead = (torch.isneginf(scores).all(dim=-1) & running) if processors else None  # only constraints rule all out
+        if dead is not None and bool(dead.any()):
             rows = dead.nonzero().flatten().tolist()
             raise RuntimeError(f"decoding step {step}: every token of row(s) {rows} was ruled out by the logits "
                                "processors (constraints that cannot be met together?)")
