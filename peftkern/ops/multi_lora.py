@@ -43,15 +43,19 @@ BASE = -1  # the adapter index of a row that runs through the base alone
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _tile_rows(perm_ptr, tile_ptr, tile, BLOCK_M: tl.constexpr):
-    """A row tile of the plan -> (its original row numbers, which are real, its adapter or -1)."""
+def _tile_rows(perm_ptr, tile_ptr, rank_ptr, tile, BLOCK_M: tl.constexpr):
+    """A row tile of the plan -> (its original row numbers, which are real, how many, its adapter
+    (0 for base rows: a valid index whose A / B / scaling are then never used), its rank (0 for base
+    rows, so the rank-r blocks do nothing))."""
     start = tl.load(tile_ptr + 3 * tile)
     count = tl.load(tile_ptr + 3 * tile + 1)
     adapter = tl.load(tile_ptr + 3 * tile + 2)
     slots = tl.arange(0, BLOCK_M)
     row_ok = slots < count
     rows = tl.load(perm_ptr + start + slots, mask=row_ok, other=0)
-    return rows, row_ok, count, adapter
+    adapter_c = tl.maximum(adapter, 0)
+    rank = tl.where(adapter >= 0, tl.load(rank_ptr + adapter_c), 0)
+    return rows, row_ok, count, adapter_c, rank
 
 
 @triton.jit
@@ -64,36 +68,21 @@ def _multi_fwd_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, u_ptr, y_ptr, flag_p
     """Producers: u[rows] = drop(x[rows]) A_e^T for their tile's adapter e, then publish. GEMM tiles:
     y = x W^T over the tile's gathered rows, + s_e u B_e^T (adapter tiles, once u is published), + b."""
     is_producer, tile, tile_n = lr.producer_tile(tl.program_id(0), T, tl.cdiv(N, BLOCK_N), GROUP_M)
-    rows, row_ok, count, adapter = _tile_rows(perm_ptr, tile_ptr, tile, BLOCK_M)
+    rows, row_ok, count, adapter_c, R = _tile_rows(perm_ptr, tile_ptr, rank_ptr, tile, BLOCK_M)
     ticket = tl.load(flag_ptr)
     if is_producer:
-        R = tl.where(adapter >= 0, tl.load(rank_ptr + tl.maximum(adapter, 0)), 0)  # base rows: no rank
-        a_e = a_ptr + tl.maximum(adapter, 0).to(tl.int64) * stride_ae
-        u_rows = u_ptr + rows.to(tl.int64)[:, None] * stride_um
-        for r0 in range(0, R, BLOCK_R):
-            ranks = r0 + tl.arange(0, BLOCK_R)
-            u = lr.down_tile(x_ptr, a_e, rows, row_ok, ranks, ranks < R, K, stride_xm, stride_xk, stride_ar,
-                             stride_ak, ticket, p, HAS_DROPOUT, PRECISION, BLOCK_M, BLOCK_K, BLOCK_R) * inv_keep
-            tl.store(u_rows + ranks[None, :] * stride_ur, u.to(u_ptr.dtype.element_ty),
-                     mask=row_ok[:, None] & (ranks < RMAX)[None, :])
-        for r0 in range(tl.cdiv(R, BLOCK_R) * BLOCK_R, RMAX, BLOCK_R):  # u is zero past the row's rank
-            ranks = r0 + tl.arange(0, BLOCK_R)
-            tl.store(u_rows + ranks[None, :] * stride_ur, tl.zeros((BLOCK_M, BLOCK_R), dtype=u_ptr.dtype.element_ty),
-                     mask=row_ok[:, None] & (ranks < RMAX)[None, :])
-        lr.publish(flag_ptr + 1 + tile, ticket)
+        lr.produce_u(x_ptr, a_ptr + adapter_c.to(tl.int64) * stride_ae, u_ptr, flag_ptr + 1 + tile, rows, row_ok, K, R,
+                     RMAX, stride_xm, stride_xk, stride_ar, stride_ak, stride_um, stride_ur, ticket, p, inv_keep,
+                     HAS_DROPOUT, PRECISION, BLOCK_M, BLOCK_K, BLOCK_R)
     elif count > 0:
         cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
         acc = lr.xwt_tile(x_ptr, w_ptr, rows, row_ok, cols, col_ok, K, stride_xm, stride_xk, stride_wn, stride_wk,
                           PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        if adapter >= 0:
-            lr.wait_published(flag_ptr + 1 + tile, ticket)
-            acc = lr.rank_term(acc, u_ptr, b_ptr + adapter.to(tl.int64) * stride_be, rows, row_ok, cols, col_ok,
-                               tl.load(rank_ptr + adapter), stride_um, stride_ur, stride_bn, stride_br,
-                               tl.load(scale_ptr + adapter), PRECISION, BLOCK_R)
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn,
-                 acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        acc = lr.published_rank_term(acc, flag_ptr + 1 + tile, ticket, u_ptr, b_ptr + adapter_c.to(tl.int64) * stride_be,
+                                     rows, row_ok, cols, col_ok, R, stride_um, stride_ur, stride_bn, stride_br,
+                                     tl.load(scale_ptr + adapter_c), PRECISION, BLOCK_R)
+        lr.finish_y(acc, y_ptr, bias_ptr, rows, row_ok, cols, col_ok, stride_ym, stride_yn)
 
 
 @triton.jit
@@ -112,66 +101,21 @@ def _multi_bwd_kernel(dy_ptr, w_ptr, x_ptr, a_ptr, b_ptr, u_ptr, g_ptr, seed_ptr
     zero (one buffer per launch); dA_e and dB_e hold adapter e's rows only."""
     tiles_k = tl.cdiv(K, BLOCK_K)
     is_producer, tile, tile_k = lr.producer_tile(tl.program_id(0), T, tiles_k, GROUP_M)
-    rows, row_ok, count, adapter = _tile_rows(perm_ptr, tile_ptr, tile, BLOCK_M)
+    rows, row_ok, count, adapter_c, R = _tile_rows(perm_ptr, tile_ptr, rank_ptr, tile, BLOCK_M)
     seed = tl.load(seed_ptr)
-    adapter_c = tl.maximum(adapter, 0)
-    R = tl.load(rank_ptr + adapter_c)
     scaling = tl.load(scale_ptr + adapter_c)
-    a_e = a_ptr + adapter_c.to(tl.int64) * stride_ae
     if is_producer:
-        if adapter >= 0:
-            lr.g_and_db(dy_ptr, u_ptr, b_ptr + adapter_c.to(tl.int64) * stride_be, g_ptr,
-                        db_acc_ptr + adapter_c.to(tl.int64) * N * RMAX, rows, row_ok, N, R, RMAX, stride_dym,
-                        stride_dyn, stride_um, stride_ur, stride_bn, stride_br, stride_gm, stride_gr, scaling,
-                        PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
-        lr.publish(flag_ptr + tile, 0)
-        for n0 in range(0, N, BLOCK_N):
-            if lr.last_arrival(count_ptr + tiles_k + n0 // BLOCK_N, T):
-                cols = n0 + tl.arange(0, BLOCK_N)
-                src = db_acc_ptr
-                dst = db_ptr
-                for _e in range(0, E):
-                    for r0 in range(0, RMAX, BLOCK_R):
-                        ranks = r0 + tl.arange(0, BLOCK_R)
-                        lr.cast_tile(src, dst, cols.to(tl.int64)[:, None] * RMAX + ranks[None, :],
-                                     (cols[:, None] < N) & (ranks[None, :] < RMAX))
-                    src += N * RMAX
-                    dst += N * RMAX
+        lr.produce_g(dy_ptr, u_ptr, b_ptr + adapter_c.to(tl.int64) * stride_be, g_ptr,
+                     db_acc_ptr + adapter_c.to(tl.int64) * N * RMAX, db_acc_ptr, db_ptr, flag_ptr + tile,
+                     count_ptr + tiles_k, rows, row_ok, N, R, RMAX, E, T, stride_dym, stride_dyn, stride_um, stride_ur,
+                     stride_bn, stride_br, stride_gm, stride_gr, scaling, PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
     else:
-        ks = tile_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        scale = scaling * inv_keep
-        if COMPUTE_DX:
-            if count > 0:
-                acc = lr.dyw_tile(dy_ptr, w_ptr, rows, row_ok, ks, k_ok, N, stride_dym, stride_dyn, stride_wn,
-                                  stride_wk, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-                if adapter >= 0:
-                    lr.wait_published(flag_ptr + tile, 0)
-                    if HAS_DROPOUT:
-                        lora = lr.ga_term(tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), g_ptr, a_e, rows, row_ok,
-                                          ks, k_ok, R, stride_gm, stride_gr, stride_ar, stride_ak, scale, PRECISION,
-                                          BLOCK_R)
-                        acc += tl.where(lr.keep_mask(seed, rows, ks, p), lora, 0.0)
-                    else:
-                        acc = lr.ga_term(acc, g_ptr, a_e, rows, row_ok, ks, k_ok, R, stride_gm, stride_gr, stride_ar,
-                                         stride_ak, scale, PRECISION, BLOCK_R)
-                tl.store(dx_ptr + rows.to(tl.int64)[:, None] * stride_dxm + ks[None, :] * stride_dxk,
-                         acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])
-        if adapter >= 0:
-            lr.wait_published(flag_ptr + tile, 0)
-            lr.da_from_x(da_acc_ptr + adapter_c.to(tl.int64) * RMAX * K, x_ptr, g_ptr, rows, row_ok,
-                         tile_k * BLOCK_K, K, R, stride_xm, stride_xk, stride_gm, stride_gr, seed, p, scale,
-                         HAS_DROPOUT, PRECISION, BLOCK_K, BLOCK_DA, BLOCK_R)
-        if lr.last_arrival(count_ptr + tile_k, T):
-            src = da_acc_ptr
-            dst = da_ptr
-            for _e in range(0, E):
-                for r0 in range(0, RMAX, BLOCK_R):
-                    ranks = r0 + tl.arange(0, BLOCK_R)
-                    lr.cast_tile(src, dst, ranks.to(tl.int64)[:, None] * K + ks[None, :],
-                                 (ranks[:, None] < RMAX) & k_ok[None, :])
-                src += RMAX * K
-                dst += RMAX * K
+        lr.dense_dx_tile(dy_ptr, w_ptr, dy_ptr, dx_ptr, x_ptr, g_ptr, a_ptr + adapter_c.to(tl.int64) * stride_ae,
+                         da_acc_ptr + adapter_c.to(tl.int64) * RMAX * K, da_acc_ptr, da_ptr, flag_ptr + tile,
+                         count_ptr + tile_k, T, rows, row_ok, tile_k, tl.where(count > 0, N, 0), K, R, RMAX, E,
+                         stride_dym, stride_dyn, stride_wn, stride_wk, stride_xm, stride_xk, stride_gm, stride_gr,
+                         stride_ar, stride_ak, stride_dxm, stride_dxk, seed, p, scaling * inv_keep, False, HAS_DROPOUT,
+                         COMPUTE_DX, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_DA, BLOCK_R)
 
 
 # ---------------------------------------------------------------------------------------------
