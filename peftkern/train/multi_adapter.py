@@ -26,13 +26,15 @@ from torch import nn
 from peftkern.nn.mixed_batch import row_adapters
 from peftkern.train.data import IGNORE_INDEX, encode_sft, load_records, pad_batch
 from peftkern.train.model import LMWithHeads
+from peftkern.train.schedule import SCHEDULES, lr_factor
 from peftkern.tuners import LoraConfig, get_peft_model, save_adapter
 
 
 @dataclass
 class MultiAdapterSettings:
     """Settings shared by every adapter of a joint run (per-adapter LoRA settings are LoraConfigs)."""
-    steps: int = 100
+    steps: int = 100  # optimizer steps; 0: ``epochs`` passes over the largest dataset
+    epochs: int = 1
     batch_size: int = 4  # examples per adapter per step
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -40,12 +42,23 @@ class MultiAdapterSettings:
     max_length: int = 512
     completion_only: bool = True
     seed: int = 0
+    schedule: str = "constant"  # learning-rate decay after warm-up: cosine, linear or constant
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
 
     def check(self) -> None:
-        for name in ("steps", "batch_size", "max_length"):
+        for name in ("epochs", "batch_size", "max_length"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"train_adapters: {name} must be a positive integer, got {value!r}")
+        for name in ("steps", "warmup_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"train_adapters: {name} must be an integer >= 0, got {value!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"train_adapters: schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"train_adapters: min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         for name in ("lr", "weight_decay"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -130,10 +143,14 @@ def train_adapters(model: nn.Module, datasets: dict, config, settings: MultiAdap
               for n in names}
     optimizer = torch.optim.AdamW([{"params": params[n]} for n in names], lr=settings.lr,
                                   weight_decay=settings.weight_decay, foreach=False)
+    total_steps = settings.steps or settings.epochs * max(math.ceil(len(st.examples) / settings.batch_size)
+                                                          for st in streams.values())
+    if settings.warmup_steps > total_steps:
+        raise ValueError(f"train_adapters: warmup_steps must be in [0, {total_steps}], got {settings.warmup_steps}")
     lm = LMWithHeads(peft_model.get_base_model())
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
     losses = {n: [] for n in names}
-    for _ in range(settings.steps):
+    for step in range(total_steps):
         rows, examples = [], []
         for n in names:
             batch = streams[n].take(settings.batch_size)
@@ -155,6 +172,9 @@ def train_adapters(model: nn.Module, datasets: dict, config, settings: MultiAdap
         if settings.max_grad_norm is not None:
             for n in names:
                 torch.nn.utils.clip_grad_norm_(params[n], settings.max_grad_norm, foreach=False)
+        factor = lr_factor(step, total_steps, settings.warmup_steps, settings.schedule, settings.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = settings.lr * factor
         optimizer.step()
     if out is not None:
         for n in names:
