@@ -338,19 +338,21 @@ def triton_kernel_specs() -> list:
 # torch face
 # ---------------------------------------------------------------------------------------------
 
-def adapter_segments(adapter_index: torch.Tensor, num_adapters: int) -> list[tuple[int, torch.Tensor]]:
-    """[(adapter e, its row numbers (long))] for every adapter with rows, in adapter order: one sort
-    of the index (a host sync for the counts: the torch face's loop needs them), made once per index
-    as :func:`cached_segment_plan` is."""
+def sorted_segments(adapter_index: torch.Tensor, num_adapters: int) -> tuple[torch.Tensor | None, list]:
+    """The rows in adapter order: (perm: int64 row numbers sorted by adapter, base rows first, or None
+    when the rows already are in that order; [(adapter e, start, stop)] for every adapter with rows,
+    positions in the sorted order). One sort of the index and a host sync for the counts (the torch
+    face's loop needs them), made once per index as :func:`cached_segment_plan` is."""
     def make():
         order = torch.argsort(adapter_index, stable=True)
         counts = torch.bincount(adapter_index + 1, minlength=num_adapters + 1).tolist()
+        in_order = adapter_index.numel() < 2 or bool((adapter_index[1:] >= adapter_index[:-1]).all())
         segments, start = [], counts[0]
         for e in range(num_adapters):
             if counts[e + 1]:
-                segments.append((e, order[start:start + counts[e + 1]]))
+                segments.append((e, start, start + counts[e + 1]))
             start += counts[e + 1]
-        return segments
+        return (None if in_order else order), segments
     return _memo(("segments", _tensor_key(adapter_index), num_adapters), adapter_index, make)
 
 
@@ -358,47 +360,69 @@ def _keep(x2d, dropout_p, seed):
     return None if dropout_p == 0.0 else hash_keep_mask(seed, x2d.shape, dropout_p)
 
 
+def _take(t: torch.Tensor, rows) -> torch.Tensor:
+    """t's rows ``rows``: a slice (a view) or row numbers (a gather)."""
+    return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
+
+
 def torch_forward(x2d, weight, bias, lora_A, lora_B, adapter_index, scalings, ranks, dropout_p):
-    """The torch face: (y, u [M, R] = drop(x) A_e^T per row (zero elsewhere), seed int64 [1])."""
+    """The torch face: (y, u [M, R] = drop(x) A_e^T per row (zero elsewhere), seed int64 [1]).
+
+    One base GEMM over every row, then per adapter its rank-r term. Rows already in adapter order
+    (train_adapters' batches): each adapter's rows are a block, its term added into the block in
+    place (addmm_, no copies); otherwise its rows are gathered and the term added back with
+    index_add_ (one gather and one scatter in all measured faster than sorting x, y and dx whole)."""
     seed = lr.draw_seed(x2d.device) if dropout_p > 0.0 else torch.zeros(1, dtype=torch.int64, device=x2d.device)
+    perm, segments = sorted_segments(adapter_index, lora_A.shape[0])
     keep = _keep(x2d, dropout_p, seed)
     y = torch.addmm(bias, x2d, weight.t()) if bias is not None else x2d @ weight.t()
     u = x2d.new_zeros(x2d.shape[0], lora_A.shape[1])
-    for e, rows in adapter_segments(adapter_index, lora_A.shape[0]):
+    for e, a, b in segments:
         r = ranks[e]
-        x_e = x2d.index_select(0, rows)
+        rows = slice(a, b) if perm is None else perm[a:b]
+        x_e = _take(x2d, rows)
         if keep is not None:
-            x_e = x_e * keep.index_select(0, rows) / (1.0 - dropout_p)
+            x_e = x_e * _take(keep, rows) / (1.0 - dropout_p)
         u_e = x_e @ lora_A[e, :r].t()
         u[rows, :r] = u_e
-        y.index_add_(0, rows, u_e @ lora_B[e, :, :r].t(), alpha=scalings[e])
+        if perm is None:
+            y[a:b].addmm_(u_e, lora_B[e, :, :r].t(), alpha=scalings[e])
+        else:
+            y.index_add_(0, rows, u_e @ lora_B[e, :, :r].t(), alpha=scalings[e])
     return y, u, seed
 
 
 def torch_backward(dy, x2d, weight, lora_A, lora_B, u, adapter_index, scalings, ranks, dropout_p, seed, need_dx):
-    """The torch face: (dx or None, dA [E, R, K], dB [E, N, R]); adapter e's gradients from its rows."""
+    """The torch face: (dx or None, dA [E, R, K], dB [E, N, R]); adapter e's gradients from its rows
+    (a block, or gathered, as in the forward)."""
+    perm, segments = sorted_segments(adapter_index, lora_A.shape[0])
     keep = _keep(x2d, dropout_p, seed)
+    factor_of = 1.0 if keep is None else 1.0 / (1.0 - dropout_p)
     d_a = torch.zeros_like(lora_A)
     d_b = torch.zeros_like(lora_B)
     dx = dy @ weight if need_dx else None
-    for e, rows in adapter_segments(adapter_index, lora_A.shape[0]):
+    for e, a, b in segments:
         r, s = ranks[e], scalings[e]
-        dy_e = dy.index_select(0, rows)
+        rows = slice(a, b) if perm is None else perm[a:b]
+        dy_e = _take(dy, rows)
         g_e = dy_e @ lora_B[e, :, :r]
-        d_b[e, :, :r].copy_(torch.mm(dy_e.t(), u.index_select(0, rows)[:, :r]).mul_(s))
-        x_e = x2d.index_select(0, rows)
-        factor = s
-        keep_e = None
-        if keep is not None:
-            keep_e = keep.index_select(0, rows)
+        d_b[e, :, :r] = torch.mm(dy_e.t(), _take(u, rows)[:, :r]).mul_(s)
+        x_e = _take(x2d, rows)
+        keep_e = None if keep is None else _take(keep, rows)
+        if keep_e is not None:
             x_e = x_e * keep_e
-            factor = s / (1.0 - dropout_p)
-        d_a[e, :r].copy_(torch.mm(g_e.t(), x_e).mul_(factor))
+        d_a[e, :r] = torch.mm(g_e.t(), x_e).mul_(s * factor_of)
         if need_dx:
+            if perm is None and keep_e is None:
+                dx[a:b].addmm_(g_e, lora_A[e, :r], alpha=s)
+                continue
             term = g_e @ lora_A[e, :r]
             if keep_e is not None:
                 term = term * keep_e
-            dx.index_add_(0, rows, term, alpha=factor)
+            if perm is None:
+                dx[a:b].add_(term, alpha=s * factor_of)
+            else:
+                dx.index_add_(0, rows, term, alpha=s * factor_of)
     return dx, d_a, d_b
 
 
