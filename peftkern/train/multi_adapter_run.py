@@ -5,9 +5,10 @@ files under ``<out>/adapter/<NAME>``, the per-step losses in ``<out>/log.jsonl``
 ones in ``<out>/metrics.json``.
 
 Every adapter takes the run's LoRA settings (--lora-r, --lora-alpha, --lora-dropout,
---target-modules) and optimizer settings; settings the joint loop does not implement (packing,
-rehearsal, gradient accumulation, evaluation, checkpoints, other adapter methods, ...) are refused
-by name rather than ignored."""
+--target-modules) and optimizer settings; checkpoints go to ``<out>/checkpoints`` (--save-every,
+--keep-last; --resume continues the run). Settings the joint loop does not implement (packing,
+rehearsal, gradient accumulation, evaluation, other adapter methods, ...) are refused by name
+rather than ignored."""
 from __future__ import annotations
 
 import dataclasses
@@ -27,7 +28,7 @@ from peftkern.train.multi_adapter import MultiAdapterSettings, train_adapters
 SUPPORTED = ("model", "tokenizer", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "quant", "dtype",
              "chat_template", "max_length", "completion_only", "lr", "weight_decay", "batch_size", "epochs",
              "max_steps", "schedule", "warmup_steps", "min_lr_ratio", "max_grad_norm", "seed", "out", "overwrite",
-             "quiet", "multi_adapter", "bf16", "strategy")
+             "quiet", "multi_adapter", "bf16", "strategy", "resume", "save_every", "keep_last")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -74,7 +75,8 @@ def settings_of(cfg: TrainConfig) -> MultiAdapterSettings:
     return MultiAdapterSettings(steps=cfg.max_steps, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                                 weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm or None,
                                 max_length=cfg.max_length, completion_only=cfg.completion_only, seed=cfg.seed,
-                                schedule=cfg.schedule, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio)
+                                schedule=cfg.schedule, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio,
+                                save_every=cfg.save_every, keep_last=cfg.keep_last)
 
 
 def run_multi_adapter(cfg: TrainConfig) -> dict:
@@ -90,7 +92,7 @@ def run_multi_adapter(cfg: TrainConfig) -> dict:
     lm = load_lm(cfg, quiet=cfg.quiet)
     try:
         _, losses = train_adapters(lm, files, peft_config(cfg, lm), settings_of(cfg), tokenizer=tokenizer,
-                                   out=os.path.join(cfg.out, "adapter"))
+                                   out=os.path.join(cfg.out, "adapter"), checkpoints=cfg.out, resume=cfg.resume)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     steps = len(next(iter(losses.values())))

@@ -75,3 +75,19 @@ def test_bad_multi_adapter_settings_are_named(tmp_path, capsys, extra, message):
     code = main(["sft", "--model", "tiny-micro", "--quiet", "--out", str(tmp_path / "o"), *extra])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_resume_continues_the_multi_adapter_run(tmp_path, capsys):
+    files = _files(tmp_path)
+    data = ["--multi-adapter", f"math={files['math']}", "--multi-adapter", f"chat={files['chat']}"]
+    flags = ["--model", "tiny-micro", "--lora-r", "4", "--lr", "0.01", "--batch-size", "2", "--schedule", "constant",
+             "--save-every", "1", "--quiet", *data]
+    assert main(["sft", *flags, "--max-steps", "3", "--out", str(tmp_path / "straight")]) == 0
+    assert main(["sft", *flags, "--max-steps", "2", "--out", str(tmp_path / "cut")]) == 0
+    assert main(["sft", *flags, "--max-steps", "3", "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    capsys.readouterr()
+    logs = [(tmp_path / run / "log.jsonl").read_text() for run in ("straight", "cut")]
+    assert logs[0] == logs[1] and len(logs[0].splitlines()) == 3
+    for name in ("math", "chat"):
+        got, expected = _weights(tmp_path / "cut", name), _weights(tmp_path / "straight", name)
+        assert all(torch.equal(got[k], expected[k]) for k in expected), name
