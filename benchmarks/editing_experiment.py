@@ -11,8 +11,8 @@ tiny model, after it has learned the bundled facts.
 4. Single edits, each on the unedited model (CounterFact's protocol), for the first ``--n`` bundled
    requests: ROME with the papers' settings (layer located per request by tracing, 10 prefixes the
    model samples); ROME with settings tuned for this model (the traced layer, no prefixes, 100
-   steps of lr 1, decay 0.05, clamp 10); MEMIT with one request (same settings, ``--memit-layers``,
-   lambda ``--mom2-weight``); LoRA fine-tuning on the edit sentence (r 8, every linear, loss on the
+   steps of lr 1, decay 0.05, clamp 10); MEMIT with one request (same settings, ``--memit-layers``
+   (default: the window ending at the traced layer), lambda relative to the keys unless ``--mom2-weight``); LoRA fine-tuning on the edit sentence (r 8, every linear, loss on the
    new object, ``--ft-steps`` of Adam at ``--ft-lr``). Then one batch of all ``--n``: MEMIT, and
    LoRA fine-tuning on the ``--n`` sentences together.
 5. Many edits: ``--n-many`` requests by sequential ROME (each on the model with the previous
@@ -46,6 +46,7 @@ from peftkern.editing import (
     peak_layer,
     rome,
 )
+from peftkern.editing.memit import layer_window
 from peftkern.editing.rome import rome_sequential
 from peftkern.editing.sampling import context_prefixes
 from peftkern.editing.tiny_facts import tiny_with_facts
@@ -120,8 +121,11 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=30, help="requests for the single-edit and batch rows (default 30)")
     ap.add_argument("--n-many", type=int, default=50, help="requests for sequential ROME vs MEMIT (default 50)")
     ap.add_argument("--rome-layer", type=int, default=None, help="fix ROME's layer (default: causal tracing)")
-    ap.add_argument("--memit-layers", default="0", help="MEMIT's layers (default 0)")
-    ap.add_argument("--mom2-weight", type=float, default=300.0, help="MEMIT's lambda (default 300)")
+    ap.add_argument("--memit-layers", default=None, help="MEMIT's layers, comma-separated (default: the library's, "
+                    "the window ending at the traced peak layer)")
+    ap.add_argument("--mom2-weight", type=float, default=None, help="MEMIT's lambda, absolute (default: --mom2-scale)")
+    ap.add_argument("--mom2-scale", type=float, default=None, help="MEMIT's lambda relative to the keys' k^T C^-1 k "
+                    "(default: the library's)")
     ap.add_argument("--ft-steps", type=int, default=10, help="LoRA baseline steps (default 10)")
     ap.add_argument("--ft-lr", type=float, default=1e-3, help="LoRA baseline learning rate (default 1e-3)")
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
@@ -132,7 +136,6 @@ def main(argv=None) -> int:
     tok, model, stats = tiny_setup()
     requests = bundled_requests(args.n)
     many = bundled_requests(args.n_many)
-    memit_layers = [int(x) for x in args.memit_layers.split(",")]
     paper_prefixes = context_prefixes(model, tok, n=10, length=20, separator=SEPARATOR)
     results: dict = {"settings": {**vars(args), "paper_value": vars(ValueSettings()), "prefixes": paper_prefixes,
                                   "stat_tokens": {l: s.count for l, s in stats.items()}}}
@@ -144,6 +147,10 @@ def main(argv=None) -> int:
 
     peak, effect = peak_layer(model, tok, requests)          # the papers' choice: averaged causal traces
     rome_layer = peak if args.rome_layer is None else args.rome_layer
+    memit_layers = layer_window(peak, model.config.num_hidden_layers) if args.memit_layers is None else \
+        [int(x) for x in args.memit_layers.split(",")]
+    lam = {"mom2_weight": args.mom2_weight, "mom2_scale": args.mom2_scale}
+    results["settings"]["memit_layers_used"] = memit_layers
     results["causal_trace"] = {"mean_mlp_effect_at_subject_last": effect, "peak_layer": peak}
     tuned = TUNED
     plain = {"stats": stats, "prefixes": [""], "settings": tuned}
@@ -161,7 +168,7 @@ def main(argv=None) -> int:
         edit, sec = timed(lambda q=q: rome(model, tok, q, rome_layer, **plain))
         seconds["ROME"] += sec
         single["ROME"] += score_edit(edit, model, tok, [q])
-        edit, sec = timed(lambda q=q: memit(model, tok, [q], memit_layers, mom2_weight=args.mom2_weight, **plain))
+        edit, sec = timed(lambda q=q: memit(model, tok, [q], memit_layers, **lam, **plain))
         seconds["MEMIT (1 request)"] += sec
         single["MEMIT (1 request)"] += score_edit(edit, model, tok, [q])
         wrapped, sec = timed(lambda q=q: finetune_lora(model, tok, [q], args.ft_steps, args.ft_lr))
@@ -171,7 +178,7 @@ def main(argv=None) -> int:
     rows.update(single)
     results["rome_paper_layers"] = layers_used
 
-    edit, sec = timed(lambda: memit(model, tok, requests, memit_layers, mom2_weight=args.mom2_weight, **plain))
+    edit, sec = timed(lambda: memit(model, tok, requests, memit_layers, **lam, **plain))
     seconds[f"MEMIT ({args.n} at once)"] = sec
     rows[f"MEMIT ({args.n} at once)"] = score_edit(edit, model, tok, requests)
     wrapped, sec = timed(lambda: finetune_lora(model, tok, requests, args.ft_steps, args.ft_lr))
@@ -183,7 +190,7 @@ def main(argv=None) -> int:
     edit, sec = timed(lambda: rome_sequential(model, tok, many, rome_layer, **plain))
     seconds[f"sequential ROME ({args.n_many})"] = sec
     rows[f"sequential ROME ({args.n_many})"] = score_edit(edit, model, tok, many)
-    edit, sec = timed(lambda: memit(model, tok, many, memit_layers, mom2_weight=args.mom2_weight, **plain))
+    edit, sec = timed(lambda: memit(model, tok, many, memit_layers, **lam, **plain))
     seconds[f"MEMIT ({args.n_many} at once)"] = sec
     rows[f"MEMIT ({args.n_many} at once)"] = score_edit(edit, model, tok, many)
 
