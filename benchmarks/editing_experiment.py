@@ -19,6 +19,13 @@ tiny model, after it has learned the bundled facts.
    edits) against one MEMIT batch.
 Every edited model is scored with ``peftkern.editing.evaluate_edits`` (fluency from 60 sampled
 tokens); the results go to ``<out>/<date>-editing.json`` and ``.md``.
+
+On a busy machine the row groups can run as separate processes and be merged (the same figures):
+
+    python benchmarks/editing_experiment.py --groups paper --out /tmp/a   # ROME, the paper's settings
+    python benchmarks/editing_experiment.py --groups single --out /tmp/b  # ROME, MEMIT, LoRA: single edits
+    python benchmarks/editing_experiment.py --groups batch --out /tmp/c   # the batch and many-edit rows
+    python benchmarks/editing_experiment.py --merge /tmp/a/*.json /tmp/b/*.json /tmp/c/*.json
 """
 from __future__ import annotations
 
@@ -57,6 +64,7 @@ from peftkern.tuners import LoraConfig, get_peft_model
 
 SEPARATOR = ".<|end|><|bos|>"   # the tiny model's documents are single sentences: end one, start the next
 TUNED = ValueSettings(steps=100, lr=1.0, weight_decay=0.05, clamp_factor=10.0)  # delta's settings for this model
+GROUPS = ("paper", "single", "batch")
 METRICS = ("efficacy", "generalization", "specificity", "neighbourhood_accuracy", "fluency")
 
 
@@ -130,7 +138,16 @@ def main(argv=None) -> int:
     ap.add_argument("--ft-lr", type=float, default=1e-3, help="LoRA baseline learning rate (default 1e-3)")
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--groups", default=",".join(GROUPS), help=f"row groups to run, comma-separated (default all: "
+                    f"{','.join(GROUPS)}); fewer than all writes <date>-editing-<groups>.json for --merge")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="combine the results of separate --groups "
+                    "runs into <out>/<date>-editing.{json,md} (nothing is run)")
     args = ap.parse_args(argv)
+    if args.merge:
+        return write(merge(args.merge), args.out, "editing")
+    groups = [g for g in args.groups.split(",") if g]
+    if not groups or set(groups) - set(GROUPS):
+        ap.error(f"--groups takes a comma-separated subset of {','.join(GROUPS)}, got {args.groups!r}")
     torch.set_num_threads(args.threads)
     started = time.time()
     tok, model, stats = tiny_setup()
@@ -156,15 +173,16 @@ def main(argv=None) -> int:
     plain = {"stats": stats, "prefixes": [""], "settings": tuned}
     results["settings"]["tuned_value"] = vars(tuned)
 
-    rows = {"unedited": score(model, tok, requests)}
+    rows = {"unedited": score(model, tok, requests)} if "single" in groups else {}
     single = {"ROME, paper settings": [], "ROME": [], "MEMIT (1 request)": [], "LoRA fine-tuning": []}
     seconds = {k: 0.0 for k in single}
     layers_used = []
-    for q in requests:
+    for q in requests if "paper" in groups else []:
         edit, sec = timed(lambda q=q: rome(model, tok, q, None, stats=stats, prefixes=paper_prefixes))
         layers_used.append(edit.layers[0])
         seconds["ROME, paper settings"] += sec
         single["ROME, paper settings"] += score_edit(edit, model, tok, [q])
+    for q in requests if "single" in groups else []:
         edit, sec = timed(lambda q=q: rome(model, tok, q, rome_layer, **plain))
         seconds["ROME"] += sec
         single["ROME"] += score_edit(edit, model, tok, [q])
@@ -175,9 +193,21 @@ def main(argv=None) -> int:
         seconds["LoRA fine-tuning"] += sec
         single["LoRA fine-tuning"] += score(wrapped, tok, [q])
         wrapped.unload()
-    rows.update(single)
-    results["rome_paper_layers"] = layers_used
+    rows.update({name: r for name, r in single.items() if r})
+    if layers_used:
+        results["rome_paper_layers"] = layers_used
+    if "batch" in groups:
+        batch_rows(args, model, tok, requests, many, rome_layer, memit_layers, lam, plain, rows, seconds, timed)
+    results["rows"] = {name: {"summary": summary(r), "seconds": seconds.get(name), "per_request": r}
+                       for name, r in rows.items()}
+    results["machine"] = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor()
+                          or platform.machine(), "threads": args.threads, "wall_s": time.time() - started}
+    return write(results, args.out, "editing" if groups == list(GROUPS) else "editing-" + "-".join(groups))
 
+
+def batch_rows(args, model, tok, requests, many, rome_layer, memit_layers, lam, plain, rows, seconds, timed):
+    """The rows of one edit of many requests: MEMIT and LoRA on the ``--n``, sequential ROME and MEMIT
+    on the ``--n-many``."""
     edit, sec = timed(lambda: memit(model, tok, requests, memit_layers, **lam, **plain))
     seconds[f"MEMIT ({args.n} at once)"] = sec
     rows[f"MEMIT ({args.n} at once)"] = score_edit(edit, model, tok, requests)
@@ -194,12 +224,32 @@ def main(argv=None) -> int:
     seconds[f"MEMIT ({args.n_many} at once)"] = sec
     rows[f"MEMIT ({args.n_many} at once)"] = score_edit(edit, model, tok, many)
 
-    results["rows"] = {name: {"summary": summary(r), "seconds": seconds.get(name), "per_request": r}
-                       for name, r in rows.items()}
-    results["machine"] = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor()
-                          or platform.machine(), "threads": args.threads, "wall_s": time.time() - started}
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"{dt.date.today().isoformat()}-editing")
+
+def merge(paths: list[str]) -> dict:
+    """One result from separate ``--groups`` runs: their rows in the full run's order, the first's
+    settings (each run's own under ``runs``)."""
+    parts = []
+    for path in paths:
+        with open(path) as fh:
+            parts.append(json.load(fh))
+    order = ["unedited", "ROME, paper settings", "ROME", "MEMIT (1 request)", "LoRA fine-tuning"]
+    rows = {}
+    for part in parts:
+        rows.update(part["rows"])
+    # a stable sort: the batch rows, all ranked last, keep their own order
+    ranked = sorted(rows, key=lambda name: order.index(name) if name in order else len(order))
+    merged = {**parts[0], "rows": {name: rows[name] for name in ranked},
+              "runs": [{"file": os.path.basename(p), "settings": part["settings"], "machine": part["machine"]}
+                       for p, part in zip(paths, parts)]}
+    for part in parts:
+        if "rome_paper_layers" in part:
+            merged["rome_paper_layers"] = part["rome_paper_layers"]
+    return merged
+
+
+def write(results: dict, out: str, name: str) -> int:
+    os.makedirs(out, exist_ok=True)
+    stem = os.path.join(out, f"{dt.date.today().isoformat()}-{name}")
     with open(stem + ".json", "w") as fh:
         json.dump(results, fh, indent=1, default=str)
     table = markdown(results)
