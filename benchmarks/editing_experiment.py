@@ -24,8 +24,9 @@ On a busy machine the row groups can run as separate processes and be merged (th
 
     python benchmarks/editing_experiment.py --groups paper --out /tmp/a   # ROME, the paper's settings
     python benchmarks/editing_experiment.py --groups single --out /tmp/b  # ROME, MEMIT, LoRA: single edits
-    python benchmarks/editing_experiment.py --groups batch --out /tmp/c   # the batch and many-edit rows
-    python benchmarks/editing_experiment.py --merge /tmp/a/*.json /tmp/b/*.json /tmp/c/*.json
+    python benchmarks/editing_experiment.py --groups batch --out /tmp/c   # MEMIT and LoRA, --n at once
+    python benchmarks/editing_experiment.py --groups many --out /tmp/d    # sequential ROME vs MEMIT, --n-many
+    python benchmarks/editing_experiment.py --merge /tmp/[abcd]/*.json
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ from peftkern.tuners import LoraConfig, get_peft_model
 
 SEPARATOR = ".<|end|><|bos|>"   # the tiny model's documents are single sentences: end one, start the next
 TUNED = ValueSettings(steps=100, lr=1.0, weight_decay=0.05, clamp_factor=10.0)  # delta's settings for this model
-GROUPS = ("paper", "single", "batch")
+GROUPS = ("paper", "single", "batch", "many")
 METRICS = ("efficacy", "generalization", "specificity", "neighbourhood_accuracy", "fluency")
 
 
@@ -197,7 +198,9 @@ def main(argv=None) -> int:
     if layers_used:
         results["rome_paper_layers"] = layers_used
     if "batch" in groups:
-        batch_rows(args, model, tok, requests, many, rome_layer, memit_layers, lam, plain, rows, seconds, timed)
+        batch_rows(args, model, tok, requests, memit_layers, lam, plain, rows, seconds, timed)
+    if "many" in groups:
+        many_rows(args, model, tok, many, rome_layer, memit_layers, lam, plain, rows, seconds, timed)
     results["rows"] = {name: {"summary": summary(r), "seconds": seconds.get(name), "per_request": r}
                        for name, r in rows.items()}
     results["machine"] = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor()
@@ -205,9 +208,8 @@ def main(argv=None) -> int:
     return write(results, args.out, "editing" if groups == list(GROUPS) else "editing-" + "-".join(groups))
 
 
-def batch_rows(args, model, tok, requests, many, rome_layer, memit_layers, lam, plain, rows, seconds, timed):
-    """The rows of one edit of many requests: MEMIT and LoRA on the ``--n``, sequential ROME and MEMIT
-    on the ``--n-many``."""
+def batch_rows(args, model, tok, requests, memit_layers, lam, plain, rows, seconds, timed):
+    """The rows of one edit of the ``--n`` requests: MEMIT and LoRA."""
     edit, sec = timed(lambda: memit(model, tok, requests, memit_layers, **lam, **plain))
     seconds[f"MEMIT ({args.n} at once)"] = sec
     rows[f"MEMIT ({args.n} at once)"] = score_edit(edit, model, tok, requests)
@@ -216,6 +218,9 @@ def batch_rows(args, model, tok, requests, many, rome_layer, memit_layers, lam, 
     rows[f"LoRA fine-tuning ({args.n} at once)"] = score(wrapped, tok, requests)
     wrapped.unload()
 
+
+def many_rows(args, model, tok, many, rome_layer, memit_layers, lam, plain, rows, seconds, timed):
+    """Sequential ROME against one MEMIT edit on the ``--n-many`` requests."""
     rows[f"unedited ({args.n_many})"] = score(model, tok, many)
     edit, sec = timed(lambda: rome_sequential(model, tok, many, rome_layer, **plain))
     seconds[f"sequential ROME ({args.n_many})"] = sec
