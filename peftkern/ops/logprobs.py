@@ -47,10 +47,16 @@ from peftkern.ops.logprob_units import UnitChunk, UnitGrads, plan_compact, plan_
 OP = "fused_linear_logprobs"
 FACES = ("torch", "triton")
 
-# fp32 elements per [chunk, V] block of the torch face, by torch thread count (benchmarks/bench_losses.py,
-# measured on a 2-core CPU at V = 32000, H = 512): more threads want longer GEMMs, and a chunk of
-# whole preference pairs (2 x 256 tokens) should fit one block, or the pair is recomputed.
+# The torch face's [chunk, V] fp32 workspace scales with the call (docs/losses.md, "Faces and chunks"):
+# CHUNK_FRACTION of its tokens (so the workspace is at most 1/8 of the [tokens, V] logits the naive path
+# builds, which keeps the peak under 0.10x naive's), rounded down to a power of two, at least
+# MIN_CHUNK_ROWS (shorter GEMMs leave the cores idle and re-read dW once per chunk), at most
+# CHUNK_ELEMENTS (per torch thread count; benchmarks/bench_losses.py on a 2-core CPU at V = 32000,
+# H = 512) elements; a unit loss's chunk also grows to its largest unit when that fits the cap (a
+# split unit pays one more logits GEMM per block).
 CHUNK_ELEMENTS = {1: 1 << 24, 2: 1 << 24}
+CHUNK_FRACTION = 8
+MIN_CHUNK_ROWS = 64
 # fp32 logits elements per chunk of the Triton face (the stored logits plus G in the compute dtype):
 # 2^28 = 1 GiB of logits, 8192 tokens at V = 32000 and 2048 at V = 128256.
 TRITON_CHUNK_ELEMENTS = 1 << 28
@@ -463,16 +469,23 @@ def triton_kernel_specs() -> list:
 # torch face
 # ---------------------------------------------------------------------------------------------
 
-def default_chunk_size(num_tokens: int, vocab: int, face: str = "torch", threads: int | None = None) -> int:
-    """Tokens per [chunk, V] fp32 block: the torch face's :data:`CHUNK_ELEMENTS` for the torch thread
-    count (a power of two between 16 and 8192), the Triton face's :data:`TRITON_CHUNK_ELEMENTS`
-    (a multiple of 128); never more than the tokens there are (at least 1)."""
+def default_chunk_size(num_tokens: int, vocab: int, face: str = "torch", threads: int | None = None,
+                       unit_tokens: int = 0) -> int:
+    """Tokens per [chunk, V] fp32 block. Torch face: ``num_tokens / CHUNK_FRACTION`` rounded down to a
+    power of two, at least ``MIN_CHUNK_ROWS``, at most :data:`CHUNK_ELEMENTS` / V for the torch thread
+    count (a power of two between 16 and 8192), raised to ``unit_tokens`` (the largest unit of a unit
+    loss) when that fits the cap. Triton face: :data:`TRITON_CHUNK_ELEMENTS` / V (a multiple of 128).
+    Never more than the tokens there are (at least 1)."""
     if face == "triton":
         chunk = max(128, (TRITON_CHUNK_ELEMENTS // max(vocab, 1)) // 128 * 128)
     else:
         threads = threads or torch.get_num_threads()
         elements = CHUNK_ELEMENTS.get(threads, CHUNK_ELEMENTS[max(CHUNK_ELEMENTS)])
-        chunk = 1 << max(4, min(13, int(math.log2(max(1, elements // max(vocab, 1))))))
+        cap = 1 << max(4, min(13, int(math.log2(max(1, elements // max(vocab, 1))))))
+        scaled = 1 << int(math.log2(max(1, num_tokens // CHUNK_FRACTION)))
+        chunk = min(cap, max(MIN_CHUNK_ROWS, scaled))
+        if unit_tokens <= cap:
+            chunk = max(chunk, unit_tokens)
     return max(1, min(chunk, num_tokens))
 
 
@@ -485,13 +498,16 @@ class _TorchHead:
 
     Every [rows, V] block is computed into one workspace that the call reuses (allocated at the first
     block, as large as the largest): a fresh 64 MiB block costs more in page faults than its
-    log-softmax, and the peak stays at one block."""
+    log-softmax, and the peak stays at one block. After the GEMM that writes a block, every
+    elementwise pass runs a few rows at a time (:func:`_pass_rows`), so only the first of them
+    reads the block from memory."""
 
     def __init__(self, hidden, weight, bias, lora_u, lora_B, targets, ignore_index, temperature, max_rows):
         self.hidden, self.lora_u, self.targets, self.ignore_index = hidden, lora_u, targets, ignore_index
         self.w, self.b, self.lb = _fp32(weight), _fp32(bias), _fp32(lora_B)
         self.inv_temp = 1.0 / temperature
         self.max_rows, self.workspace = max_rows, None
+        self.col_sums = {}
 
     def rows(self, rows):
         """(h, u) of these rows in fp32: views for a slice, gathered copies for an index tensor."""
@@ -521,30 +537,71 @@ class _TorchHead:
             out.mul_(self.inv_temp)
         return out
 
-    def log_probs(self, rows, want_ent, want_mean):
-        """(log p [C, V] fp32 block (the workspace), Stats, (h, u)) of these rows (every target kept)."""
-        h, u = self.rows(rows)
-        log_p = self.z(h, u, self.block(h.shape[0]))
-        z_tgt = log_p.gather(1, self.targets[rows].unsqueeze(1)).squeeze(1)
-        # in place: the CPU kernel reads each row whole before writing it (tests compare with the reference)
-        torch.log_softmax(log_p, 1, out=log_p)
-        logp = log_p.gather(1, self.targets[rows].unsqueeze(1)).squeeze(1)
-        ent = _entropy(log_p) if want_ent else None
-        mean = log_p.mean(1) if want_mean else None
-        return log_p, Stats(logp, ent, mean, z_tgt - logp), (h, u)
+    def col_sum(self, y: torch.Tensor) -> torch.Tensor:
+        """sum over the vocabulary of W (or of the LoRA's B), [K], computed once per call."""
+        key = id(y)
+        if key not in self.col_sums:
+            self.col_sums[key] = y.sum(0)
+        return self.col_sums[key]
 
-    def block_grads(self, rows, log_p, hu, stats: Stats, coefs: Coefs, grads, needs):
-        g = _logit_grad_(log_p, self.targets[rows], coefs.d_logp, coefs.d_ent, stats.ent, coefs.d_mean, self.inv_temp)
+    def log_probs(self, rows, want_ent, want_mean, probs=False):
+        """(block [C, V] fp32 (the workspace), Stats, (h, u)) of these rows (every target kept). The
+        block holds log p, or with ``probs`` p itself (what :meth:`block_grads` multiplies out)."""
+        h, u = self.rows(rows)
+        block = self.z(h, u, self.block(h.shape[0]))
+        tgt = self.targets[rows]
+        C = block.shape[0]
+        logp, lse = block.new_empty(C), block.new_empty(C)
+        ent = block.new_empty(C) if want_ent else None
+        mean = block.new_empty(C) if want_mean else None
+        step = _pass_rows(block.shape[1])
+        for s in range(0, C, step):
+            part, t, r = block[s:s + step], tgt[s:s + step].unsqueeze(1), slice(s, s + step)
+            z_t = part.gather(1, t).squeeze(1)
+            # in place: the CPU kernel reads each row whole before writing it (tests compare with the reference)
+            torch.log_softmax(part, 1, out=part)
+            torch.gather(part, 1, t, out=logp[r].unsqueeze(1))
+            torch.sub(z_t, logp[r], out=lse[r])
+            if want_ent:
+                ent[r] = _entropy(part)
+            if want_mean:
+                torch.mean(part, 1, out=mean[r])
+            if probs:
+                part.exp_()
+        return block, Stats(logp, ent, mean, lse), (h, u)
+
+    def block_grads(self, rows, block, hu, stats: Stats, coefs: Coefs, grads, needs, probs=False):
+        """Add this block's gradients to ``grads``; ``block`` holds p (``probs``) or log p."""
+        if probs and coefs.d_ent is None:
+            _accumulate_from_probs(grads, self, rows, block, *hu, coefs, needs)
+            return
+        if probs:
+            block.log_()  # only when a loss reads the entropy of a block computed as p
+        g = _logit_grad_(block, self.targets[rows], coefs.d_logp, coefs.d_ent, stats.ent, coefs.d_mean, self.inv_temp)
         _accumulate(grads, self, rows, g, *hu, needs)
 
     def recompute_grads(self, rows, stats: Stats, coefs: Coefs, grads, needs):
         h, u = self.rows(rows)
-        log_p = self.z(h, u, self.block(h.shape[0])).sub_(stats.lse.unsqueeze(1))
-        self.block_grads(rows, log_p, (h, u), stats, coefs, grads, needs)
+        block = self.z(h, u, self.block(h.shape[0]))
+        probs = coefs.d_ent is None
+        step = _pass_rows(block.shape[1])
+        for s in range(0, block.shape[0], step):
+            part = block[s:s + step].sub_(stats.lse[s:s + step].unsqueeze(1))
+            if probs:
+                part.exp_()
+        self.block_grads(rows, block, (h, u), stats, coefs, grads, needs, probs)
 
 
 # rows per pass of the entropy and its gradient: their exp(log p) temporaries stay small
 _ENTROPY_ROWS = 64
+# fp32 elements per torch thread in one elementwise pass over a block (1 MiB: a core's L2 here)
+_PASS_ELEMENTS = 1 << 18
+
+
+def _pass_rows(vocab: int) -> int:
+    """Rows of a [C, V] block per elementwise pass: about :data:`_PASS_ELEMENTS` per torch thread, so
+    the passes after the first find the rows in cache."""
+    return max(1, _PASS_ELEMENTS // max(vocab, 1)) * torch.get_num_threads()
 
 
 def _entropy(log_p: torch.Tensor) -> torch.Tensor:
@@ -626,6 +683,52 @@ def _accumulate(grads, head, rows, g, h, u, needs):
         dlb.addmm_(g.t(), u)
 
 
+def _accumulate_from_probs(grads, head, rows, p, h, u, coefs: Coefs, needs):
+    """This block's gradients from p [C, V] without forming G (no pass over the block but the two
+    GEMMs that read it). With a = d_logp / T, c = (d_logp + d_mean) / T, m = d_mean / (V T) per row,
+    G = diag(a) onehot(t) - diag(c) p + m 1^T, so for the head's [V, K] matrix Y (W, or the LoRA's B)
+    and the rows' inputs X [C, K] (h, or u):
+
+        G Y   = a * Y[t] - c * (p Y) + m * colsum(Y)         [C, K]
+        G^T X = index_add(t, a * X) - p^T (c * X) + 1 (m^T X)   [V, K]
+
+    Only [C, K] tensors are scaled; the extra terms are a gather and an index_add of C rows."""
+    dh, dw, db, du, dlb = grads
+    need_dh, need_dw, need_db, need_du, need_dlb = needs
+    tgt = head.targets[rows]
+    a = coefs.d_logp * head.inv_temp
+    c = a if coefs.d_mean is None else (coefs.d_logp + coefs.d_mean) * head.inv_temp
+    m = None if coefs.d_mean is None else coefs.d_mean * (head.inv_temp / p.shape[1])
+
+    def left(y, out, need):  # G y, into ``out`` at ``rows``
+        if not need:
+            return
+        gy = torch.mm(p, y, out=out[rows]) if isinstance(rows, slice) else p @ y
+        gy.mul_(c.neg().unsqueeze(1)).add_(y.index_select(0, tgt) * a.unsqueeze(1))
+        if m is not None:
+            gy.add_(m.unsqueeze(1) * head.col_sum(y).unsqueeze(0))
+        if not isinstance(rows, slice):
+            out.index_copy_(0, rows, gy)
+
+    def right(dy, x, need):  # dy += G^T x
+        if not need:
+            return
+        dy.addmm_(p.t(), x * c.neg().unsqueeze(1))
+        dy.index_add_(0, tgt, x * a.unsqueeze(1))
+        if m is not None:
+            dy.add_((m @ x).unsqueeze(0))
+
+    left(head.w, dh, need_dh)
+    right(dw, h, need_dw)
+    if need_db:
+        db.addmv_(p.t(), c, alpha=-1.0)
+        db.index_add_(0, tgt, a)
+        if m is not None:
+            db.add_(m.sum())
+    left(head.lb, du, need_du)
+    right(dlb, u, need_dlb)
+
+
 # ---------------------------------------------------------------------------------------------
 # the chunk engine both faces share
 # ---------------------------------------------------------------------------------------------
@@ -686,8 +789,16 @@ def _cat_stats(parts: list) -> Stats:
 def _unit_loss_impl(face, hidden, weight, bias, lora_u, lora_B, targets, entry, tensors, scalars, variant, layout,
                     ignore_index, temperature, chunk, want_ent, want_mean, needs):
     """-> (value, logp [N], ent [N] or [0], mean [N] or [0], fp32 grads): the chunk loop of
-    ``linear_unit_loss`` for either face."""
+    ``linear_unit_loss`` for either face; ``chunk`` tokens per chunk, 0 for the default (which, on the
+    torch face, also holds the largest unit when it can)."""
     N = targets.shape[0]
+    scored_all = targets != ignore_index
+    if chunk <= 0:
+        unit = 0
+        if face == "torch" and not entry.token_local and N:
+            G, U, T = layout
+            unit = int(scored_all.view(G, U, T).sum((0, 2)).max())
+        chunk = default_chunk_size(N, weight.shape[0], face, unit_tokens=unit)
     f32 = dict(dtype=torch.float32, device=hidden.device)
     logp_all = torch.zeros(N, **f32)
     ent_all = torch.zeros(N if want_ent else 0, **f32)
@@ -695,12 +806,14 @@ def _unit_loss_impl(face, hidden, weight, bias, lora_u, lora_B, targets, entry, 
     grads = _grad_buffers(hidden, weight, lora_u, lora_B, needs)
     head = _make_head(face, hidden, weight, bias, lora_u, lora_B, targets, ignore_index, temperature, chunk)
     any_grad = any(needs)
-    scored_all = targets != ignore_index
     if face == "triton":
         plans = plan_dense(N, layout, chunk, entry.token_local, hidden.device)
     else:
         plans = plan_compact(scored_all, layout, chunk, entry.token_local)
     value = torch.zeros((), **f32)
+    # the torch face keeps p, not log p, in a block whose gradient comes next (unless the loss reads
+    # the entropy, whose gradient needs log p)
+    probs = any_grad and not want_ent
 
     def coefs_of(result: UnitGrads, scored, stats: Stats) -> Coefs:
         d_logp = _mask(result.d_logp, scored)
@@ -725,7 +838,7 @@ def _unit_loss_impl(face, hidden, weight, bias, lora_u, lora_B, targets, entry, 
                 state = head.logits(pos, True, want_ent, want_mean)
                 stats = state[1]
             else:
-                log_p, stats, hu = head.log_probs(pos, want_ent, want_mean)
+                log_p, stats, hu = head.log_probs(pos, want_ent, want_mean, probs=probs)
             result = entry.fn(_unit_chunk(stats, pos, scored, plan, layout), tensors, scalars, variant)
             value = value + result.value.float()
             record(pos, stats)
@@ -734,7 +847,7 @@ def _unit_loss_impl(face, hidden, weight, bias, lora_u, lora_B, targets, entry, 
                 if face == "triton":
                     head.block_grads(pos, state[0], stats, coefs, grads, needs)
                 else:
-                    head.block_grads(pos, log_p, hu, stats, coefs, grads, needs)
+                    head.block_grads(pos, log_p, hu, stats, coefs, grads, needs, probs)
             continue
         # one unit larger than a chunk: statistics block by block, the loss once, then each
         # block's logits again for its gradient
@@ -743,7 +856,7 @@ def _unit_loss_impl(face, hidden, weight, bias, lora_u, lora_B, targets, entry, 
         else:  # the last block's log-probs stay in the workspace: its gradient needs no recompute
             parts = []
             for b in plan.blocks:
-                log_p, part, hu = head.log_probs(b, want_ent, want_mean)
+                log_p, part, hu = head.log_probs(b, want_ent, want_mean, probs=probs and b is plan.blocks[-1])
                 parts.append(part)
         stats = _cat_stats(parts)
         result = entry.fn(_unit_chunk(stats, pos, scored, plan, layout), tensors, scalars, variant)
@@ -758,7 +871,7 @@ def _unit_loss_impl(face, hidden, weight, bias, lora_u, lora_B, targets, entry, 
                 b, part, sl = plan.blocks[i], parts[i], slice(bounds[i], bounds[i + 1])
                 block_coefs = Coefs(*(None if c is None else c[sl] for c in coefs))
                 if face == "torch" and i == len(plan.blocks) - 1:
-                    head.block_grads(b, log_p, hu, part, block_coefs, grads, needs)
+                    head.block_grads(b, log_p, hu, part, block_coefs, grads, needs, probs)
                 else:
                     head.recompute_grads(b, part, block_coefs, grads, needs)
     return value, logp_all, ent_all, mean_all, grads
@@ -905,8 +1018,7 @@ def linear_unit_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     with _autocast_off(hidden):
         value, logp, ent, mean, grads = _unit_loss_impl(
             face, hidden, weight, bias, lora_u, lora_B, targets, unit_loss(loss), list(tensors), list(scalars),
-            variant, tuple(layout), ignore_index, temperature, _resolve_chunk(chunk, hidden, weight, face),
-            want_entropy, want_mean, needs)
+            variant, tuple(layout), ignore_index, temperature, chunk, want_entropy, want_mean, needs)
     # cast now: the fp32 buffers are freed at once, and only input-dtype gradients wait for the backward
     inputs = (hidden, weight, bias, lora_u, lora_B)
     return [value, logp, ent, mean] + [g.to(t.dtype) if t is not None else g for g, t in zip(grads, inputs)]

@@ -1,14 +1,6 @@
 """Editing tests run micro models (random weights, the byte tokenizer's vocabulary) on one CPU thread."""
 import pytest
-import torch
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.fixtures import one_thread  # noqa: F401  (autouse)
 
 
 @pytest.fixture(autouse=True)

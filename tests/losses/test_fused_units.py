@@ -10,9 +10,9 @@ from peftkern import backend, losses
 from peftkern.losses.preference import orpo_pair_losses
 from peftkern.reference import logprobs as ref
 from tests.helpers import assert_close
+from tests.losses._fused_checks import (FACES, NAMES, check_against_float64, grads, head_kw, leaves,
+                                         token_logps)
 
-FACES = [f for f in ("torch", "triton") if backend.available("cpu")[f]]
-NAMES = ("hidden", "weight", "bias", "lora_A", "lora_B")
 SMOOTHING = {"robust": 0.2, "exo_pair": 1e-3, "sigmoid": 0.1}
 
 
@@ -32,40 +32,10 @@ def _batch(pairs=3, T=6, H=16, V=40, prompt=2, group=2, empty=True, head_extras=
     return [hidden, weight, bias, lora_A, lora_B], targets
 
 
-def _leaves(tensors, dtype):
-    return [None if t is None else t.detach().to(dtype).requires_grad_(True) for t in tensors]
-
-
-def _grads(value, tensors):
-    live = [t for t in tensors if t is not None]
-    got = iter(torch.autograd.grad(value, live, allow_unused=True))
-    return [None if t is None else next(got) for t in tensors]
-
-
-def _head_kw(params, temperature):
-    h, w, b, a, lb = params
-    return dict(bias=b, temperature=temperature, lora_A=a, lora_B=lb, lora_scaling=0.7)
-
-
-def _token_logps(params, targets, temperature):
-    h, w, b, a, lb = params
-    return ref.linear_logprobs(h, w, targets, bias=b, temperature=temperature, lora_A=a, lora_B=lb, lora_scaling=0.7)
-
-
 def _check(fused, reference, params, targets, temperature, face, chunk, dtype=torch.float32, factor=4.0):
     """fused(params, targets, temperature, chunk) and reference(token_logps, mask) -> loss; compare."""
-    p64 = _leaves(params, torch.float64)
-    expected = reference(_token_logps(p64, targets, temperature), targets != -100)
-    g_expected = _grads(expected * 1.7, p64)
-    mine = _leaves(params, dtype)
-    with backend.use(face):
-        loss = fused(mine, targets, temperature, chunk)
-    assert loss.dtype == torch.float32 and loss.dim() == 0
-    assert_close(loss, expected.detach(), dtype, "loss", factor)
-    for name, got, want in zip(NAMES, _grads(loss * 1.7, mine), g_expected):
-        if want is not None:
-            assert got is not None and got.dtype == dtype, f"d{name}"
-            assert_close(got, want, dtype, f"d{name}", factor)
+    check_against_float64(lambda p: fused(p, targets, temperature, chunk), reference, params, targets, temperature,
+                          face, dtype=dtype, factor=factor, scale=1.7)
 
 
 def _pairs(values, mask, average=False):
@@ -83,7 +53,7 @@ def _dpo_case(loss_type, pairs=3):
         h, w, *_ = p
         return losses.fused_dpo_loss(h, w, t, ref_logps[:pairs].float(), ref_logps[pairs:].float(), beta=0.3,
                                      loss_type=loss_type, label_smoothing=eps, chunk_size=chunk,
-                                     **_head_kw(p, temperature))[0]
+                                     **head_kw(p, temperature))[0]
 
     def reference(token, mask):
         chosen, rejected = _pairs(token, mask, average)
@@ -119,7 +89,7 @@ def test_dpo_without_bias_or_lora_and_16_bit(seed):
 def _simpo_case():
     def fused(p, t, temperature, chunk):
         return losses.fused_simpo_loss(p[0], p[1], t, beta=2.0, gamma=0.4, label_smoothing=0.1, chunk_size=chunk,
-                                       **_head_kw(p, temperature))[0]
+                                       **head_kw(p, temperature))[0]
 
     def reference(token, mask):
         return losses.simpo_loss(*_pairs(token, mask, True), beta=2.0, gamma=0.4, label_smoothing=0.1)[0]
@@ -132,7 +102,7 @@ def _cpo_case(loss_type, alpha=0.0):
     def fused(p, t, temperature, chunk):
         return losses.fused_cpo_loss(p[0], p[1], t, beta=0.2, loss_type=loss_type, label_smoothing=0.05 if loss_type
                                      == "sigmoid" else 0.0, alpha=alpha, cpo_alpha=0.6, chunk_size=chunk,
-                                     **_head_kw(p, temperature))[0]
+                                     **head_kw(p, temperature))[0]
 
     def reference(token, mask):
         half = token.shape[0] // 2
@@ -145,7 +115,7 @@ def _cpo_case(loss_type, alpha=0.0):
 
 def _orpo_case():
     def fused(p, t, temperature, chunk):
-        return losses.fused_orpo_loss(p[0], p[1], t, beta=0.3, chunk_size=chunk, **_head_kw(p, temperature))[0]
+        return losses.fused_orpo_loss(p[0], p[1], t, beta=0.3, chunk_size=chunk, **head_kw(p, temperature))[0]
 
     def reference(token, mask):  # orpo_loss computes in fp32 (as TRL); the same formula in float64 here
         half = token.shape[0] // 2
@@ -160,7 +130,7 @@ def _kto_case(loss_type, n=5):
     def fused(p, t, temperature, chunk):
         return losses.fused_kto_loss(p[0], p[1], t, labels, ref_logps.float(), kl=0.4, beta=0.2, desirable_weight=1.3,
                                      undesirable_weight=0.8, loss_type=loss_type, chunk_size=chunk,
-                                     **_head_kw(p, temperature))[0]
+                                     **head_kw(p, temperature))[0]
 
     def reference(token, mask):
         seq = losses.sequence_logps(token, mask)
@@ -197,18 +167,18 @@ def test_preference_losses(seed, face, case):
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
 def test_sft_forward_formed_gradients(seed, face, label_smoothing):
     params, targets = _batch(pairs=2, group=1)
-    p64 = _leaves(params, torch.float64)
+    p64 = leaves(params, torch.float64)
     h, w, b, a, lb = p64
     mean = ref.linear_mean_logprobs(h, w, targets, bias=b, temperature=0.8, lora_A=a, lora_B=lb, lora_scaling=0.7)
-    expected = losses.sft_loss(_token_logps(p64, targets, 0.8), targets != -100, label_smoothing=label_smoothing,
+    expected = losses.sft_loss(token_logps(p64, targets, 0.8), targets != -100, label_smoothing=label_smoothing,
                                token_mean_logps=mean)
-    g_expected = _grads(expected, p64)
-    mine = _leaves(params, torch.float32)
+    g_expected = grads(expected, p64)
+    mine = leaves(params, torch.float32)
     with backend.use(face):
         loss = losses.fused_sft_loss(mine[0], mine[1], targets, label_smoothing=label_smoothing, chunk_size=3,
-                                     **_head_kw(mine, 0.8))
+                                     **head_kw(mine, 0.8))
     assert_close(loss, expected.detach(), torch.float32, "loss", 4)
-    for name, got, want in zip(NAMES, _grads(loss, mine), g_expected):
+    for name, got, want in zip(NAMES, grads(loss, mine), g_expected):
         assert_close(got, want, torch.float32, f"d{name}", 4)
 
 
@@ -220,13 +190,13 @@ def test_same_as_recompute_path(seed, face):
     sequence log-probs through fused_linear_logprobs, then dpo_loss)."""
     params, targets = _batch()
     refs = -20.0 - 5 * torch.rand(6)
-    a, b = _leaves(params, torch.float32), _leaves(params, torch.float32)
+    a, b = leaves(params, torch.float32), leaves(params, torch.float32)
     with backend.use(face):
-        loss_a = losses.fused_dpo_loss(a[0], a[1], targets, refs[:3], refs[3:], beta=0.5, **_head_kw(a, 0.9))[0]
-        seq = losses.fused_sequence_logps(b[0], b[1], targets, **_head_kw(b, 0.9))
+        loss_a = losses.fused_dpo_loss(a[0], a[1], targets, refs[:3], refs[3:], beta=0.5, **head_kw(a, 0.9))[0]
+        seq = losses.fused_sequence_logps(b[0], b[1], targets, **head_kw(b, 0.9))
         loss_b = losses.dpo_loss(seq[:3], seq[3:], refs[:3], refs[3:], beta=0.5)[0]
     assert_close(loss_a, loss_b.detach(), torch.float32, "loss")
-    for name, ga, gb in zip(NAMES, _grads(loss_a, a), _grads(loss_b, b)):
+    for name, ga, gb in zip(NAMES, grads(loss_a, a), grads(loss_b, b)):
         assert_close(ga, gb, torch.float32, f"d{name}")
 
 
@@ -238,15 +208,15 @@ def test_gradient_accumulation_scales_stored_gradients(seed, face):
     refs = -20.0 - 5 * torch.rand(8, dtype=torch.float64)
     halves = [(slice(0, 2), slice(4, 6)), (slice(2, 4), slice(6, 8))]
     scales = (0.25, -1.5)
-    p64 = _leaves(params, torch.float64)
+    p64 = leaves(params, torch.float64)
     total = 0.0
-    token = _token_logps(p64, targets, 1.0)
+    token = token_logps(p64, targets, 1.0)
     for (c, r), s in zip(halves, scales):
         rows = torch.cat([torch.arange(8)[c], torch.arange(8)[r]])
         chosen, rejected = _pairs(token[rows], targets[rows] != -100)
         total = total + s * losses.dpo_loss(chosen, rejected, refs[c], refs[r], beta=0.4)[0]
-    expected = _grads(total, p64)
-    mine = _leaves(params, torch.float32)
+    expected = grads(total, p64)
+    mine = leaves(params, torch.float32)
     h, w, b, a, lb = mine
     for (c, r), s in zip(halves, scales):
         rows = torch.cat([torch.arange(8)[c], torch.arange(8)[r]])
@@ -269,10 +239,10 @@ def test_gradient_accumulation_scales_stored_gradients(seed, face):
 def test_no_grad_gives_the_value_only(seed):
     params, targets = _batch()
     refs = -20.0 - 5 * torch.rand(6)
-    p = _leaves(params, torch.float32)
-    with_grad = losses.fused_dpo_loss(p[0], p[1], targets, refs[:3], refs[3:], **_head_kw(p, 1.0))
+    p = leaves(params, torch.float32)
+    with_grad = losses.fused_dpo_loss(p[0], p[1], targets, refs[:3], refs[3:], **head_kw(p, 1.0))
     with torch.no_grad():
-        without = losses.fused_dpo_loss(p[0], p[1], targets, refs[:3], refs[3:], **_head_kw(p, 1.0))
+        without = losses.fused_dpo_loss(p[0], p[1], targets, refs[:3], refs[3:], **head_kw(p, 1.0))
     assert not without[0].requires_grad
     for x, y in zip(with_grad, without):
         assert_close(y, x.detach(), torch.float32, "no-grad value")

@@ -5,13 +5,10 @@ LigerFusedLinearGRPOLoss (loss, d hidden, d weight) for every loss type it has."
 import pytest
 import torch
 
-from peftkern import backend, losses
+from peftkern import losses
 from peftkern.reference import logprobs as ref
 from tests.helpers import assert_close
-
-FACES = [f for f in ("torch", "triton") if backend.available("cpu")[f]]
-NAMES = ("hidden", "weight", "bias", "lora_A", "lora_B")
-
+from tests.losses._fused_checks import FACES, check_against_float64, head_kw, leaves, token_logps
 
 def _batch(B=6, T=7, H=16, V=40, prompt=2, head_extras=True):
     """float64 leaves (hidden [B, T, H], weight, bias, lora_A, lora_B) and targets [B, T] (prompt
@@ -28,49 +25,19 @@ def _batch(B=6, T=7, H=16, V=40, prompt=2, head_extras=True):
     return params, targets
 
 
-def _leaves(tensors, dtype):
-    return [None if t is None else t.detach().to(dtype).requires_grad_(True) for t in tensors]
-
-
-def _grads(value, tensors):
-    live = [t for t in tensors if t is not None]
-    got = iter(torch.autograd.grad(value, live, allow_unused=True))
-    return [None if t is None else next(got) for t in tensors]
-
-
-def _head(params, temperature):
-    h, w, b, a, lb = params
-    return dict(bias=b, temperature=temperature, lora_A=a, lora_B=lb, lora_scaling=0.7)
-
-
-def _token_logps(params, targets, temperature):
-    h, w, b, a, lb = params
-    return ref.linear_logprobs(h, w, targets, bias=b, temperature=temperature, lora_A=a, lora_B=lb, lora_scaling=0.7)
-
-
 def _check(fused, reference, params, targets, face, temperature=0.8, dtype=torch.float32, factor=4.0):
-    p64 = _leaves(params, torch.float64)
-    expected = reference(_token_logps(p64, targets, temperature), targets != -100)
-    g_expected = _grads(expected * 1.3, p64)
-    mine = _leaves(params, dtype)
-    with backend.use(face):
-        out = fused(mine, targets, temperature)
-    assert out.loss.dtype == torch.float32 and out.loss.dim() == 0
     # group-normalized advantages sum to zero per group, so the loss is a sum that largely cancels: its
     # relative error runs above the gradients' (4.4e-5 seen in fp32 on one fresh seed), hence 4x the factor
-    assert_close(out.loss, expected.detach(), dtype, "loss", 4 * factor)
-    for name, got, want in zip(NAMES, _grads(out.loss * 1.3, mine), g_expected):
-        if want is not None:
-            assert got is not None and got.dtype == dtype, f"d{name}"
-            assert_close(got, want, dtype, f"d{name}", factor)
-    return out
+    return check_against_float64(lambda p: fused(p, targets, temperature), reference, params, targets, temperature,
+                                 face, dtype=dtype, factor=factor, loss_factor=4 * factor, scale=1.3,
+                                 loss_of=lambda out: out.loss)
 
 
 def _grpo_case(loss_type, level, beta, delta=None, quantile=1.0, chunk=None, spread=0.4):
     """(fused, reference) for one configuration; old / ref log-probs near the policy's."""
     params, targets = _batch()
     with torch.no_grad():
-        base = _token_logps(params, targets, 0.8)
+        base = token_logps(params, targets, 0.8)
     old = (base + spread * torch.randn_like(base)).float()
     refs = (base + spread * torch.randn_like(base)).float()
     adv = torch.randn(targets.shape[0])
@@ -81,7 +48,7 @@ def _grpo_case(loss_type, level, beta, delta=None, quantile=1.0, chunk=None, spr
 
     def fused(p, t, temperature):
         return losses.fused_grpo_loss(p[0], p[1], t, adv, old, refs, entropies=entropies if quantile < 1 else None,
-                                      chunk_size=chunk, return_entropy=True, **kw, **_head(p, temperature))
+                                      chunk_size=chunk, return_entropy=True, **kw, **head_kw(p, temperature))
 
     def reference(token, mask):
         return losses.grpo_loss(token, old.double(), refs.double(), adv.double(), mask, entropies=entropies, **kw).loss
@@ -95,7 +62,7 @@ def test_every_loss_type(seed, face, loss_type, level):
     params, targets, fused, reference = _grpo_case(loss_type, level, beta=0.05, chunk=None if face == "torch" else 9)
     out = _check(fused, reference, params, targets, face)
     with torch.no_grad():
-        expected = _token_logps(params, targets, 0.8).float()
+        expected = token_logps(params, targets, 0.8).float()
     assert_close(out.logps, expected, torch.float32, "logps")
     assert not out.logps.requires_grad and out.entropy.shape == targets.shape
 
@@ -117,9 +84,9 @@ def test_entropy_mask_computed_here_equals_given(seed):
     """Without ``entropies``, top_entropy_quantile < 1 runs a statistics pass first: the same loss as
     with the entropies given (the float64 ones), and the returned entropy is the distribution's."""
     params, targets = _batch()
-    p = _leaves(params, torch.float32)
+    p = leaves(params, torch.float32)
     adv = torch.randn(targets.shape[0])
-    kw = dict(loss_type="dapo", top_entropy_quantile=0.5, **_head(p, 0.9))
+    kw = dict(loss_type="dapo", top_entropy_quantile=0.5, **head_kw(p, 0.9))
     out = losses.fused_grpo_loss(p[0], p[1], targets, adv, return_entropy=True, **kw)
     given = losses.fused_grpo_loss(p[0], p[1], targets, adv, entropies=out.entropy, **kw)
     assert torch.equal(out.loss, given.loss)
@@ -140,7 +107,7 @@ def test_reference_from_hidden_states(seed):
     """beta > 0 with ref_hidden / ref_weight instead of ref_logps: the reference's log-probs computed
     here without gradients."""
     params, targets = _batch(head_extras=False)
-    p = _leaves(params, torch.float32)
+    p = leaves(params, torch.float32)
     ref_h, ref_w = torch.randn_like(p[0]), p[1].detach() + 0.05 * torch.randn_like(p[1])
     adv = torch.randn(targets.shape[0])
     with torch.no_grad():
@@ -155,13 +122,13 @@ def test_reference_from_hidden_states(seed):
 def test_rloo(seed, face):
     params, targets = _batch()
     with torch.no_grad():
-        seq = (_token_logps(params, targets, 0.8) * (targets != -100)).sum(-1)
+        seq = (token_logps(params, targets, 0.8) * (targets != -100)).sum(-1)
     old = (seq + 0.3 * torch.randn_like(seq)).float()
     adv = torch.randn(targets.shape[0])
 
     def fused(p, t, temperature):
         return losses.fused_rloo_loss(p[0], p[1], t, adv, old, epsilon=0.2, epsilon_high=0.28,
-                                      chunk_size=None if face == "torch" else 9, **_head(p, temperature))
+                                      chunk_size=None if face == "torch" else 9, **head_kw(p, temperature))
 
     def reference(token, mask):
         return losses.rloo_loss(token, old.double(), adv.double(), mask, epsilon=0.2, epsilon_high=0.28).loss
@@ -197,10 +164,10 @@ def test_matches_liger(seed, loss_type, level):
     liger_mod = pytest.importorskip("liger_kernel.chunked_loss")
     params, targets = _batch(B=8, T=9, head_extras=False)
     mask = targets != -100
-    h1, w1 = _leaves(params[:2], torch.float32)
-    h2, w2 = _leaves(params[:2], torch.float32)
+    h1, w1 = leaves(params[:2], torch.float32)
+    h2, w2 = leaves(params[:2], torch.float32)
     with torch.no_grad():
-        base = _token_logps([h1, w1, None, None, None], targets, 1.0).float()
+        base = token_logps([h1, w1, None, None, None], targets, 1.0).float()
     old = (base + 0.4 * torch.randn_like(base)) * mask
     refs = (base + 0.4 * torch.randn_like(base)) * mask
     adv = torch.randn(targets.shape[0])

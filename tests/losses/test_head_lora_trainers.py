@@ -9,14 +9,7 @@ from peftkern.train.config import TrainConfig
 from peftkern.train.model import base_causal_lm
 from peftkern.train.run import build_trainer
 from tests.helpers import assert_close
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.fixtures import one_thread  # noqa: F401  (autouse)
 
 
 def _trainer(tmp_path, kind, **kw):

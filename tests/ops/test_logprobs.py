@@ -158,6 +158,13 @@ def test_chunk_size_default_and_override(seed):
     assert default_chunk_size(5, 32000) == 5
     assert default_chunk_size(100000, 128256, threads=2) == 128
     assert default_chunk_size(100000, 128256, face="triton") == 2048
+    # the workspace scales with the call: 1/8 of the tokens, at least 64 rows, at most the cap
+    assert default_chunk_size(1024, 32000, threads=2) == 128
+    assert default_chunk_size(300, 32000, threads=1) == 64
+    assert default_chunk_size(100000, 32000, threads=1) == 512
+    # a unit loss's chunk holds its largest unit when that fits the cap
+    assert default_chunk_size(1024, 32000, threads=2, unit_tokens=512) == 512
+    assert default_chunk_size(4096, 32000, threads=2, unit_tokens=1536) == 512
     *params, t = _inputs((33,), 16, 50, 2, False, False)
     h, w = params[0].float(), params[1].float()
     a = fused_linear_logprobs(h, w, t, chunk_size=1)

@@ -8,16 +8,9 @@ import torch
 
 from peftkern.train.config import TrainConfig
 from peftkern.train.run import build_trainer
+from tests.fixtures import one_thread  # noqa: F401  (autouse)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _cfg(tmp_path, **kw):
