@@ -10,9 +10,12 @@
 * modeled-h100, loss step: vocab 128256, 16 prompts x 8 completions x 1024 tokens, hidden 4096,
   bf16; our Triton kernels counted under the interpreter, the naive aten sequence on meta tensors.
 * measured-cpu, end to end: one optimizer step of ``peftkern grpo`` against TRL 1.16's GRPOTrainer
-  + PEFT (LoRA r 16 on every linear) on the same tiny Llama, prompts and reward (the bundled exact
-  answer), each step sampling G = 8 completions of 4 prompts (16 tokens at most) and training on them:
-  time (interleaved medians) and peak RSS (fresh process).
+  + PEFT (LoRA r 16 on every linear) on the same model, prompts and reward, each step sampling G = 8
+  completions of 4 prompts and training on them (dapo, beta 0, one iteration, temperature 1, fp32
+  on both sides: TRL's bf16 default off; TRL's default gradient checkpointing on, as a user gets it):
+  the embedded tiny Llama with the bundled exact-answer reward (16 tokens at most), and a mid-size
+  Llama (hidden 512, 4 layers, vocab 32000, 128 tokens, a 24-word prompt) with a reward on the
+  completion ids. Time (interleaved medians, 1 and 2 threads) and peak RSS (fresh process).
 """
 from __future__ import annotations
 
@@ -37,8 +40,16 @@ TIME_TARGETS = {"naive": "<= 0.85", "liger": "< 1"}
 MEMORY_TARGETS = {"naive": "<= 0.10", "liger": "< 1"}
 
 GPU = pick(full=dict(prompts=16, g=8, seq=1024, v=128256, h=4096), quick=dict(prompts=2, g=2, seq=64, v=1024, h=256))
-E2E = pick(full=dict(prompts=4, g=8, completion=16, size="demo"), quick=dict(prompts=2, g=2, completion=4, size="micro"))
-E2E_ROUNDS = pick(5, 2)
+# one trainer step end to end: (prompts, G, completion tokens, model); "demo" = the embedded tiny Llama
+# (byte vocab: overheads dominate), "mid" = a Llama of hidden 512, 4 layers, vocab 32000 (the [B, T, V]
+# logits count), over a word-level tokenizer of 32000 ids
+E2E_CASES = pick(full=[dict(prompts=4, g=8, completion=16, size="demo"), dict(prompts=4, g=8, completion=128, size="mid")],
+                 quick=[dict(prompts=2, g=2, completion=4, size="micro")])
+E2E_THREADS = pick((1, 2), (1,))
+E2E_ROUNDS = pick(3, 2)
+MID = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+           num_key_value_heads=8, max_position_embeddings=512)
+MID_PROMPT_WORDS = 24
 
 
 def _batch(prompts, g, seq, v, h, dtype, device, seed=0, ragged=True):
@@ -223,26 +234,55 @@ def test_modeled_h100(record):
 # measured on the CPU: one trainer step end to end against TRL's GRPOTrainer + PEFT
 # ---------------------------------------------------------------------------------------------
 
-def _prompts(n):
-    from peftkern.models import tasks
+def low_ids_reward(prompts, completions, completion_ids, **columns):
+    """The mid case's reward (TRL's convention): the share of a completion's ids below 16000."""
+    return [sum(t < 16000 for t in ids) / max(len(ids), 1) for ids in completion_ids]
 
-    train, _ = tasks.split(n, 4)
-    return tasks.prompt_records(train)
+
+def word_tokenizer(vocab: int):
+    """A word-level tokenizer of ``vocab`` ids ("w3" .. ; 0 pad, 1 end, 2 start) for the mid model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<pad>": 0, "</s>": 1, "<s>": 2, **{f"w{i}": i for i in range(3, vocab)}}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
+
+
+def _e2e_setup(prompts: int, size: str):
+    """(model, tokenizer, prompt records, reward function, its 'module:function') of a case."""
+    from peftkern.models import build_byte_tokenizer, build_tiny_model, tasks
+    from peftkern.train.rewards import exact_answer
+
+    if size in ("demo", "micro"):
+        train, _ = tasks.split(prompts * 50, 4)
+        return (build_tiny_model(size), build_byte_tokenizer(), tasks.prompt_records(train), exact_answer,
+                "peftkern.train.rewards:exact_answer")
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(pad_token_id=0, eos_token_id=1, bos_token_id=2, **MID))
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 1
+    gen = torch.Generator().manual_seed(0)
+    words = torch.randint(3, MID["vocab_size"], (prompts * 50, MID_PROMPT_WORDS), generator=gen).tolist()
+    records = [{"prompt": " ".join(f"w{i}" for i in row)} for row in words]
+    return model, word_tokenizer(MID["vocab_size"]), records, low_ids_reward, "benchmarks.bench_grpo:low_ids_reward"
 
 
 def _ours_e2e(prompts, g, completion, size):
-    from peftkern.models import build_byte_tokenizer, build_tiny_model
     from peftkern.train.config import TrainConfig
     from peftkern.train.grpo import GRPOTrainer, online_prompts
     from peftkern.train.model import LMWithHeads, prepare_lm
 
-    cfg = TrainConfig(model="tiny", lora_r=16, lora_alpha=32, batch_size=prompts, lr=1e-3, max_steps=1000,
-                      num_generations=g, max_completion_length=completion, max_length=128, out=tempfile.mkdtemp(),
-                      quiet=True, strategy="none").check()
-    tok = build_byte_tokenizer()
+    model, tok, records, _, spec = _e2e_setup(prompts, size)
+    cfg = TrainConfig(model="tiny" if size != "mid" else "mid", reward_fn=None if size != "mid" else spec,
+                      lora_r=16, lora_alpha=32, batch_size=prompts, lr=1e-3, max_steps=1000, num_generations=g,
+                      max_completion_length=completion, max_length=completion + 64, out=tempfile.mkdtemp(),
+                      quiet=True, strategy="none", loss_type="dapo", beta=0.0, num_iterations=1,
+                      temperature=1.0).check()
     torch.manual_seed(0)
-    model = LMWithHeads(prepare_lm(cfg, build_tiny_model(size)))
-    trainer = GRPOTrainer(cfg, model, tok, online_prompts(tok, _prompts(prompts * 50), cfg))
+    trainer = GRPOTrainer(cfg, LMWithHeads(prepare_lm(cfg, model)), tok, online_prompts(tok, records, cfg))
     trainer.prepare()
     state = {"step": 0}
 
@@ -250,6 +290,7 @@ def _ours_e2e(prompts, g, completion, size):
         trainer.train_step(state["step"])
         state["step"] += 1
 
+    step.trainer = trainer
     return step
 
 
@@ -261,21 +302,17 @@ def _trl_e2e(prompts, g, completion, size):
     from transformers.utils import logging as hf_logging
     from trl import GRPOConfig, GRPOTrainer
 
-    from peftkern.models import build_byte_tokenizer, build_tiny_model
-    from peftkern.train.rewards import exact_answer
-
     hf_logging.set_verbosity_error()
     logging.getLogger("trl").setLevel(logging.ERROR)
-    tok = build_byte_tokenizer()
+    model, tok, records, reward, _ = _e2e_setup(prompts, size)
     torch.manual_seed(0)
-    model = build_tiny_model(size)
     args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=prompts * g, num_generations=g,
                       max_completion_length=completion, learning_rate=1e-3, report_to="none", use_cpu=True,
-                      save_strategy="no", dataloader_num_workers=0, disable_tqdm=True, logging_steps=10 ** 6)
-    trainer = GRPOTrainer(model=model, reward_funcs=[exact_answer], args=args,
-                          train_dataset=Dataset.from_list(_prompts(prompts * 50)), processing_class=tok,
-                          peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
-                                                 task_type="CAUSAL_LM"))
+                      bf16=False, save_strategy="no", dataloader_num_workers=0, disable_tqdm=True,
+                      logging_steps=10 ** 6, loss_type="dapo", beta=0.0, num_iterations=1, temperature=1.0)
+    trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=Dataset.from_list(records),
+                          processing_class=tok, peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                                                                      task_type="CAUSAL_LM"))
     loader = iter(trainer.get_train_dataloader())
     trainer.create_optimizer_and_scheduler(num_training_steps=1000)
     trainer.current_gradient_accumulation_steps = 1
@@ -287,6 +324,7 @@ def _trl_e2e(prompts, g, completion, size):
         trainer.lr_scheduler.step()
         trainer.optimizer.zero_grad(set_to_none=True)
 
+    step.trainer = trainer
     return step
 
 
@@ -297,30 +335,37 @@ def build_e2e_step(impl: str, prompts: int, g: int, completion: int, size: str):
     return step
 
 
-def _e2e_case():
-    p = E2E
+def _e2e_case(p):
+    model = ("tiny Llama 'demo' (byte vocab), exact-answer reward" if p["size"] != "mid" else
+             f"Llama hidden {MID['hidden_size']}, {MID['num_hidden_layers']} layers, vocab {MID['vocab_size']}, "
+             f"{MID_PROMPT_WORDS}-token prompts, reward on the ids")
     return (f"GRPO step end to end (sample G={p['g']} x {p['prompts']} prompts, <= {p['completion']} tokens, "
-            f"reward, loss, optimizer), LoRA r=16 all-linear", dict(p))
+            f"reward, loss dapo beta 0, AdamW), LoRA r=16 all-linear, {model}", dict(p))
 
 
-def test_e2e_time(timer, record):
+@pytest.mark.parametrize("threads", E2E_THREADS, indirect=True)
+@pytest.mark.parametrize("case", E2E_CASES, ids=lambda c: c["size"])
+def test_e2e_time(case, threads, timer, record):
     pytest.importorskip("trl")
-    case, shape = _e2e_case()
-    steps = {impl: build_e2e_step(impl, **E2E) for impl in ("ours", "trl")}
-    medians = timer(steps, rounds=E2E_ROUNDS)
-    record(kind="measured-cpu", case=case, shape=shape, dtype="float32", metric="step time", unit="s",
-           ours=medians["ours"], peer=medians["trl"], peer_name="PEFT + TRL GRPOTrainer", target="<= 0.50",
-           note=f"{torch.get_num_threads()} torch thread(s); {len(timer.samples['ours'])} interleaved rounds; "
+    name, shape = _e2e_case(case)
+    steps = {impl: build_e2e_step(impl, **case) for impl in ("ours", "trl")}
+    medians = timer(steps, rounds=E2E_ROUNDS, warmup=0)  # each builder has taken a step already
+    record(kind="measured-cpu", case=name, shape={**shape, "threads": threads}, dtype="float32",
+           metric=f"step time, {threads} thread(s)", unit="s", ours=medians["ours"], peer=medians["trl"],
+           peer_name="PEFT + TRL GRPOTrainer", target="<= 0.50",
+           note=f"{len(timer.samples['ours'])} interleaved rounds; "
            f"ours IQR/median {spread(timer.samples['ours']):.0%}, trl {spread(timer.samples['trl']):.0%}; "
-           f"load average {os.getloadavg()[0]:.1f}")
+           + ", ".join(f"{k} {min(v):.2f}-{max(v):.2f} s" for k, v in timer.samples.items())
+           + f"; load average {os.getloadavg()[0]:.1f}")
 
 
-def test_e2e_memory(record):
+@pytest.mark.parametrize("case", E2E_CASES, ids=lambda c: c["size"])
+def test_e2e_memory(case, record):
     pytest.importorskip("trl")
-    case, shape = _e2e_case()
-    peaks = {impl: memory.peak_rss("benchmarks.bench_grpo:build_e2e_step", dict(impl=impl, **E2E),
+    name, shape = _e2e_case(case)
+    peaks = {impl: memory.peak_rss("benchmarks.bench_grpo:build_e2e_step", dict(impl=impl, **case),
                                    preload=("trl", "peft", "transformers", "peftkern.train.grpo"))["extra_bytes"]
              for impl in ("ours", "trl")}
-    record(kind="measured-cpu", case=case, shape=shape, dtype="float32", metric="peak RSS extra (fresh process)",
+    record(kind="measured-cpu", case=name, shape=shape, dtype="float32", metric="peak RSS extra (fresh process)",
            unit="MiB", ours=peaks["ours"] / 2 ** 20, peer=peaks["trl"] / 2 ** 20, peer_name="PEFT + TRL GRPOTrainer",
-           target="<= 0.50")
+           target="<= 0.50", note=f"{torch.get_num_threads()} torch thread(s); load average {os.getloadavg()[0]:.1f}")

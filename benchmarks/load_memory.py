@@ -8,8 +8,9 @@ The checkpoint is TinyLlama-1.1B's architecture (hidden 2048, 22 layers, GQA 32/
 intermediate 5632, vocab 32000, untied head) with random weights (std 0.02), bf16, in 2 safetensors
 shards plus the embedded byte tokenizer; it is written one tensor at a time and never committed.
 
-Each case runs ``peftkern sft --model DIR --max-steps 1 ...`` (and a load-only twin that stops
-after the model is built and prepared) in a fresh process under ``MALLOC_MMAP_THRESHOLD_=65536``
+Each case runs ``peftkern sft --model DIR --max-steps 1 ...`` (a load-only twin stops after the
+model is built and prepared and one no-grad forward of 8 tokens has read every weight; an ``-act``
+twin reports the bytes the step's forward saves for its backward) in a fresh process under ``MALLOC_MMAP_THRESHOLD_=65536``
 (docs/BENCHMARKS.md: glibc otherwise keeps freed blocks in RSS and peaks drift); the figure is
 the child's ``ru_maxrss``. The baseline is a fresh process that imports everything the run imports
 and builds the model class on the meta device; "extra" is the peak minus that baseline.
@@ -90,8 +91,11 @@ def reference_bytes(directory: str) -> dict:
                                if f.endswith(".safetensors"))}
 
 
+# The load-only twin: the model built and its adapters added, then one forward of 8 tokens with no
+# gradient, which reads every weight: weights kept in their stored dtype stay in the mapped file
+# until first used (as transformers 5 does), so the load alone would not count them.
 LOAD_ONLY = """
-import sys
+import sys, torch
 from peftkern.cli import _parser
 from peftkern.train.config import config_from_args
 from peftkern.train.loading import load_lm
@@ -99,7 +103,34 @@ from peftkern.train.model import prepare_lm
 args = _parser().parse_args(sys.argv[1:])
 cfg = config_from_args(args, "sft")
 lm = prepare_lm(cfg, load_lm(cfg, quiet=True))
+with torch.no_grad():
+    lm(torch.arange(1, 9)[None])
 print(sum(p.numel() for p in lm.parameters() if p.requires_grad))
+"""
+
+# What one step's forward keeps for its backward ("activations"): the bytes of every tensor autograd
+# saves that is not a parameter or buffer (hidden states, norms' fp32 inputs, the compute-dtype
+# copies of the adapters), unique storages, for the step's first micro-batch; not a peak RSS.
+ACTIVATIONS = """
+import json, sys, torch
+from peftkern.cli import _parser
+from peftkern.train.config import config_from_args
+from peftkern.train.run import build_trainer
+cfg = config_from_args(_parser().parse_args(sys.argv[1:]), "sft")
+trainer = build_trainer("sft", cfg)
+batch = trainer.to_device(trainer.collate(trainer.micro_batches(0)[0]))
+owned = {t.untyped_storage().data_ptr() for t in list(trainer.module.parameters()) + list(trainer.module.buffers())}
+saved = {}
+def pack(t):
+    storage = t.untyped_storage()
+    if storage.data_ptr() not in owned:
+        saved[storage.data_ptr()] = storage.nbytes()
+    return t
+with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    loss, _ = trainer.loss(trainer.model, batch)
+trainable = sum(p.numel() * p.element_size() for p in trainer.module.parameters() if p.requires_grad)
+print(json.dumps({"activation_bytes": sum(saved.values()), "tokens": int(batch["input_ids"].numel()),
+                  "trainable_bytes": trainable}))
 """
 
 # The peers' load, for comparison: transformers' from_pretrained in bf16 / fp32, and with bitsandbytes
@@ -142,9 +173,12 @@ print(json.dumps([os.waitstatus_to_exitcode(status), usage.ru_maxrss]), file=sys
 """
 
 
-def _child(argv: list[str]) -> dict:
-    """Run ``argv`` in a fresh process; its own peak RSS (``wait4``'s rusage of that child)."""
+def _child(argv: list[str], threads: int | None = None) -> dict:
+    """Run ``argv`` in a fresh process (``threads`` torch threads, default: torch's); its own peak RSS
+    (``wait4``'s rusage of that child)."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env.pop("TRITON_INTERPRET", None)
     start = time.time()
     done = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, *argv], env=env, capture_output=True, text=True)
@@ -154,15 +188,24 @@ def _child(argv: list[str]) -> dict:
     return {"peak_bytes": maxrss * 1024, "seconds": round(time.time() - start, 1), "stdout": done.stdout[-300:]}
 
 
+def _sft_args(directory: str, data: str, flags: list[str]) -> list[str]:
+    out = os.path.join(tempfile.mkdtemp(), "run")
+    return ["sft", "--model", directory, "--data", data, "--max-steps", "1", "--batch-size", "2", "--max-length", "64",
+            "--lora-r", "16", "--out", out, "--quiet", *flags]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", required=True, help="checkpoint folder (made when it has no config.json)")
     p.add_argument("--cases", default="baseline,nf4-load,nf4,bf16-load,bf16", help=f"comma-separated from baseline, "
-                   f"{', '.join(CASES)}, each optionally with '-load' (the load-only twin), or the peers' load-only "
+                   f"{', '.join(CASES)}, each optionally with '-load' (the load-only twin) or '-act' (the bytes the "
+                   f"step's forward saves for its backward), or the peers' load-only "
                    f"{', '.join(PEERS)}; run one after another")
     p.add_argument("--python", default=sys.executable, help="interpreter of the runs (default: this one)")
     p.add_argument("--repo", default=ROOT, help="peftkern checkout the runs import (default: this one; e.g. main's "
                    "to measure the code before streaming loads)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of every run (OMP_NUM_THREADS; default: "
+                   "torch's own, the core count)")
     p.add_argument("--json", default=None, help="write the figures here")
     args = p.parse_args()
     if not os.path.isfile(os.path.join(args.dir, "config.json")):
@@ -173,26 +216,32 @@ def main() -> int:
     with open(data, "w") as f:
         for i in range(4):
             f.write(json.dumps({"prompt": f"What is {i} plus {i}?", "completion": f" {2 * i}."}) + "\n")
-    results = {"reference": refs, "cases": {}}
+    results = {"reference": refs, "threads": args.threads, "load_average_before": os.getloadavg(), "cases": {}}
     os.environ["PYTHONPATH"] = args.repo
     for case in args.cases.split(","):
+        if case.endswith("-act"):  # what the step's forward saves for its backward (not a peak)
+            flags, _ = CASES[case.removesuffix("-act")]
+            res = _child([args.python, "-c", ACTIVATIONS, *_sft_args(args.dir, data, flags)], args.threads)
+            res.update(json.loads(res.pop("stdout").strip().splitlines()[-1]))
+            results["cases"][case] = res
+            print(f"{case:<14} activations {res['activation_bytes'] / 2**20:.1f} MiB ({res['tokens']} tokens)", flush=True)
+            continue
         name, load_only = case.removesuffix("-load"), case.endswith("-load")
         if name == "baseline":
-            res = _child([args.python, "-c", BASELINE, args.dir])
+            res = _child([args.python, "-c", BASELINE, args.dir], args.threads)
         elif name in PEERS:
-            res = _child([args.python, "-c", PEER_LOAD, name, args.dir])
+            res = _child([args.python, "-c", PEER_LOAD, name, args.dir], args.threads)
         else:
             flags, _ = CASES[name]
-            out = tempfile.mkdtemp()
-            sft = ["sft", "--model", args.dir, "--data", data, "--max-steps", "1", "--batch-size", "2", "--max-length",
-                   "64", "--lora-r", "16", "--out", os.path.join(out, "run"), "--quiet", *flags]
+            sft = _sft_args(args.dir, data, flags)
             argv = [args.python, "-c", LOAD_ONLY, *sft] if load_only else [args.python, "-m", "peftkern", *sft]
-            res = _child(argv)
+            res = _child(argv, args.threads)
         results["cases"][case] = res
         print(f"{case:<14} peak {res['peak_bytes'] / 2**30:6.2f} GiB  ({res['seconds']} s)", flush=True)
+    results["load_average_after"] = os.getloadavg()
     base = results["cases"].get("baseline", {}).get("peak_bytes")
     for case, res in results["cases"].items():
-        if base and case != "baseline":
+        if base and case != "baseline" and "peak_bytes" in res and not case.endswith("-act"):
             res["extra_bytes"] = res["peak_bytes"] - base
             ref = refs["nf4_model_bytes"] if "nf4" in case else refs["bf16_bytes"]
             res["extra_over_reference"] = round(res["extra_bytes"] / ref, 3)

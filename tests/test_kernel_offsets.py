@@ -89,7 +89,7 @@ def test_dora_norm_forward_and_backward():
     tiles = -(-N // ncfg["BLOCK_N"])
     _run(dora._dora_norm_kernel, args, [0, tiles - 1], tiles)
 
-    cfg = dora._fwd_config(T)
+    cfg = lr.lora_fwd_config(T)  # DoRA forward tiles are LoRA's
     tiles_m, tiles_n = -(-M // cfg["BLOCK_M"]), -(-N // cfg["BLOCK_N"])
     args = dict(x_ptr=Buffer(T, M, K), w_ptr=Buffer(T, N, K), bias_ptr=Buffer(T, N), a_ptr=Buffer(T, R, K),
                 b_ptr=Buffer(T, N, R), scale_ptr=Buffer(torch.float32, N), u_ptr=Buffer(T, M, R),

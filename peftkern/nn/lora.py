@@ -235,12 +235,36 @@ class LoRALinear(nn.Module):
                 weight = self._weight_out_in().to(dtype)
                 bias = self.base_layer.bias
                 bias = bias.to(dtype) if bias is not None else None
+                if not torch.is_grad_enabled() and not (self.training and self._dropout_p(first) > 0) \
+                        and self._plain_pays(x):
+                    y = self._plain_no_grad(x, weight, bias, first, dtype)
+                    for name in rest:
+                        y = y + self._rank_term(x, name, dtype)
+                    return y.to(out_dtype)
                 y = lora_linear(x, weight, bias, self.lora_A[first].weight.to(dtype),
                                 self.lora_B[first].weight.to(dtype), self.scaling[first], self._dropout_p(first),
                                 self.training)
             for name in rest:  # further active adapters: the plain rank-r path, added on
                 y = y + self._rank_term(x, name, dtype)
         return y.to(out_dtype)
+
+    @staticmethod
+    def _plain_pays(x: torch.Tensor) -> bool:
+        """Whether a no-grad forward takes the plain path: always off CUDA (the op's torch face does the
+        same GEMMs behind a per-call dispatch), on CUDA only for decoding-sized inputs (<= 128 rows),
+        where launches, not bytes, set the time; a large prefill or scoring pass keeps the fused kernel."""
+        return x.device.type != "cuda" or x.numel() <= 128 * x.shape[-1]
+
+    def _plain_no_grad(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, name: str,
+                       dtype: torch.dtype) -> torch.Tensor:
+        """x W^T + b + s (x A^T) B^T with two plain GEMMs and an in-place addmm, for forwards without
+        autograd (decoding, scoring, evaluation): the same math as ``lora_linear``'s torch face without
+        the registered op's per-call dispatch, which dominates a decoding step at small shapes."""
+        x2d = x.reshape(-1, x.shape[-1])
+        y = torch.addmm(bias, x2d, weight.t()) if bias is not None else x2d @ weight.t()
+        y.addmm_(x2d @ self.lora_A[name].weight.to(dtype).t(), self.lora_B[name].weight.to(dtype).t(),
+                 alpha=self.scaling[name])
+        return y.view(*x.shape[:-1], weight.shape[0])
 
     def _rank_term(self, x: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
         """s * (drop(x) A^T) B^T of adapter ``name``, in ``dtype`` (x already in it)."""

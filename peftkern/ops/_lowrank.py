@@ -1,8 +1,11 @@
-"""The low-rank core: the ``@triton.jit`` building blocks the LoRA, DoRA and NF4 kernels are made
-of, and the launch helpers their launchers share (docs/ARCHITECTURE.md, "ops/").
+"""The low-rank core: the ``@triton.jit`` building blocks the LoRA, DoRA, NF4 and multi-adapter
+LoRA kernels are made of (IA3 takes the tile order and the launch helpers), and the launch helpers
+their launchers share (docs/ARCHITECTURE.md, "ops/"; docs/kernels.md, "The low-rank core").
 
 Every name here is public on purpose: an op's kernels are compositions of these blocks, and no op
-imports another op's private names.
+imports another op's private names. Features are constexpr flags (HAS_DROPOUT, COMPUTE_DX,
+HAS_COL_SCALE, COL_SUMS), so each launch compiles only what it uses; a rank R = 0 (a row tile of
+the base alone in a multi-adapter launch) makes every rank-r block do nothing.
 
 The blocks, in the order a LoRA step uses them:
 
@@ -19,14 +22,16 @@ The blocks, in the order a LoRA step uses them:
   its epilogue, after the main loop, when the producer (dispatched before it) is long done. Waits
   only ever point at programs with a lower id, so they never deadlock; the flags live in a
   per-launch buffer (:func:`flag_buffer`).
-* :func:`down_tile`: drop(x[rows]) A^T in fp32 (the producer of the forward).
-* :func:`rank_term`: acc += s u[rows] B[cols]^T over rank chunks, the rank-r term added to a GEMM
-  accumulator after its K loop.
-* :func:`g_db_step`: one N step of the backward's producer: g += dy B, and dB += s dy^T u (atomics).
-* :func:`g_and_db`: the backward's whole producer over a row block (g stored, dB accumulated).
-* :func:`xwt_tile` / :func:`dyw_tile`: the dense base GEMM tiles, x W^T over K and dy W over N.
-* :func:`ga_term`: acc += s g[rows] A[:, ks], the rank-r term of dx.
-* :func:`da_from_x`: dA[:, ks] += s g^T (keep * x) from x sub-tiles (atomics).
+* forward: :func:`produce_u` (the producer program: :func:`down_tile` per rank chunk, u stored,
+  published); :func:`xwt_tile` (the dense base GEMM tile); :func:`published_rank_term` (wait, then
+  :func:`rank_term`: acc += s u B^T over rank chunks after the K loop); :func:`finish_y` (+ bias,
+  store).
+* backward: :func:`produce_g` (the producer program: :func:`g_and_db` = g += dy' B and dB += s dy'^T u
+  per N step (:func:`g_db_step`), published, dB's N chunks cast by :func:`cast_db_chunk`);
+  :func:`dense_dx_tile` (the dx program over a dense W: :func:`dyw_tile`, then :func:`dx_and_da` =
+  wait, + s keep (g A) (:func:`ga_term`), store, dA from x sub-tiles (:func:`da_from_x`), then
+  :func:`cast_da_tile`). dy' is dy scaled per output column (:func:`scaled_dy`, HAS_COL_SCALE: DoRA's
+  m / ||W + s B A||); COL_SUMS adds DoRA's column sums of dy and dy * y to the producer's N loop.
 * :func:`last_arrival` and :func:`cast_tile`: fp32 atomic accumulators are cast to the output dtype
   by the last program that adds into them, so no cast launch follows.
 
@@ -156,15 +161,28 @@ def xwt_tile(x_ptr, w_ptr, rows, row_ok, cols, col_ok, K, stride_xm, stride_xk, 
 
 
 @triton.jit
-def dyw_tile(dy_ptr, w_ptr, rows, row_ok, ks, k_ok, N, stride_dym, stride_dyn, stride_wn, stride_wk,
-             PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """fp32 [BLOCK_M, BLOCK_K] = dy[rows] W[:, ks] over N (the backward's dx GEMM tile)."""
+def scaled_dy(dy, col_scale_ptr, cols, col_ok, HAS_COL_SCALE: tl.constexpr):
+    """dy [rows, cols] times a per-column fp32 scale (DoRA's m / ||W + s B A||), back in dy's dtype;
+    dy itself without HAS_COL_SCALE (the pointer is then never read)."""
+    if HAS_COL_SCALE:
+        col_scale = tl.load(col_scale_ptr + cols, mask=col_ok, other=0.0)
+        dy = (dy.to(tl.float32) * col_scale[None, :]).to(dy.dtype)
+    return dy
+
+
+@triton.jit
+def dyw_tile(dy_ptr, w_ptr, col_scale_ptr, rows, row_ok, ks, k_ok, N, stride_dym, stride_dyn, stride_wn, stride_wk,
+             HAS_COL_SCALE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_K: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_K] = dy'[rows] W[:, ks] over N (the backward's dx GEMM tile), dy' = dy
+    scaled per column when HAS_COL_SCALE (:func:`scaled_dy`), dy otherwise."""
     dy_rows = dy_ptr + rows.to(tl.int64)[:, None] * stride_dym
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         ns = n0 + tl.arange(0, BLOCK_N)
         n_ok = ns < N
         dy = tl.load(dy_rows + ns[None, :] * stride_dyn, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+        dy = scaled_dy(dy, col_scale_ptr, ns, n_ok, HAS_COL_SCALE)
         w = tl.load(w_ptr + ns.to(tl.int64)[:, None] * stride_wn + ks[None, :] * stride_wk,
                     mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(dy, w, acc, input_precision=PRECISION)
@@ -197,6 +215,39 @@ def down_tile(x_ptr, a_ptr, rows, row_ok, ranks, rank_ok, K, stride_xm, stride_x
 
 
 @triton.jit
+def store_tile(ptr, value, rows, row_ok, cols, col_ok, stride_r, stride_c):
+    """ptr[rows, cols] = value in ptr's dtype (int64 row offsets), masked to real rows and columns."""
+    tl.store(ptr + rows.to(tl.int64)[:, None] * stride_r + cols[None, :] * stride_c,
+             value.to(ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def produce_u(x_ptr, a_ptr, u_ptr, flag_ptr, rows, row_ok, K, R, U_COLS, stride_xm, stride_xk, stride_ar, stride_ak,
+              stride_um, stride_ur, ticket, p, inv_keep, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The forward's producer of a row tile: u[rows, :R] = drop(x[rows]) A^T / (1 - p) per rank chunk
+    (:func:`down_tile`), zeros in u's columns R..U_COLS (an adapter stack's padding; none when
+    U_COLS = R), then the tile's flag published (``flag_ptr``)."""
+    for r0 in range(0, R, BLOCK_R):
+        ranks = r0 + tl.arange(0, BLOCK_R)
+        u = down_tile(x_ptr, a_ptr, rows, row_ok, ranks, ranks < R, K, stride_xm, stride_xk, stride_ar, stride_ak,
+                      ticket, p, HAS_DROPOUT, PRECISION, BLOCK_M, BLOCK_K, BLOCK_R) * inv_keep
+        store_tile(u_ptr, u, rows, row_ok, ranks, ranks < U_COLS, stride_um, stride_ur)
+    for r0 in range(tl.cdiv(R, BLOCK_R) * BLOCK_R, U_COLS, BLOCK_R):
+        ranks = r0 + tl.arange(0, BLOCK_R)
+        store_tile(u_ptr, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), rows, row_ok, ranks, ranks < U_COLS,
+                   stride_um, stride_ur)
+    publish(flag_ptr, ticket)
+
+
+@triton.jit
+def finish_y(acc, y_ptr, bias_ptr, rows, row_ok, cols, col_ok, stride_ym, stride_yn):
+    """y[rows, cols] = acc + b[cols] (fp32 accumulator; b's zeros when the layer has none)."""
+    acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    store_tile(y_ptr, acc, rows, row_ok, cols, col_ok, stride_ym, stride_yn)
+
+
+@triton.jit
 def rank_term(acc, u_ptr, b_ptr, rows, row_ok, cols, col_ok, R, stride_um, stride_ur, stride_bn, stride_br, scale,
               PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
     """acc + scale * u[rows] B[cols]^T over rank chunks of BLOCK_R: one more short K-step into the
@@ -218,6 +269,18 @@ def rank_term(acc, u_ptr, b_ptr, rows, row_ok, cols, col_ok, R, stride_um, strid
 
 
 @triton.jit
+def published_rank_term(acc, flag_ptr, ticket, u_ptr, b_ptr, rows, row_ok, cols, col_ok, R, stride_um, stride_ur,
+                        stride_bn, stride_br, scale, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
+    """A GEMM tile's rank-r term: wait for its row tile's u (``flag_ptr``), then :func:`rank_term`.
+    R = 0 (rows without an adapter): acc as it is, no wait."""
+    if R > 0:
+        wait_published(flag_ptr, ticket)
+        acc = rank_term(acc, u_ptr, b_ptr, rows, row_ok, cols, col_ok, R, stride_um, stride_ur, stride_bn, stride_br,
+                        scale, PRECISION, BLOCK_R)
+    return acc
+
+
+@triton.jit
 def g_db_step(g, dy, u, cols, col_ok, ranks, rank_ok, b_ptr, db_ptr, stride_bn, stride_br, R, db_scale,
               PRECISION: tl.constexpr):
     """One N step of the backward's producer over a row block: returns g + dy B[cols, ranks], and adds
@@ -232,12 +295,16 @@ def g_db_step(g, dy, u, cols, col_ok, ranks, rank_ok, b_ptr, db_ptr, stride_bn, 
 
 
 @triton.jit
-def g_and_db(dy_ptr, u_ptr, b_ptr, g_ptr, db_ptr, rows, row_ok, N, R, DB_R, stride_dym, stride_dyn, stride_um,
-             stride_ur, stride_bn, stride_br, stride_gm, stride_gr, db_scale, PRECISION: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """The backward's producer over a row block, per rank chunk: g[rows] = dy B (stored in g's dtype)
-    and dB += db_scale * dy^T u into the fp32 dB [N, DB_R] (atomics, :func:`g_db_step`), dy read
-    once per rank chunk."""
+def g_and_db(dy_ptr, u_ptr, b_ptr, g_ptr, db_ptr, col_scale_ptr, y_ptr, dy_y_sum_ptr, dy_sum_ptr, rows, row_ok, N, R,
+             DB_R, stride_dym, stride_dyn, stride_um, stride_ur, stride_bn, stride_br, stride_gm, stride_gr,
+             stride_ym, stride_yn, db_scale, HAS_COL_SCALE: tl.constexpr, COL_SUMS: tl.constexpr,
+             PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The backward's producer over a row block, per rank chunk: g[rows] = dy' B (stored in g's dtype)
+    and dB += db_scale * dy'^T u into the fp32 dB [N, DB_R] (atomics, :func:`g_db_step`), dy read
+    once per rank chunk; dy' = dy scaled per column when HAS_COL_SCALE (:func:`scaled_dy`).
+    COL_SUMS: also the column sums of dy * y[rows] and of dy over the row block, added (fp32
+    atomics) into dy_y_sum [N] and dy_sum [N] from the first rank chunk's dy tiles (DoRA's
+    magnitude and bias gradients). R = 0 stores nothing (a row tile without an adapter)."""
     dy_rows = dy_ptr + rows.to(tl.int64)[:, None] * stride_dym
     for r0 in range(0, R, BLOCK_R):
         ranks = r0 + tl.arange(0, BLOCK_R)
@@ -249,10 +316,70 @@ def g_and_db(dy_ptr, u_ptr, b_ptr, g_ptr, db_ptr, rows, row_ok, N, R, DB_R, stri
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < N
             dy = tl.load(dy_rows + cols[None, :] * stride_dyn, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            g = g_db_step(g, dy, u, cols, col_ok, ranks, rank_ok, b_ptr, db_ptr, stride_bn, stride_br, DB_R, db_scale,
-                          PRECISION)
-        tl.store(g_ptr + rows.to(tl.int64)[:, None] * stride_gm + ranks[None, :] * stride_gr,
-                 g.to(g_ptr.dtype.element_ty), mask=row_ok[:, None] & rank_ok[None, :])
+            g = g_db_step(g, scaled_dy(dy, col_scale_ptr, cols, col_ok, HAS_COL_SCALE), u, cols, col_ok, ranks,
+                          rank_ok, b_ptr, db_ptr, stride_bn, stride_br, DB_R, db_scale, PRECISION)
+            if COL_SUMS:
+                if r0 == 0:
+                    dyf = dy.to(tl.float32)
+                    y = tl.load(y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn,
+                                mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+                    tl.atomic_add(dy_y_sum_ptr + cols, tl.sum(dyf * y, axis=0), mask=col_ok, sem="relaxed")
+                    tl.atomic_add(dy_sum_ptr + cols, tl.sum(dyf, axis=0), mask=col_ok, sem="relaxed")
+        store_tile(g_ptr, g, rows, row_ok, ranks, rank_ok, stride_gm, stride_gr)
+
+
+@triton.jit
+def cast_db_chunk(counter_ptr, arrivals, db_acc_ptr, db_ptr, cols, col_ok, R, copies, copy_stride,
+                  BLOCK_R: tl.constexpr):
+    """Count a producer into an N chunk of dB (rows ``cols``); the last of ``arrivals`` casts that
+    chunk of the fp32 sums to dB's dtype in each of ``copies`` copies (adapters) of [N, R],
+    ``copy_stride`` elements apart. Returns whether this program was the last."""
+    last = last_arrival(counter_ptr, arrivals)
+    if last:
+        src = db_acc_ptr
+        dst = db_ptr
+        for _e in range(0, copies):
+            for r0 in range(0, R, BLOCK_R):
+                ranks = r0 + tl.arange(0, BLOCK_R)
+                cast_tile(src, dst, cols.to(tl.int64)[:, None] * R + ranks[None, :],
+                          col_ok[:, None] & (ranks[None, :] < R))
+            src += copy_stride
+            dst += copy_stride
+    return last
+
+
+@triton.jit
+def produce_g(dy_ptr, u_ptr, b_ptr, g_ptr, db_sum_ptr, db_acc_ptr, db_ptr, flag_ptr, count_ptr, rows, row_ok, N, R,
+              DB_R, copies, arrivals, stride_dym, stride_dyn, stride_um, stride_ur, stride_bn, stride_br, stride_gm,
+              stride_gr, db_scale, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_R: tl.constexpr):
+    """The backward's producer program of a row tile: g = dy B and dB += db_scale dy^T u into the fp32
+    sums at ``db_sum_ptr`` (:func:`g_and_db`), the tile published (``flag_ptr``), then each N chunk
+    counted in (``count_ptr``, one counter per chunk) and cast by the last of ``arrivals`` producers
+    (:func:`cast_db_chunk`, ``copies`` adapters of [N, DB_R] from ``db_acc_ptr``)."""
+    g_and_db(dy_ptr, u_ptr, b_ptr, g_ptr, db_sum_ptr, dy_ptr, dy_ptr, db_sum_ptr, db_sum_ptr, rows, row_ok, N, R, DB_R,
+             stride_dym, stride_dyn, stride_um, stride_ur, stride_bn, stride_br, stride_gm, stride_gr, stride_dym,
+             stride_dyn, db_scale, False, False, PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+    publish(flag_ptr, 0)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cast_db_chunk(count_ptr + n0 // BLOCK_N, arrivals, db_acc_ptr, db_ptr, cols, cols < N, DB_R, copies,
+                      N * DB_R, BLOCK_R)
+
+
+@triton.jit
+def cast_da_tile(counter_ptr, arrivals, da_acc_ptr, da_ptr, ks, k_ok, K, R, copies, BLOCK_R: tl.constexpr):
+    """Count a dx tile into dA's column tile ``ks``; the last of ``arrivals`` casts those columns of
+    the fp32 sums [copies, R, K] (contiguous) to dA's dtype, in every copy (adapter)."""
+    if last_arrival(counter_ptr, arrivals):
+        src = da_acc_ptr
+        dst = da_ptr
+        for _e in range(0, copies):
+            for r0 in range(0, R, BLOCK_R):
+                ranks = r0 + tl.arange(0, BLOCK_R)
+                cast_tile(src, dst, ranks.to(tl.int64)[:, None] * K + ks[None, :], (ranks[:, None] < R) & k_ok[None, :])
+            src += R * K
+            dst += R * K
 
 
 @triton.jit
@@ -296,6 +423,54 @@ def da_from_x(da_ptr, x_ptr, g_ptr, rows, row_ok, k_first, K, R, stride_xm, stri
             part = tl.dot(tl.trans(g), x, input_precision=PRECISION) * scale
             tl.atomic_add(da_ptr + ranks.to(tl.int64)[:, None] * K + sub[None, :], part,
                           mask=rank_ok[:, None] & sub_ok[None, :], sem="relaxed")
+
+
+@triton.jit
+def dx_and_da(acc, dx_ptr, x_ptr, g_ptr, a_ptr, da_sum_ptr, flag_ptr, rows, row_ok, ks, k_ok, k_first, K, R,
+              stride_xm, stride_xk, stride_gm, stride_gr, stride_ar, stride_ak, stride_dxm, stride_dxk, seed, p, scale,
+              HAS_DROPOUT: tl.constexpr, COMPUTE_DX: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_K: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_R: tl.constexpr):
+    """A dx tile's rank-r work, once its row tile's g is published (``flag_ptr``, ticket 0): with
+    COMPUTE_DX, dx[rows, ks] = acc + scale * keep * (g A[:, ks]) (:func:`ga_term`; the mask applies
+    to the rank-r term only) is stored; then dA[:, ks] += scale * g^T (keep * x) into the fp32 sums
+    at ``da_sum_ptr`` [R, K] (:func:`da_from_x`). R = 0 (rows without an adapter): dx = acc, no dA."""
+    wait_published(flag_ptr, 0)
+    if COMPUTE_DX:
+        if R > 0:
+            if HAS_DROPOUT:
+                lora = ga_term(tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), g_ptr, a_ptr, rows, row_ok, ks, k_ok, R,
+                               stride_gm, stride_gr, stride_ar, stride_ak, scale, PRECISION, BLOCK_R)
+                acc += tl.where(keep_mask(seed, rows, ks, p), lora, 0.0)
+            else:
+                acc = ga_term(acc, g_ptr, a_ptr, rows, row_ok, ks, k_ok, R, stride_gm, stride_gr, stride_ar, stride_ak,
+                              scale, PRECISION, BLOCK_R)
+        store_tile(dx_ptr, acc, rows, row_ok, ks, k_ok, stride_dxm, stride_dxk)
+    if R > 0:
+        da_from_x(da_sum_ptr, x_ptr, g_ptr, rows, row_ok, k_first, K, R, stride_xm, stride_xk, stride_gm, stride_gr,
+                  seed, p, scale, HAS_DROPOUT, PRECISION, BLOCK_K, BLOCK_DA, BLOCK_R)
+
+
+@triton.jit
+def dense_dx_tile(dy_ptr, w_ptr, col_scale_ptr, dx_ptr, x_ptr, g_ptr, a_ptr, da_sum_ptr, da_acc_ptr, da_ptr, flag_ptr,
+                  counter_ptr, arrivals, rows, row_ok, tile_k, N_GEMM, K, R, DA_R, copies, stride_dym, stride_dyn,
+                  stride_wn, stride_wk, stride_xm, stride_xk, stride_gm, stride_gr, stride_ar, stride_ak, stride_dxm,
+                  stride_dxk, seed, p, scale, HAS_COL_SCALE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                  COMPUTE_DX: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_R: tl.constexpr):
+    """A dx tile program over a dense W, column tile ``tile_k``: dx = dy' W[:, ks] over N_GEMM
+    (:func:`dyw_tile`; 0 skips the GEMM for a tile without rows) with COMPUTE_DX, then
+    :func:`dx_and_da` (the rank-r term, dA into ``da_sum_ptr``) and :func:`cast_da_tile` (dA's
+    columns cast by the last of ``arrivals`` tiles, ``copies`` adapters of [DA_R, K])."""
+    ks = tile_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = ks < K
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    if COMPUTE_DX:
+        acc = dyw_tile(dy_ptr, w_ptr, col_scale_ptr, rows, row_ok, ks, k_ok, N_GEMM, stride_dym, stride_dyn, stride_wn,
+                       stride_wk, HAS_COL_SCALE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    dx_and_da(acc, dx_ptr, x_ptr, g_ptr, a_ptr, da_sum_ptr, flag_ptr, rows, row_ok, ks, k_ok, tile_k * BLOCK_K, K, R,
+              stride_xm, stride_xk, stride_gm, stride_gr, stride_ar, stride_ak, stride_dxm, stride_dxk, seed, p, scale,
+              HAS_DROPOUT, COMPUTE_DX, PRECISION, BLOCK_M, BLOCK_K, BLOCK_DA, BLOCK_R)
+    cast_da_tile(counter_ptr, arrivals, da_acc_ptr, da_ptr, ks, k_ok, K, DA_R, copies, BLOCK_R)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,7 +37,8 @@ from peftkern.ops import _checks
 from peftkern.ops import _lowrank as lr
 from peftkern.ops import lora as lora_op
 from peftkern.ops._triton import KernelSpec, tl, tl_dtype_name, triton
-from peftkern.ops.launch import device_guard, matmul_precision, register_loop_vmap, register_once_differentiable
+from peftkern.ops.launch import (device_guard, eager_function, matmul_precision, register_loop_vmap,
+                                 register_once_differentiable)
 from peftkern.reference.lora import dropout_keep_mask as _hash_keep_mask
 
 OP = "dora_linear"
@@ -96,22 +97,16 @@ def _dora_fwd_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, scale_ptr, u_ptr, y_p
     row_ok = rows < M
     ticket = tl.load(flag_ptr)
     if is_producer:
-        for r0 in range(0, R, BLOCK_R):
-            ranks = r0 + tl.arange(0, BLOCK_R)
-            rank_ok = ranks < R
-            u = lr.down_tile(x_ptr, a_ptr, rows, row_ok, ranks, rank_ok, K, stride_xm, stride_xk, stride_ar, stride_ak,
-                             ticket, p, HAS_DROPOUT, PRECISION, BLOCK_M, BLOCK_K, BLOCK_R) * inv_keep
-            tl.store(u_ptr + rows.to(tl.int64)[:, None] * stride_um + ranks[None, :] * stride_ur,
-                     u.to(u_ptr.dtype.element_ty), mask=row_ok[:, None] & rank_ok[None, :])
-        lr.publish(flag_ptr + 1 + tile_m, ticket)
+        lr.produce_u(x_ptr, a_ptr, u_ptr, flag_ptr + 1 + tile_m, rows, row_ok, K, R, R, stride_xm, stride_xk,
+                     stride_ar, stride_ak, stride_um, stride_ur, ticket, p, inv_keep, HAS_DROPOUT, PRECISION, BLOCK_M,
+                     BLOCK_K, BLOCK_R)
     else:
         cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
         acc = lr.xwt_tile(x_ptr, w_ptr, rows, row_ok, cols, col_ok, K, stride_xm, stride_xk, stride_wn, stride_wk,
                           PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        lr.wait_published(flag_ptr + 1 + tile_m, ticket)
-        acc = lr.rank_term(acc, u_ptr, b_ptr, rows, row_ok, cols, col_ok, R, stride_um, stride_ur, stride_bn,
-                           stride_br, scaling, PRECISION, BLOCK_R)
+        acc = lr.published_rank_term(acc, flag_ptr + 1 + tile_m, ticket, u_ptr, b_ptr, rows, row_ok, cols, col_ok, R,
+                                     stride_um, stride_ur, stride_bn, stride_br, scaling, PRECISION, BLOCK_R)
         acc = acc * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
         out = rows.to(tl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn
         tile_ok = row_ok[:, None] & col_ok[None, :]
@@ -142,80 +137,27 @@ def _dora_bwd_kernel(dy_ptr, scale_ptr, ynb_ptr, mag_ptr, w_ptr, x_ptr, a_ptr, b
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     seed = tl.load(seed_ptr)
-    scale_lora = scaling * inv_keep
     if is_producer:
-        dy_rows = dy_ptr + rows.to(tl.int64)[:, None] * stride_dym
-        y_rows = ynb_ptr + rows.to(tl.int64)[:, None] * stride_ym
-        for r0 in range(0, R, BLOCK_R):
-            ranks = r0 + tl.arange(0, BLOCK_R)
-            rank_ok = ranks < R
-            u = tl.load(u_ptr + rows.to(tl.int64)[:, None] * stride_um + ranks[None, :] * stride_ur,
-                        mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-            g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for n0 in range(0, N, BLOCK_N):
-                cols = n0 + tl.arange(0, BLOCK_N)
-                col_ok = cols < N
-                tile_ok = row_ok[:, None] & col_ok[None, :]
-                dy = tl.load(dy_rows + cols[None, :] * stride_dyn, mask=tile_ok, other=0.0)
-                col_scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
-                dys = (dy.to(tl.float32) * col_scale[None, :]).to(dy.dtype)
-                g = lr.g_db_step(g, dys, u, cols, col_ok, ranks, rank_ok, b_ptr, db_acc_ptr, stride_bn, stride_br, R,
-                                 scaling, PRECISION)
-                if r0 == 0:
-                    dyf = dy.to(tl.float32)
-                    ynb = tl.load(y_rows + cols[None, :] * stride_yn, mask=tile_ok, other=0.0).to(tl.float32)
-                    tl.atomic_add(dmag_acc_ptr + cols, tl.sum(dyf * ynb, axis=0), mask=col_ok, sem="relaxed")
-                    tl.atomic_add(dbias_acc_ptr + cols, tl.sum(dyf, axis=0), mask=col_ok, sem="relaxed")
-            tl.store(g_ptr + rows.to(tl.int64)[:, None] * stride_gm + ranks[None, :] * stride_gr,
-                     g.to(g_ptr.dtype.element_ty), mask=row_ok[:, None] & rank_ok[None, :])
+        lr.g_and_db(dy_ptr, u_ptr, b_ptr, g_ptr, db_acc_ptr, scale_ptr, ynb_ptr, dmag_acc_ptr, dbias_acc_ptr, rows,
+                    row_ok, N, R, R, stride_dym, stride_dyn, stride_um, stride_ur, stride_bn, stride_br, stride_gm,
+                    stride_gr, stride_ym, stride_yn, scaling, True, True, PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
         lr.publish(flag_ptr + tile_m, 0)
         for n0 in range(0, N, BLOCK_N):
-            if lr.last_arrival(count_ptr + tiles_k + n0 // BLOCK_N, tiles_m):
-                cols = n0 + tl.arange(0, BLOCK_N)
-                col_ok = cols < N
-                for r0 in range(0, R, BLOCK_R):
-                    ranks = r0 + tl.arange(0, BLOCK_R)
-                    lr.cast_tile(db_acc_ptr, db_ptr, cols.to(tl.int64)[:, None] * R + ranks[None, :],
-                                 col_ok[:, None] & (ranks[None, :] < R))
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < N
+            if lr.cast_db_chunk(count_ptr + tiles_k + n0 // BLOCK_N, tiles_m, db_acc_ptr, db_ptr, cols, col_ok, R, 1, 0,
+                                BLOCK_R):
                 mag = tl.load(mag_ptr + cols, mask=col_ok, other=1.0).to(tl.float32)
                 inv_m = tl.where(mag != 0.0, 1.0 / tl.where(mag != 0.0, mag, 1.0), 0.0)
                 dmag = tl.load(dmag_acc_ptr + cols, mask=col_ok, other=0.0, cache_modifier=".cg")
                 tl.store(dmag_ptr + cols, (dmag * inv_m).to(dmag_ptr.dtype.element_ty), mask=col_ok)
                 lr.cast_tile(dbias_acc_ptr, dbias_ptr, cols, col_ok)
     else:
-        ks = tile_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        if COMPUTE_DX:
-            dy_rows = dy_ptr + rows.to(tl.int64)[:, None] * stride_dym
-            acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-            for n0 in range(0, N, BLOCK_N):
-                ns = n0 + tl.arange(0, BLOCK_N)
-                n_ok = ns < N
-                dy = tl.load(dy_rows + ns[None, :] * stride_dyn, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
-                col_scale = tl.load(scale_ptr + ns, mask=n_ok, other=0.0)
-                dy = (dy.to(tl.float32) * col_scale[None, :]).to(dy.dtype)
-                w = tl.load(w_ptr + ns.to(tl.int64)[:, None] * stride_wn + ks[None, :] * stride_wk,
-                            mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-                acc = tl.dot(dy, w, acc, input_precision=PRECISION)
-            lr.wait_published(flag_ptr + tile_m, 0)
-            if HAS_DROPOUT:
-                lora = lr.ga_term(tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), g_ptr, a_ptr, rows, row_ok, ks, k_ok,
-                                  R, stride_gm, stride_gr, stride_ar, stride_ak, scale_lora, PRECISION, BLOCK_R)
-                acc += tl.where(lr.keep_mask(seed, rows, ks, p), lora, 0.0)
-            else:
-                acc = lr.ga_term(acc, g_ptr, a_ptr, rows, row_ok, ks, k_ok, R, stride_gm, stride_gr, stride_ar,
-                                 stride_ak, scale_lora, PRECISION, BLOCK_R)
-            tl.store(dx_ptr + rows.to(tl.int64)[:, None] * stride_dxm + ks[None, :] * stride_dxk,
-                     acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])
-        else:
-            lr.wait_published(flag_ptr + tile_m, 0)
-        lr.da_from_x(da_acc_ptr, x_ptr, g_ptr, rows, row_ok, tile_k * BLOCK_K, K, R, stride_xm, stride_xk, stride_gm,
-                     stride_gr, seed, p, scale_lora, HAS_DROPOUT, PRECISION, BLOCK_K, BLOCK_DA, BLOCK_R)
-        if lr.last_arrival(count_ptr + tile_k, tiles_m):
-            for r0 in range(0, R, BLOCK_R):
-                ranks = r0 + tl.arange(0, BLOCK_R)
-                lr.cast_tile(da_acc_ptr, da_ptr, ranks.to(tl.int64)[:, None] * K + ks[None, :],
-                             (ranks[:, None] < R) & k_ok[None, :])
+        lr.dense_dx_tile(dy_ptr, w_ptr, scale_ptr, dx_ptr, x_ptr, g_ptr, a_ptr, da_acc_ptr, da_acc_ptr, da_ptr,
+                         flag_ptr + tile_m, count_ptr + tile_k, tiles_m, rows, row_ok, tile_k, N, K, R, R, 1,
+                         stride_dym, stride_dyn, stride_wn, stride_wk, stride_xm, stride_xk, stride_gm, stride_gr,
+                         stride_ar, stride_ak, stride_dxm, stride_dxk, seed, p, scaling * inv_keep, True, HAS_DROPOUT,
+                         COMPUTE_DX, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_DA, BLOCK_R)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,26 +169,12 @@ def _norm_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _fwd_config(dtype: torch.dtype) -> dict:
-    """Forward tiles, LoRA's: 128x128x64 for 16-bit inputs, 128x64x16 over 8 warps for fp32 (64x64
-    over 8 warps spilled 8 bytes on sm_80; K steps of 32 spilled 16 under Triton 3.6)."""
-    if dtype == torch.float32:
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
-    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
-
-
 def _bwd_config(dtype: torch.dtype, block_r: int, dropout: bool, compute_dx: bool) -> dict:
-    """Backward tiles: dx tiles BLOCK_M x BLOCK_K over N steps of BLOCK_N (the producers' N step
-    too); the 16-bit variants as LoRA's (peftkern.ops._lowrank.lora_bwd_config) for the same reasons."""
+    """LoRA's backward tiles (``_lowrank.lora_bwd_config``) with N steps of 32 (the producers also
+    hold the dm / db column sums); fp32 in 32-row tiles."""
+    cfg = {**lr.lora_bwd_config(dtype, block_r, dropout, compute_dx), "BLOCK_N": 32}
     if dtype == torch.float32:
-        return {"BLOCK_M": 32, "BLOCK_K": 64, "BLOCK_N": 32, "BLOCK_DA": 32, "GROUP_M": 8, "num_warps": 4,
-                "num_stages": 3}
-    cfg = {"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_N": 32, "BLOCK_DA": 32, "GROUP_M": 8, "num_warps": 8,
-           "num_stages": 3}
-    if not compute_dx and block_r == 16:
-        cfg["num_warps"] = 4
-    if compute_dx and dropout and block_r == 64:
-        cfg["BLOCK_M"] = 64
+        cfg["BLOCK_M"] = 32
     return cfg
 
 
@@ -267,7 +195,7 @@ def _triton_forward(x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm
     scale = torch.empty(N, dtype=torch.float32, device=dev)
     block_r = lr.rank_block(R, x2d.dtype)
     ncfg, nmeta = lr.split_config(_norm_config(x2d.dtype))
-    cfg, meta = lr.split_config(_fwd_config(x2d.dtype))
+    cfg, meta = lr.split_config(lr.lora_fwd_config(x2d.dtype))
     tiles_m, tiles_n = triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"])
     flags = lr.flag_buffer(tiles_m, dropout_p, dev)
     with device_guard(x2d):
@@ -337,7 +265,7 @@ def triton_kernel_specs() -> list:
                  "scaling": "fp32"},
                 {"NORM_PRECISION": _norm_precision(dtype), "BLOCK_R": block_r, **ncfg}, **nmeta,
                 unit_args=("stride_wk", "stride_ak", "stride_br"), plain_args=("R",)))
-            cfg, meta = lr.split_config(_fwd_config(dtype))
+            cfg, meta = lr.split_config(lr.lora_fwd_config(dtype))
             tile = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}"
             for has_bias in (False, True):
                 for dropout in (False, True):
@@ -620,29 +548,7 @@ register_loop_vmap(dora_linear_bwd, (0, 0, 0, 0, 0))
 register_once_differentiable(dora_linear_bwd, "dora_linear")
 
 
-class _DoRALinear(torch.autograd.Function):
-    """The registered op with forward-mode AD and torch.func support (eager calls; under
-    torch.compile the registered op's own autograd runs, as Dynamo traces no custom jvp)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(*inputs):
-        return torch.ops.peftkern.dora_linear_fwd(*inputs)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_forward(*_setup_context(ctx, inputs, output))
-        ctx.mark_non_differentiable(*output[1:])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy, *_):
-        return _backward(ctx, dy)
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        return _jvp(ctx, *tangents)
+_DoRALinear = eager_function(torch.ops.peftkern.dora_linear_fwd, _setup_context, _backward, _jvp, "_DoRALinear")
 
 
 @torch.library.custom_op("peftkern::dora_from_base_fwd", mutates_args=())
@@ -730,28 +636,8 @@ dora_from_base_fwd.register_autograd(_from_base_backward, setup_context=_from_ba
 register_loop_vmap(dora_from_base_fwd, (0, 0, 0))
 
 
-class _DoRAFromBase(torch.autograd.Function):
-    """dora_from_base_fwd with forward-mode AD and torch.func support (eager calls)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(*inputs):
-        return torch.ops.peftkern.dora_from_base_fwd(*inputs)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_forward(*_from_base_setup(ctx, inputs, output))
-        ctx.mark_non_differentiable(*output[1:])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy, *_):
-        return _from_base_backward(ctx, dy)
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        return _from_base_jvp(ctx, *tangents)
+_DoRAFromBase = eager_function(torch.ops.peftkern.dora_from_base_fwd, _from_base_setup, _from_base_backward,
+                               _from_base_jvp, "_DoRAFromBase")
 
 
 # ---------------------------------------------------------------------------------------------

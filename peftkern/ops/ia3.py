@@ -22,6 +22,7 @@ import torch
 
 from peftkern import backend
 from peftkern.ops import _checks
+from peftkern.ops import _lowrank as lr
 from peftkern.ops._triton import KernelSpec, tl, tl_dtype_name, triton
 from peftkern.ops.launch import device_guard, matmul_precision
 
@@ -34,19 +35,6 @@ FACES = ("torch", "triton")
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _tile_of(pid, rows_total, cols_total, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
-             GROUP: tl.constexpr):
-    """Program id -> (row tile, col tile), GROUP row tiles at a time so neighbours share L2."""
-    tiles_r = tl.cdiv(rows_total, BLOCK_ROWS)
-    tiles_c = tl.cdiv(cols_total, BLOCK_COLS)
-    per_group = GROUP * tiles_c
-    group = pid // per_group
-    first = group * GROUP
-    size = tl.minimum(tiles_r - first, GROUP)
-    return first + ((pid % per_group) % size), (pid % per_group) // size
-
-
-@triton.jit
 def _ia3_fwd_kernel(x_ptr, w_ptr, bias_ptr, l_ptr, y_ptr, z_ptr, M, N, K,
                     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
                     PRECISION: tl.constexpr, FEEDFORWARD: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -55,7 +43,7 @@ def _ia3_fwd_kernel(x_ptr, w_ptr, bias_ptr, l_ptr, y_ptr, z_ptr, M, N, K,
     """FEEDFORWARD: y = x (W * l[None, :])^T + b, each W tile scaled by l as it is loaded.
     Otherwise: y = (x W^T + b) * l in the epilogue, and z = x W^T + b stored too when STORE_Z (the
     backward's dl). y is written once."""
-    tile_m, tile_n = _tile_of(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    tile_m, tile_n = lr.grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
@@ -97,7 +85,7 @@ def _ia3_bwd_kernel(dy_ptr, w_ptr, l_ptr, x_ptr, z_ptr, dx_ptr, dl_ptr, M, N, K,
     output, same strides as dy); input scale: colsum(x * (dy W)) from the finished accumulator and
     this program's x tile. ``k_span``: K, or BLOCK_K when only dl of an output scale is wanted (one
     K tile of programs)."""
-    tile_m, tile_k = _tile_of(tl.program_id(0), M, k_span, BLOCK_M, BLOCK_K, GROUP_M)
+    tile_m, tile_k = lr.grouped_tile(tl.program_id(0), M, k_span, BLOCK_M, BLOCK_K, GROUP_M)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ks = tile_k * BLOCK_K + tl.arange(0, BLOCK_K)
     row_ok = rows < M
@@ -154,11 +142,6 @@ def _bwd_config(dtype: torch.dtype) -> dict:
     return {"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_N": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
 
 
-def _split(config: dict) -> tuple[dict, dict]:
-    meta = {k: v for k, v in config.items() if k in ("num_warps", "num_stages")}
-    return {k: v for k, v in config.items() if k not in meta}, meta
-
-
 def _triton_forward(x2d, weight, bias, scale, feedforward, keep_unscaled):
     M, K = x2d.shape
     N = weight.shape[0]
@@ -172,7 +155,7 @@ def _triton_forward(x2d, weight, bias, scale, feedforward, keep_unscaled):
         if store_z:
             z.copy_(base)
         return y.copy_(base if feedforward else base * scale.to(y.dtype)), z
-    cfg, meta = _split(_fwd_config(x2d.dtype, feedforward))
+    cfg, meta = lr.split_config(_fwd_config(x2d.dtype, feedforward))
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     with device_guard(x2d):
         _ia3_fwd_kernel[grid](
@@ -194,7 +177,7 @@ def _triton_backward(dy, x2d, z, weight, scale, feedforward, need_dx, need_dscal
         if need_dscale and not feedforward and M and N:  # K == 0: z is the bias alone
             dl = (dy.float() * z.float()).sum(0)
         return dx, dl
-    cfg, meta = _split(_bwd_config(x2d.dtype))
+    cfg, meta = lr.split_config(_bwd_config(x2d.dtype))
     k_tiles = triton.cdiv(K, cfg["BLOCK_K"]) if (need_dx or feedforward) else 1
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * k_tiles,)
     with device_guard(x2d):
@@ -216,7 +199,7 @@ def triton_kernel_specs() -> list:
         t = tl_dtype_name(dtype)
         precision = matmul_precision(dtype)
         for feedforward in (False, True):
-            cfg, meta = _split(_fwd_config(dtype, feedforward))
+            cfg, meta = lr.split_config(_fwd_config(dtype, feedforward))
             tiles = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}"
             for has_bias in (False, True):
                 for store_z in ((False,) if feedforward else (False, True)):
@@ -230,7 +213,7 @@ def triton_kernel_specs() -> list:
                         {"PRECISION": precision, "FEEDFORWARD": feedforward, "HAS_BIAS": has_bias,
                          "STORE_Z": store_z, **cfg}, **meta,
                         unit_args=("stride_xk", "stride_wk", "stride_yn")))
-        bcfg, bmeta = _split(_bwd_config(dtype))
+        bcfg, bmeta = lr.split_config(_bwd_config(dtype))
         btiles = f"{bcfg['BLOCK_M']}x{bcfg['BLOCK_K']}x{bcfg['BLOCK_N']}"
         for feedforward in (False, True):
             for need_dx, need_dl in ((True, True), (True, False), (False, True)):

@@ -75,3 +75,29 @@ def register_once_differentiable(op, name: str) -> None:
         raise RuntimeError(f"{name}: the backward is not differentiable (no double backward / Hessians)")
 
     op.register_autograd(backward, setup_context=setup)
+
+
+def eager_function(op, setup_context, backward, jvp, name: str) -> type:
+    """A ``torch.autograd.Function`` around the registered forward ``op`` for eager calls: forward-mode
+    AD (``jvp``) and torch.func support, which the op's own autograd lacks (under torch.compile the
+    op's registered autograd runs: Dynamo traces no custom jvp).
+
+    ``setup_context(ctx, inputs, output)`` saves what the backward needs and returns the tensors the
+    jvp needs; every output but the first is non-differentiable; ``backward(ctx, dy)`` runs once
+    (no double backward); ``jvp(ctx, *tangents)`` gives the tangent of the first output."""
+
+    def setup(ctx, inputs, output):
+        ctx.save_for_forward(*setup_context(ctx, inputs, output))
+        ctx.mark_non_differentiable(*output[1:])
+
+    @torch.autograd.function.once_differentiable
+    def run_backward(ctx, dy, *_):
+        return backward(ctx, dy)
+
+    def run_jvp(ctx, *tangents):
+        return jvp(ctx, *tangents)
+
+    return type(name, (torch.autograd.Function,), {
+        "__doc__": f"{name}: the registered op with forward-mode AD and torch.func support (eager calls).",
+        "generate_vmap_rule": True, "forward": staticmethod(lambda *inputs: op(*inputs)),
+        "setup_context": staticmethod(setup), "backward": staticmethod(run_backward), "jvp": staticmethod(run_jvp)})

@@ -43,15 +43,19 @@ BASE = -1  # the adapter index of a row that runs through the base alone
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _tile_rows(perm_ptr, tile_ptr, tile, BLOCK_M: tl.constexpr):
-    """A row tile of the plan -> (its original row numbers, which are real, its adapter or -1)."""
+def _tile_rows(perm_ptr, tile_ptr, rank_ptr, tile, BLOCK_M: tl.constexpr):
+    """A row tile of the plan -> (its original row numbers, which are real, how many, its adapter
+    (0 for base rows: a valid index whose A / B / scaling are then never used), its rank (0 for base
+    rows, so the rank-r blocks do nothing))."""
     start = tl.load(tile_ptr + 3 * tile)
     count = tl.load(tile_ptr + 3 * tile + 1)
     adapter = tl.load(tile_ptr + 3 * tile + 2)
     slots = tl.arange(0, BLOCK_M)
     row_ok = slots < count
     rows = tl.load(perm_ptr + start + slots, mask=row_ok, other=0)
-    return rows, row_ok, count, adapter
+    adapter_c = tl.maximum(adapter, 0)
+    rank = tl.where(adapter >= 0, tl.load(rank_ptr + adapter_c), 0)
+    return rows, row_ok, count, adapter_c, rank
 
 
 @triton.jit
@@ -64,36 +68,21 @@ def _multi_fwd_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, u_ptr, y_ptr, flag_p
     """Producers: u[rows] = drop(x[rows]) A_e^T for their tile's adapter e, then publish. GEMM tiles:
     y = x W^T over the tile's gathered rows, + s_e u B_e^T (adapter tiles, once u is published), + b."""
     is_producer, tile, tile_n = lr.producer_tile(tl.program_id(0), T, tl.cdiv(N, BLOCK_N), GROUP_M)
-    rows, row_ok, count, adapter = _tile_rows(perm_ptr, tile_ptr, tile, BLOCK_M)
+    rows, row_ok, count, adapter_c, R = _tile_rows(perm_ptr, tile_ptr, rank_ptr, tile, BLOCK_M)
     ticket = tl.load(flag_ptr)
     if is_producer:
-        R = tl.where(adapter >= 0, tl.load(rank_ptr + tl.maximum(adapter, 0)), 0)  # base rows: no rank
-        a_e = a_ptr + tl.maximum(adapter, 0).to(tl.int64) * stride_ae
-        u_rows = u_ptr + rows.to(tl.int64)[:, None] * stride_um
-        for r0 in range(0, R, BLOCK_R):
-            ranks = r0 + tl.arange(0, BLOCK_R)
-            u = lr.down_tile(x_ptr, a_e, rows, row_ok, ranks, ranks < R, K, stride_xm, stride_xk, stride_ar,
-                             stride_ak, ticket, p, HAS_DROPOUT, PRECISION, BLOCK_M, BLOCK_K, BLOCK_R) * inv_keep
-            tl.store(u_rows + ranks[None, :] * stride_ur, u.to(u_ptr.dtype.element_ty),
-                     mask=row_ok[:, None] & (ranks < RMAX)[None, :])
-        for r0 in range(tl.cdiv(R, BLOCK_R) * BLOCK_R, RMAX, BLOCK_R):  # u is zero past the row's rank
-            ranks = r0 + tl.arange(0, BLOCK_R)
-            tl.store(u_rows + ranks[None, :] * stride_ur, tl.zeros((BLOCK_M, BLOCK_R), dtype=u_ptr.dtype.element_ty),
-                     mask=row_ok[:, None] & (ranks < RMAX)[None, :])
-        lr.publish(flag_ptr + 1 + tile, ticket)
+        lr.produce_u(x_ptr, a_ptr + adapter_c.to(tl.int64) * stride_ae, u_ptr, flag_ptr + 1 + tile, rows, row_ok, K, R,
+                     RMAX, stride_xm, stride_xk, stride_ar, stride_ak, stride_um, stride_ur, ticket, p, inv_keep,
+                     HAS_DROPOUT, PRECISION, BLOCK_M, BLOCK_K, BLOCK_R)
     elif count > 0:
         cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
         acc = lr.xwt_tile(x_ptr, w_ptr, rows, row_ok, cols, col_ok, K, stride_xm, stride_xk, stride_wn, stride_wk,
                           PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        if adapter >= 0:
-            lr.wait_published(flag_ptr + 1 + tile, ticket)
-            acc = lr.rank_term(acc, u_ptr, b_ptr + adapter.to(tl.int64) * stride_be, rows, row_ok, cols, col_ok,
-                               tl.load(rank_ptr + adapter), stride_um, stride_ur, stride_bn, stride_br,
-                               tl.load(scale_ptr + adapter), PRECISION, BLOCK_R)
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn,
-                 acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        acc = lr.published_rank_term(acc, flag_ptr + 1 + tile, ticket, u_ptr, b_ptr + adapter_c.to(tl.int64) * stride_be,
+                                     rows, row_ok, cols, col_ok, R, stride_um, stride_ur, stride_bn, stride_br,
+                                     tl.load(scale_ptr + adapter_c), PRECISION, BLOCK_R)
+        lr.finish_y(acc, y_ptr, bias_ptr, rows, row_ok, cols, col_ok, stride_ym, stride_yn)
 
 
 @triton.jit
@@ -112,66 +101,21 @@ def _multi_bwd_kernel(dy_ptr, w_ptr, x_ptr, a_ptr, b_ptr, u_ptr, g_ptr, seed_ptr
     zero (one buffer per launch); dA_e and dB_e hold adapter e's rows only."""
     tiles_k = tl.cdiv(K, BLOCK_K)
     is_producer, tile, tile_k = lr.producer_tile(tl.program_id(0), T, tiles_k, GROUP_M)
-    rows, row_ok, count, adapter = _tile_rows(perm_ptr, tile_ptr, tile, BLOCK_M)
+    rows, row_ok, count, adapter_c, R = _tile_rows(perm_ptr, tile_ptr, rank_ptr, tile, BLOCK_M)
     seed = tl.load(seed_ptr)
-    adapter_c = tl.maximum(adapter, 0)
-    R = tl.load(rank_ptr + adapter_c)
     scaling = tl.load(scale_ptr + adapter_c)
-    a_e = a_ptr + adapter_c.to(tl.int64) * stride_ae
     if is_producer:
-        if adapter >= 0:
-            lr.g_and_db(dy_ptr, u_ptr, b_ptr + adapter_c.to(tl.int64) * stride_be, g_ptr,
-                        db_acc_ptr + adapter_c.to(tl.int64) * N * RMAX, rows, row_ok, N, R, RMAX, stride_dym,
-                        stride_dyn, stride_um, stride_ur, stride_bn, stride_br, stride_gm, stride_gr, scaling,
-                        PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
-        lr.publish(flag_ptr + tile, 0)
-        for n0 in range(0, N, BLOCK_N):
-            if lr.last_arrival(count_ptr + tiles_k + n0 // BLOCK_N, T):
-                cols = n0 + tl.arange(0, BLOCK_N)
-                src = db_acc_ptr
-                dst = db_ptr
-                for _e in range(0, E):
-                    for r0 in range(0, RMAX, BLOCK_R):
-                        ranks = r0 + tl.arange(0, BLOCK_R)
-                        lr.cast_tile(src, dst, cols.to(tl.int64)[:, None] * RMAX + ranks[None, :],
-                                     (cols[:, None] < N) & (ranks[None, :] < RMAX))
-                    src += N * RMAX
-                    dst += N * RMAX
+        lr.produce_g(dy_ptr, u_ptr, b_ptr + adapter_c.to(tl.int64) * stride_be, g_ptr,
+                     db_acc_ptr + adapter_c.to(tl.int64) * N * RMAX, db_acc_ptr, db_ptr, flag_ptr + tile,
+                     count_ptr + tiles_k, rows, row_ok, N, R, RMAX, E, T, stride_dym, stride_dyn, stride_um, stride_ur,
+                     stride_bn, stride_br, stride_gm, stride_gr, scaling, PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
     else:
-        ks = tile_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        scale = scaling * inv_keep
-        if COMPUTE_DX:
-            if count > 0:
-                acc = lr.dyw_tile(dy_ptr, w_ptr, rows, row_ok, ks, k_ok, N, stride_dym, stride_dyn, stride_wn,
-                                  stride_wk, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-                if adapter >= 0:
-                    lr.wait_published(flag_ptr + tile, 0)
-                    if HAS_DROPOUT:
-                        lora = lr.ga_term(tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), g_ptr, a_e, rows, row_ok,
-                                          ks, k_ok, R, stride_gm, stride_gr, stride_ar, stride_ak, scale, PRECISION,
-                                          BLOCK_R)
-                        acc += tl.where(lr.keep_mask(seed, rows, ks, p), lora, 0.0)
-                    else:
-                        acc = lr.ga_term(acc, g_ptr, a_e, rows, row_ok, ks, k_ok, R, stride_gm, stride_gr, stride_ar,
-                                         stride_ak, scale, PRECISION, BLOCK_R)
-                tl.store(dx_ptr + rows.to(tl.int64)[:, None] * stride_dxm + ks[None, :] * stride_dxk,
-                         acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])
-        if adapter >= 0:
-            lr.wait_published(flag_ptr + tile, 0)
-            lr.da_from_x(da_acc_ptr + adapter_c.to(tl.int64) * RMAX * K, x_ptr, g_ptr, rows, row_ok,
-                         tile_k * BLOCK_K, K, R, stride_xm, stride_xk, stride_gm, stride_gr, seed, p, scale,
-                         HAS_DROPOUT, PRECISION, BLOCK_K, BLOCK_DA, BLOCK_R)
-        if lr.last_arrival(count_ptr + tile_k, T):
-            src = da_acc_ptr
-            dst = da_ptr
-            for _e in range(0, E):
-                for r0 in range(0, RMAX, BLOCK_R):
-                    ranks = r0 + tl.arange(0, BLOCK_R)
-                    lr.cast_tile(src, dst, ranks.to(tl.int64)[:, None] * K + ks[None, :],
-                                 (ranks[:, None] < RMAX) & k_ok[None, :])
-                src += RMAX * K
-                dst += RMAX * K
+        lr.dense_dx_tile(dy_ptr, w_ptr, dy_ptr, dx_ptr, x_ptr, g_ptr, a_ptr + adapter_c.to(tl.int64) * stride_ae,
+                         da_acc_ptr + adapter_c.to(tl.int64) * RMAX * K, da_acc_ptr, da_ptr, flag_ptr + tile,
+                         count_ptr + tile_k, T, rows, row_ok, tile_k, tl.where(count > 0, N, 0), K, R, RMAX, E,
+                         stride_dym, stride_dyn, stride_wn, stride_wk, stride_xm, stride_xk, stride_gm, stride_gr,
+                         stride_ar, stride_ak, stride_dxm, stride_dxk, seed, p, scaling * inv_keep, False, HAS_DROPOUT,
+                         COMPUTE_DX, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_DA, BLOCK_R)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,19 +338,21 @@ def triton_kernel_specs() -> list:
 # torch face
 # ---------------------------------------------------------------------------------------------
 
-def adapter_segments(adapter_index: torch.Tensor, num_adapters: int) -> list[tuple[int, torch.Tensor]]:
-    """[(adapter e, its row numbers (long))] for every adapter with rows, in adapter order: one sort
-    of the index (a host sync for the counts: the torch face's loop needs them), made once per index
-    as :func:`cached_segment_plan` is."""
+def sorted_segments(adapter_index: torch.Tensor, num_adapters: int) -> tuple[torch.Tensor | None, list]:
+    """The rows in adapter order: (perm: int64 row numbers sorted by adapter, base rows first, or None
+    when the rows already are in that order; [(adapter e, start, stop)] for every adapter with rows,
+    positions in the sorted order). One sort of the index and a host sync for the counts (the torch
+    face's loop needs them), made once per index as :func:`cached_segment_plan` is."""
     def make():
         order = torch.argsort(adapter_index, stable=True)
         counts = torch.bincount(adapter_index + 1, minlength=num_adapters + 1).tolist()
+        in_order = adapter_index.numel() < 2 or bool((adapter_index[1:] >= adapter_index[:-1]).all())
         segments, start = [], counts[0]
         for e in range(num_adapters):
             if counts[e + 1]:
-                segments.append((e, order[start:start + counts[e + 1]]))
+                segments.append((e, start, start + counts[e + 1]))
             start += counts[e + 1]
-        return segments
+        return (None if in_order else order), segments
     return _memo(("segments", _tensor_key(adapter_index), num_adapters), adapter_index, make)
 
 
@@ -414,47 +360,69 @@ def _keep(x2d, dropout_p, seed):
     return None if dropout_p == 0.0 else hash_keep_mask(seed, x2d.shape, dropout_p)
 
 
+def _take(t: torch.Tensor, rows) -> torch.Tensor:
+    """t's rows ``rows``: a slice (a view) or row numbers (a gather)."""
+    return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
+
+
 def torch_forward(x2d, weight, bias, lora_A, lora_B, adapter_index, scalings, ranks, dropout_p):
-    """The torch face: (y, u [M, R] = drop(x) A_e^T per row (zero elsewhere), seed int64 [1])."""
+    """The torch face: (y, u [M, R] = drop(x) A_e^T per row (zero elsewhere), seed int64 [1]).
+
+    One base GEMM over every row, then per adapter its rank-r term. Rows already in adapter order
+    (train_adapters' batches): each adapter's rows are a block, its term added into the block in
+    place (addmm_, no copies); otherwise its rows are gathered and the term added back with
+    index_add_ (one gather and one scatter in all measured faster than sorting x, y and dx whole)."""
     seed = lr.draw_seed(x2d.device) if dropout_p > 0.0 else torch.zeros(1, dtype=torch.int64, device=x2d.device)
+    perm, segments = sorted_segments(adapter_index, lora_A.shape[0])
     keep = _keep(x2d, dropout_p, seed)
     y = torch.addmm(bias, x2d, weight.t()) if bias is not None else x2d @ weight.t()
     u = x2d.new_zeros(x2d.shape[0], lora_A.shape[1])
-    for e, rows in adapter_segments(adapter_index, lora_A.shape[0]):
+    for e, a, b in segments:
         r = ranks[e]
-        x_e = x2d.index_select(0, rows)
+        rows = slice(a, b) if perm is None else perm[a:b]
+        x_e = _take(x2d, rows)
         if keep is not None:
-            x_e = x_e * keep.index_select(0, rows) / (1.0 - dropout_p)
+            x_e = x_e * _take(keep, rows) / (1.0 - dropout_p)
         u_e = x_e @ lora_A[e, :r].t()
         u[rows, :r] = u_e
-        y.index_add_(0, rows, u_e @ lora_B[e, :, :r].t(), alpha=scalings[e])
+        if perm is None:
+            y[a:b].addmm_(u_e, lora_B[e, :, :r].t(), alpha=scalings[e])
+        else:
+            y.index_add_(0, rows, u_e @ lora_B[e, :, :r].t(), alpha=scalings[e])
     return y, u, seed
 
 
 def torch_backward(dy, x2d, weight, lora_A, lora_B, u, adapter_index, scalings, ranks, dropout_p, seed, need_dx):
-    """The torch face: (dx or None, dA [E, R, K], dB [E, N, R]); adapter e's gradients from its rows."""
+    """The torch face: (dx or None, dA [E, R, K], dB [E, N, R]); adapter e's gradients from its rows
+    (a block, or gathered, as in the forward)."""
+    perm, segments = sorted_segments(adapter_index, lora_A.shape[0])
     keep = _keep(x2d, dropout_p, seed)
+    factor_of = 1.0 if keep is None else 1.0 / (1.0 - dropout_p)
     d_a = torch.zeros_like(lora_A)
     d_b = torch.zeros_like(lora_B)
     dx = dy @ weight if need_dx else None
-    for e, rows in adapter_segments(adapter_index, lora_A.shape[0]):
+    for e, a, b in segments:
         r, s = ranks[e], scalings[e]
-        dy_e = dy.index_select(0, rows)
+        rows = slice(a, b) if perm is None else perm[a:b]
+        dy_e = _take(dy, rows)
         g_e = dy_e @ lora_B[e, :, :r]
-        d_b[e, :, :r].copy_(torch.mm(dy_e.t(), u.index_select(0, rows)[:, :r]).mul_(s))
-        x_e = x2d.index_select(0, rows)
-        factor = s
-        keep_e = None
-        if keep is not None:
-            keep_e = keep.index_select(0, rows)
+        d_b[e, :, :r] = torch.mm(dy_e.t(), _take(u, rows)[:, :r]).mul_(s)
+        x_e = _take(x2d, rows)
+        keep_e = None if keep is None else _take(keep, rows)
+        if keep_e is not None:
             x_e = x_e * keep_e
-            factor = s / (1.0 - dropout_p)
-        d_a[e, :r].copy_(torch.mm(g_e.t(), x_e).mul_(factor))
+        d_a[e, :r] = torch.mm(g_e.t(), x_e).mul_(s * factor_of)
         if need_dx:
+            if perm is None and keep_e is None:
+                dx[a:b].addmm_(g_e, lora_A[e, :r], alpha=s)
+                continue
             term = g_e @ lora_A[e, :r]
             if keep_e is not None:
                 term = term * keep_e
-            dx.index_add_(0, rows, term, alpha=factor)
+            if perm is None:
+                dx[a:b].add_(term, alpha=s * factor_of)
+            else:
+                dx.index_add_(0, rows, term, alpha=s * factor_of)
     return dx, d_a, d_b
 
 

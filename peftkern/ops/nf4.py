@@ -29,7 +29,8 @@ from peftkern.ops import _checks
 from peftkern.ops import _lowrank as lr
 from peftkern.ops import lora as lora_op
 from peftkern.ops._triton import KernelSpec, tl, tl_dtype_name, triton
-from peftkern.ops.launch import device_guard, matmul_precision, register_loop_vmap, register_once_differentiable
+from peftkern.ops.launch import (device_guard, eager_function, matmul_precision, register_loop_vmap,
+                                 register_once_differentiable)
 from peftkern.reference import nf4 as ref
 
 DEQUANT_OP = "nf4_dequantize"
@@ -129,14 +130,9 @@ def _nf4_fwd_kernel(x_ptr, packed_ptr, absmax_ptr, nested_ptr, ncode_ptr, code_p
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     if is_producer:
-        for r0 in range(0, R, BLOCK_R):
-            ranks = r0 + tl.arange(0, BLOCK_R)
-            rank_ok = ranks < R
-            u = lr.down_tile(x_ptr, a_ptr, rows, row_ok, ranks, rank_ok, K, stride_xm, stride_xk, stride_ar, stride_ak,
-                             ticket, p, HAS_DROPOUT, PRECISION, BLOCK_M, BLOCK_K, BLOCK_R) * inv_keep
-            tl.store(u_ptr + rows.to(tl.int64)[:, None] * stride_um + ranks[None, :] * stride_ur,
-                     u.to(u_ptr.dtype.element_ty), mask=row_ok[:, None] & rank_ok[None, :])
-        lr.publish(flag_ptr + 1 + tile_m, ticket)
+        lr.produce_u(x_ptr, a_ptr, u_ptr, flag_ptr + 1 + tile_m, rows, row_ok, K, R, R, stride_xm, stride_xk,
+                     stride_ar, stride_ak, stride_um, stride_ur, ticket, p, inv_keep, HAS_DROPOUT, PRECISION, BLOCK_M,
+                     BLOCK_K, BLOCK_R)
     else:
         cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
@@ -150,12 +146,9 @@ def _nf4_fwd_kernel(x_ptr, packed_ptr, absmax_ptr, nested_ptr, ncode_ptr, code_p
                             k_ok, K, log2_bs, log2_nbs, DOUBLE, ROW_BLOCKS, BLOCK_N, BLOCK_K)
             acc = tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)), acc, input_precision=PRECISION)
         if HAS_LORA:
-            lr.wait_published(flag_ptr + 1 + tile_m, ticket)
-            acc = lr.rank_term(acc, u_ptr, b_ptr, rows, row_ok, cols, col_ok, R, stride_um, stride_ur, stride_bn,
-                               stride_br, scaling, PRECISION, BLOCK_R)
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn,
-                 acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+            acc = lr.published_rank_term(acc, flag_ptr + 1 + tile_m, ticket, u_ptr, b_ptr, rows, row_ok, cols, col_ok,
+                                         R, stride_um, stride_ur, stride_bn, stride_br, scaling, PRECISION, BLOCK_R)
+        lr.finish_y(acc, y_ptr, bias_ptr, rows, row_ok, cols, col_ok, stride_ym, stride_yn)
 
 
 @triton.jit
@@ -252,23 +245,15 @@ def _nf4_bwd_kernel(dy_ptr, packed_ptr, absmax_ptr, nested_ptr, ncode_ptr, code_
     row_ok = rows < M
     scale = scaling * inv_keep
     if is_producer:
-        lr.g_and_db(dy_ptr, u_ptr, b_ptr, g_ptr, db_acc_ptr, rows, row_ok, N, R, R, stride_dym, stride_dyn, stride_um,
-                    stride_ur, stride_bn, stride_br, stride_gm, stride_gr, scaling, PRECISION, BLOCK_M, BLOCK_N,
-                    BLOCK_R)
-        lr.publish(flag_ptr + tile_m, 0)
-        for n0 in range(0, N, BLOCK_N):
-            if lr.last_arrival(count_ptr + tiles_k + n0 // BLOCK_N, tiles_m):
-                cols = n0 + tl.arange(0, BLOCK_N)
-                for r0 in range(0, R, BLOCK_R):
-                    ranks = r0 + tl.arange(0, BLOCK_R)
-                    lr.cast_tile(db_acc_ptr, db_ptr, cols.to(tl.int64)[:, None] * R + ranks[None, :],
-                                 (cols[:, None] < N) & (ranks[None, :] < R))
+        lr.produce_g(dy_ptr, u_ptr, b_ptr, g_ptr, db_acc_ptr, db_acc_ptr, db_ptr, flag_ptr + tile_m, count_ptr + tiles_k,
+                     rows, row_ok, N, R, R, 1, tiles_m, stride_dym, stride_dyn, stride_um, stride_ur, stride_bn,
+                     stride_br, stride_gm, stride_gr, scaling, PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
     else:
         ks = tile_k * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = ks < K
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         if COMPUTE_DX:
             dy_rows = dy_ptr + rows.to(tl.int64)[:, None] * stride_dym
-            acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
             for n0 in range(0, N, BLOCK_N):
                 ns = n0 + tl.arange(0, BLOCK_N)
                 n_ok = ns < N
@@ -276,27 +261,14 @@ def _nf4_bwd_kernel(dy_ptr, packed_ptr, absmax_ptr, nested_ptr, ncode_ptr, code_
                 w = _nf4_w_tile(packed_ptr, absmax_ptr, nested_ptr, ncode_ptr, code_ptr, offset, ns, n_ok,
                                 tile_k * BLOCK_K, ks, k_ok, K, log2_bs, log2_nbs, DOUBLE, ROW_BLOCKS, BLOCK_N, BLOCK_K)
                 acc = tl.dot(dy, w.to(dy_ptr.dtype.element_ty), acc, input_precision=PRECISION)
-            if HAS_LORA:
-                lr.wait_published(flag_ptr + tile_m, 0)
-                if HAS_DROPOUT:
-                    lora = lr.ga_term(tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), g_ptr, a_ptr, rows, row_ok, ks,
-                                      k_ok, R, stride_gm, stride_gr, stride_ar, stride_ak, scale, PRECISION, BLOCK_R)
-                    acc += tl.where(lr.keep_mask(seed, rows, ks, p), lora, 0.0)
-                else:
-                    acc = lr.ga_term(acc, g_ptr, a_ptr, rows, row_ok, ks, k_ok, R, stride_gm, stride_gr, stride_ar,
-                                     stride_ak, scale, PRECISION, BLOCK_R)
-            tl.store(dx_ptr + rows.to(tl.int64)[:, None] * stride_dxm + ks[None, :] * stride_dxk,
-                     acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])
-        elif HAS_LORA:
-            lr.wait_published(flag_ptr + tile_m, 0)
         if HAS_LORA:
-            lr.da_from_x(da_acc_ptr, x_ptr, g_ptr, rows, row_ok, tile_k * BLOCK_K, K, R, stride_xm, stride_xk,
-                         stride_gm, stride_gr, seed, p, scale, HAS_DROPOUT, PRECISION, BLOCK_K, BLOCK_DA, BLOCK_R)
-            if lr.last_arrival(count_ptr + tile_k, tiles_m):
-                for r0 in range(0, R, BLOCK_R):
-                    ranks = r0 + tl.arange(0, BLOCK_R)
-                    lr.cast_tile(da_acc_ptr, da_ptr, ranks.to(tl.int64)[:, None] * K + ks[None, :],
-                                 (ranks[:, None] < R) & k_ok[None, :])
+            lr.dx_and_da(acc, dx_ptr, x_ptr, g_ptr, a_ptr, da_acc_ptr, flag_ptr + tile_m, rows, row_ok, ks, k_ok,
+                         tile_k * BLOCK_K, K, R, stride_xm, stride_xk, stride_gm, stride_gr, stride_ar, stride_ak,
+                         stride_dxm, stride_dxk, seed, p, scale, HAS_DROPOUT, COMPUTE_DX, PRECISION, BLOCK_M,
+                         BLOCK_K, BLOCK_DA, BLOCK_R)
+            lr.cast_da_tile(count_ptr + tile_k, tiles_m, da_acc_ptr, da_ptr, ks, k_ok, K, R, 1, BLOCK_R)
+        elif COMPUTE_DX:
+            lr.store_tile(dx_ptr, acc, rows, row_ok, ks, k_ok, stride_dxm, stride_dxk)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -697,29 +669,8 @@ register_loop_vmap(_nf4_linear_bwd, (0, 0, 0))
 register_once_differentiable(_nf4_linear_bwd, "nf4_linear")
 
 
-class _NF4Linear(torch.autograd.Function):
-    """The registered op with forward-mode AD and torch.func support (eager calls; under
-    torch.compile the registered op's own autograd runs, as Dynamo traces no custom jvp)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(*inputs):
-        return torch.ops.peftkern.nf4_linear_fwd(*inputs)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_forward(*_setup_context(ctx, inputs, output))
-        ctx.mark_non_differentiable(output[1], output[2])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy, du, dseed):
-        return _backward(ctx, dy)
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        return _jvp(ctx, tangents)
+_NF4Linear = eager_function(torch.ops.peftkern.nf4_linear_fwd, _setup_context, _backward,
+                            lambda ctx, *tangents: _jvp(ctx, tangents), "_NF4Linear")
 
 
 # ---------------------------------------------------------------------------------------------

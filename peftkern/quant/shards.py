@@ -6,6 +6,10 @@ sharded with ``model.safetensors.index.json``, or ``pytorch_model.bin`` through
 Reading maps the file, copies (or converts) the tensors asked for and unmaps it again, so the
 pages of a tensor already consumed never stay in the process's resident memory: a loader that
 quantizes each weight as it is read holds one 16-bit weight at a time, not the checkpoint.
+``CheckpointReader.mapped`` instead hands out a safetensors tensor as it lies in the file (a
+private copy-on-write mapping): a tensor the model keeps in its stored dtype costs no copy, its
+pages are read when first used, and pages never used (an embedding's unused rows) never become
+resident.
 Every problem (no weights in the folder, an index naming a missing shard, a tensor the index
 promises that its shard lacks, a damaged file) is a :class:`CheckpointFileError` naming the file
 and the tensor.
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import re
 import shutil
@@ -42,13 +47,18 @@ class TensorInfo:
     file: str
     dtype: torch.dtype
     shape: tuple[int, ...]
+    offset: int | None = None  # where its bytes start in a safetensors file
 
     @property
-    def nbytes(self) -> int:
+    def numel(self) -> int:
         n = 1
         for d in self.shape:
             n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
 
 
 def weight_files(directory: str) -> tuple[str, list[str]]:
@@ -98,6 +108,7 @@ class CheckpointReader:
         self.directory = directory
         self.listing, self.files = weight_files(directory)
         self.safetensors = self.files[0].endswith(".safetensors")
+        self._maps: dict[str, mmap.mmap] = {}  # file -> its private mapping (``mapped``)
         self._info: dict[str, TensorInfo] = {}
         for path in self.files:
             for name, info in self._headers(path).items():
@@ -113,14 +124,15 @@ class CheckpointReader:
         if not self.safetensors:
             return {name: TensorInfo(path, t.dtype, tuple(t.shape)) for name, t in self._load_bin(path).items()}
         try:
-            with safe_open(path, framework="pt") as f:
+            with safe_open(path, framework="pt") as f:  # checks the header against the file
                 out = {}
+                offsets = _data_offsets(path)
                 for name in f.keys():
                     piece = f.get_slice(name)
                     out[name] = TensorInfo(path, _SAFE_DTYPES.get(piece.get_dtype(), torch.uint8),
-                                           tuple(piece.get_shape()))
+                                           tuple(piece.get_shape()), offsets.get(name))
                 return out
-        except (SafetensorError, OSError) as exc:
+        except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointFileError(f"{path}: not a readable safetensors file ({exc})") from None
 
     @staticmethod
@@ -159,6 +171,32 @@ class CheckpointReader:
                     out[name] = convert(name, get(name))
         return out
 
+    def mapped(self, name: str) -> torch.Tensor | None:
+        """The tensor ``name`` as it lies in its safetensors file: a view of a private copy-on-write
+        mapping of the file (nothing read until used; writing to it copies only the pages written,
+        never the file). The mapping lives as long as a tensor made from it. None where that is not
+        possible (a PyTorch .bin checkpoint, bytes not aligned to the dtype, an empty tensor):
+        ``read`` it instead."""
+        info = self.info(name)
+        size = torch.empty((), dtype=info.dtype).element_size()
+        if not self.safetensors or info.offset is None or info.offset % size or info.numel == 0:
+            return None
+        mapping = self._maps.get(info.file)
+        if mapping is None:
+            try:
+                with open(info.file, "rb") as f:
+                    mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            except (OSError, ValueError) as exc:
+                raise CheckpointFileError(f"{info.file}: cannot map it ({exc})") from None
+            self._maps[info.file] = mapping
+        if info.offset + info.nbytes > len(mapping):
+            raise CheckpointFileError(f"{info.file}: tensor {name!r} runs past the end of the file")
+        return torch.frombuffer(mapping, dtype=info.dtype, count=info.numel, offset=info.offset).view(info.shape)
+
+    def close(self) -> None:
+        """Drop the reader's own references to the files mapped by ``mapped`` (the tensors keep theirs)."""
+        self._maps.clear()
+
     @contextlib.contextmanager
     def _mapped(self, path: str):
         if not self.safetensors:
@@ -179,6 +217,15 @@ class CheckpointReader:
                 except (SafetensorError, OSError) as exc:
                     raise CheckpointFileError(f"{path}: cannot read tensor {name!r} ({exc})") from None
             yield get
+
+
+def _data_offsets(path: str) -> dict[str, int]:
+    """{tensor name: the file offset of its first byte} from a safetensors header (an 8-byte
+    little-endian header length, the JSON header, then the data its ``data_offsets`` index)."""
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+    return {name: 8 + length + int(meta["data_offsets"][0]) for name, meta in header.items() if name != "__metadata__"}
 
 
 # -- writing -------------------------------------------------------------------------------------

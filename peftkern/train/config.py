@@ -88,6 +88,10 @@ class TrainConfig:
                                "set); SFT: several files give one eval loss per task")
     max_length: int = _f(256, "tokens per sequence (longer ones are truncated)")
     packing: bool = _f(False, "pack SFT examples into rows of max_length tokens", ("sft",))
+    multi_adapter: str | None = _f(None, "NAME=FILE: train one LoRA adapter per entry, each on its own SFT JSONL, in "
+                                   "one job over one copy of the base (each row through its own adapter); saved "
+                                   "in PEFT's files under <out>/adapter/NAME. Repeat the flag (YAML: a list); "
+                                   "see docs/multi_adapter.md", ("sft",), repeat=True)
     completion_only: bool = _f(True, "SFT loss on completion / assistant tokens only", ("sft",))
     mix_temperature: float = _f(1.0, "multi-task --data: task i is drawn with probability proportional to "
                                 "(weight or size)^(1/T)", ("sft",))

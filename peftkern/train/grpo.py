@@ -21,7 +21,7 @@ import hashlib
 
 import torch
 
-from peftkern.generate import DecodingSettings, ModelStepper, context_length, decode
+from peftkern.generate import DecodingSettings, ModelStepper, context_length, decode, inverse_cdf_draw
 from peftkern.generate.text import eos_ids
 from peftkern.losses import (fused_grpo_loss, fused_rloo_loss, group_advantages, rloo_advantages)
 from peftkern.losses.grpo import check_grpo_args
@@ -62,28 +62,33 @@ def online_prompts(tokenizer, source, cfg) -> list[dict]:
 
 class SamplingLogps:
     """A decoding scorer around another (``ModelStepper``) that keeps log p(drawn token) under
-    softmax(logits / temperature) at every step: the sampling policy's token log-probs, for free."""
+    softmax(logits / temperature) at every step: the sampling policy's token log-probs, for free.
+    With ``keep=False`` it only counts the forward calls (a rollout used once needs no old log-probs)."""
 
-    def __init__(self, inner, temperature: float):
-        self.inner, self.temperature = inner, temperature
+    def __init__(self, inner, temperature: float, keep: bool = True):
+        self.inner, self.temperature, self.keep = inner, temperature, keep
         self.calls = 0
         self._logp = None
         self.taken: list[torch.Tensor] = []
 
     def _keep(self, scores):
         self.calls += 1
-        self._logp = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        if self.keep:
+            self._logp = torch.log_softmax(scores.float() / self.temperature, dim=-1)
         return scores
 
     def start(self, input_ids, attention_mask):
         return self._keep(self.inner.start(input_ids, attention_mask))
 
     def advance(self, tokens):
-        self.taken.append(self._logp.gather(1, tokens[:, None]).squeeze(1))
+        if self.keep:
+            self.taken.append(self._logp.gather(1, tokens[:, None]).squeeze(1))
         return self._keep(self.inner.advance(tokens))
 
-    def token_logps(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[B, n] log-probs of the drawn ``tokens`` [B, n] (after decoding ended)."""
+    def token_logps(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """[B, n] log-probs of the drawn ``tokens`` [B, n] (after decoding ended); None without ``keep``."""
+        if not self.keep:
+            return None
         last = self._logp.gather(1, tokens[:, -1:]).squeeze(1)
         return torch.stack(self.taken + [last], dim=1)[:, :tokens.shape[1]]
 
@@ -253,14 +258,16 @@ class GRPOTrainer(Trainer):
 
     # -- rollouts --------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, prompt_rows: list[list[int]], settings: DecodingSettings, generator=None, group: int = 1):
+    def sample(self, prompt_rows: list[list[int]], settings: DecodingSettings, generator=None, group: int = 1,
+               keep_logps: bool = False):
         """Decode every row in one batch -> (completion token lists, finish reasons, sampling log-probs
-        [N, n] of the drawn tokens). Rows in consecutive groups of ``group`` copies of a prompt share
-        its prefill. Under FSDP2 every process runs as many forwards as the longest."""
+        [N, n] of the drawn tokens with ``keep_logps``, else None). Rows in consecutive groups of
+        ``group`` copies of a prompt share its prefill. Under FSDP2 every process runs as many forwards
+        as the longest."""
         lm = self.module.lm
         ids, mask = left_pad(prompt_rows, self.pad)
         stepper = ModelStepper(lm) if group == 1 else SharedPrefill(ModelStepper(lm), group)
-        scorer = SamplingLogps(stepper, settings.temperature if settings.do_sample else 1.0)
+        scorer = SamplingLogps(stepper, settings.temperature if settings.do_sample else 1.0, keep=keep_logps)
         was = lm.training
         lm.eval()
         fsdp = self.dist.strategy == "fsdp2"
@@ -268,7 +275,7 @@ class GRPOTrainer(Trainer):
             self.model.unshard()
         try:
             result = decode(scorer, ids.to(self.device), mask.to(self.device), settings, eos_token_ids=self.eos,
-                            pad_token_id=self.pad, generator=generator)
+                            pad_token_id=self.pad, generator=generator, draw=inverse_cdf_draw)
             if fsdp:  # sharded layers gather in every forward: every process runs as many
                 most = _gather(torch.tensor([float(scorer.calls)], device=self.device), self.dist).max()
                 filler = torch.full((ids.shape[0],), self.pad, dtype=torch.long, device=self.device)
@@ -344,7 +351,9 @@ class GRPOTrainer(Trainer):
         settings = DecodingSettings(max_new_tokens=cfg.max_completion_length, do_sample=True,
                                     temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p).check()
         generator = torch.Generator(device=self.device).manual_seed(_seed(cfg.seed, r, self.dist.rank))
-        completions, reasons, sampled = self.sample(rows, settings, generator, group=G)
+        # the sampler's log-probs serve as old log-probs (a rollout used more than once) and RLOO's KL
+        need_old = self.steps_per_rollout > 1 or (self.kind == "rloo" and bool(cfg.beta))
+        completions, reasons, sampled = self.sample(rows, settings, generator, group=G, keep_logps=need_old)
         truncated = torch.tensor([why == "length" and (not c or c[-1] not in self.eos)
                                   for why, c in zip(reasons, completions)], device=self.device)
         seqs = []
@@ -353,11 +362,13 @@ class GRPOTrainer(Trainer):
             seqs.append({"input_ids": prompt + completion, "labels": [IGNORE_INDEX] * len(prompt) + label})
         batch = {k: v.to(self.device) for k, v in pad_batch(seqs, self.pad).items()}
         T = batch["input_ids"].shape[1]
-        old = torch.zeros(len(rows), T - 1, device=self.device)
-        for i, (prompt, completion) in enumerate(zip(rows, completions)):
-            old[i, len(prompt) - 1:len(prompt) - 1 + len(completion)] = sampled[i, :len(completion)]
         mask = batch["labels"][:, 1:] != IGNORE_INDEX
-        old = old * mask
+        old = None
+        if sampled is not None:
+            old = torch.zeros(len(rows), T - 1, device=self.device)
+            for i, (prompt, completion) in enumerate(zip(rows, completions)):
+                old[i, len(prompt) - 1:len(prompt) - 1 + len(completion)] = sampled[i, :len(completion)]
+            old = old * mask
         ref = self._reference_logps(batch) if cfg.beta else None
         rewards, per_fn = self.score(examples, completions, batch)
         advantages, extra = self.advantages(rewards, old, ref, mask)

@@ -3,7 +3,10 @@
 The model is built from ``config.json`` with its parameters on the meta device; then every
 tensor is read from the weight files (memory-mapped, one file mapping at a time), cast to the
 run's dtype (or quantized to NF4, on the GPU when there is one) and put in place before the next
-is read. Peak host memory is therefore the loaded model plus one tensor: the 16-bit model for
+is read. On the CPU, a safetensors tensor already in the run's dtype is not copied at all: the
+model keeps it as it lies in the file (a private copy-on-write mapping), so its pages are read
+when first used and pages never used (an embedding's unused rows) cost no memory. Peak host
+memory is therefore at most the loaded model plus one tensor: the 16-bit model for
 ``--dtype bf16``, the NF4 model (4-bit linears, 16-bit embeddings and head) for ``--quant nf4``.
 A checkpoint already in bitsandbytes' 4-bit layout (written by ``peftkern quantize`` or by
 transformers + bitsandbytes) loads its stored codes as NF4Linear layers, no requantization.
@@ -81,6 +84,13 @@ def load_pretrained(model_dir: str, dtype: str | torch.dtype = "auto", device=No
     reader = CheckpointReader(model_dir)
     if isinstance(dtype, str):
         dtype = resolve_dtype(dtype, config, device, reader)
+    try:
+        return _load(config, stored, reader, dtype, device, quant, blocksize, double_quant, progress)
+    finally:
+        reader.close()
+
+
+def _load(config, stored, reader, dtype, device, quant, blocksize, double_quant, progress) -> nn.Module:
     model = layout.empty_causal_lm(config, dtype)
     tied = tied_keys(model)
     model_keys = [k for k in model.state_dict(keep_vars=True) if k not in tied]
@@ -163,6 +173,15 @@ def _place(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.T
     return t.to(device).to(target)
 
 
+def _as_stored(reader, key: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+    """The tensor as it lies in the file (``CheckpointReader.mapped``) when the run keeps it on the
+    CPU in its stored dtype, else None (it is copied)."""
+    info = reader.info(key)
+    if device.type != "cpu" or (info.dtype.is_floating_point and info.dtype != dtype):
+        return None
+    return reader.mapped(key)
+
+
 def _put_tensors(module: nn.Module, name: str, reader, mapping, device, dtype) -> None:
     prefix = f"{name}." if name else ""
     wanted = {}
@@ -174,7 +193,10 @@ def _put_tensors(module: nn.Module, name: str, reader, mapping, device, dtype) -
             wanted[leaf] = mapping[prefix + leaf]
     if not wanted:
         return
-    got = reader.read(list(wanted.values()), lambda key, t: _place(t, device, dtype))
+    got = {key: _as_stored(reader, key, device, dtype) for key in wanted.values()}
+    copied = [key for key, t in got.items() if t is None]
+    if copied:
+        got.update(reader.read(copied, lambda key, t: _place(t, device, dtype)))
     for leaf, ckpt_key in wanted.items():
         if leaf in module._parameters:
             old = module._parameters[leaf]

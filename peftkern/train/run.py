@@ -9,6 +9,7 @@ from peftkern.train.errors import ConfigError
 from peftkern.train.init_adapter import merge_init_adapter
 from peftkern.train.loading import check_paths, data_paths, is_embedded, load_lm, load_tokenizer
 from peftkern.train.mixing import attach_mixture, is_mixture, task_examples
+from peftkern.train.multi_adapter_run import run_multi_adapter
 
 BUNDLED_TRAIN, BUNDLED_EVAL = 480, 48
 
@@ -123,6 +124,8 @@ def check_more_paths(cfg: TrainConfig, kind: str) -> None:
 
 
 def run(kind: str, cfg: TrainConfig) -> dict:
+    if kind == "sft" and cfg.multi_adapter:
+        return run_multi_adapter(cfg)
     trainer = build_trainer(kind, cfg)
     try:
         return trainer.train()

@@ -110,6 +110,10 @@ def test_bad_settings_are_named(tok):
         rome(model, tok, REQUEST, 1, corpus=CORPUS, prefixes=PREFIXES, settings=ValueSettings(kl_prompts=("is a",)))
     with pytest.raises(EditError, match="mom2_weight must be >= 0"):
         memit(model, tok, [REQUEST], [1], corpus=CORPUS, mom2_weight=-1.0)
+    with pytest.raises(EditError, match="mom2_scale must be >= 0"):
+        memit(model, tok, [REQUEST], [1], corpus=CORPUS, mom2_scale=-0.1)
+    with pytest.raises(EditError, match="not both"):
+        memit(model, tok, [REQUEST], [1], corpus=CORPUS, mom2_weight=10.0, mom2_scale=0.1)
     with pytest.raises(EditError, match="takes a list of requests"):
         memit(model, tok, REQUEST, [1])
     with pytest.raises(EditError, match="cannot edit a 'bert' model|cannot edit"):

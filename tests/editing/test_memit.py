@@ -33,6 +33,36 @@ def test_one_request_matches_rome_direction_and_the_expected_scale(tok):
     assert float(cos) > 1 - 1e-10
 
 
+def test_relative_lambda_writes_the_same_share_of_one_residual_at_every_layer(tok):
+    model = micro_model("llama", dtype=torch.float64)
+    scale = 0.25
+    for layer in (0, 2):
+        stats = key_statistics(model, tok, layer, corpus=CORPUS, cache=False)
+        ours = rome(model, tok, REQUEST, layer, stats=stats, prefixes=PREFIXES, settings=PLAIN)
+        theirs = memit(model, tok, [REQUEST], [layer], stats={layer: stats}, prefixes=PREFIXES, settings=PLAIN,
+                       mom2_scale=scale)
+        name = f"model.layers.{layer}.mlp.down_proj"
+        # lambda = scale * k^T C^-1 k: a / (lambda + a) = 1 / (1 + scale), whatever a is at this layer
+        torch.testing.assert_close(theirs.factors[name][0], ours.factors[name][0] / (1 + scale), rtol=1e-8, atol=1e-12)
+        k = mean_at(model, tok, name, "input", [as_request(REQUEST)], PREFIXES)[0]
+        a = float(k @ torch.linalg.solve(stats.mom2, k))
+        assert abs(theirs.info["layers"][0]["mom2_weight"] - scale * a) <= 1e-9 * a
+        assert theirs.info["mom2_scale"] == scale and theirs.info["mom2_weight"] is None
+
+
+def test_relative_lambda_of_a_batch_uses_the_mean_key_score(tok):
+    model = micro_model("llama", dtype=torch.float64)
+    stats = key_statistics(model, tok, 1, corpus=CORPUS, cache=False)
+    requests = [as_request(r) for r in [REQUEST] + OTHERS]
+    name = "model.layers.1.mlp.down_proj"
+    relative = memit(model, tok, requests, [1], stats={1: stats}, prefixes=PREFIXES, settings=PLAIN, mom2_scale=0.5)
+    keys = mean_at(model, tok, name, "input", requests, PREFIXES)
+    mean_a = float((keys * torch.linalg.solve(stats.mom2, keys.t()).t()).sum(1).mean())
+    absolute = memit(model, tok, requests, [1], stats={1: stats}, prefixes=PREFIXES, settings=PLAIN,
+                     mom2_weight=0.5 * mean_a)
+    torch.testing.assert_close(relative.delta_weight(name), absolute.delta_weight(name), rtol=1e-9, atol=1e-12)
+
+
 def test_one_request_with_default_settings_points_the_same_way(tok):
     model = micro_model("llama")
     layer = 1

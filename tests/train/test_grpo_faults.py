@@ -4,43 +4,29 @@ under torchrun (DDP, FSDP2; gloo on the CPU)."""
 import json
 import math
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from peftkern.train import checkpoint as ck
 from peftkern.train.errors import RunWarning
-from tests.train import grpo_worker
+from tests.train import resume_worker
 from tests.train.helpers import ROOT, env, losses, poison
 
 
 def test_sigkill_mid_rollout_then_resume_matches_uninterrupted(tmp_path):
     killed = str(tmp_path / "killed")
     os.makedirs(killed)
-    proc = subprocess.Popen([sys.executable, "-m", "tests.train.grpo_worker", killed, "5"], cwd=ROOT, env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 240
-        while not os.path.exists(os.path.join(killed, "stopped")):
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.time() < deadline, "the worker never reached step 5"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    resume_worker.run_until_killed(killed, 5, "grpo")
     assert sorted(os.listdir(os.path.join(killed, "checkpoints"))) == ["step-000003"]  # inside rollout 1
     state = ck.read_state(os.path.join(killed, "checkpoints", "step-000003"))
     assert state["trainer"]["rollout"]["index"] == 1
     with pytest.warns(RunWarning, match="taking over the lock"):
-        resumed = grpo_worker.run(killed, resume=True)
-    straight = grpo_worker.run(str(tmp_path / "straight"))
+        resumed = resume_worker.run(killed, resume=True, kind="grpo")
+    straight = resume_worker.run(str(tmp_path / "straight"), kind="grpo")
     assert losses(killed) == losses(str(tmp_path / "straight"))
     assert resumed["final_loss"] == straight["final_loss"] and resumed["eval_after"] == straight["eval_after"]
 

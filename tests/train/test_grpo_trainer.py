@@ -283,6 +283,8 @@ def test_shared_prefill_decodes_as_the_plain_batch(tmp_path):
     assert len({len(e["prompt_ids"]) for e in examples}) > 1
     rows = [e["prompt_ids"] for e in examples for _ in range(4)]
     settings = DecodingSettings(max_new_tokens=6, do_sample=True, temperature=0.9).check()
-    outs = [t.sample(rows, settings, torch.Generator().manual_seed(3), group=g) for g in (1, 4)]
+    outs = [t.sample(rows, settings, torch.Generator().manual_seed(3), group=g, keep_logps=True) for g in (1, 4)]
     assert outs[0][0] == outs[1][0] and outs[0][1] == outs[1][1]
     assert torch.allclose(outs[0][2], outs[1][2], atol=1e-5)
+    plain = t.sample(rows, settings, torch.Generator().manual_seed(3), group=4)  # no log-probs kept: same draws
+    assert plain[0] == outs[0][0] and plain[2] is None

@@ -109,6 +109,45 @@ def test_four_bit_checkpoint_loads_its_codes_without_requantizing(tmp_path, monk
     assert torch.equal(_logits(loaded, ids), _logits(expected, ids))
 
 
+def test_weights_in_their_stored_dtype_stay_in_the_file_and_never_write_it(tmp_path):
+    """--dtype = the stored dtype on the CPU: the model's tensors are the file's bytes (a private
+    copy-on-write mapping), not copies; writing to them (a merge) leaves the file as it was, and they
+    outlive the reader. Another dtype is a copy."""
+    tiny_llama(tmp_path, shard="80KB")
+    shard = sorted(f for f in files(tmp_path) if f.endswith(".safetensors"))[0]
+    before = (tmp_path / shard).read_bytes()
+    reader = CheckpointReader(str(tmp_path))
+    name = next(n for n in reader.names() if reader.info(n).file.endswith(shard))
+    view = reader.mapped(name)
+    assert torch.equal(view, reader.read([name])[name])
+    reader.close()
+    view.add_(1.0)
+    assert (tmp_path / shard).read_bytes() == before
+    ours = load_pretrained(str(tmp_path), "bf16", "cpu")
+    kept = ours.model.embed_tokens.weight
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert _mapped_file(kept.data_ptr()).endswith(".safetensors")
+    with torch.no_grad():
+        kept.mul_(2.0)
+    assert torch.equal(kept, 2.0 * theirs.model.embed_tokens.weight)
+    assert (tmp_path / shard).read_bytes() == before
+    assert _mapped_file(load_pretrained(str(tmp_path), "fp32", "cpu").model.embed_tokens.weight.data_ptr()) is None
+
+
+def _mapped_file(address: int) -> str | None:
+    """The file mapped at ``address`` in this process (Linux's /proc/self/maps), None for anonymous memory."""
+    if not os.path.exists("/proc/self/maps"):
+        pytest.skip("needs /proc/self/maps")
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if start <= address < end:
+                path = fields[5].strip() if len(fields) > 5 else ""
+                return path if path.startswith("/") else None
+    return None
+
+
 # -- bad input -----------------------------------------------------------------------------------
 def test_folder_without_weights_names_what_was_looked_for(tmp_path):
     tiny_llama().config.save_pretrained(tmp_path)

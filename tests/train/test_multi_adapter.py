@@ -59,3 +59,28 @@ def test_bad_settings_are_named():
         train_adapters(tiny_model("llama"), {"a": _dataset(0)}, {"b": CONFIGS["math"]})
     with pytest.raises(ValueError, match="pass a tokenizer"):
         train_adapters(tiny_model("llama"), {"a": [{"prompt": "x", "completion": "y"}]}, CONFIGS["math"])
+
+
+def test_resume_after_an_interruption_ends_as_the_uninterrupted_run(tmp_path):
+    """Checkpoints hold the adapters, AdamW, the data streams and the RNG (dropout draws from it):
+    2 steps, stop, resume to 4 == 4 steps straight (losses and weights)."""
+    configs = {n: LoraConfig(r=c.r, lora_alpha=c.lora_alpha, target_modules=c.target_modules, lora_dropout=0.1)
+               for n, c in CONFIGS.items()}
+    datasets = {name: _dataset(i, n=3) for i, name in enumerate(configs)}  # 3 examples, 2 a step: epochs turn over
+
+    def settings(steps):
+        return MultiAdapterSettings(steps=steps, batch_size=2, lr=2e-2, seed=3, save_every=2)
+
+    straight, straight_losses = train_adapters(tiny_model("llama"), datasets, configs, settings(4),
+                                               checkpoints=tmp_path / "straight")
+    train_adapters(tiny_model("llama"), datasets, configs, settings(2), checkpoints=tmp_path / "cut")
+    torch.manual_seed(1234)  # whatever the process did in between
+    resumed, resumed_losses = train_adapters(tiny_model("llama"), datasets, configs, settings(4),
+                                             checkpoints=tmp_path / "cut", resume=True)
+    assert resumed_losses == straight_losses and len(resumed_losses["math"]) == 4
+    for name in configs:
+        got, expected = _lora_weights(resumed, name), _lora_weights(straight, name)
+        assert got and all(torch.equal(got[k], expected[k]) for k in expected), name
+    with pytest.raises(ValueError, match="holds adapters"):
+        train_adapters(tiny_model("llama"), {"math": datasets["math"]}, configs["math"], settings(4),
+                       checkpoints=tmp_path / "cut", resume=True)

@@ -6,21 +6,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
 from peftkern.train.errors import RunWarning
 from tests.train import resume_worker
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _env():
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    env.pop("TRITON_INTERPRET", None)
-    return env
-
+from tests.train.helpers import ROOT, env
 
 def _losses(out):
     with open(os.path.join(out, "log.jsonl")) as f:
@@ -30,19 +21,7 @@ def _losses(out):
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     killed = str(tmp_path / "killed")
     os.makedirs(killed)
-    proc = subprocess.Popen([sys.executable, "-m", "tests.train.resume_worker", killed, "6"], cwd=ROOT, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 240
-        while not os.path.exists(os.path.join(killed, "stopped")):
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.time() < deadline, "the worker never reached step 6"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc = resume_worker.run_until_killed(killed, 6)
     assert proc.returncode == -signal.SIGKILL
     checkpoints = sorted(os.listdir(os.path.join(killed, "checkpoints")))
     assert checkpoints == ["step-000004"]  # step 6 had run but was never saved
@@ -71,7 +50,7 @@ def _sft(out, extra, nproc=1):
                "127.0.0.1", "--master_port", str(_free_port())] + args
     else:
         cmd = [sys.executable] + args
-    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     return _losses(out)
 
