@@ -48,8 +48,8 @@ OP = "fused_linear_logprobs"
 FACES = ("torch", "triton")
 
 # The torch face's [chunk, V] fp32 workspace scales with the call (docs/losses.md, "Faces and chunks"):
-# CHUNK_FRACTION of its tokens (so the workspace is at most 1/8 of the [tokens, V] logits the naive path
-# builds, which keeps the peak under 0.10x naive's), rounded down to a power of two, at least
+# 1 / CHUNK_FRACTION of its tokens (so the workspace is at most 1/8 of the [tokens, V] logits the naive
+# path builds, whose peak holds about 2.9 of those), rounded down to a power of two, at least
 # MIN_CHUNK_ROWS (shorter GEMMs leave the cores idle and re-read dW once per chunk), at most
 # CHUNK_ELEMENTS (per torch thread count; benchmarks/bench_losses.py on a 2-core CPU at V = 32000,
 # H = 512) elements; a unit loss's chunk also grows to its largest unit when that fits the cap (a
