@@ -355,7 +355,8 @@ def test_e2e_time(case, threads, timer, record):
            peer_name="PEFT + TRL GRPOTrainer", target="<= 0.50",
            note=f"{len(timer.samples['ours'])} interleaved rounds; "
            f"ours IQR/median {spread(timer.samples['ours']):.0%}, trl {spread(timer.samples['trl']):.0%}; "
-           f"load average {os.getloadavg()[0]:.1f}")
+           + ", ".join(f"{k} {min(v):.2f}-{max(v):.2f} s" for k, v in timer.samples.items())
+           + f"; load average {os.getloadavg()[0]:.1f}")
 
 
 @pytest.mark.parametrize("case", E2E_CASES, ids=lambda c: c["size"])

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from peftkern.editing.defaults import DEFAULT_MOM2_SCALE
 from peftkern.editing.requests import EditError
 
 BUNDLED = "bundled"
@@ -26,8 +27,11 @@ def add_parser(sub) -> None:
                    "batched update over --layers")
     p.add_argument("--layer", type=int, default=None, help="ROME: the layer to edit (default: located by causal tracing)")
     p.add_argument("--layers", default=None, help="MEMIT: comma-separated layers (default: located by causal tracing)")
-    p.add_argument("--mom2-weight", type=float, default=1e4, help="MEMIT: lambda, weight of the corpus key statistics "
-                   "(default 1e4)")
+    p.add_argument("--mom2-weight", type=float, default=None, help="MEMIT: an absolute lambda, the weight of the corpus "
+                   "key statistics at every layer (the paper's; default: --mom2-scale)")
+    p.add_argument("--mom2-scale", type=float, default=None, help="MEMIT: lambda relative to the edit keys, lambda_l = this "
+                   "* mean k^T C_l^-1 k at each layer (one request writes 1/(1 + this) of its shift; default "
+                   f"{DEFAULT_MOM2_SCALE})")
     p.add_argument("--corpus", default=None, help="text for the key statistics: a .txt file (one document per line) "
                    "or .jsonl with a 'text' field (default: the bundled corpus, which fits the tiny model only)")
     p.add_argument("--stat-tokens", type=int, default=100_000, help="tokens of the corpus for the statistics (default 100000)")
@@ -132,10 +136,13 @@ def run_edit(args: argparse.Namespace) -> int:
             if args.layer is not None:
                 raise EditError("--layer is for ROME; MEMIT takes --layers")
             layers = [int(x) for x in args.layers.split(",") if x.strip()] if args.layers else None
-            edit = memit(model, tok, requests, layers, mom2_weight=args.mom2_weight, **common)
+            edit = memit(model, tok, requests, layers, mom2_weight=args.mom2_weight, mom2_scale=args.mom2_scale,
+                         **common)
         else:
             if args.layers:
                 raise EditError("--layers is for MEMIT; ROME takes --layer")
+            if args.mom2_weight is not None or args.mom2_scale is not None:
+                raise EditError("--mom2-weight and --mom2-scale are for MEMIT (--method memit)")
             edit = rome(model, tok, requests[0], args.layer, **common) if len(requests) == 1 else \
                 rome_sequential(model, tok, requests, args.layer, **common)
         edit.save(model, args.out)

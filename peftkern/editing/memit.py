@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from peftkern.editing.compute import ValueSettings, mean_at, optimize_delta
+from peftkern.editing.defaults import DEFAULT_MOM2_SCALE
 from peftkern.editing.edit import Edit
 from peftkern.editing.hooks import low_rank_updates
 from peftkern.editing.layout import base_model, layout_of
@@ -40,14 +41,16 @@ def default_layers(model, tok, requests: list[EditRequest], span: int | None = N
     """The ``span`` layers ending at :func:`~peftkern.editing.trace.peak_layer` (the MLP indirect
     effect at the subject's last token, averaged over up to 10 requests' traces); default span: a
     quarter of the layers, at least 2 when the model has 4 or more (fewer when the peak is lower)."""
-    layout = layout_of(model)
     peak, effect = peak_layer(model, tok, requests, samples=samples, seed=seed)
+    return layer_window(peak, layout_of(model).n_layers, span), {"mean_mlp_effect": effect, "peak": peak}
+
+
+def layer_window(peak: int, n_layers: int, span: int | None = None) -> list[int]:
+    """The ``span`` layers ending at ``peak`` (default span: a quarter of the layers, at least 2 when
+    the model has 4 or more; fewer when the peak is lower)."""
     if span is None:
-        span = max(2 if layout.n_layers >= 4 else 1, layout.n_layers // 4)
-    return list(range(max(0, peak - span + 1), peak + 1)), {"mean_mlp_effect": effect, "peak": peak}
-
-
-DEFAULT_MOM2_SCALE = 0.05   # lambda_l = 0.05 * mean k^T C_l^-1 k: one request writes ~95% of its residual
+        span = max(2 if n_layers >= 4 else 1, n_layers // 4)
+    return list(range(max(0, peak - span + 1), peak + 1))
 
 
 def key_scores(mom2: torch.Tensor, keys: torch.Tensor, ridge: float, module: str) -> torch.Tensor:
@@ -76,7 +79,7 @@ def memit(model, tok, requests: list[EditRequest | dict], layers: list[int] | No
     """Compute the MEMIT edit writing all ``requests`` into ``layers`` (default: located by causal
     tracing, :func:`default_layers`). lambda, the weight of the corpus statistics against the new
     keys, is ``mom2_weight`` (the paper's absolute value, the same at every layer) or, by default,
-    ``mom2_scale`` (default :data:`DEFAULT_MOM2_SCALE`) times the mean k^T C^-1 k of the requests' keys
+    ``mom2_scale`` (default :data:`peftkern.editing.defaults.DEFAULT_MOM2_SCALE`) times the mean k^T C^-1 k of the requests' keys
     at each layer; give one of the two. Other arguments as in :func:`peftkern.editing.rome`; ``stats``
     may be a dict layer -> KeyStats/C. Returns an Edit (rank len(requests) per layer); the model is
     not changed."""

@@ -235,7 +235,8 @@ class LoRALinear(nn.Module):
                 weight = self._weight_out_in().to(dtype)
                 bias = self.base_layer.bias
                 bias = bias.to(dtype) if bias is not None else None
-                if not torch.is_grad_enabled() and not (self.training and self._dropout_p(first) > 0):
+                if not torch.is_grad_enabled() and not (self.training and self._dropout_p(first) > 0) \
+                        and self._plain_pays(x):
                     y = self._plain_no_grad(x, weight, bias, first, dtype)
                     for name in rest:
                         y = y + self._rank_term(x, name, dtype)
@@ -246,6 +247,13 @@ class LoRALinear(nn.Module):
             for name in rest:  # further active adapters: the plain rank-r path, added on
                 y = y + self._rank_term(x, name, dtype)
         return y.to(out_dtype)
+
+    @staticmethod
+    def _plain_pays(x: torch.Tensor) -> bool:
+        """Whether a no-grad forward takes the plain path: always off CUDA (the op's torch face does the
+        same GEMMs behind a per-call dispatch), on CUDA only for decoding-sized inputs (<= 128 rows),
+        where launches, not bytes, set the time; a large prefill or scoring pass keeps the fused kernel."""
+        return x.device.type != "cuda" or x.numel() <= 128 * x.shape[-1]
 
     def _plain_no_grad(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, name: str,
                        dtype: torch.dtype) -> torch.Tensor:

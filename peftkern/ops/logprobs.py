@@ -48,8 +48,8 @@ OP = "fused_linear_logprobs"
 FACES = ("torch", "triton")
 
 # The torch face's [chunk, V] fp32 workspace scales with the call (docs/losses.md, "Faces and chunks"):
-# CHUNK_FRACTION of its tokens (so the workspace is at most 1/8 of the [tokens, V] logits the naive path
-# builds, which keeps the peak under 0.10x naive's), rounded down to a power of two, at least
+# 1 / CHUNK_FRACTION of its tokens (so the workspace is at most 1/8 of the [tokens, V] logits the naive
+# path builds, whose peak holds about 2.9 of those), rounded down to a power of two, at least
 # MIN_CHUNK_ROWS (shorter GEMMs leave the cores idle and re-read dW once per chunk), at most
 # CHUNK_ELEMENTS (per torch thread count; benchmarks/bench_losses.py on a 2-core CPU at V = 32000,
 # H = 512) elements; a unit loss's chunk also grows to its largest unit when that fits the cap (a
@@ -594,14 +594,19 @@ class _TorchHead:
 
 # rows per pass of the entropy and its gradient: their exp(log p) temporaries stay small
 _ENTROPY_ROWS = 64
-# fp32 elements per torch thread in one elementwise pass over a block (1 MiB: a core's L2 here)
+# fp32 elements in one elementwise pass over a block on one torch thread (1 MiB: a core's L2 here)
 _PASS_ELEMENTS = 1 << 18
 
 
 def _pass_rows(vocab: int) -> int:
-    """Rows of a [C, V] block per elementwise pass: about :data:`_PASS_ELEMENTS` per torch thread, so
-    the passes after the first find the rows in cache."""
-    return max(1, _PASS_ELEMENTS // max(vocab, 1)) * torch.get_num_threads()
+    """Rows of a [C, V] block per elementwise pass. One thread: about :data:`_PASS_ELEMENTS`, so the
+    passes after the first find the rows in cache. More threads: the whole block, because every op is
+    a parallel region whose threads meet at its end, and on a shared CPU a thread that is not
+    scheduled makes the other wait: many small regions cost more than the cache saves (measured on
+    the 2-core machine at load ~20: 24.7 s against 16.3 s per SFT step of 4096 tokens)."""
+    if torch.get_num_threads() > 1:
+        return 1 << 62
+    return max(1, _PASS_ELEMENTS // max(vocab, 1))
 
 
 def _entropy(log_p: torch.Tensor) -> torch.Tensor:

@@ -448,19 +448,9 @@ class GRPOTrainer(Trainer):
         rows = cfg.batch_size * cfg.num_generations
         first = s * cfg.grad_accum * rows
         total = self.step_units()
-        scale = self.dist.world / total
-        loss_sum, metric_sums = torch.zeros((), device=self.device), {}
-        for m in range(cfg.grad_accum):
-            part = slice(first + m * rows, first + (m + 1) * rows)
-            batch = {k: (ro[k][part] if ro.get(k) is not None else None) for k in self.TENSORS}
-            last = m == cfg.grad_accum - 1
-            sync = self.model.no_sync() if (hasattr(self.model, "no_sync") and not last) else _Null()
-            with sync:
-                loss, metrics = self.loss(self.model, batch)
-                (loss * scale).backward()
-            loss_sum += loss.detach()
-            for k, v in metrics.items():
-                metric_sums[k] = metric_sums.get(k, 0.0) + v.detach().float()
+        parts = [slice(first + m * rows, first + (m + 1) * rows) for m in range(cfg.grad_accum)]
+        batches = [{k: (ro[k][part] if ro.get(k) is not None else None) for k in self.TENSORS} for part in parts]
+        loss_sum, metric_sums = self.accumulate(batches, self.dist.world / total)
         # the loop divides metric sums by ``total``: hand it the mean over micro-batches times total
         per = total / (cfg.grad_accum * self.dist.world)
         record = self.finish_step(loss_sum, {k: v * per for k, v in metric_sums.items()}, total)
@@ -535,11 +525,3 @@ class RLOOTrainer(GRPOTrainer):
                                    lora_A=head["lora_A"], lora_B=head["lora_B"], lora_scaling=head["lora_scaling"])
         out = model(batch["input_ids"], batch["attention_mask"], batch["labels"], head_loss=head_loss)["head_loss"]
         return out.loss, self.loss_metrics(out, batch)
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -142,7 +142,13 @@ class Trainer(abc.ABC):
         batches = [self.to_device(self.collate(mb)) for mb in self.micro_batches(step)]
         units = [self.units(b) for b in batches]
         total = D.all_reduce_sum(torch.stack(units).sum().to(self.device).float(), self.dist).clamp_min(1.0)
-        scale = self.dist.world / total  # DDP / FSDP2 average gradients over processes
+        loss_sum, metric_sums = self.accumulate(batches, self.dist.world / total)
+        return self.finish_step(loss_sum, metric_sums, total)
+
+    def accumulate(self, batches, scale: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Forward and backward of each micro-batch (``loss * scale``; scale = world / total units, as
+        DDP / FSDP2 average gradients over processes), gradients synchronized on the last one only.
+        Returns the summed detached loss and the summed metrics (fp32)."""
         loss_sum, metric_sums = torch.zeros((), device=self.device), {}
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
@@ -153,7 +159,7 @@ class Trainer(abc.ABC):
             loss_sum += loss.detach()
             for k, v in metrics.items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + v.detach().float()
-        return self.finish_step(loss_sum, metric_sums, total)
+        return loss_sum, metric_sums
 
     def finish_step(self, loss_sum: torch.Tensor, metric_sums: dict, total: torch.Tensor,
                     skip: bool = False) -> dict:

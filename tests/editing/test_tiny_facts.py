@@ -35,8 +35,7 @@ def test_rome_and_memit_rewrite_a_fact_and_keep_the_neighbours(tiny_facts_model,
     settings = ValueSettings(steps=100, lr=1.0, weight_decay=0.05, clamp_factor=10.0)
     request = bundled_requests(1)[0]                      # The capital of Velora is Tamsk -> Kelbrin
     for edit in (rome(tiny_facts_model, tok, request, 0, prefixes=[""], settings=settings, n_stat_tokens=20_000),
-                 memit(tiny_facts_model, tok, [request], [0], prefixes=[""], settings=settings, n_stat_tokens=20_000,
-                       mom2_weight=300.0)):
+                 memit(tiny_facts_model, tok, [request], [0], prefixes=[""], settings=settings, n_stat_tokens=20_000)):
         edited = edit.apply(tiny_facts_model)
         try:
             result = evaluate_edits(edited, tok, [request], fluency=False)

@@ -14,6 +14,7 @@ from peftkern.ops.logprobs import (default_chunk_size, fused_linear_logprob_dot,
                                    fused_linear_logprobs, fused_unit_loss)
 from peftkern.reference import logprobs as ref
 from tests.helpers import assert_close
+from tests.losses._fused_checks import grads, leaves
 
 NAMES = ("hidden", "weight", "bias", "lora_A", "lora_B")
 
@@ -34,16 +35,6 @@ def _inputs(lead, H, V, rank, bias, lora, ignore_every=4):
     return h, w, b, a, lb, t
 
 
-def _leaves(tensors, dtype):
-    return [None if x is None else x.detach().to(dtype).requires_grad_(True) for x in tensors]
-
-
-def _grads(out, tensors):
-    live = [x for x in tensors if x is not None]
-    got = iter(torch.autograd.grad(out, live, allow_unused=True))
-    return [None if x is None else next(got) for x in tensors]
-
-
 def _compare_grads(actual, expected, dtype, factor=1.0):
     for name, a, e in zip(("hidden", "weight", "bias", "lora_A", "lora_B"), actual, expected):
         if e is None:
@@ -60,14 +51,14 @@ def _compare_grads(actual, expected, dtype, factor=1.0):
 def test_matches_reference(seed, face, lead, H, V, rank, dtype, bias, lora, temperature):
     tensors = _inputs(lead, H, V, rank, bias, lora)
     *params, t = tensors
-    params = _leaves(params, torch.float64)
+    params = leaves(params, torch.float64)
     h, w, b, a, lb = params
     lp, ent = ref.linear_logprobs(h, w, t, bias=b, temperature=temperature, return_entropy=True, lora_A=a, lora_B=lb,
                                   lora_scaling=0.5)
     g_lp, g_ent = torch.randn_like(lp), torch.randn_like(ent)
-    expected = _grads((lp * g_lp + ent * g_ent).sum(), params)
+    expected = grads((lp * g_lp + ent * g_ent).sum(), params)
 
-    mine = _leaves(params, dtype)
+    mine = leaves(params, dtype)
     h2, w2, b2, a2, lb2 = mine
     with backend.use(face):
         lp2, ent2 = fused_linear_logprobs(h2, w2, t, bias=b2, temperature=temperature, return_entropy=True,
@@ -75,16 +66,16 @@ def test_matches_reference(seed, face, lead, H, V, rank, dtype, bias, lora, temp
     assert lp2.dtype == torch.float32 and lp2.shape == t.shape
     # fp16 inputs: compare with the reference on the same fp16-rounded inputs
     if dtype != torch.float32:
-        rounded = _leaves([x.detach().to(dtype) if x is not None else None for x in params], torch.float64)
+        rounded = leaves([x.detach().to(dtype) if x is not None else None for x in params], torch.float64)
         hr, wr, br, ar, lbr = rounded
         lp, ent = ref.linear_logprobs(hr, wr, t, bias=br, temperature=temperature, return_entropy=True, lora_A=ar,
                                       lora_B=lbr, lora_scaling=0.5)
-        expected = _grads((lp * g_lp + ent * g_ent).sum(), rounded)
+        expected = grads((lp * g_lp + ent * g_ent).sum(), rounded)
     if lp.numel() == 0:
         return
     assert_close(lp2, lp, dtype, "logp")
     assert_close(ent2, ent, dtype, "entropy")
-    actual = _grads((lp2 * g_lp.float() + ent2 * g_ent.float()).sum(), mine)
+    actual = grads((lp2 * g_lp.float() + ent2 * g_ent.float()).sum(), mine)
     _compare_grads(actual, expected, dtype)
     ignored = t == -100
     assert (lp2[ignored] == 0).all() and (ent2[ignored] == 0).all()
@@ -95,52 +86,52 @@ def test_matches_reference(seed, face, lead, H, V, rank, dtype, bias, lora, temp
 def test_logp_only_and_bf16(seed, face):
     dtype = torch.bfloat16 if face == "torch" else torch.float32
     *params, t = _inputs((21,), 40, 200, 2, True, False)
-    params = _leaves(params, torch.float64)
+    params = leaves(params, torch.float64)
     expected_lp = ref.linear_logprobs(*params[:2], t, bias=params[2])
-    expected = _grads(expected_lp.sum(), params)
-    mine = _leaves(params, dtype)
+    expected = grads(expected_lp.sum(), params)
+    mine = leaves(params, dtype)
     with backend.use(face):
         lp = fused_linear_logprobs(mine[0], mine[1], t, bias=mine[2])
     assert_close(lp, expected_lp, dtype, "logp", factor=2.0)
-    _compare_grads(_grads(lp.sum(), mine), expected, dtype, factor=2.0)
+    _compare_grads(grads(lp.sum(), mine), expected, dtype, factor=2.0)
 
 
 @pytest.mark.parametrize("face", FACES)
 def test_all_ignored_rows(seed, face):
     *params, t = _inputs((2, 7), 16, 70, 2, True, True)
     t[0] = -100  # a whole sequence ignored
-    mine = _leaves(params, torch.float32)
+    mine = leaves(params, torch.float32)
     with backend.use(face):
         lp = fused_linear_logprobs(mine[0], mine[1], t, bias=mine[2], lora_A=mine[3], lora_B=mine[4])
     assert (lp[0] == 0).all()
-    grads = _grads(lp.sum(), mine)
-    assert (grads[0][0] == 0).all()
+    d = grads(lp.sum(), mine)
+    assert (d[0][0] == 0).all()
     t.fill_(-100)
     with backend.use(face):
         lp = fused_linear_logprobs(mine[0], mine[1], t, bias=mine[2], lora_A=mine[3], lora_B=mine[4])
     assert (lp == 0).all()
-    for g in _grads(lp.sum(), mine):
+    for g in grads(lp.sum(), mine):
         assert (g == 0).all()
 
 
 @pytest.mark.parametrize("face", FACES)
 def test_mean_logp_and_dot(seed, face):
     *params, t = _inputs((29,), 24, 150, 3, True, True)
-    params = _leaves(params, torch.float64)
+    params = leaves(params, torch.float64)
     h, w, b, a, lb = params
     c_logp, c_mean = torch.randn(29), torch.randn(29)
     lp = ref.linear_logprobs(h, w, t, bias=b, temperature=1.3, lora_A=a, lora_B=lb, lora_scaling=2.0)
     mean = ref.linear_mean_logprobs(h, w, t, bias=b, temperature=1.3, lora_A=a, lora_B=lb, lora_scaling=2.0)
     value = (lp * c_logp.double() + mean * c_mean.double()).sum()
-    expected = _grads(value, params)
-    mine = _leaves(params, torch.float32)
+    expected = grads(value, params)
+    mine = leaves(params, torch.float32)
     kw = dict(bias=mine[2], temperature=1.3, lora_A=mine[3], lora_B=mine[4], lora_scaling=2.0, chunk_size=5)
     with backend.use(face):
         got = fused_linear_logprob_dot(mine[0], mine[1], t, c_logp, c_mean, **kw)
         _, _, mean2 = fused_linear_logprob_stats(mine[0], mine[1], t, mean_logp=True, **kw)
     assert_close(got, value.detach(), torch.float32, "value")
     assert_close(mean2, mean.detach(), torch.float32, "mean_logp")
-    _compare_grads(_grads(got * 3.0, mine), [3.0 * e for e in expected], torch.float32)
+    _compare_grads(grads(got * 3.0, mine), [3.0 * e for e in expected], torch.float32)
 
 
 def test_frozen_weight_gets_no_gradient(seed):
@@ -253,7 +244,7 @@ def test_a_registered_token_local_loss(seed, face):
     """A GRPO-shaped loss plugs in through register_unit_loss, no new kernel: value and gradients
     equal autograd through the reference log-probs, with chunks that cut sequences."""
     *params, t = _inputs((3, 7), 16, 60, 2, True, True)
-    p64 = _leaves(params, torch.float64)
+    p64 = leaves(params, torch.float64)
     logp = ref.linear_logprobs(p64[0], p64[1], t, bias=p64[2], temperature=0.9, lora_A=p64[3], lora_B=p64[4],
                                lora_scaling=0.5)
     old = (logp.detach() + 0.3 * torch.randn_like(logp)).float()
@@ -262,8 +253,8 @@ def test_a_registered_token_local_loss(seed, face):
     ratio = torch.exp(logp - old.double())
     per = -torch.minimum(ratio * adv.double(), ratio.clamp(0.8, 1.2) * adv.double())
     expected = (per * weight.double()).sum()
-    g_expected = _grads(expected, p64)
-    mine = _leaves(params, torch.float32)
+    g_expected = grads(expected, p64)
+    mine = leaves(params, torch.float32)
     with backend.use(face):
         out = fused_unit_loss(mine[0], mine[1], t, "test_clipped_ratio", tensors=[old.reshape(-1), adv.reshape(-1),
                               weight.reshape(-1)], scalars=[0.2], bias=mine[2], temperature=0.9, lora_A=mine[3],
@@ -271,25 +262,25 @@ def test_a_registered_token_local_loss(seed, face):
     assert_close(out.loss, expected.detach(), torch.float32, "loss")
     assert_close(out.logp, logp.detach(), torch.float32, "logp")
     assert not out.logp.requires_grad
-    _compare_grads(_grads(out.loss, mine), g_expected, torch.float32)
+    _compare_grads(grads(out.loss, mine), g_expected, torch.float32)
 
 
 @pytest.mark.parametrize("face", FACES)
 def test_a_registered_unit_loss_with_split_units(seed, face):
     *params, t = _inputs((4, 6), 16, 50, 2, True, False)
     t[2] = -100  # an empty unit still has its loss (softplus(0))
-    p64 = _leaves(params, torch.float64)
+    p64 = leaves(params, torch.float64)
     logp = ref.linear_logprobs(p64[0], p64[1], t, bias=p64[2])
     mask = t != -100
     mean = (logp * mask).sum(1) / mask.sum(1).clamp(min=1)
     expected = F.softplus(-mean).sum()
-    g_expected = _grads(expected, p64)
-    mine = _leaves(params, torch.float32)
+    g_expected = grads(expected, p64)
+    mine = leaves(params, torch.float32)
     for chunk in (None, 3, 8):
         with backend.use(face):
             out = fused_unit_loss(mine[0], mine[1], t, "test_sequence_margin", bias=mine[2], chunk_size=chunk)
         assert_close(out.loss, expected.detach(), torch.float32, f"loss chunk={chunk}")
-        _compare_grads(_grads(out.loss, mine), g_expected, torch.float32)
+        _compare_grads(grads(out.loss, mine), g_expected, torch.float32)
 
 
 def _entropy_bonus_loss(chunk, tensors, scalars, variant):
@@ -306,20 +297,20 @@ register_unit_loss("test_entropy_bonus", _entropy_bonus_loss, token_local=True)
 @pytest.mark.parametrize("face", FACES)
 def test_a_registered_loss_reading_the_entropy(seed, face):
     *params, t = _inputs((2, 9), 16, 70, 2, True, True)
-    p64 = _leaves(params, torch.float64)
+    p64 = leaves(params, torch.float64)
     lp, ent = ref.linear_logprobs(p64[0], p64[1], t, bias=p64[2], temperature=1.2, return_entropy=True,
                                   lora_A=p64[3], lora_B=p64[4], lora_scaling=0.5)
     weight = torch.randn(2, 9)
     expected = (weight.double() * (lp - 0.3 * ent)).sum()
-    g_expected = _grads(expected, p64)
-    mine = _leaves(params, torch.float32)
+    g_expected = grads(expected, p64)
+    mine = leaves(params, torch.float32)
     with backend.use(face):
         out = fused_unit_loss(mine[0], mine[1], t, "test_entropy_bonus", tensors=[weight.reshape(-1)], scalars=[-0.3],
                               entropy=True, bias=mine[2], temperature=1.2, lora_A=mine[3], lora_B=mine[4],
                               lora_scaling=0.5, chunk_size=5)
     assert_close(out.loss, expected.detach(), torch.float32, "loss")
     assert_close(out.entropy, ent.detach(), torch.float32, "entropy")
-    _compare_grads(_grads(out.loss, mine), g_expected, torch.float32)
+    _compare_grads(grads(out.loss, mine), g_expected, torch.float32)
 
 
 def test_unit_loss_errors():
@@ -406,10 +397,10 @@ def test_padding_row_with_a_large_logit_gives_no_nan(seed):
         ("recompute path", lambda *p: fused_linear_logprobs(p[0], p[1], t, bias=p[2], lora_A=p[3],
                                                             lora_B=p[4]).sum()),
     ]:
-        leaves = [x.clone().requires_grad_(True) for x in (h, w, b, a, lb)]
+        params = [x.clone().requires_grad_(True) for x in (h, w, b, a, lb)]
         with backend.use("triton"):
-            call(*leaves).backward()
-        for label, x in zip(NAMES, leaves):
+            call(*params).backward()
+        for label, x in zip(NAMES, params):
             assert torch.isfinite(x.grad).all(), f"{name}: NaN or inf in d{label}"
 
 
