@@ -132,16 +132,16 @@ def _fwd_config(dtype: torch.dtype) -> dict:
 
 def _bwd_config(dtype: torch.dtype, block_r: int, dropout: bool, compute_dx: bool) -> dict:
     """LoRA's backward tiles (``_lowrank.lora_bwd_config``); fp32 differs where ptxas spilled
-    (static report, Triton 3.6 or 3.9): 2 stages without dx; with dx 8 warps, or N steps of 16
+    (static report, Triton 3.6 or 3.9): 1 stage without dx; with dx 8 warps, and N steps of 16
     with dropout."""
     cfg = lr.lora_bwd_config(dtype, block_r, dropout, compute_dx)
     if dtype == torch.float32:
         if not compute_dx:
-            cfg["num_stages"] = 2
-        elif dropout:
-            cfg["BLOCK_N"] = 16
+            cfg["num_stages"] = 1
         else:
             cfg["num_warps"] = 8
+            if dropout:
+                cfg["BLOCK_N"] = 16
     return cfg
 
 

@@ -292,20 +292,21 @@ def _gemm_config(dtype: torch.dtype, row_blocks: bool = True) -> dict:
     return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 2}
 
 
-def _dx_config(dtype: torch.dtype, row_blocks: bool = True, dropout: bool = False) -> dict:
+def _dx_config(dtype: torch.dtype, row_blocks: bool = True, dropout: bool = False, compute_dx: bool = True) -> dict:
     """dx tiles: K depth 64 (one NF4 block per W tile row at blocksize >= 64), N steps of 32 (the
     producers' N step too); dA from x sub-tiles of 32 columns. fp32 over 8 warps and 2 stages (4
     warps spilled on sm_80, 8 warps and 1 stage on sm_90); with dropout, 64-row tiles (the masked
-    g A term needs a second tile of registers)."""
+    g A term needs a second tile of registers). Without dx (dA only), fp32 and the 16-bit dropout
+    tiles take 4 warps (8 spilled 8 / 16 bytes on sm_80 under Triton 3.9 with the _lowrank blocks)."""
     if dtype == torch.float32:
-        return {"BLOCK_M": 32, "BLOCK_K": 32, "BLOCK_N": 32, "BLOCK_DA": 32, "GROUP_M": 8, "num_warps": 8,
-                "num_stages": 2}
+        return {"BLOCK_M": 32, "BLOCK_K": 32, "BLOCK_N": 32, "BLOCK_DA": 32, "GROUP_M": 8,
+                "num_warps": 8 if compute_dx else 4, "num_stages": 2}
     if not row_blocks:
         return {"BLOCK_M": 64, "BLOCK_K": 32, "BLOCK_N": 32, "BLOCK_DA": 32, "GROUP_M": 8, "num_warps": 4,
                 "num_stages": 1}
     # with dropout, dA sub-tiles of 16 columns (32 spilled 8 bytes under Triton 3.6 on sm_80)
     return {"BLOCK_M": 64 if dropout else 128, "BLOCK_K": 64, "BLOCK_N": 32, "BLOCK_DA": 16 if dropout else 32,
-            "GROUP_M": 8, "num_warps": 8, "num_stages": 2}
+            "GROUP_M": 8, "num_warps": 4 if (dropout and not compute_dx) else 8, "num_stages": 2}
 
 
 _GEMV_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
@@ -402,7 +403,7 @@ def _triton_backward(dy, x2d, w4, lora_A, lora_B, u, scaling, dropout_p, seed, n
         return _torch_backward(dy, x2d, _torch_dequantize(w4, x2d.dtype), lora_A, lora_B, u, scaling, dropout_p, seed,
                                need_dx)
     cfg, meta = lr.split_config(_dx_config(x2d.dtype, _row_blocks(w4, _dx_config(x2d.dtype)["BLOCK_K"]),
-                                           dropout_p > 0.0))
+                                           dropout_p > 0.0, need_dx or not has_lora))
     row_blocks = _row_blocks(w4, cfg["BLOCK_K"])
     tiles_m, tiles_k = triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_K"])
     chunks_n = triton.cdiv(N, cfg["BLOCK_N"])
@@ -468,7 +469,7 @@ def triton_kernel_specs() -> list:
             for has_lora, dropout, compute_dx in itertools.product((False, True), (False, True), (True, False)):
                 if not has_lora and (dropout or not compute_dx):
                     continue
-                cfg, meta = lr.split_config(_dx_config(dtype, row_blocks, dropout))
+                cfg, meta = lr.split_config(_dx_config(dtype, row_blocks, dropout, compute_dx))
                 specs.append(KernelSpec(
                     _nf4_bwd_kernel, f"{t} dq={int(double)} rb={int(row_blocks)} lora={int(has_lora)} "
                                      f"dropout={int(dropout)} dx={int(compute_dx)}",
