@@ -1,6 +1,6 @@
 """Editing tests run micro models (random weights, the byte tokenizer's vocabulary) on one CPU thread."""
 import pytest
-from tests.fixtures import one_thread  # noqa: F401  (autouse)
+from tests.shared_fixtures import one_thread  # noqa: F401  (autouse)
 
 
 @pytest.fixture(autouse=True)

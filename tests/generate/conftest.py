@@ -1,3 +1,3 @@
 """Generation tests run their tiny models on one CPU thread (torch's pool only slows such small ops
 when other programs share the 2 cores)."""
-from tests.fixtures import one_thread  # noqa: F401  (autouse)
+from tests.shared_fixtures import one_thread  # noqa: F401  (autouse)

@@ -9,7 +9,7 @@ from peftkern.train.config import TrainConfig
 from peftkern.train.model import base_causal_lm
 from peftkern.train.run import build_trainer
 from tests.helpers import assert_close
-from tests.fixtures import one_thread  # noqa: F401  (autouse)
+from tests.shared_fixtures import one_thread  # noqa: F401  (autouse)
 
 
 def _trainer(tmp_path, kind, **kw):

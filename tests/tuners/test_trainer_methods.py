@@ -8,7 +8,7 @@ import torch
 
 from peftkern.train.config import TrainConfig
 from peftkern.train.run import build_trainer
-from tests.fixtures import one_thread  # noqa: F401  (autouse)
+from tests.shared_fixtures import one_thread  # noqa: F401  (autouse)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
