@@ -126,6 +126,12 @@ def _per_skill(ok: list[bool], items) -> dict:
     return out
 
 
+def _flips(before: list[bool], after: list[bool], items, skill: str | None = None) -> list[int]:
+    """[wrong -> right, right -> wrong] counts over ``items`` (of ``skill`` only, when given)."""
+    pairs = [(a, b) for a, b, (q, _, _) in zip(before, after, items) if skill is None or tasks.skill_of(q) == skill]
+    return [sum(not a and b for a, b in pairs), sum(a and not b for a, b in pairs)]
+
+
 def evaluate(adapters: list[str], tok, held_out, rl_distinct, seed: int) -> dict:
     lm = _model(adapters)
     answers = greedy_answers(lm, tok, held_out)[1]
@@ -170,8 +176,8 @@ def run_seed(seed: int, args, work: str, items, tok) -> dict:
         "exact_match": pick("exact_match"), "per_skill": pick("per_skill"),
         "sampled_accuracy": pick("sampled_accuracy"), "grpo_prompts_exact_match": pick("grpo_prompts_exact_match"),
         "grpo_prompts": len(rl_distinct),
-        "flips": {"wrong_to_right": sum(not a and b for a, b in zip(sft["ok"], grpo["ok"])),
-                  "right_to_wrong": sum(a and not b for a, b in zip(sft["ok"], grpo["ok"]))},
+        "flips": dict(zip(("wrong_to_right", "right_to_wrong"), _flips(sft["ok"], grpo["ok"], held_out))),
+        "flips_per_skill": {k: _flips(sft["ok"], grpo["ok"], held_out, k) for k in tasks.SKILLS},
         "flipped": [{"question": q, "answer": g, "sft": a, "sft+grpo": b}
                     for (q, g, _), a, b, x, y in zip(held_out, sft["answers"], grpo["answers"], sft["ok"], grpo["ok"])
                     if x != y],
@@ -226,11 +232,13 @@ def report_md(report: dict, args) -> str:
                      f"{t['last_fifth']:.3f} | {t['exact_first_fifth']:.3f} -> {t['exact_last_fifth']:.3f} | "
                      f"{r['seconds']['sft']:.0f} / {r['seconds']['grpo']:.0f} |")
     gains = [r["exact_match"]["sft+grpo"] - r["exact_match"]["sft"] for r in runs]
+    per_skill = {k: [sum(r["flips_per_skill"][k][i] for r in runs) for i in (0, 1)] for k in tasks.SKILLS}
+    by_skill = "; ".join(f"{k} {u} / {d}" for k, (u, d) in per_skill.items())
     rises = sum(r["train_reward"]["last_fifth"] > r["train_reward"]["first_fifth"] for r in runs)
     lines += ["", f"Mean over {n} seeds: held-out exact match {avg(lambda r: r['exact_match']['sft']):.3f} -> "
               f"{avg(lambda r: r['exact_match']['sft+grpo']):.3f} ({sum(gains) / n:+.3f}; per seed "
               f"{', '.join(f'{g:+.3f}' for g in gains)}); flips over all seeds: {up} wrong -> right, {down} right -> "
-              f"wrong (two-sided sign test p = {sign_test(up, down):.3f}); held-out sampled accuracy "
+              f"wrong (two-sided sign test p = {sign_test(up, down):.3f}; per skill {by_skill}); held-out sampled accuracy "
               f"{avg(lambda r: r['sampled_accuracy']['sft']):.3f} -> {avg(lambda r: r['sampled_accuracy']['sft+grpo']):.3f}; "
               f"GRPO prompts' greedy exact match {avg(lambda r: r['grpo_prompts_exact_match']['sft']):.3f} -> "
               f"{avg(lambda r: r['grpo_prompts_exact_match']['sft+grpo']):.3f}; training reward first -> last fifth "

@@ -46,3 +46,11 @@ def test_sign_test(experiment):
     assert experiment.sign_test(3, 4) == 1.0
     assert experiment.sign_test(10, 2) == pytest.approx(2 * 79 / 4096)  # (1 + 12 + 66) / 2**12, both tails
     assert experiment.sign_test(5, 0) == pytest.approx(2 / 32)
+
+
+def test_flips_count_each_way_and_per_skill(experiment):
+    items = [("Write 'cat' in capitals.", "CAT", ""), ("Reverse 'cat'.", "tac", ""), ("What is 1 + 2?", "3", "")]
+    before, after = [True, False, False], [False, True, True]
+    assert experiment._flips(before, after, items) == [2, 1]
+    assert experiment._flips(before, after, items, "upper") == [0, 1]
+    assert experiment._flips(before, after, items, "add") == [1, 0]
