@@ -145,7 +145,7 @@ class GRPOTrainer(Trainer):
     sequence importance sampling; delta; k3 KL with beta; entropy masking) from hidden states."""
 
     kind = "grpo"
-    TENSORS = ("input_ids", "attention_mask", "labels", "advantages", "old_logps", "ref_logps")
+    TENSORS = ("input_ids", "attention_mask", "labels", "advantages", "old_logps", "ref_logps", "prompt_lengths")
 
     def __init__(self, cfg, model, tokenizer, train_examples, eval_examples=None, callbacks=(),
                  base_model_path=None):
@@ -300,10 +300,19 @@ class GRPOTrainer(Trainer):
                                          lora_A=head["lora_A"], lora_B=head["lora_B"],
                                          lora_scaling=head["lora_scaling"])
         args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+        shared = self.shared_prompts(batch)
         if self.reference is not None:
-            return self.reference(*args, head_loss=score)["head_loss"]
+            return self.reference(*args, head_loss=score, shared_prompts=shared)["head_loss"]
         with adapters_disabled(self.module.lm):
-            return self.module(*args, head_loss=score)["head_loss"]
+            return self.module(*args, head_loss=score, shared_prompts=shared)["head_loss"]
+
+    def shared_prompts(self, batch: dict):
+        """(prompt lengths [N], G) when the G completions of a prompt can share its forward (rows of a batch
+        are whole groups; not under FSDP2, whose sharded layers the two calls would gather twice), else None."""
+        lengths, G = batch.get("prompt_lengths"), self.cfg.num_generations
+        if lengths is None or G < 2 or self.dist.strategy == "fsdp2":
+            return None
+        return lengths, G
 
     def _completion_texts(self, examples, completions):
         texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in completions]
@@ -361,6 +370,7 @@ class GRPOTrainer(Trainer):
             label = [IGNORE_INDEX] * len(completion) if (cut and cfg.mask_truncated_completions) else completion
             seqs.append({"input_ids": prompt + completion, "labels": [IGNORE_INDEX] * len(prompt) + label})
         batch = {k: v.to(self.device) for k, v in pad_batch(seqs, self.pad).items()}
+        batch["prompt_lengths"] = torch.tensor([len(p) for p in rows], device=self.device)
         T = batch["input_ids"].shape[1]
         mask = batch["labels"][:, 1:] != IGNORE_INDEX
         old = None
@@ -424,7 +434,8 @@ class GRPOTrainer(Trainer):
                 max_completion_length=cfg.max_completion_length, num_items_in_batch=1 if sums else None,
                 top_entropy_quantile=cfg.top_entropy_quantile, return_entropy=True, lora_A=head["lora_A"],
                 lora_B=head["lora_B"], lora_scaling=head["lora_scaling"])
-        out = model(batch["input_ids"], batch["attention_mask"], batch["labels"], head_loss=head_loss)["head_loss"]
+        out = model(batch["input_ids"], batch["attention_mask"], batch["labels"], head_loss=head_loss,
+                    shared_prompts=self.shared_prompts(batch))["head_loss"]
         rows = batch["input_ids"].shape[0]
         loss = out.loss * (1.0 if cfg.loss_type in ("bnpo", "dapo", "cispo") else rows)
         return loss, self.loss_metrics(out, batch)
@@ -523,5 +534,6 @@ class RLOOTrainer(GRPOTrainer):
                                    epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, bias=head["bias"],
                                    temperature=cfg.temperature, scale=1.0, return_entropy=True,
                                    lora_A=head["lora_A"], lora_B=head["lora_B"], lora_scaling=head["lora_scaling"])
-        out = model(batch["input_ids"], batch["attention_mask"], batch["labels"], head_loss=head_loss)["head_loss"]
+        out = model(batch["input_ids"], batch["attention_mask"], batch["labels"], head_loss=head_loss,
+                    shared_prompts=self.shared_prompts(batch))["head_loss"]
         return out.loss, self.loss_metrics(out, batch)

@@ -20,6 +20,7 @@ from peftkern.train.adapters import add_adapters, attach_adalora_steps, uses_ada
 from peftkern.train.config import TrainConfig
 from peftkern.train.errors import ConfigError
 from peftkern.train.logprobs import token_logprobs
+from peftkern.train.shared_prefix import can_share_prefix, shared_prefix_hidden
 from peftkern.tuners import load_adapter
 
 
@@ -82,26 +83,42 @@ class LMWithHeads(nn.Module):
                 nn.init.zeros_(head.bias)
         self.autocast_bf16 = autocast_bf16
 
+    def shares_prompts(self) -> bool:
+        """Whether a forward can run a prompt once for the rows that share it: the decoder continues from a
+        KV cache at given positions, no soft prompt rewrites the inputs, and gradient checkpointing (which
+        turns the cache off in training) is off."""
+        decoder = decoder_of(self.lm)
+        changes_inputs = getattr(self.lm, "changes_inputs", None)
+        return (can_share_prefix(decoder) and not (changes_inputs is not None and changes_inputs())
+                and not getattr(decoder, "gradient_checkpointing", False))
+
     def _autocast(self, device: torch.device):
         if self.autocast_bf16 and device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def forward(self, input_ids, attention_mask, labels=None, want_hidden: bool = False, want_entropy: bool = False,
-                head_loss=None, position_ids=None):
+                head_loss=None, position_ids=None, shared_prompts=None):
         """With ``head_loss`` (a callable (hidden [B, T-1, H], targets [B, T-1], head dict) -> anything,
         from ``peftkern.train.objectives``), its result is ``out["head_loss"]`` instead of ``logps``: a
         fused loss from hidden states, computed here so that DDP / FSDP2 see the head used in forward.
         ``position_ids`` [B, T] (packed rows, ``attention_mask`` None): positions restart at 0 for each
-        packed example and attention stays inside it (transformers' padding-free convention)."""
+        packed example and attention stays inside it (transformers' padding-free convention).
+        ``shared_prompts`` (prompt lengths [B] int, G): the rows come in groups of G copies of one prompt,
+        each with its own completion; where :meth:`shares_prompts` the prompt runs once per group
+        (``peftkern.train.shared_prefix``), otherwise every row runs whole (the same states)."""
         out = {}
         with self._autocast(input_ids.device):
-            if position_ids is not None:
-                inputs = dict(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+            if shared_prompts is not None and position_ids is None and self.shares_prompts():
+                lengths, group = shared_prompts
+                hidden = shared_prefix_hidden(decoder_of(self.lm), input_ids, attention_mask, lengths, group)
             else:
-                inputs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            inputs, virtual = adapted_inputs(self.lm, inputs)
-            hidden = decoder_of(self.lm)(**inputs).last_hidden_state[:, virtual:]
+                if position_ids is not None:
+                    inputs = dict(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+                else:
+                    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                inputs, virtual = adapted_inputs(self.lm, inputs)
+                hidden = decoder_of(self.lm)(**inputs).last_hidden_state[:, virtual:]
             if labels is not None and head_loss is not None:
                 out["head_loss"] = head_loss(hidden[:, :-1], labels[:, 1:], head_of(self.lm))
             elif labels is not None:

@@ -63,6 +63,10 @@ class PeftKernModel(nn.Module):
             raise ValueError(f"adapter_names= (one adapter per row) cannot run with adapters that change the inputs "
                              f"(soft prompts: {changers}), as in PEFT; run them in separate batches")
 
+    def changes_inputs(self) -> bool:
+        """Whether an active adapter rewrites the forward's inputs (a soft prompt)."""
+        return bool(self._input_changers())
+
     def model_inputs(self, kwargs: dict) -> dict:
         """``kwargs`` of a forward of the model (or of its decoder stack) as the active adapters
         rewrite them (soft prompts: virtual tokens before the input embeddings or in the cache, the

@@ -62,6 +62,7 @@ def test_step_loss_equals_trl(tmp_path, loss_type):
                               epsilon_high=0.28 if loss_type != "cispo" else 4.0, importance_sampling_level=level))
     t.rollout = t.make_rollout(0)
     batch = _micro(t)
+    assert t.shared_prompts(batch) is not None and t.module.shares_prompts()  # each prompt runs once per group
     with torch.no_grad():  # move the policy off the sampler so ratios are not all 1
         for p in t.module.parameters():
             if p.requires_grad:
