@@ -37,6 +37,22 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def cache_keyword(module: nn.Module) -> str | None:
+    """The keyword under which ``module``'s forward takes a KV cache (``cache`` in newer transformers,
+    ``past_key_values`` before), or None when it takes none."""
+    params = inspect.signature(module.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    return None
+
+
+def returned_cache(output):
+    """The KV cache a forward returned (``output.cache`` or ``output.past_key_values``), or None."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
 class ModelStepper:
     """``start(input_ids, attention_mask) -> logits [B, V] fp32`` for the next token after each
     (left-padded) prompt; ``advance(tokens [B]) -> logits [B, V]`` after appending one token per row.
@@ -50,7 +66,7 @@ class ModelStepper:
         self.forward_kwargs = dict(forward_kwargs or {})
         self.context = context
         params = inspect.signature(unwrap_causal_lm(model).forward).parameters
-        self._cache_key = "cache" if "cache" in params else "past_key_values"
+        self._cache_key = cache_keyword(unwrap_causal_lm(model)) or "past_key_values"
         self._takes_positions = "position_ids" in params
         self._keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self.cache = None
@@ -67,9 +83,7 @@ class ModelStepper:
             kwargs[self._cache_key] = self.cache
         with self.context() if self.context is not None else contextlib.nullcontext():
             out = self.model(**kwargs)
-        self.cache = getattr(out, "cache", None) if self._cache_key == "cache" else None
-        if self.cache is None:
-            self.cache = getattr(out, "past_key_values", None)
+        self.cache = returned_cache(out)
         return out.logits[:, -1].to(dtype=torch.float32, copy=True)
 
     @torch.no_grad()

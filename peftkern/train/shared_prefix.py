@@ -17,26 +17,12 @@ import inspect
 import torch
 from torch import nn
 
-
-def cache_keyword(decoder: nn.Module) -> str | None:
-    """The keyword under which ``decoder``'s forward takes a KV cache (``cache`` in newer transformers,
-    ``past_key_values`` before), or None when it takes none (then the prompt cannot be shared)."""
-    params = inspect.signature(decoder.forward).parameters
-    for name in ("cache", "past_key_values"):
-        if name in params:
-            return name
-    return None
+from peftkern.generate.forward import cache_keyword, returned_cache
 
 
 def can_share_prefix(decoder: nn.Module) -> bool:
     """Whether ``decoder`` takes a KV cache and ``position_ids`` (both needed to continue a prompt)."""
-    params = inspect.signature(decoder.forward).parameters
-    return cache_keyword(decoder) is not None and "position_ids" in params
-
-
-def _returned_cache(out):
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else getattr(out, "past_key_values", None)
+    return cache_keyword(decoder) is not None and "position_ids" in inspect.signature(decoder.forward).parameters
 
 
 def shared_prefix_hidden(decoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -56,7 +42,7 @@ def shared_prefix_hidden(decoder: nn.Module, input_ids: torch.Tensor, attention_
         raise ValueError("shared prefix: the rows of a group have prompts of different lengths")
     lp = lens[first]
     Lp = int(lp.max())
-    cols = torch.arange(max(Lp, T), device=device)
+    cols = torch.arange(T, device=device)  # a prompt is never longer than its rows
     prompt_mask = (cols[:Lp][None, :] < lp[:, None]).to(attention_mask.dtype)
     key = cache_keyword(decoder)
     out = decoder(input_ids=input_ids[first, :Lp], attention_mask=prompt_mask, use_cache=True, return_dict=True)
@@ -66,7 +52,7 @@ def shared_prefix_hidden(decoder: nn.Module, input_ids: torch.Tensor, attention_
     Tc = int(comp_lens.max()) if N else 0
     parts = [hidden_p.reshape(-1, H)]
     if Tc:
-        cache = _returned_cache(out)
+        cache = returned_cache(out)
         cache.batch_repeat_interleave(group)
         take = (lens[:, None] + cols[None, :Tc]).clamp(max=T - 1)
         comp_ids = input_ids.gather(1, take)
